@@ -1,0 +1,23 @@
+//! Quva v1 protocol core: end-to-end security for MQTT publish/subscribe groups.
+//!
+//! A sans-IO library implementing `PROTOCOL.md` (docs/protocol.md in this repository): it never
+//! opens a socket, reads a clock or owns a random generator. Time (`now_ms`) and randomness
+//! (`&mut impl CryptoRngCore`) are parameters, so every protocol step is testable in memory; the
+//! CA daemon, the broker bridge and the device daemon own the I/O.
+//!
+//! Layers, bottom up: [`codec`] (the one wire codec), [`curve`] and [`symmetric`] (primitives),
+//! [`schnorr`] and [`ecies`], then the protocol: [`ecqv`] and [`enrollment`] (§3), [`group`] (§4),
+//! [`rekey`] (§5) and [`message`] (§6).
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+// The public interface is these modules.
+pub mod codec;
+pub mod curve;
+pub mod ecies;
+pub mod ids;
+pub mod rng;
+pub mod schnorr;
+pub mod symmetric;
+
+mod msm;
