@@ -15,7 +15,13 @@
 pub mod codec;
 pub mod curve;
 pub mod ecies;
+pub mod ecqv;
+pub mod enrollment;
+pub mod group;
 pub mod ids;
+pub mod message;
+pub mod rekey;
+pub mod replay;
 pub mod rng;
 pub mod schnorr;
 pub mod symmetric;
