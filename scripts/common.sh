@@ -1,0 +1,27 @@
+# Shared by scripts/test.sh and scripts/demo.sh: check (and as root, install) what Quva needs.
+# shellcheck shell=bash
+
+need_pkgs=()
+command -v cargo >/dev/null 2>&1 || { echo "error: cargo is not installed; install the Rust toolchain (rustup) first" >&2; exit 1; }
+dpkg -s libclang-dev >/dev/null 2>&1 || need_pkgs+=(libclang-dev)   # RocksDB's bindings (quva-ca)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)  # the MQTT broker
+
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing ${need_pkgs[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+    # The Debian package starts a system broker on port 1883; Quva's scripts start their own.
+  else
+    echo "error: missing Debian packages: ${need_pkgs[*]}" >&2
+    echo "       run as root, or: sudo apt-get install ${need_pkgs[*]}" >&2
+    exit 1
+  fi
+fi
+export PATH="$PATH:/usr/sbin"
+
+# One build directory per machine, outside the checkout, so that a fresh clone reuses the compiled
+# dependencies (RocksDB's C++ alone takes ~10 minutes on 2 cores the first time).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/quva/target}"
+mkdir -p "$CARGO_TARGET_DIR"
