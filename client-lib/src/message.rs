@@ -307,7 +307,10 @@ impl UnverifiedMessage {
         &self.header
     }
 
-    /// The message hash SHA-256(message), the replay-cache key.
+    /// The replay-cache key: SHA-256 of the body, i.e. the message without its signature. Keying
+    /// on the body rather than the whole message matters for option 3: every holder of the group
+    /// signing key can re-sign another member's body, and such a copy must still count as a
+    /// replay.
     pub fn hash(&self) -> &[u8; 32] {
         &self.hash
     }
@@ -420,8 +423,9 @@ impl Decode for UnverifiedMessage {
             .get(start..)
             .ok_or(DecodeError::Truncated("message"))?
             .to_vec();
+        let body = raw.get(..body_end).ok_or(DecodeError::Truncated("message"))?;
         Ok(UnverifiedMessage {
-            hash: sha256(&[&raw]),
+            hash: sha256(&[body]),
             raw,
             header,
             hdr_end,
@@ -873,7 +877,7 @@ mod tests {
             prop_assert_eq!(msg.to_bytes(), wire.clone());
             prop_assert_eq!(msg.header().protection, p);
             prop_assert_eq!(msg.header().direction, Direction::from_query(query));
-            prop_assert_eq!(msg.hash(), &sha256(&[&wire]));
+            prop_assert_eq!(msg.hash(), &sha256(&[&wire[..wire.len() - 65]]));
             let again = UnverifiedMessage::from_bytes(&msg.to_bytes()).unwrap();
             prop_assert_eq!(again, msg);
         }

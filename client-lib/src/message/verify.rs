@@ -692,6 +692,39 @@ mod tests {
     }
 
     #[test]
+    fn a_re_signed_option_3_copy_is_a_replay() {
+        // Any holder of the group signing key (every publisher, forward) can strip the outer
+        // signature of another publisher's option-3 message and sign the same body again.
+        let w = World::new(31);
+        let d = Direction::Forward;
+        let wire = w.seal(Protection::Anonymous, d, b"m", w.now);
+        let msg = UnverifiedMessage::decode(&wire).unwrap();
+        let (_, d_s) = w.keys_at(w.epoch);
+        let resigned_sig = d_s
+            .sign(msg.signature_tag(), msg.body(), &mut *w.rng.borrow_mut())
+            .unwrap();
+        let mut copy = msg.body().to_vec();
+        copy.extend_from_slice(&crate::codec::Encode::to_bytes(&resigned_sig));
+        assert_ne!(copy, wire);
+        let copy = UnverifiedMessage::decode(&copy).unwrap();
+        let policy = Policy::default();
+        let keys = w.receiver(d);
+        let mut replay = ReplayCache::default();
+        assert!(msg.verify(&w, &keys, &policy, &mut replay, w.now).is_ok());
+        assert_eq!(
+            copy.verify(&w, &keys, &policy, &mut replay, w.now + 1).err(),
+            Some(Rejection::Replayed)
+        );
+        let mut replay = ReplayCache::default();
+        let c = conn(&w, d);
+        assert!(msg.verify_at_bridge(&w, &c, &policy, &mut replay, w.now).is_ok());
+        assert_eq!(
+            copy.verify_at_bridge(&w, &c, &policy, &mut replay, w.now + 1).err(),
+            Some(Rejection::Replayed)
+        );
+    }
+
+    #[test]
     fn rejects_a_sender_in_the_wrong_role() {
         let w = World::new(27);
         for p in [Protection::Authenticated, Protection::Confidential] {
