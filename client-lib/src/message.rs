@@ -423,7 +423,9 @@ impl Decode for UnverifiedMessage {
             .get(start..)
             .ok_or(DecodeError::Truncated("message"))?
             .to_vec();
-        let body = raw.get(..body_end).ok_or(DecodeError::Truncated("message"))?;
+        let body = raw
+            .get(..body_end)
+            .ok_or(DecodeError::Truncated("message"))?;
         Ok(UnverifiedMessage {
             hash: sha256(&[body]),
             raw,

@@ -712,14 +712,19 @@ mod tests {
         let mut replay = ReplayCache::default();
         assert!(msg.verify(&w, &keys, &policy, &mut replay, w.now).is_ok());
         assert_eq!(
-            copy.verify(&w, &keys, &policy, &mut replay, w.now + 1).err(),
+            copy.verify(&w, &keys, &policy, &mut replay, w.now + 1)
+                .err(),
             Some(Rejection::Replayed)
         );
         let mut replay = ReplayCache::default();
         let c = conn(&w, d);
-        assert!(msg.verify_at_bridge(&w, &c, &policy, &mut replay, w.now).is_ok());
+        assert!(
+            msg.verify_at_bridge(&w, &c, &policy, &mut replay, w.now)
+                .is_ok()
+        );
         assert_eq!(
-            copy.verify_at_bridge(&w, &c, &policy, &mut replay, w.now + 1).err(),
+            copy.verify_at_bridge(&w, &c, &policy, &mut replay, w.now + 1)
+                .err(),
             Some(Rejection::Replayed)
         );
     }
