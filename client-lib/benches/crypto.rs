@@ -4,9 +4,18 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use quva_client::curve::KeyPair;
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use quva_client::codec::{Decode, Encode};
+use quva_client::curve::{KeyPair, SecretScalar};
 use quva_client::ecies;
+use quva_client::enrollment::{EnrollRequest, EnrollmentSecret, PendingEnrollment};
+use quva_client::group::{GroupKeys, JoinedMember, Privacy};
+use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
+use quva_client::message::{
+    Direction, Directory, GroupLookupError, GroupPublicKeys, Keyring, Policy, Sealer,
+    UnverifiedMessage,
+};
+use quva_client::replay::ReplayCache;
 use quva_client::schnorr::{BatchItem, Signature, VerifyingKey, verify_batch};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
@@ -99,5 +108,161 @@ fn ecies_bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, schnorr, libsecp256k1_anchor, ecies_bench);
+const NOW: u64 = 1_795_000_000_000;
+
+fn ecqv(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(4);
+    let ca = KeyPair::random(&mut rng);
+    let secret = EnrollmentSecret::random(&mut rng);
+    let id = DeviceId::new("sensor-01").unwrap();
+    let pending = PendingEnrollment::new(id, NOW, &mut rng);
+    let request = EnrollRequest::from_bytes(&pending.enroll_request(&secret).to_bytes()).unwrap();
+    let verified = request.verify(&secret, NOW, 60_000).unwrap();
+    let response = verified
+        .issue(&ca, 1, NOW, NOW + 86_400_000, &mut rng)
+        .unwrap();
+    let mut g = c.benchmark_group("ecqv");
+    g.bench_function("issue", |b| {
+        b.iter(|| {
+            verified
+                .issue(&ca, 1, NOW, NOW + 86_400_000, &mut rng)
+                .unwrap()
+        })
+    });
+    g.bench_function("accept", |b| {
+        b.iter(|| pending.accept(black_box(&response), ca.public()).unwrap())
+    });
+    g.bench_function("open", |b| {
+        b.iter(|| black_box(&response.cert).open(ca.public()).unwrap())
+    });
+    g.finish();
+}
+
+/// One group, one publisher and one subscriber, as a receiving device sees it.
+struct World {
+    group: GroupId,
+    publisher: DeviceId,
+    pub_key: KeyPair,
+    d_p: KeyPair,
+    d_s: KeyPair,
+}
+
+impl Directory for World {
+    fn group_keys(
+        &self,
+        group: &GroupId,
+        epoch: Epoch,
+        _now: u64,
+    ) -> Result<GroupPublicKeys, GroupLookupError> {
+        if group != &self.group {
+            return Err(GroupLookupError::UnknownGroup);
+        }
+        if epoch != Epoch(1) {
+            return Err(GroupLookupError::WrongEpoch);
+        }
+        Ok(GroupPublicKeys {
+            q_p: *self.d_p.public(),
+            q_s: *self.d_s.public(),
+        })
+    }
+    fn device_key(&self, id: &DeviceId) -> Option<VerifyingKey> {
+        (id == &self.publisher).then(|| self.pub_key.verifying_key())
+    }
+    fn is_member(&self, _g: &GroupId, _e: Epoch, id: &DeviceId, role: Role) -> bool {
+        id == &self.publisher && role == Role::Publisher
+    }
+}
+
+impl Keyring for World {
+    fn group_secret(&self, _g: &GroupId, _e: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
+        Some(match kind {
+            GroupKeyKind::P => &self.d_p,
+            GroupKeyKind::S => &self.d_s,
+        })
+    }
+}
+
+fn messages(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let w = World {
+        group: GroupId::new("plant/line-3/temp").unwrap(),
+        publisher: DeviceId::new("pub-1").unwrap(),
+        pub_key: KeyPair::random(&mut rng),
+        d_p: KeyPair::random(&mut rng),
+        d_s: KeyPair::random(&mut rng),
+    };
+    let sealer = Sealer {
+        group: &w.group,
+        epoch: Epoch(1),
+        direction: Direction::Forward,
+        sender: &w.publisher,
+        key: &w.pub_key,
+    };
+    let m = [0x5au8; 100];
+    let policy = Policy::default();
+    let mut g = c.benchmark_group("message_100B");
+    for option in 1..=3u8 {
+        let seal = |rng: &mut ChaCha20Rng| {
+            match option {
+                1 => sealer.option1(NOW, &m, rng),
+                2 => sealer.option2(NOW, w.d_p.public(), &m, rng),
+                _ => sealer.option3(NOW, &w.d_s, w.d_p.public(), &m, rng),
+            }
+            .unwrap()
+        };
+        let wire = seal(&mut rng);
+        g.bench_function(format!("option{option}_seal"), |b| {
+            b.iter(|| seal(&mut rng))
+        });
+        g.bench_function(format!("option{option}_open"), |b| {
+            b.iter_batched_ref(
+                || ReplayCache::new(60_000, 16),
+                |replay| {
+                    let msg = UnverifiedMessage::decode(black_box(&wire)).unwrap();
+                    msg.verify(&w, &w, &policy, replay, NOW).unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+fn group_key_derivation(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(6);
+    let ca = KeyPair::random(&mut rng);
+    let group = GroupId::new("fleet/eu/temp").unwrap();
+    let mut g = c.benchmark_group("group_key_derivation");
+    g.sample_size(10);
+    for n in [10usize, 1_000, 100_000] {
+        let members: Vec<JoinedMember> = (0..n)
+            .map(|i| {
+                let role = if i % 10 == 0 {
+                    Role::Publisher
+                } else {
+                    Role::Subscriber
+                };
+                let d = SecretScalar::random(&mut rng);
+                let gi = SecretScalar::random(&mut rng);
+                JoinedMember::from_keys(DeviceId::new(&format!("dev-{i}")).unwrap(), role, &d, &gi)
+                    .unwrap()
+            })
+            .collect();
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(n), &members, |b, members| {
+            b.iter(|| GroupKeys::derive(&ca, &group, Epoch(2), Privacy::Standard, members).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    schnorr,
+    libsecp256k1_anchor,
+    ecies_bench,
+    ecqv,
+    messages,
+    group_key_derivation
+);
 criterion_main!(benches);
