@@ -12,7 +12,7 @@ use quva_client::enrollment::{EnrollRequest, EnrollmentSecret, PendingEnrollment
 use quva_client::group::{GroupKeys, JoinedMember, Privacy};
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{
-    Direction, Directory, GroupLookupError, GroupPublicKeys, Keyring, Policy, Sealer,
+    Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Sealer,
     UnverifiedMessage,
 };
 use quva_client::replay::ReplayCache;
@@ -173,7 +173,7 @@ impl Directory for World {
     }
 }
 
-impl Keyring for World {
+impl HeldKeys for World {
     fn group_secret(&self, _g: &GroupId, _e: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
         Some(match kind {
             GroupKeyKind::P => &self.d_p,

@@ -22,7 +22,7 @@
 //! use quva_client::curve::{KeyPair, Point};
 //! use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 //! use quva_client::message::{
-//!     Directory, Direction, GroupLookupError, GroupPublicKeys, Keyring, Policy, Sealer,
+//!     Directory, Direction, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Sealer,
 //!     UnverifiedMessage,
 //! };
 //! use quva_client::replay::ReplayCache;
@@ -44,7 +44,7 @@
 //!         *id == self.sender && role == Role::Publisher
 //!     }
 //! }
-//! impl Keyring for Demo {
+//! impl HeldKeys for Demo {
 //!     fn group_secret(&self, _g: &GroupId, _e: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
 //!         (kind == GroupKeyKind::P).then_some(&self.d_p)
 //!     }
@@ -451,7 +451,7 @@ fn blob_range(
 
 /// The plaintext inside an option-3 ciphertext:
 /// `str(sender) || pt(V1) || sc(s1) || blob(M)`.
-struct AnonymousInner {
+pub(crate) struct AnonymousInner {
     sender: DeviceId,
     signature: Signature,
     payload: Zeroizing<Vec<u8>>,
@@ -633,7 +633,7 @@ pub trait Directory {
 }
 
 /// The group secrets a device holds: d_P as a subscriber, d_S as a publisher, per epoch.
-pub trait Keyring {
+pub trait HeldKeys {
     /// The held key of `kind` for `group` at `epoch`, if any.
     fn group_secret(&self, group: &GroupId, epoch: Epoch, kind: GroupKeyKind) -> Option<&KeyPair>;
 }

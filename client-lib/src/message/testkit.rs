@@ -5,7 +5,9 @@ use core::cell::RefCell;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-use super::{Direction, Directory, GroupLookupError, GroupPublicKeys, Keyring, Protection, Sealer};
+use super::{
+    Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Protection, Sealer,
+};
 use crate::curve::KeyPair;
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::schnorr::VerifyingKey;
@@ -180,7 +182,7 @@ pub(super) struct Holder<'a> {
     kind: GroupKeyKind,
 }
 
-impl Keyring for Holder<'_> {
+impl HeldKeys for Holder<'_> {
     fn group_secret(&self, group: &GroupId, epoch: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
         let w = self.world;
         if *group != w.group || kind != self.kind {

@@ -12,7 +12,7 @@ use zeroize::Zeroizing;
 
 use super::{
     AnonymousInner, ConnectionIdentity, Content, Directory, GroupLookupError, GroupPublicKeys,
-    Header, Keyring, Policy, Protection, Rejection, TAG_MSG2, TAG_MSG3, TAG_MSG3_INNER,
+    Header, HeldKeys, Policy, Protection, Rejection, TAG_MSG2, TAG_MSG3, TAG_MSG3_INNER,
     UnverifiedMessage,
 };
 use crate::codec::{Decode, put_blob};
@@ -113,7 +113,7 @@ impl UnverifiedMessage {
     pub fn verify(
         &self,
         dir: &impl Directory,
-        keyring: &impl Keyring,
+        keyring: &impl HeldKeys,
         policy: &Policy,
         replay: &mut ReplayCache,
         now_ms: u64,

@@ -21,7 +21,8 @@ pub struct Keyring {
     grace_ms: u64,
     current: AcceptedGroupKey,
     /// (epoch, key, usable while now_ms < this), oldest first.
-    previous: Vec<(Epoch, KeyPair, u64)>,
+    /// Earlier epochs' keys with the time their grace period ends, oldest first.
+    previous: Vec<(AcceptedGroupKey, u64)>,
 }
 
 impl Keyring {
@@ -110,15 +111,28 @@ impl Keyring {
         if epoch == self.epoch() {
             return Some(self.current.key());
         }
+        self.accepted_for(epoch, now_ms).map(AcceptedGroupKey::key)
+    }
+
+    /// The signed group info of `epoch` (current, or previous within the grace period): the
+    /// public keys Q_P and Q_S that messages of that epoch are checked against.
+    pub fn group_info_for(&self, epoch: Epoch, now_ms: u64) -> Option<&GroupInfo> {
+        self.accepted_for(epoch, now_ms).map(AcceptedGroupKey::info)
+    }
+
+    fn accepted_for(&self, epoch: Epoch, now_ms: u64) -> Option<&AcceptedGroupKey> {
+        if epoch == self.epoch() {
+            return Some(&self.current);
+        }
         self.previous
             .iter()
-            .find(|(e, _, until)| *e == epoch && now_ms < *until)
-            .map(|(_, k, _)| k)
+            .find(|(k, until)| k.epoch() == epoch && now_ms < *until)
+            .map(|(k, _)| k)
     }
 
     /// Forgets previous keys whose grace period is over at `now_ms`.
     pub fn prune(&mut self, now_ms: u64) {
-        self.previous.retain(|(_, _, until)| now_ms < *until);
+        self.previous.retain(|(_, until)| now_ms < *until);
     }
 
     /// Applies a rekey notice for a later epoch: the CA signed its info, it is for this group
@@ -172,7 +186,7 @@ impl Keyring {
         self.prune(now_ms);
         let old = core::mem::replace(&mut self.current, accepted);
         let until = now_ms.saturating_add(self.grace_ms);
-        self.previous.push((old.epoch(), old.key().clone(), until));
+        self.previous.push((old, until));
         if self.previous.len() > MAX_PREVIOUS_KEYS {
             self.previous.remove(0);
         }
