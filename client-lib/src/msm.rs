@@ -125,64 +125,36 @@ fn wnaf(k: &Scalar, w: u32) -> [i8; 257] {
 }
 
 fn wnaf_bytes(be: &[u8; 32], w: u32) -> [i8; 257] {
-    // Little-endian 64-bit limbs with one spare limb for the carry of negative digits.
-    let mut limbs = [0u64; 5];
-    for (i, chunk) in be.rchunks(8).enumerate() {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(chunk);
-        limbs[i] = u64::from_be_bytes(b);
-    }
+    let limbs = limbs(be);
+    let bits = |pos: usize, count: usize| -> u64 {
+        // Bits [pos, pos + count) of the 256-bit value, count ≤ 8.
+        let (i, shift) = (pos / 64, pos % 64);
+        let lo = limbs.get(i).copied().unwrap_or(0) >> shift;
+        let hi = if shift + count > 64 {
+            limbs.get(i + 1).copied().unwrap_or(0) << (64 - shift)
+        } else {
+            0
+        };
+        (lo | hi) & ((1u64 << count) - 1)
+    };
+    let w = w as usize;
     let mut out = [0i8; 257];
-    let modulus = 1i64 << w;
-    let mut i = 0;
-    while limbs.iter().any(|&l| l != 0) && i < out.len() {
-        if limbs[0] & 1 == 1 {
-            let mut d = (limbs[0] & (modulus as u64 - 1)) as i64;
-            if d >= modulus / 2 {
-                d -= modulus;
-            }
-            out[i] = d as i8;
-            if d > 0 {
-                sub_small(&mut limbs, d as u64);
-            } else {
-                add_small(&mut limbs, (-d) as u64);
-            }
+    let mut carry = 0u64;
+    let mut bit = 0usize;
+    while bit < 256 {
+        if bits(bit, 1) == carry {
+            bit += 1;
+            continue;
         }
-        shr1(&mut limbs);
-        i += 1;
+        let now = w.min(256 - bit);
+        let mut word = (bits(bit, now) + carry) as i64;
+        carry = ((word >> (w - 1)) & 1) as u64;
+        word -= (carry as i64) << w;
+        out[bit] = word as i8;
+        bit += now;
     }
+    out[256] = carry as i8;
     out
-}
-
-fn sub_small(limbs: &mut [u64; 5], v: u64) {
-    let mut borrow = v;
-    for l in limbs.iter_mut() {
-        let (r, b) = l.overflowing_sub(borrow);
-        *l = r;
-        borrow = u64::from(b);
-        if borrow == 0 {
-            break;
-        }
-    }
-}
-
-fn add_small(limbs: &mut [u64; 5], v: u64) {
-    let mut carry = v;
-    for l in limbs.iter_mut() {
-        let (r, c) = l.overflowing_add(carry);
-        *l = r;
-        carry = u64::from(c);
-        if carry == 0 {
-            break;
-        }
-    }
-}
-
-fn shr1(limbs: &mut [u64; 5]) {
-    for i in 0..5 {
-        let hi = if i + 1 < 5 { limbs[i + 1] << 63 } else { 0 };
-        limbs[i] = (limbs[i] >> 1) | hi;
-    }
 }
 
 // GLV constants of secp256k1 (the same as libsecp256k1's and k256's): λ is a cube root of unity
@@ -319,8 +291,8 @@ mod tests {
                 };
                 let bytes = abs.to_repr();
                 assert!(
-                    bytes[..15].iter().all(|&b| b == 0),
-                    "half longer than 129 bits"
+                    bytes[..16].iter().all(|&b| b == 0),
+                    "half longer than 128 bits"
                 );
             }
         }

@@ -1,0 +1,100 @@
+//! Runs one protocol operation a given number of times, for instruction counting:
+//! `valgrind --tool=callgrind --callgrind-out-file=/dev/null target/release/examples/opcount verify 100`
+//! The per-operation count is (count(N) − count(0)) / N; `scripts/opcount.sh` does the arithmetic.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::hint::black_box;
+
+use quva_client::curve::KeyPair;
+use quva_client::schnorr::{BatchItem, Signature, VerifyingKey, verify_batch};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+const TAG: &str = "quva/v1/msg1";
+
+fn signed(n: usize, rng: &mut ChaCha20Rng) -> Vec<(VerifyingKey, Vec<u8>, Signature)> {
+    (0..n)
+        .map(|i| {
+            let k = KeyPair::random(rng);
+            let body = vec![i as u8; 100];
+            let sig = k.sign(TAG, &body, rng).unwrap();
+            (k.verifying_key(), body, sig)
+        })
+        .collect()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(op), Some(n)) = (
+        args.get(1),
+        args.get(2).and_then(|n| n.parse::<usize>().ok()),
+    ) else {
+        eprintln!(
+            "usage: opcount <sign|verify|batch8|batch64|batch256|libsecp-ecdsa-verify|libsecp-bip340-verify> <iterations>"
+        );
+        std::process::exit(2);
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(1);
+    match op.as_str() {
+        "sign" => {
+            let k = KeyPair::random(&mut rng);
+            for _ in 0..n {
+                black_box(k.sign(TAG, black_box(&[7u8; 100]), &mut rng).unwrap());
+            }
+        }
+        "verify" => {
+            let s = signed(1, &mut rng);
+            let (k, body, sig) = &s[0];
+            for _ in 0..n {
+                k.verify(TAG, black_box(body), sig).unwrap();
+            }
+        }
+        batch if batch.starts_with("batch") => {
+            let size: usize = batch["batch".len()..].parse().expect("batchN");
+            let s = signed(size, &mut rng);
+            let items: Vec<BatchItem<'_>> = s
+                .iter()
+                .map(|(k, body, sig)| BatchItem {
+                    key: k,
+                    tag: TAG,
+                    body,
+                    signature: sig,
+                })
+                .collect();
+            for _ in 0..n {
+                assert!(
+                    verify_batch(black_box(&items), &mut rng)
+                        .iter()
+                        .all(|&ok| ok)
+                );
+            }
+        }
+        "libsecp-ecdsa-verify" | "libsecp-bip340-verify" => {
+            use secp256k1::{Keypair, Message, Secp256k1, SecretKey};
+            let secp = Secp256k1::new();
+            let sk = SecretKey::from_byte_array([0x42; 32]).unwrap();
+            let digest = [9u8; 32];
+            if op == "libsecp-ecdsa-verify" {
+                let pk = sk.public_key(&secp);
+                let sig = secp.sign_ecdsa(Message::from_digest(digest), &sk);
+                for _ in 0..n {
+                    secp.verify_ecdsa(Message::from_digest(black_box(digest)), &sig, &pk)
+                        .unwrap();
+                }
+            } else {
+                let kp = Keypair::from_secret_key(&secp, &sk);
+                let (xonly, _) = kp.x_only_public_key();
+                let sig = secp.sign_schnorr_no_aux_rand(&digest, &kp);
+                for _ in 0..n {
+                    secp.verify_schnorr(&sig, black_box(&digest), &xonly)
+                        .unwrap();
+                }
+            }
+        }
+        other => {
+            eprintln!("unknown operation {other}");
+            std::process::exit(2);
+        }
+    }
+}
