@@ -101,4 +101,20 @@ mod tests {
         assert!(open(&bob, b"ctx", &ct[..ct.len() - 1]).is_err());
         assert!(open(&bob, b"ctx", &[]).is_err());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        #[test]
+        fn decrypt_of_encrypt_is_identity(
+            seed: u64,
+            m in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            ctx in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40),
+        ) {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let bob = KeyPair::random(&mut rng);
+            let ct = seal(bob.public(), &ctx, &m, &mut rng);
+            proptest::prop_assert_eq!(ct.len(), OVERHEAD + m.len());
+            proptest::prop_assert_eq!(&*open(&bob, &ctx, &ct).unwrap(), &m);
+        }
+    }
 }
