@@ -1,0 +1,161 @@
+//! The bridge's view of the CA: a small trait over the device-path RPCs.
+//!
+//! The bridge relays the exact wire bytes of PROTOCOL.md §3–5 and never interprets secrets: the CA
+//! answers enrollment (`quva-enroll-v1`), renewal (`quva-renew-v1`) and group-key requests
+//! (`quva-gk`), serves group data and rekey notices. The gRPC client (package `quva.ca.v1`) is one
+//! implementation; tests use an in-memory one. Every call is bounded by a timeout at the call site,
+//! so an unreachable CA yields [`CaError::Unavailable`], never a hang.
+//!
+//! # Usage
+//! ```
+//! use quva_bridge::ca::{CaError, connack_reason};
+//! assert_eq!(connack_reason(&CaError::Unavailable), 0x88);
+//! assert_eq!(connack_reason(&CaError::Refused), 0x87);
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+
+use quva_client::ids::{Epoch, GroupId};
+
+/// A boxed future, so that the trait is object-safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why the CA did not answer a request with a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// The CA could not be reached in time (connection refused, timeout, unavailable).
+    #[error("CA unavailable")]
+    Unavailable,
+    /// The CA refused: unknown, revoked or unauthorized device, bad proof. Nothing else leaks.
+    #[error("refused by the CA")]
+    Refused,
+    /// The request bytes are malformed.
+    #[error("malformed request")]
+    Malformed,
+    /// The requested object (group, certificate) does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The CA answered something the bridge cannot use.
+    #[error("invalid CA response")]
+    InvalidResponse,
+}
+
+/// The MQTT 5 CONNACK reason code for a failed enrollment or renewal (PROTOCOL.md §3): 0x87 not
+/// authorized, 0x99 payload format invalid for malformed data, 0x88 server unavailable.
+pub fn connack_reason(e: &CaError) -> u8 {
+    match e {
+        CaError::Refused | CaError::NotFound => 0x87,
+        CaError::Malformed => 0x99,
+        CaError::Unavailable | CaError::InvalidResponse => 0x88,
+    }
+}
+
+/// The MQTT 5 SUBACK reason code for a refused group-key request.
+pub fn suback_reason(e: &CaError) -> u8 {
+    match e {
+        CaError::Refused | CaError::NotFound | CaError::Malformed => 0x87,
+        CaError::Unavailable | CaError::InvalidResponse => 0x80,
+    }
+}
+
+/// A member certificate of a group, as the CA serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberCertificate {
+    /// The role byte: 1 publisher, 2 subscriber.
+    pub role: u8,
+    /// The encoded certificate (PROTOCOL.md §3).
+    pub cert: Vec<u8>,
+    /// pt(G_i).
+    pub share_point: Vec<u8>,
+}
+
+/// A group's current public data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    /// The group.
+    pub group: GroupId,
+    /// The current epoch.
+    pub epoch: Epoch,
+    /// `ginfo || sig` (PROTOCOL.md §4).
+    pub signed_ginfo: Vec<u8>,
+    /// The joined members.
+    pub members: Vec<MemberCertificate>,
+}
+
+/// What a notice asks the bridge to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoticeAction {
+    /// Publish `payload` retained, QoS 1, on `topic` (a rekey notice, PROTOCOL.md §5).
+    Rekey {
+        /// The key topic.
+        topic: String,
+        /// The notice bytes.
+        payload: Vec<u8>,
+    },
+    /// The group moved to a new epoch: refresh its data and republish `quva/c/<group>`.
+    GroupUpdated,
+    /// A certificate was revoked: drop the device's sessions.
+    Revoked {
+        /// The certificate serial.
+        serial: u64,
+        /// The device.
+        device: String,
+    },
+    /// A kind this bridge does not know; skipped.
+    Unknown,
+}
+
+/// One entry of the CA's notice log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    /// Strictly increasing sequence number.
+    pub seq: u64,
+    /// The group it concerns (empty for revocations that concern no group).
+    pub group: String,
+    /// The epoch it concerns.
+    pub epoch: u32,
+    /// What to do.
+    pub action: NoticeAction,
+}
+
+/// A stream of notices: each call yields the next one, `None` when the stream ended.
+pub trait NoticeStream: Send {
+    /// The next notice.
+    fn next(&mut self) -> BoxFuture<'_, Option<Result<Notice, CaError>>>;
+}
+
+/// The device-path RPCs of the CA the bridge needs.
+pub trait CaClient: Send + Sync + 'static {
+    /// `Enroll`: CONNECT Authentication Data in, CONNACK Authentication Data out.
+    fn enroll(&self, auth_data: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, CaError>>;
+    /// `Renew`: as [`CaClient::enroll`] for `quva-renew-v1`.
+    fn renew(&self, auth_data: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, CaError>>;
+    /// `JoinGroup`: the decoded `quva-gk` request in, the SUBACK `quva-gk` bytes and epoch out.
+    fn join_group(&self, request: Vec<u8>) -> BoxFuture<'_, Result<(Vec<u8>, Epoch), CaError>>;
+    /// `GetGroup`: the group's signed info and members.
+    fn get_group(&self, group: GroupId) -> BoxFuture<'_, Result<GroupSnapshot, CaError>>;
+    /// `GetCaInfo`: pt(Q_CA).
+    fn ca_public_key(&self) -> BoxFuture<'_, Result<Vec<u8>, CaError>>;
+    /// `GetRevocationStatus` for one serial: whether it is revoked.
+    fn is_revoked(&self, serial: u64) -> BoxFuture<'_, Result<bool, CaError>>;
+    /// `WatchNotices` from `from_seq` on.
+    fn watch_notices(&self, from_seq: u64)
+    -> BoxFuture<'_, Result<Box<dyn NoticeStream>, CaError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_follow_protocol_section_3() {
+        assert_eq!(connack_reason(&CaError::Refused), 0x87);
+        assert_eq!(connack_reason(&CaError::NotFound), 0x87);
+        assert_eq!(connack_reason(&CaError::Malformed), 0x99);
+        assert_eq!(connack_reason(&CaError::Unavailable), 0x88);
+        assert_eq!(suback_reason(&CaError::Refused), 0x87);
+        assert_eq!(suback_reason(&CaError::Unavailable), 0x80);
+    }
+}

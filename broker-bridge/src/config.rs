@@ -1,0 +1,318 @@
+//! The bridge's configuration: a TOML file, every field with a default.
+//!
+//! Covers the listen address, the upstream broker and its credentials, the CA address and bearer
+//! token, the protected topic policy (PROTOCOL.md §8), the windows of PROTOCOL.md §3, §5 and §6,
+//! and the connection limits.
+//!
+//! # Usage
+//! ```
+//! use quva_bridge::config::Config;
+//! let cfg = Config::from_toml(r#"
+//!     listen = "127.0.0.1:1884"
+//!     [upstream]
+//!     address = "127.0.0.1:1883"
+//!     [topics]
+//!     protected = ["plant/#"]
+//! "#).unwrap();
+//! assert_eq!(cfg.upstream.address, "127.0.0.1:1883");
+//! assert_eq!(cfg.windows.timestamp_ms, 60_000);
+//! ```
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file: {0}")]
+    Read(#[from] std::io::Error),
+    /// The TOML is invalid.
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value is out of range.
+    #[error("invalid configuration value: {0}")]
+    Invalid(&'static str),
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where devices connect (MQTT over TCP).
+    pub listen: String,
+    /// Where the Prometheus exporter listens (`GET /metrics`); none if empty.
+    pub metrics_listen: String,
+    /// The real MQTT 5 broker.
+    pub upstream: Upstream,
+    /// The CA.
+    pub ca: Ca,
+    /// Protected topics.
+    pub topics: Topics,
+    /// Time windows.
+    pub windows: Windows,
+    /// Resource limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:1884".into(),
+            metrics_listen: String::new(),
+            upstream: Upstream::default(),
+            ca: Ca::default(),
+            topics: Topics::default(),
+            windows: Windows::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The upstream broker and the bridge's credentials there.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// `host:port` of the broker.
+    pub address: String,
+    /// MQTT user name of the bridge (every upstream connection uses it).
+    pub username: Option<String>,
+    /// Its password.
+    pub password: Option<String>,
+    /// A file holding the password (first line), instead of `password`.
+    pub password_file: Option<String>,
+    /// Client identifier of the bridge's own connection (notices, certificate lists).
+    pub client_id: String,
+    /// Connect timeout in milliseconds.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Upstream {
+            address: "127.0.0.1:1883".into(),
+            username: None,
+            password: None,
+            password_file: None,
+            client_id: "quva-bridge".into(),
+            connect_timeout_ms: 5_000,
+        }
+    }
+}
+
+/// The CA endpoint and the bridge's bearer token.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ca {
+    /// gRPC endpoint, e.g. `http://127.0.0.1:50051`; empty for none (only unprotected relaying).
+    pub endpoint: String,
+    /// Bearer token of the `bridge` role.
+    pub token: Option<String>,
+    /// A file holding the token (first line), instead of `token`.
+    pub token_file: Option<String>,
+    /// Timeout of one CA call in milliseconds.
+    pub timeout_ms: u64,
+    /// How long a group's data stays cached without a notice, in milliseconds.
+    pub group_ttl_ms: u64,
+}
+
+impl Default for Ca {
+    fn default() -> Self {
+        Ca {
+            endpoint: String::new(),
+            token: None,
+            token_file: None,
+            timeout_ms: 3_000,
+            group_ttl_ms: 60_000,
+        }
+    }
+}
+
+/// Protected topics.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topics {
+    /// MQTT topic filters whose topics are Quva groups.
+    pub protected: Vec<String>,
+    /// Whether connections without a Quva method (and MQTT 3.1.1 clients) are accepted for
+    /// unprotected topics.
+    pub allow_unauthenticated: Option<bool>,
+}
+
+impl Topics {
+    /// Whether unauthenticated connections are accepted (default yes).
+    pub fn unauthenticated_allowed(&self) -> bool {
+        self.allow_unauthenticated.unwrap_or(true)
+    }
+}
+
+/// Time windows of PROTOCOL.md §3, §5 and §6.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Windows {
+    /// Accepted |T − now| of messages and connect proofs, ms (default 60 s).
+    pub timestamp_ms: u64,
+    /// How long the previous epoch stays valid after a rekey, ms (default 30 s).
+    pub epoch_grace_ms: u64,
+    /// Capacity of the replay cache (entries).
+    pub replay_capacity: usize,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            timestamp_ms: 60_000,
+            epoch_grace_ms: 30_000,
+            replay_capacity: 65_536,
+        }
+    }
+}
+
+/// Resource limits.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest MQTT packet accepted from a device or the broker, bytes.
+    pub max_packet_size: u32,
+    /// Largest protected PUBLISH payload, bytes (default 256 KiB).
+    pub max_payload: usize,
+    /// Simultaneous device connections.
+    pub max_connections: usize,
+    /// Time a new connection has to send its CONNECT, ms.
+    pub handshake_timeout_ms: u64,
+    /// Idle time after which a connection without keep-alive is closed, ms (0: never).
+    pub idle_timeout_ms: u64,
+    /// Most protected PUBLISHes verified in one batch.
+    pub max_batch: usize,
+    /// How long shutdown waits for connections to close, ms.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 300 * 1024,
+            max_payload: 256 * 1024,
+            max_connections: 10_000,
+            handshake_timeout_ms: 10_000,
+            idle_timeout_ms: 0,
+            max_batch: 64,
+            shutdown_grace_ms: 5_000,
+        }
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError`].
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        Self::from_toml(&std::fs::read_to_string(path)?)
+    }
+
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if crate::topics::TopicPolicy::new(&self.topics.protected).is_err() {
+            return Err(ConfigError::Invalid("topics.protected"));
+        }
+        if self.limits.max_packet_size < 1024 {
+            return Err(ConfigError::Invalid("limits.max_packet_size"));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(ConfigError::Invalid("limits.max_connections"));
+        }
+        if self.limits.max_batch == 0 {
+            return Err(ConfigError::Invalid("limits.max_batch"));
+        }
+        if self.windows.replay_capacity == 0 {
+            return Err(ConfigError::Invalid("windows.replay_capacity"));
+        }
+        Ok(())
+    }
+
+    /// The upstream password, from `password` or `password_file`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read.
+    pub fn upstream_password(&self) -> Result<Option<String>, ConfigError> {
+        secret(&self.upstream.password, &self.upstream.password_file)
+    }
+
+    /// The CA bearer token, from `token` or `token_file`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read.
+    pub fn ca_token(&self) -> Result<Option<String>, ConfigError> {
+        secret(&self.ca.token, &self.ca.token_file)
+    }
+
+    /// The CA call timeout.
+    pub fn ca_timeout(&self) -> Duration {
+        Duration::from_millis(self.ca.timeout_ms)
+    }
+}
+
+fn secret(value: &Option<String>, file: &Option<String>) -> Result<Option<String>, ConfigError> {
+    if let Some(v) = value {
+        return Ok(Some(v.clone()));
+    }
+    match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)?;
+            Ok(Some(
+                text.lines().next().unwrap_or_default().trim().to_owned(),
+            ))
+        }
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cfg = Config::from_toml("").unwrap();
+        assert_eq!(cfg.limits.max_payload, 256 * 1024);
+        assert_eq!(cfg.windows.epoch_grace_ms, 30_000);
+        let cfg = Config::from_toml("[limits]\nmax_connections = 3\n").unwrap();
+        assert_eq!(cfg.limits.max_connections, 3);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_bad_values() {
+        assert!(Config::from_toml("nonsense = 1").is_err());
+        assert!(Config::from_toml("[topics]\nprotected = [\"quva/#\"]").is_err());
+        assert!(Config::from_toml("[limits]\nmax_connections = 0").is_err());
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "s3cret\nignored\n").unwrap();
+        let text = format!(
+            "[upstream]\npassword_file = {:?}\n",
+            path.display().to_string()
+        );
+        let cfg = Config::from_toml(&text).unwrap();
+        assert_eq!(cfg.upstream_password().unwrap().as_deref(), Some("s3cret"));
+    }
+}

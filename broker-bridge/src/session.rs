@@ -1,0 +1,1374 @@
+//! One device connection: the handshake, the relay to its own upstream connection, and the
+//! checks on CONNECT, SUBSCRIBE and PUBLISH.
+//!
+//! Implements the bridge's part of PROTOCOL.md §3 (CONNECT/CONNACK authentication), §4 (the
+//! `quva-gk` SUBSCRIBE/SUBACK exchange) and §6 (PUBLISH checks), over MQTT 5 (MQTT 3.1.1 clients
+//! only for unprotected topics). Every other packet passes through unchanged, except that the
+//! Authentication Method and Data never reach the broker and AUTH is never forwarded. The bridge's
+//! own PUBACK/PUBREC for a dropped PUBLISH waits behind the acknowledgements still pending
+//! upstream, so that a device sees its QoS 1 acknowledgements in order (MQTT 5 §4.6).
+
+use std::collections::{HashMap, VecDeque};
+use std::num::NonZeroU16;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use bytestring::ByteString;
+use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
+use quva_client::codec::{Decode, Encode};
+use quva_client::enrollment::{
+    AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof, REASON_NOT_AUTHORIZED,
+    REASON_PAYLOAD_FORMAT_INVALID,
+};
+use quva_client::group::{GK_PROPERTY, GroupKeyRequest, Privacy};
+use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::message::{
+    BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
+    verify_batch_at_bridge,
+};
+use quva_client::rng::SystemRng;
+use quva_client::schnorr::VerifyingKey;
+use rmqtt_codec::types::Publish;
+use rmqtt_codec::v5::{
+    self, ConnectAckReason, DisconnectReasonCode, PublishAck, PublishAckReason, SubscribeAckReason,
+};
+use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
+use rmqtt_codec::{MqttCodec, MqttPacket, v3};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::bridge::{Shared, now_ms};
+use crate::ca::{connack_reason, suback_reason};
+use crate::topics::{TopicKind, unshare, valid_filter};
+
+/// Drop reasons besides [`Rejection::LABELS`].
+pub const EXTRA_DROP_REASONS: [&str; 4] = [
+    "reserved_topic",
+    "unauthenticated",
+    "not_authorized",
+    "topic_mismatch",
+];
+
+type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
+type DeviceWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
+type Decoded = Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>;
+
+/// Who is on the other end of a connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Identity {
+    /// No Quva method: unprotected topics only.
+    Anonymous,
+    /// A device, by certificate (`quva-cert-v1`) or a fresh enrollment or renewal.
+    Device(DeviceId),
+    /// A group-level connection of an anonymous group (`quva-group-v1`).
+    Group(GroupId, Role),
+}
+
+impl Identity {
+    fn connection(&self) -> Option<ConnectionIdentity> {
+        match self {
+            Identity::Anonymous => None,
+            Identity::Device(id) => Some(ConnectionIdentity::Device(id.clone())),
+            Identity::Group(group, role) => Some(ConnectionIdentity::Group {
+                group: group.clone(),
+                role: *role,
+            }),
+        }
+    }
+
+    fn device(&self) -> Option<&DeviceId> {
+        match self {
+            Identity::Device(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// Serves one accepted TCP connection until it ends.
+pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, MqttCodec::Version(VersionCodec));
+    let handshake = Duration::from_millis(shared.cfg.limits.handshake_timeout_ms);
+    let deadline = Instant::now() + handshake;
+    let version = match tokio::time::timeout(handshake, reader.next()).await {
+        Ok(Some(Ok((MqttPacket::Version(v), _)))) => v,
+        Ok(_) => {
+            shared.metrics.refused("malformed_connect");
+            return;
+        }
+        Err(_) => {
+            shared.metrics.refused("handshake_timeout");
+            return;
+        }
+    };
+    let max_in = shared.cfg.limits.max_packet_size;
+    *reader.decoder_mut() = match version {
+        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(max_in, 0)),
+        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(max_in)),
+    };
+    let first = tokio::time::timeout_at(deadline.into(), reader.next()).await;
+    let writer_codec = match version {
+        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(0, 0)),
+        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(0)),
+    };
+    let mut writer = FramedWrite::new(wr, writer_codec);
+    match first {
+        Ok(Some(Ok((MqttPacket::V5(v5::Packet::Connect(c)), _)))) => {
+            run_v5(reader, writer, c, shared).await;
+        }
+        Ok(Some(Ok((MqttPacket::V3(v3::Packet::Connect(c)), _)))) => {
+            run_v3(reader, writer, c, shared).await;
+        }
+        Ok(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
+            shared.metrics.refused("oversize");
+            if version == ProtocolVersion::MQTT5 {
+                let ack = connack(ConnectAckReason::PacketTooLarge);
+                let _ = writer.send(MqttPacket::V5(ack)).await;
+            }
+        }
+        Err(_) => shared.metrics.refused("handshake_timeout"),
+        _ => shared.metrics.refused("malformed_connect"),
+    }
+}
+
+fn connack(reason: ConnectAckReason) -> v5::Packet {
+    v5::Packet::ConnectAck(Box::new(v5::ConnectAck {
+        reason_code: reason,
+        ..Default::default()
+    }))
+}
+
+fn connack_code(code: u8) -> ConnectAckReason {
+    ConnectAckReason::try_from(code).unwrap_or(ConnectAckReason::NotAuthorized)
+}
+
+fn disconnect(reason: DisconnectReasonCode) -> v5::Packet {
+    v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: reason,
+        session_expiry_interval_secs: None,
+        server_reference: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+    })
+}
+
+/// The outcome of the CONNECT checks.
+struct Admission {
+    identity: Identity,
+    /// Authentication Method and Data to put into the CONNACK.
+    method: Option<ByteString>,
+    data: Option<Bytes>,
+}
+
+/// Checks the CONNECT's authentication (PROTOCOL.md §3 and §6). `Err` is a CONNACK reason code.
+async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> {
+    let Some(method_name) = connect.auth_method.as_ref() else {
+        return if shared.cfg.topics.unauthenticated_allowed() {
+            Ok(Admission {
+                identity: Identity::Anonymous,
+                method: None,
+                data: None,
+            })
+        } else {
+            Err(REASON_NOT_AUTHORIZED)
+        };
+    };
+    let method = AuthMethod::from_name(method_name).ok_or(0x8C_u8)?;
+    let data = connect
+        .auth_data
+        .as_ref()
+        .ok_or(REASON_PAYLOAD_FORMAT_INVALID)?
+        .to_vec();
+    let now = now_ms();
+    let window = shared.cfg.windows.timestamp_ms;
+    let echo = Some(method_name.clone());
+    match method {
+        AuthMethod::Enroll | AuthMethod::Renew => {
+            let ca = shared.ca.as_ref().ok_or(0x88_u8)?;
+            let call = match method {
+                AuthMethod::Enroll => ("enroll", ca.enroll(data)),
+                _ => ("renew", ca.renew(data)),
+            };
+            let response = shared
+                .ca_call(call.0, call.1)
+                .await
+                .map_err(|e| connack_reason(&e))?;
+            let parsed = EnrollResponse::from_bytes(&response).map_err(|_| 0x88_u8)?;
+            Ok(Admission {
+                identity: Identity::Device(parsed.cert.id().clone()),
+                method: echo,
+                data: Some(Bytes::from(response)),
+            })
+        }
+        AuthMethod::Cert => {
+            let ca_key = shared.ca_public().await.ok_or(0x88_u8)?;
+            let proof = CertConnectProof::from_bytes(&data)
+                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+            proof
+                .verify(&ca_key, &connect.client_id, now, window)
+                .map_err(|e| e.connack_reason())?;
+            if shared.dir.is_revoked(proof.cert.serial()) {
+                return Err(REASON_NOT_AUTHORIZED);
+            }
+            shared.check_nonce(proof.nonce, proof.t_ms, now)?;
+            Ok(Admission {
+                identity: Identity::Device(proof.cert.id().clone()),
+                method: echo,
+                data: None,
+            })
+        }
+        AuthMethod::Group => {
+            let proof = GroupConnectProof::from_bytes(&data)
+                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+            match shared.ensure_group(&proof.group).await {
+                Ok(()) => {}
+                Err(crate::ca::CaError::Unavailable) => return Err(0x88),
+                Err(_) => return Err(REASON_NOT_AUTHORIZED),
+            }
+            if shared.dir.privacy(&proof.group) != Some(Privacy::Anonymous) {
+                return Err(REASON_NOT_AUTHORIZED);
+            }
+            let keys = shared
+                .dir
+                .current_keys(&proof.group)
+                .ok_or(REASON_NOT_AUTHORIZED)?;
+            proof
+                .verify(
+                    &VerifyingKey(keys.q_p),
+                    &VerifyingKey(keys.q_s),
+                    &connect.client_id,
+                    now,
+                    window,
+                )
+                .map_err(|e| e.connack_reason())?;
+            shared.check_nonce(proof.nonce, proof.t_ms, now)?;
+            Ok(Admission {
+                identity: Identity::Group(proof.group.clone(), proof.role),
+                method: echo,
+                data: None,
+            })
+        }
+    }
+}
+
+/// Opens the upstream TCP connection.
+async fn dial_upstream(shared: &Shared) -> Option<TcpStream> {
+    let t = Duration::from_millis(shared.cfg.upstream.connect_timeout_ms);
+    match tokio::time::timeout(t, TcpStream::connect(&shared.cfg.upstream.address)).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Some(s)
+        }
+        _ => None,
+    }
+}
+
+type UpReader = FramedRead<OwnedReadHalf, MqttCodec>;
+type UpWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
+
+/// Connects upstream and sends `connect`; returns the streams and the broker's CONNACK.
+async fn connect_upstream_v5(
+    shared: &Shared,
+    connect: v5::Connect,
+) -> Option<(UpReader, UpWriter, Box<v5::ConnectAck>)> {
+    let stream = dial_upstream(shared).await?;
+    let (rd, wr) = stream.into_split();
+    let max_in = shared.cfg.limits.max_packet_size;
+    let mut reader = FramedRead::new(rd, MqttCodec::V5(v5::Codec::new(max_in, 0)));
+    let mut writer = FramedWrite::new(wr, MqttCodec::V5(v5::Codec::new(0, 0)));
+    writer
+        .send(MqttPacket::V5(v5::Packet::Connect(Box::new(connect))))
+        .await
+        .ok()?;
+    let t = Duration::from_millis(shared.cfg.upstream.connect_timeout_ms);
+    match tokio::time::timeout(t, reader.next()).await {
+        Ok(Some(Ok((MqttPacket::V5(v5::Packet::ConnectAck(ack)), _)))) => {
+            Some((reader, writer, ack))
+        }
+        _ => None,
+    }
+}
+
+/// A packet on its way to the device, with the ordering rules of the ack queue.
+#[derive(Debug)]
+enum ToDevice {
+    /// Relay as is.
+    Packet(v5::Packet),
+    /// A QoS > 0 PUBLISH with this id went upstream: its PUBACK/PUBREC is awaited.
+    Expect(NonZeroU16),
+    /// The broker's PUBACK/PUBREC for a device PUBLISH.
+    UpstreamAck(NonZeroU16, v5::Packet),
+    /// The bridge's own PUBACK/PUBREC for a dropped PUBLISH.
+    OwnAck(NonZeroU16, v5::Packet),
+}
+
+/// Device-bound acknowledgements in PUBLISH order (MQTT 5 §4.6).
+#[derive(Debug, Default)]
+pub(crate) struct AckQueue {
+    entries: VecDeque<(NonZeroU16, Option<v5::Packet>)>,
+}
+
+impl AckQueue {
+    /// Handles one event; returns the packets now ready to send, in order.
+    fn push(&mut self, ev: ToDevice) -> Vec<v5::Packet> {
+        match ev {
+            ToDevice::Packet(p) => return vec![p],
+            ToDevice::Expect(id) => self.entries.push_back((id, None)),
+            ToDevice::UpstreamAck(id, p) => {
+                match self
+                    .entries
+                    .iter_mut()
+                    .find(|(i, ack)| *i == id && ack.is_none())
+                {
+                    Some(slot) => slot.1 = Some(p),
+                    None => return vec![p],
+                }
+            }
+            ToDevice::OwnAck(id, p) => {
+                if self.entries.is_empty() {
+                    return vec![p];
+                }
+                self.entries.push_back((id, Some(p)));
+            }
+        }
+        let mut out = Vec::new();
+        while self.entries.front().is_some_and(|(_, a)| a.is_some()) {
+            if let Some((_, Some(p))) = self.entries.pop_front() {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
+
+/// A SUBSCRIBE whose SUBACK is awaited from the broker.
+#[derive(Debug)]
+struct PendingSub {
+    /// Per filter: `Some` reason decided by the bridge, `None` forwarded upstream.
+    slots: Vec<Option<SubscribeAckReason>>,
+    /// The `quva-gk` property value for the SUBACK, and the index of its key-topic filter.
+    gk: Option<(usize, String)>,
+}
+
+type PendingSubs = Arc<Mutex<HashMap<NonZeroU16, PendingSub>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The per-connection relay state of an MQTT 5 device.
+struct V5Session {
+    shared: Arc<Shared>,
+    identity: Identity,
+    client_id: ByteString,
+    up: UpWriter,
+    to_device: mpsc::Sender<ToDevice>,
+    subs: PendingSubs,
+    end: CancellationToken,
+}
+
+/// Why the relay of a connection stopped.
+enum Stop {
+    /// Close quietly (the device disconnected, or the socket failed).
+    Quiet,
+    /// Tell the device why, then close.
+    Tell(DisconnectReasonCode),
+}
+
+async fn run_v5(
+    mut reader: DeviceReader,
+    mut writer: DeviceWriter,
+    connect: Box<v5::Connect>,
+    shared: Arc<Shared>,
+) {
+    let client_id = connect.client_id.clone();
+    let admission = match admit(&shared, &connect).await {
+        Ok(a) => a,
+        Err(code) => {
+            shared.metrics.refused("auth");
+            tracing::info!(client_id = %client_id, reason = code, "CONNECT refused");
+            let _ = writer
+                .send(MqttPacket::V5(connack(connack_code(code))))
+                .await;
+            return;
+        }
+    };
+    // The device's own CONNECT, minus authentication, with the bridge's broker credentials.
+    let mut up_connect = (*connect).clone();
+    up_connect.auth_method = None;
+    up_connect.auth_data = None;
+    up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
+    up_connect.password = shared.upstream_password.clone().map(Bytes::from);
+    up_connect.topic_alias_max = 0;
+    let our_max = shared.cfg.limits.max_packet_size;
+    up_connect.max_packet_size = Some(
+        connect
+            .max_packet_size
+            .map_or(our_max, |m| m.get().min(our_max))
+            .try_into()
+            .unwrap_or(std::num::NonZeroU32::MIN),
+    );
+    if let Some(m) = connect.max_packet_size
+        && let MqttCodec::V5(c) = writer.encoder_mut()
+    {
+        c.set_max_outbound_size(m.get());
+    }
+    let Some((mut up_reader, up_writer, up_ack)) = connect_upstream_v5(&shared, up_connect).await
+    else {
+        shared.metrics.refused("upstream_unavailable");
+        if admission.data.is_some() {
+            // A certificate was issued: deliver it, then say the broker is unavailable.
+            let mut ack = v5::ConnectAck {
+                auth_method: admission.method,
+                auth_data: admission.data,
+                topic_alias_max: 0,
+                ..Default::default()
+            };
+            ack.reason_string = Some("broker unavailable".into());
+            let _ = writer.send(MqttPacket::V5(ack.into())).await;
+            let _ = writer
+                .send(MqttPacket::V5(disconnect(DisconnectReasonCode::ServerBusy)))
+                .await;
+        } else {
+            let _ = writer
+                .send(MqttPacket::V5(connack(ConnectAckReason::ServerUnavailable)))
+                .await;
+        }
+        return;
+    };
+    let mut ack = *up_ack;
+    let accepted = ack.reason_code == ConnectAckReason::Success;
+    if accepted {
+        ack.auth_method = admission.method;
+        ack.auth_data = admission.data;
+    } else {
+        ack.auth_method = None;
+        ack.auth_data = None;
+    }
+    ack.topic_alias_max = 0;
+    ack.max_packet_size = Some(ack.max_packet_size.map_or(our_max, |m| m.min(our_max)));
+    if writer.send(MqttPacket::V5(ack.into())).await.is_err() || !accepted {
+        return;
+    }
+    tracing::debug!(client_id = %client_id, identity = ?admission.identity, "connected");
+
+    let end = CancellationToken::new();
+    let kick = shared.register(&admission.identity, &end);
+    let (tx, rx) = mpsc::channel::<ToDevice>(256);
+    let writer_task = tokio::spawn(device_writer(writer, rx));
+    let subs: PendingSubs = Arc::default();
+
+    // Broker → device.
+    let up_task = {
+        let tx = tx.clone();
+        let subs = subs.clone();
+        let end = end.clone();
+        tokio::spawn(async move {
+            let stop = upstream_to_device(&mut up_reader, &tx, &subs, &end).await;
+            end.cancel();
+            if let Stop::Tell(code) = stop {
+                let _ = tx.send(ToDevice::Packet(disconnect(code))).await;
+            }
+        })
+    };
+
+    let keep_alive = connect.keep_alive;
+    let mut session = V5Session {
+        shared: shared.clone(),
+        identity: admission.identity.clone(),
+        client_id,
+        up: up_writer,
+        to_device: tx,
+        subs,
+        end: end.clone(),
+    };
+    let stop = session
+        .device_to_upstream(&mut reader, keep_alive, &kick)
+        .await;
+    end.cancel();
+    match stop {
+        Stop::Tell(code) => {
+            let _ = session
+                .to_device
+                .send(ToDevice::Packet(disconnect(code)))
+                .await;
+            let _ = session
+                .up
+                .send(MqttPacket::V5(disconnect(
+                    DisconnectReasonCode::NormalDisconnection,
+                )))
+                .await;
+        }
+        Stop::Quiet => {}
+    }
+    let _ = session.up.close().await;
+    drop(session);
+    let _ = up_task.await;
+    let _ = writer_task.await;
+    shared.unregister(&admission.identity, &end);
+}
+
+async fn device_writer(mut writer: DeviceWriter, mut rx: mpsc::Receiver<ToDevice>) {
+    let mut queue = AckQueue::default();
+    while let Some(ev) = rx.recv().await {
+        for p in queue.push(ev) {
+            let last = matches!(p, v5::Packet::Disconnect(_));
+            if writer.send(MqttPacket::V5(p)).await.is_err() {
+                return;
+            }
+            if last {
+                let _ = writer.close().await;
+                return;
+            }
+        }
+    }
+    let _ = writer.close().await;
+}
+
+async fn upstream_to_device(
+    up: &mut UpReader,
+    tx: &mpsc::Sender<ToDevice>,
+    subs: &PendingSubs,
+    end: &CancellationToken,
+) -> Stop {
+    loop {
+        let next = tokio::select! {
+            () = end.cancelled() => return Stop::Quiet,
+            n = up.next() => n,
+        };
+        let packet = match next {
+            Some(Ok((MqttPacket::V5(p), _))) => p,
+            Some(Ok(_)) | Some(Err(_)) => {
+                return Stop::Tell(DisconnectReasonCode::UnspecifiedError);
+            }
+            None => return Stop::Tell(DisconnectReasonCode::ServerBusy),
+        };
+        let ev = match packet {
+            v5::Packet::PublishAck(a) => {
+                ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishAck(a))
+            }
+            v5::Packet::PublishReceived(a) => {
+                ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishReceived(a))
+            }
+            v5::Packet::SubscribeAck(mut ack) => {
+                let pending = lock(subs).remove(&ack.packet_id);
+                if let Some(p) = pending {
+                    merge_suback(&mut ack, p);
+                }
+                ToDevice::Packet(v5::Packet::SubscribeAck(ack))
+            }
+            v5::Packet::Disconnect(d) => {
+                let _ = tx.send(ToDevice::Packet(v5::Packet::Disconnect(d))).await;
+                return Stop::Quiet;
+            }
+            v5::Packet::Connect(_) | v5::Packet::ConnectAck(_) | v5::Packet::Auth(_) => {
+                return Stop::Tell(DisconnectReasonCode::UnspecifiedError);
+            }
+            p => ToDevice::Packet(p),
+        };
+        if tx.send(ev).await.is_err() {
+            return Stop::Quiet;
+        }
+    }
+}
+
+fn merge_suback(ack: &mut v5::SubscribeAck, pending: PendingSub) {
+    let mut upstream = std::mem::take(&mut ack.status).into_iter();
+    let mut status = Vec::with_capacity(pending.slots.len());
+    for slot in pending.slots {
+        status.push(match slot {
+            Some(own) => own,
+            None => upstream
+                .next()
+                .unwrap_or(SubscribeAckReason::UnspecifiedError),
+        });
+    }
+    if let Some((idx, value)) = pending.gk
+        && status.get(idx).is_some_and(|s| u8::from(*s) < 0x80)
+    {
+        ack.properties.push((GK_PROPERTY.into(), value.into()));
+    }
+    ack.status = status;
+}
+
+/// What a PUBLISH of a batch is.
+enum Target {
+    /// Not protected: relayed unchanged.
+    Unprotected,
+    /// A reserved topic (`quva/…`, `$…`): no device may publish there.
+    Reserved,
+    /// A protected group's data (forward) or query topic.
+    Group(GroupId, Direction),
+}
+
+/// A PUBLISH waiting in a verification batch.
+struct Candidate {
+    publish: Box<Publish>,
+    target: Target,
+}
+
+/// A drop decision: the counter label and the PUBACK/PUBREC reason code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Dropped {
+    label: &'static str,
+    code: u8,
+}
+
+impl Dropped {
+    fn from_rejection(r: &Rejection) -> Self {
+        Dropped {
+            label: r.label(),
+            code: r.puback_reason_code(),
+        }
+    }
+
+    const fn not_authorized(label: &'static str) -> Self {
+        Dropped { label, code: 0x87 }
+    }
+}
+
+impl V5Session {
+    async fn device_to_upstream(
+        &mut self,
+        reader: &mut DeviceReader,
+        keep_alive: u16,
+        kick: &CancellationToken,
+    ) -> Stop {
+        let idle = if keep_alive > 0 {
+            Some(Duration::from_millis(u64::from(keep_alive) * 1500))
+        } else if self.shared.cfg.limits.idle_timeout_ms > 0 {
+            Some(Duration::from_millis(
+                self.shared.cfg.limits.idle_timeout_ms,
+            ))
+        } else {
+            None
+        };
+        let mut stash: Option<Decoded> = None;
+        loop {
+            let next = match stash.take() {
+                Some(d) => Some(d),
+                None => {
+                    let read = async {
+                        match idle {
+                            Some(t) => tokio::time::timeout(t, reader.next()).await.ok(),
+                            None => Some(reader.next().await),
+                        }
+                    };
+                    tokio::select! {
+                        () = self.shared.stop.cancelled() => {
+                            return Stop::Tell(DisconnectReasonCode::ServerShuttingDown);
+                        }
+                        () = kick.cancelled() => {
+                            return Stop::Tell(DisconnectReasonCode::NotAuthorized);
+                        }
+                        () = self.end.cancelled() => return Stop::Quiet,
+                        r = read => match r {
+                            Some(n) => n,
+                            None => {
+                                self.shared.metrics.refused("keep_alive");
+                                return Stop::Tell(DisconnectReasonCode::KeepAliveTimeout);
+                            }
+                        },
+                    }
+                }
+            };
+            let packet = match next {
+                None => return Stop::Quiet,
+                Some(Err(e)) => return self.decode_failure(&e),
+                Some(Ok((MqttPacket::V5(p), _))) => p,
+                Some(Ok(_)) => return Stop::Tell(DisconnectReasonCode::ProtocolError),
+            };
+            let result = match packet {
+                v5::Packet::Publish(p) => match self.classify_publish(p) {
+                    Ok(Some(first)) => {
+                        let mut batch = vec![first];
+                        while batch.len() < self.shared.cfg.limits.max_batch {
+                            match reader.next().now_or_never() {
+                                Some(Some(Ok((MqttPacket::V5(v5::Packet::Publish(p)), n)))) => {
+                                    match self.classify_publish(p) {
+                                        Ok(Some(c)) => batch.push(c),
+                                        Ok(None) => {}
+                                        Err(stop) => {
+                                            let _ = self.process_batch(batch).await;
+                                            return stop;
+                                        }
+                                    }
+                                    let _ = n;
+                                }
+                                Some(Some(other)) => {
+                                    stash = Some(other);
+                                    break;
+                                }
+                                Some(None) => {
+                                    let _ = self.process_batch(batch).await;
+                                    return Stop::Quiet;
+                                }
+                                None => break,
+                            }
+                        }
+                        self.process_batch(batch).await
+                    }
+                    Ok(None) => Ok(()),
+                    Err(stop) => return stop,
+                },
+                v5::Packet::Subscribe(s) => self.subscribe(s).await,
+                v5::Packet::Disconnect(d) => {
+                    let _ = self
+                        .up
+                        .send(MqttPacket::V5(v5::Packet::Disconnect(d)))
+                        .await;
+                    return Stop::Quiet;
+                }
+                p @ (v5::Packet::PublishAck(_)
+                | v5::Packet::PublishReceived(_)
+                | v5::Packet::PublishRelease(_)
+                | v5::Packet::PublishComplete(_)
+                | v5::Packet::Unsubscribe(_)
+                | v5::Packet::PingRequest) => self.forward(p).await,
+                v5::Packet::Auth(_) => return Stop::Tell(DisconnectReasonCode::ProtocolError),
+                _ => return Stop::Tell(DisconnectReasonCode::ProtocolError),
+            };
+            if result.is_err() {
+                return Stop::Quiet;
+            }
+        }
+    }
+
+    fn decode_failure(&self, e: &rmqtt_codec::error::DecodeError) -> Stop {
+        use rmqtt_codec::error::DecodeError as E;
+        match e {
+            E::MaxSizeExceeded { .. } => {
+                self.shared.metrics.refused("oversize");
+                Stop::Tell(DisconnectReasonCode::PacketTooLarge)
+            }
+            E::Io(_) => Stop::Quiet,
+            _ => {
+                self.shared.metrics.refused("malformed");
+                Stop::Tell(DisconnectReasonCode::MalformedPacket)
+            }
+        }
+    }
+
+    async fn forward(&mut self, p: v5::Packet) -> Result<(), ()> {
+        self.up.send(MqttPacket::V5(p)).await.map_err(|_| ())
+    }
+
+    async fn own_ack(&mut self, publish: &Publish, drop: Dropped) -> Result<(), ()> {
+        tracing::info!(
+            client_id = %self.client_id,
+            topic = %publish.topic,
+            reason = drop.label,
+            "PUBLISH dropped"
+        );
+        self.shared.metrics.dropped(drop.label);
+        let Some(id) = publish.packet_id else {
+            return Ok(());
+        };
+        let ack = PublishAck {
+            packet_id: id,
+            reason_code: PublishAckReason::try_from(drop.code)
+                .unwrap_or(PublishAckReason::NotAuthorized),
+            properties: Vec::new(),
+            reason_string: None,
+        };
+        let p = match publish.qos {
+            rmqtt_codec::types::QoS::ExactlyOnce => v5::Packet::PublishReceived(ack),
+            _ => v5::Packet::PublishAck(ack),
+        };
+        self.to_device
+            .send(ToDevice::OwnAck(id, p))
+            .await
+            .map_err(|_| ())
+    }
+
+    async fn forward_publish(&mut self, publish: Box<Publish>) -> Result<(), ()> {
+        if let Some(id) = publish.packet_id {
+            self.to_device
+                .send(ToDevice::Expect(id))
+                .await
+                .map_err(|_| ())?;
+        }
+        self.forward(v5::Packet::Publish(publish)).await
+    }
+
+    /// Sorts a PUBLISH: unprotected ones are relayed at once, protected ones returned for the
+    /// batch. `Err` stops the connection (protocol errors).
+    fn classify_publish(&mut self, p: Box<Publish>) -> Result<Option<Candidate>, Stop> {
+        if p.properties
+            .as_ref()
+            .is_some_and(|pr| pr.topic_alias.is_some())
+        {
+            // Topic Alias Maximum is 0 towards devices.
+            return Err(Stop::Tell(DisconnectReasonCode::TopicAliasInvalid));
+        }
+        let target = match self.shared.policy.classify(&p.topic) {
+            TopicKind::Unprotected => Target::Unprotected,
+            TopicKind::Data(g) => Target::Group(g, Direction::Forward),
+            TopicKind::Query(g) => Target::Group(g, Direction::Query),
+            _ => Target::Reserved,
+        };
+        Ok(Some(Candidate { publish: p, target }))
+    }
+
+    /// Verifies a batch of PUBLISHes and relays or drops each, in order.
+    async fn process_batch(&mut self, batch: Vec<Candidate>) -> Result<(), ()> {
+        let verdicts = self.verify(&batch).await;
+        for (c, verdict) in batch.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Relay => self.forward_publish(c.publish).await?,
+                Verdict::Accept => {
+                    self.shared.metrics.accepted();
+                    self.forward_publish(c.publish).await?;
+                }
+                Verdict::Drop(d) => self.own_ack(&c.publish, d).await?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn verify(&mut self, batch: &[Candidate]) -> Vec<Verdict> {
+        // Fetch unknown groups first (the only await).
+        let mut fetched: Vec<&GroupId> = Vec::new();
+        for c in batch {
+            if let Target::Group(g, _) = &c.target
+                && !fetched.contains(&g)
+            {
+                fetched.push(g);
+                let _ = self.shared.ensure_group(g).await;
+            }
+        }
+        let started = Instant::now();
+        let now = now_ms();
+        let shared = &self.shared;
+        let policy = Policy {
+            max_payload: shared.cfg.limits.max_payload,
+            window_ms: shared.cfg.windows.timestamp_ms,
+        };
+        let connection = self.identity.connection();
+        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(batch.len());
+        let mut messages: Vec<(usize, UnverifiedMessage)> = Vec::new();
+        for (i, c) in batch.iter().enumerate() {
+            let (group, direction) = match &c.target {
+                Target::Unprotected => {
+                    verdicts.push(Some(Verdict::Relay));
+                    continue;
+                }
+                Target::Reserved => {
+                    verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
+                        "reserved_topic",
+                    ))));
+                    continue;
+                }
+                Target::Group(g, d) => (g, *d),
+            };
+            if connection.is_none() {
+                verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
+                    "unauthenticated",
+                ))));
+                continue;
+            }
+            if !self.may_publish(group, direction) {
+                verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
+                    "not_authorized",
+                ))));
+                continue;
+            }
+            match UnverifiedMessage::decode_with_limit(&c.publish.payload, policy.max_payload) {
+                Ok(m) => {
+                    let h = m.header();
+                    if h.group != *group || h.direction != direction {
+                        verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
+                            "topic_mismatch",
+                        ))));
+                    } else {
+                        verdicts.push(None);
+                        messages.push((i, m));
+                    }
+                }
+                Err(r) => verdicts.push(Some(Verdict::Drop(Dropped::from_rejection(&r)))),
+            }
+        }
+        if !messages.is_empty()
+            && let Some(connection) = connection
+        {
+            let view = shared.dir.view(now);
+            let mut replay = lock(&shared.replay);
+            let mut checks: Vec<(usize, BridgeCheck<'_>)> = Vec::new();
+            for (i, m) in &messages {
+                match m.check_at_bridge(&view, &connection, &policy, &replay, now) {
+                    Ok(check) => checks.push((*i, check)),
+                    Err(r) => {
+                        if let Some(v) = verdicts.get_mut(*i) {
+                            *v = Some(Verdict::Drop(Dropped::from_rejection(&r)));
+                        }
+                    }
+                }
+            }
+            let (idx, checks): (Vec<usize>, Vec<BridgeCheck<'_>>) = checks.into_iter().unzip();
+            let results = if checks.len() == 1 {
+                checks
+                    .into_iter()
+                    .map(|c| c.verify(&mut replay, now))
+                    .collect()
+            } else {
+                verify_batch_at_bridge(checks, &mut replay, now, &mut SystemRng::new())
+            };
+            for (i, r) in idx.into_iter().zip(results) {
+                if let Some(v) = verdicts.get_mut(i) {
+                    *v = Some(match r {
+                        Ok(_) => Verdict::Accept,
+                        Err(r) => Verdict::Drop(Dropped::from_rejection(&r)),
+                    });
+                }
+            }
+            shared.metrics.verify_time(started.elapsed());
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict::Drop(Dropped::not_authorized("not_authorized"))))
+            .collect()
+    }
+
+    /// Topic access control from CA membership: publishers publish data, subscribers queries.
+    fn may_publish(&self, group: &GroupId, direction: Direction) -> bool {
+        let role = direction.sender_role();
+        match &self.identity {
+            Identity::Anonymous => false,
+            Identity::Device(id) => self.shared.dir.is_current_member(group, id, role),
+            Identity::Group(g, r) => g == group && *r == role,
+        }
+    }
+
+    /// Whether this connection may subscribe to a group's traffic as `role`.
+    fn is_role(&self, group: &GroupId, role: Role) -> bool {
+        match &self.identity {
+            Identity::Anonymous => false,
+            Identity::Device(id) => self.shared.dir.is_current_member(group, id, role),
+            Identity::Group(g, r) => g == group && *r == role,
+        }
+    }
+
+    async fn subscribe(&mut self, mut s: v5::Subscribe) -> Result<(), ()> {
+        let gk_request = s
+            .user_properties
+            .iter()
+            .find(|(k, _)| k == GK_PROPERTY)
+            .map(|(_, v)| v.to_string());
+        s.user_properties.retain(|(k, _)| k != GK_PROPERTY);
+        let mut slots = Vec::with_capacity(s.topic_filters.len());
+        let mut forwarded = Vec::new();
+        let mut gk: Option<(usize, String)> = None;
+        let mut gk_used = false;
+        for (i, (filter, opts)) in std::mem::take(&mut s.topic_filters).into_iter().enumerate() {
+            let decision = self
+                .authorize_filter(&filter, gk_request.as_deref(), &mut gk_used)
+                .await;
+            match decision {
+                Ok(delivery) => {
+                    if let Some(d) = delivery {
+                        gk = Some((i, d));
+                    }
+                    slots.push(None);
+                    forwarded.push((filter, opts));
+                }
+                Err(code) => {
+                    tracing::info!(client_id = %self.client_id, filter = %filter, code, "subscription refused");
+                    slots.push(Some(
+                        SubscribeAckReason::try_from(code)
+                            .unwrap_or(SubscribeAckReason::NotAuthorized),
+                    ));
+                }
+            }
+        }
+        let id = s.packet_id;
+        if forwarded.is_empty() {
+            let ack = v5::SubscribeAck {
+                packet_id: id,
+                properties: Vec::new(),
+                reason_string: None,
+                status: slots.into_iter().flatten().collect(),
+            };
+            return self
+                .to_device
+                .send(ToDevice::Packet(v5::Packet::SubscribeAck(ack)))
+                .await
+                .map_err(|_| ());
+        }
+        lock(&self.subs).insert(id, PendingSub { slots, gk });
+        s.topic_filters = forwarded;
+        self.forward(v5::Packet::Subscribe(s)).await
+    }
+
+    /// Decides one subscription filter. `Ok(Some(value))` carries a `quva-gk` delivery for the
+    /// SUBACK; `Err` is the SUBACK reason code.
+    async fn authorize_filter(
+        &mut self,
+        filter: &str,
+        gk_request: Option<&str>,
+        gk_used: &mut bool,
+    ) -> Result<Option<String>, u8> {
+        let inner = unshare(filter);
+        if !valid_filter(inner) {
+            return Err(0x8F);
+        }
+        let policy = &self.shared.policy;
+        if inner.contains(['+', '#']) {
+            return if policy.filter_touches_protected(inner) {
+                Err(0x87)
+            } else {
+                Ok(None)
+            };
+        }
+        match policy.classify(inner) {
+            TopicKind::Unprotected => Ok(None),
+            TopicKind::Reserved => Err(0x87),
+            TopicKind::Data(g) => {
+                let _ = self.shared.ensure_group(&g).await;
+                self.is_role(&g, Role::Subscriber)
+                    .then_some(None)
+                    .ok_or(0x87)
+            }
+            TopicKind::Query(g) => {
+                let _ = self.shared.ensure_group(&g).await;
+                self.is_role(&g, Role::Publisher)
+                    .then_some(None)
+                    .ok_or(0x87)
+            }
+            TopicKind::Certificates(_) => match self.identity {
+                Identity::Anonymous => Err(0x87),
+                _ => Ok(None),
+            },
+            TopicKind::Individual(_, _, device) => (self.identity.device() == Some(&device))
+                .then_some(None)
+                .ok_or(0x87),
+            TopicKind::Key(g, role) => match gk_request {
+                Some(text) if !*gk_used => {
+                    *gk_used = true;
+                    self.join(&g, role, text).await.map(Some)
+                }
+                _ => {
+                    let _ = self.shared.ensure_group(&g).await;
+                    self.is_role(&g, role).then_some(None).ok_or(0x87)
+                }
+            },
+        }
+    }
+
+    /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into
+    /// the SUBACK.
+    async fn join(&mut self, group: &GroupId, role: Role, text: &str) -> Result<String, u8> {
+        let Identity::Device(id) = &self.identity else {
+            return Err(0x87);
+        };
+        let req = GroupKeyRequest::from_property(text).map_err(|_| 0x87_u8)?;
+        if req.id() != id || req.group() != group || req.role() != role {
+            return Err(0x87);
+        }
+        let ca = self.shared.ca.as_ref().ok_or(0x80_u8)?;
+        let (delivery, _epoch) = self
+            .shared
+            .ca_call("join_group", ca.join_group(req.to_bytes()))
+            .await
+            .map_err(|e| suback_reason(&e))?;
+        // The membership changed: refresh the cached group so that data subscriptions pass.
+        let _ = self.shared.refresh_group(group).await;
+        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(delivery))
+    }
+}
+
+/// What happens to one PUBLISH of a batch.
+#[derive(Clone, Copy, Debug)]
+enum Verdict {
+    /// Not protected: relay.
+    Relay,
+    /// Protected and verified: relay and count.
+    Accept,
+    /// Drop with this reason.
+    Drop(Dropped),
+}
+
+// ------------------------------------------------------------------------------------------
+// MQTT 3.1.1: unprotected topics only.
+// ------------------------------------------------------------------------------------------
+
+async fn run_v3(
+    mut reader: DeviceReader,
+    mut writer: DeviceWriter,
+    connect: Box<v3::Connect>,
+    shared: Arc<Shared>,
+) {
+    use v3::ConnectAckReason as R;
+    if !shared.cfg.topics.unauthenticated_allowed() {
+        shared.metrics.refused("auth");
+        let ack = v3::ConnectAck {
+            return_code: R::NotAuthorized,
+            session_present: false,
+        };
+        let _ = writer
+            .send(MqttPacket::V3(v3::Packet::ConnectAck(ack)))
+            .await;
+        return;
+    }
+    let mut up_connect = (*connect).clone();
+    up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
+    up_connect.password = shared.upstream_password.clone().map(Bytes::from);
+    let Some(stream) = dial_upstream(&shared).await else {
+        shared.metrics.refused("upstream_unavailable");
+        let ack = v3::ConnectAck {
+            return_code: R::ServiceUnavailable,
+            session_present: false,
+        };
+        let _ = writer
+            .send(MqttPacket::V3(v3::Packet::ConnectAck(ack)))
+            .await;
+        return;
+    };
+    let (rd, wr) = stream.into_split();
+    let max_in = shared.cfg.limits.max_packet_size;
+    let mut up_reader = FramedRead::new(rd, MqttCodec::V3(v3::Codec::new(max_in)));
+    let mut up_writer = FramedWrite::new(wr, MqttCodec::V3(v3::Codec::new(0)));
+    if up_writer
+        .send(MqttPacket::V3(v3::Packet::Connect(Box::new(up_connect))))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let end = CancellationToken::new();
+    let subs: Arc<Mutex<HashMap<NonZeroU16, Vec<Option<v3::SubscribeReturnCode>>>>> =
+        Arc::default();
+    let (tx, mut rx) = mpsc::channel::<v3::Packet>(256);
+    let writer_task = tokio::spawn(async move {
+        while let Some(p) = rx.recv().await {
+            if writer.send(MqttPacket::V3(p)).await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.close().await;
+    });
+    let up_task = {
+        let tx = tx.clone();
+        let end = end.clone();
+        let subs = subs.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = end.cancelled() => break,
+                    n = up_reader.next() => n,
+                };
+                let p = match next {
+                    Some(Ok((
+                        MqttPacket::V3(v3::Packet::SubscribeAck { packet_id, status }),
+                        _,
+                    ))) => {
+                        let pending = lock(&subs).remove(&packet_id);
+                        let status = match pending {
+                            Some(slots) => {
+                                let mut up = status.into_iter();
+                                slots
+                                    .into_iter()
+                                    .map(|s| {
+                                        s.unwrap_or_else(|| {
+                                            up.next().unwrap_or(v3::SubscribeReturnCode::Failure)
+                                        })
+                                    })
+                                    .collect()
+                            }
+                            None => status,
+                        };
+                        v3::Packet::SubscribeAck { packet_id, status }
+                    }
+                    Some(Ok((MqttPacket::V3(p), _))) => p,
+                    _ => break,
+                };
+                if tx.send(p).await.is_err() {
+                    break;
+                }
+            }
+            end.cancel();
+        })
+    };
+    let idle = (connect.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    loop {
+        let read = async {
+            match idle {
+                Some(t) => tokio::time::timeout(t, reader.next()).await.ok(),
+                None => Some(reader.next().await),
+            }
+        };
+        let next = tokio::select! {
+            () = shared.stop.cancelled() => break,
+            () = end.cancelled() => break,
+            r = read => r,
+        };
+        let packet = match next {
+            Some(Some(Ok((MqttPacket::V3(p), _)))) => p,
+            Some(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
+                shared.metrics.refused("oversize");
+                break;
+            }
+            Some(None) => break,
+            None => {
+                shared.metrics.refused("keep_alive");
+                break;
+            }
+            _ => {
+                shared.metrics.refused("malformed");
+                break;
+            }
+        };
+        let forward = match packet {
+            v3::Packet::Publish(p) => {
+                if shared.policy.classify(&p.topic) != TopicKind::Unprotected {
+                    // MQTT 3.1.1 cannot refuse a PUBLISH: close the connection (§3.3.5).
+                    shared.metrics.dropped("unauthenticated");
+                    break;
+                }
+                Some(v3::Packet::Publish(p))
+            }
+            v3::Packet::Subscribe {
+                packet_id,
+                topic_filters,
+            } => {
+                let mut slots = Vec::new();
+                let mut allowed = Vec::new();
+                for (f, qos) in topic_filters {
+                    let inner = unshare(&f);
+                    let ok = valid_filter(inner)
+                        && if inner.contains(['+', '#']) {
+                            !shared.policy.filter_touches_protected(inner)
+                        } else {
+                            shared.policy.classify(inner) == TopicKind::Unprotected
+                        };
+                    if ok {
+                        slots.push(None);
+                        allowed.push((f, qos));
+                    } else {
+                        slots.push(Some(v3::SubscribeReturnCode::Failure));
+                    }
+                }
+                if allowed.is_empty() {
+                    let status = slots.into_iter().flatten().collect();
+                    if tx
+                        .send(v3::Packet::SubscribeAck { packet_id, status })
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    None
+                } else {
+                    lock(&subs).insert(packet_id, slots);
+                    Some(v3::Packet::Subscribe {
+                        packet_id,
+                        topic_filters: allowed,
+                    })
+                }
+            }
+            v3::Packet::Disconnect => {
+                let _ = up_writer.send(MqttPacket::V3(v3::Packet::Disconnect)).await;
+                break;
+            }
+            v3::Packet::Connect(_)
+            | v3::Packet::ConnectAck(_)
+            | v3::Packet::SubscribeAck { .. }
+            | v3::Packet::UnsubscribeAck { .. }
+            | v3::Packet::PingResponse => break,
+            p => Some(p),
+        };
+        if let Some(p) = forward
+            && up_writer.send(MqttPacket::V3(p)).await.is_err()
+        {
+            break;
+        }
+    }
+    end.cancel();
+    let _ = up_writer.close().await;
+    drop(tx);
+    let _ = up_task.await;
+    let _ = writer_task.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(id: u16, code: PublishAckReason) -> (NonZeroU16, v5::Packet) {
+        let id = NonZeroU16::new(id).unwrap();
+        (
+            id,
+            v5::Packet::PublishAck(PublishAck {
+                packet_id: id,
+                reason_code: code,
+                properties: Vec::new(),
+                reason_string: None,
+            }),
+        )
+    }
+
+    fn ids(ps: &[v5::Packet]) -> Vec<u16> {
+        ps.iter()
+            .map(|p| match p {
+                v5::Packet::PublishAck(a) => a.packet_id.get(),
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn own_acks_wait_behind_pending_upstream_acks() {
+        let mut q = AckQueue::default();
+        let (id1, a1) = ack(1, PublishAckReason::Success);
+        let (id2, a2) = ack(2, PublishAckReason::NotAuthorized);
+        let (id3, a3) = ack(3, PublishAckReason::Success);
+        assert!(q.push(ToDevice::Expect(id1)).is_empty());
+        assert!(q.push(ToDevice::OwnAck(id2, a2)).is_empty());
+        assert!(q.push(ToDevice::Expect(id3)).is_empty());
+        assert!(q.push(ToDevice::UpstreamAck(id3, a3)).is_empty());
+        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id1, a1))), vec![1, 2, 3]);
+        let (id4, a4) = ack(4, PublishAckReason::NotAuthorized);
+        assert_eq!(ids(&q.push(ToDevice::OwnAck(id4, a4))), vec![4]);
+    }
+
+    #[test]
+    fn unexpected_upstream_acks_pass_through() {
+        let mut q = AckQueue::default();
+        let (id, a) = ack(9, PublishAckReason::Success);
+        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id, a))), vec![9]);
+    }
+
+    #[test]
+    fn suback_merges_bridge_and_broker_decisions() {
+        let id = NonZeroU16::new(5).unwrap();
+        let mut ack = v5::SubscribeAck {
+            packet_id: id,
+            properties: Vec::new(),
+            reason_string: None,
+            status: vec![
+                SubscribeAckReason::GrantedQos1,
+                SubscribeAckReason::GrantedQos0,
+            ],
+        };
+        let pending = PendingSub {
+            slots: vec![None, Some(SubscribeAckReason::NotAuthorized), None],
+            gk: Some((2, "abc".into())),
+        };
+        merge_suback(&mut ack, pending);
+        assert_eq!(
+            ack.status,
+            vec![
+                SubscribeAckReason::GrantedQos1,
+                SubscribeAckReason::NotAuthorized,
+                SubscribeAckReason::GrantedQos0
+            ]
+        );
+        assert_eq!(ack.properties, vec![(GK_PROPERTY.into(), "abc".into())]);
+    }
+}

@@ -1,0 +1,297 @@
+//! Topic policy: which topics are protected Quva groups, and what a topic or filter names.
+//!
+//! Implements the default topic layout of PROTOCOL.md §8: data on `<group>`, queries on
+//! `<group>/_q`, key topics `quva/k/<group>/<pub|sub>`, individual notices
+//! `quva/k/<group>/<pub|sub>/<device>` and member certificates `quva/c/<group>`. The bridge's
+//! configuration names the protected groups with MQTT topic filters (MQTT 5 §4.7); every topic a
+//! protected filter matches is a group, everything else is relayed unchanged.
+//!
+//! # Usage
+//! ```
+//! use quva_bridge::topics::{TopicKind, TopicPolicy};
+//! let policy = TopicPolicy::new(["plant/#"]).unwrap();
+//! assert!(matches!(policy.classify("plant/line-3/temp"), TopicKind::Data(_)));
+//! assert!(matches!(policy.classify("plant/line-3/temp/_q"), TopicKind::Query(_)));
+//! assert!(matches!(policy.classify("weather/today"), TopicKind::Unprotected));
+//! assert!(policy.filter_touches_protected("plant/+/temp"));
+//! assert!(!policy.filter_touches_protected("weather/#"));
+//! ```
+
+use quva_client::ids::{DeviceId, GroupId, Role};
+
+/// The query-topic suffix of PROTOCOL.md §8.
+pub const QUERY_SUFFIX: &str = "/_q";
+/// The prefix of every topic the bridge reserves for itself.
+pub const RESERVED_PREFIX: &str = "quva/";
+
+/// A topic filter in the configuration that is not a valid MQTT topic filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid protected topic filter")]
+pub struct InvalidFilter;
+
+/// What a topic name means to the bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TopicKind {
+    /// Not protected: relayed unchanged.
+    Unprotected,
+    /// The data topic of a protected group (forward messages, publisher → subscribers).
+    Data(GroupId),
+    /// The query topic `<group>/_q` of a protected group (subscriber → publishers).
+    Query(GroupId),
+    /// A key topic `quva/k/<group>/<pub|sub>`: group-key requests and broadcast notices.
+    Key(GroupId, Role),
+    /// An individual notice topic `quva/k/<group>/<pub|sub>/<device>`.
+    Individual(GroupId, Role, DeviceId),
+    /// The member certificate list `quva/c/<group>`.
+    Certificates(GroupId),
+    /// Anything else under `quva/`, or a `$` topic: no device may use it.
+    Reserved,
+}
+
+/// The protected-topic policy: topic filters whose matching topics are Quva groups.
+#[derive(Clone, Debug, Default)]
+pub struct TopicPolicy {
+    protected: Vec<String>,
+}
+
+impl TopicPolicy {
+    /// Builds the policy from topic filters (`+` and `#` allowed as in MQTT).
+    ///
+    /// # Errors
+    /// [`InvalidFilter`] for an empty or malformed filter, or one that would cover `quva/` or `$`
+    /// topics.
+    pub fn new<I, S>(filters: I) -> Result<Self, InvalidFilter>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut protected = Vec::new();
+        for f in filters {
+            let f = f.as_ref();
+            if !valid_filter(f) || f.starts_with('$') || f.starts_with(RESERVED_PREFIX) {
+                return Err(InvalidFilter);
+            }
+            protected.push(f.to_owned());
+        }
+        Ok(TopicPolicy { protected })
+    }
+
+    /// The configured filters.
+    pub fn filters(&self) -> &[String] {
+        &self.protected
+    }
+
+    /// Whether `topic` (a topic name) is the data topic of a protected group.
+    fn is_protected_group(&self, topic: &str) -> bool {
+        self.protected.iter().any(|f| filter_matches(f, topic))
+    }
+
+    /// Classifies a topic name.
+    pub fn classify(&self, topic: &str) -> TopicKind {
+        if topic.starts_with('$') {
+            return TopicKind::Reserved;
+        }
+        if let Some(rest) = topic.strip_prefix(RESERVED_PREFIX) {
+            return classify_reserved(rest);
+        }
+        if let Some(group) = topic.strip_suffix(QUERY_SUFFIX)
+            && self.is_protected_group(group)
+        {
+            return match GroupId::new(group) {
+                Ok(g) => TopicKind::Query(g),
+                Err(_) => TopicKind::Reserved,
+            };
+        }
+        if self.is_protected_group(topic) {
+            return match GroupId::new(topic) {
+                Ok(g) => TopicKind::Data(g),
+                Err(_) => TopicKind::Reserved,
+            };
+        }
+        TopicKind::Unprotected
+    }
+
+    /// Whether a subscription filter with wildcards could match any protected or reserved topic.
+    /// Such filters are refused: a device subscribes to a group's traffic by its exact topic.
+    pub fn filter_touches_protected(&self, filter: &str) -> bool {
+        if filters_intersect(filter, "quva/#") || filter.starts_with('$') {
+            return true;
+        }
+        self.protected.iter().any(|p| {
+            filters_intersect(filter, p) || {
+                let q = format!("{p}{QUERY_SUFFIX}");
+                filters_intersect(filter, &q)
+            }
+        })
+    }
+}
+
+fn classify_reserved(rest: &str) -> TopicKind {
+    if let Some(g) = rest.strip_prefix("c/") {
+        return GroupId::new(g).map_or(TopicKind::Reserved, TopicKind::Certificates);
+    }
+    let Some(rest) = rest.strip_prefix("k/") else {
+        return TopicKind::Reserved;
+    };
+    // quva/k/<group>/<pub|sub>[/<device>]; the group may contain '/', the device may not.
+    let parts: Vec<&str> = rest.rsplitn(3, '/').collect();
+    let role_of = |s: &str| match s {
+        "pub" => Some(Role::Publisher),
+        "sub" => Some(Role::Subscriber),
+        _ => None,
+    };
+    if let [last, prev, ..] = parts.as_slice() {
+        if let Some(role) = role_of(last) {
+            let group = &rest[..rest.len() - last.len() - 1];
+            if let Ok(g) = GroupId::new(group) {
+                return TopicKind::Key(g, role);
+            }
+        }
+        if let (Some(role), Ok(device)) = (role_of(prev), DeviceId::new(last)) {
+            let group_len = rest.len() - last.len() - prev.len() - 2;
+            if let Some(group) = rest.get(..group_len)
+                && let Ok(g) = GroupId::new(group)
+            {
+                return TopicKind::Individual(g, role, device);
+            }
+        }
+    }
+    TopicKind::Reserved
+}
+
+/// The key topic of a group and role: `quva/k/<group>/<pub|sub>`.
+pub fn key_topic(group: &GroupId, role: Role) -> String {
+    format!("quva/k/{}/{}", group.as_str(), role.topic_segment())
+}
+
+/// The member-certificate topic of a group: `quva/c/<group>`.
+pub fn certificates_topic(group: &GroupId) -> String {
+    format!("quva/c/{}", group.as_str())
+}
+
+/// Whether `f` is a syntactically valid MQTT topic filter (MQTT 5 §4.7.1).
+pub fn valid_filter(f: &str) -> bool {
+    if f.is_empty() || f.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = f.split('/').collect();
+    let n = levels.len();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "#" => i == n - 1,
+        "+" => true,
+        l => !l.contains(['+', '#']),
+    })
+}
+
+/// Whether the topic filter `filter` matches the topic name `topic` (MQTT 5 §4.7).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some topic name is matched by both filters.
+pub fn filters_intersect(a: &str, b: &str) -> bool {
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Strips a shared-subscription prefix `$share/<name>/` and returns the inner filter.
+pub fn unshare(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(filter, |(_, inner)| inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> TopicPolicy {
+        TopicPolicy::new(["plant/#", "hall/+/temp"]).unwrap()
+    }
+
+    #[test]
+    fn classifies_the_default_layout() {
+        let p = policy();
+        let g = |s: &str| GroupId::new(s).unwrap();
+        assert_eq!(p.classify("plant/a/b"), TopicKind::Data(g("plant/a/b")));
+        assert_eq!(p.classify("plant/a/_q"), TopicKind::Query(g("plant/a")));
+        assert_eq!(p.classify("hall/1/temp"), TopicKind::Data(g("hall/1/temp")));
+        assert_eq!(
+            p.classify("hall/1/temp/_q"),
+            TopicKind::Query(g("hall/1/temp"))
+        );
+        assert_eq!(p.classify("hall/1/hum"), TopicKind::Unprotected);
+        assert_eq!(
+            p.classify("quva/k/plant/a/sub"),
+            TopicKind::Key(g("plant/a"), Role::Subscriber)
+        );
+        assert_eq!(
+            p.classify("quva/k/plant/a/pub/dev-1"),
+            TopicKind::Individual(
+                g("plant/a"),
+                Role::Publisher,
+                DeviceId::new("dev-1").unwrap()
+            )
+        );
+        assert_eq!(
+            p.classify("quva/c/plant/a"),
+            TopicKind::Certificates(g("plant/a"))
+        );
+        assert_eq!(p.classify("quva/x"), TopicKind::Reserved);
+        assert_eq!(p.classify("quva/k/sub"), TopicKind::Reserved);
+        assert_eq!(p.classify("$SYS/broker"), TopicKind::Reserved);
+    }
+
+    #[test]
+    fn rejects_bad_policy_filters() {
+        for bad in ["", "a/#/b", "a+/b", "quva/#", "$SYS/#"] {
+            assert!(TopicPolicy::new([bad]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn matching_and_intersection() {
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(filter_matches("a/#", "a/b/c"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("a/b", "a/b/c"));
+        assert!(filters_intersect("+/b", "a/+"));
+        assert!(filters_intersect("#", "x/y"));
+        assert!(!filters_intersect("a/+", "b/#"));
+        assert!(!filters_intersect("a/+/c", "a/b"));
+    }
+
+    #[test]
+    fn wildcard_filters_touching_groups_are_detected() {
+        let p = policy();
+        assert!(p.filter_touches_protected("#"));
+        assert!(p.filter_touches_protected("+/+/temp"));
+        assert!(p.filter_touches_protected("quva/k/#"));
+        assert!(p.filter_touches_protected("hall/+/temp/_q"));
+        assert!(!p.filter_touches_protected("weather/+"));
+        assert!(!p.filter_touches_protected("hall/+/hum"));
+        assert_eq!(unshare("$share/g1/plant/#"), "plant/#");
+        assert_eq!(unshare("plant/#"), "plant/#");
+    }
+}
