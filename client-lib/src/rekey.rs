@@ -547,7 +547,7 @@ impl GroupState {
     }
 
     /// Restores a state from [`GroupState::to_record`]: checks the CA's signature, every share,
-    /// and that the keys re-derive to the signed info.
+    /// the members' order, and that the keys re-derive to the signed info.
     ///
     /// # Errors
     /// [`RekeyError::Decode`], [`RekeyError::Verify`], [`RekeyError::RecordMismatch`].
@@ -566,6 +566,10 @@ impl GroupState {
             let share = r.secret_scalar("group record v_i")?;
             let member = Member { id, role, q, g };
             let key = (role, member.id.clone());
+            // to_record writes members in key order; any other order would be a second encoding.
+            if members.last_key_value().is_some_and(|(last, _)| *last > key) {
+                return Err(DecodeError::InvalidValue("group record member order").into());
+            }
             let joined =
                 JoinedMember::new(member, share).map_err(|_| RekeyError::RecordMismatch)?;
             if members.insert(key, joined).is_some() {
