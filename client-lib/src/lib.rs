@@ -26,4 +26,6 @@ pub mod rng;
 pub mod schnorr;
 pub mod symmetric;
 
+#[doc(hidden)]
+pub mod __fuzz;
 mod msm;
