@@ -1,0 +1,3 @@
+//! `quva-ca`: the CA daemon binary.
+
+fn main() {}
