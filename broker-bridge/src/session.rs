@@ -873,12 +873,6 @@ impl V5Session {
                 ))));
                 continue;
             }
-            if !self.may_publish(group, direction) {
-                verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
-                    "not_authorized",
-                ))));
-                continue;
-            }
             match UnverifiedMessage::decode_with_limit(&c.publish.payload, policy.max_payload) {
                 Ok(m) => {
                     let h = m.header();
@@ -902,7 +896,15 @@ impl V5Session {
             let mut checks: Vec<(usize, BridgeCheck<'_>)> = Vec::new();
             for (i, m) in &messages {
                 match m.check_at_bridge(&view, &connection, &policy, &replay, now) {
-                    Ok(check) => checks.push((*i, check)),
+                    // Topic access control after the cheap checks, before any signature.
+                    Ok(check) if self.may_publish(&m.header().group, m.header().direction) => {
+                        checks.push((*i, check));
+                    }
+                    Ok(_) => {
+                        if let Some(v) = verdicts.get_mut(*i) {
+                            *v = Some(Verdict::Drop(Dropped::not_authorized("not_authorized")));
+                        }
+                    }
                     Err(r) => {
                         if let Some(v) = verdicts.get_mut(*i) {
                             *v = Some(Verdict::Drop(Dropped::from_rejection(&r)));

@@ -67,6 +67,11 @@ impl Mosquitto {
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             for _ in 0..100 {
                 if TcpStream::connect(addr).await.is_ok() {
+                    // Another process may own the port: make sure Mosquitto is still running.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if !matches!(child.try_wait(), Ok(None)) {
+                        break;
+                    }
                     return Mosquitto {
                         child,
                         addr,

@@ -197,6 +197,14 @@ impl TestCa {
         let joined = req
             .open(&self.key, &member, now, 60_000)
             .map_err(|_| CaError::Refused)?;
+        if g.joined.contains(&joined) && g.keys.is_some() {
+            // Same member, same share: the current keys, no rekey (PROTOCOL.md §4).
+            let keys = g.keys.clone().unwrap();
+            let signed = g.signed.clone().unwrap();
+            let delivery = GroupKeyDelivery::seal(&signed, &keys, &member, &mut SystemRng::new())
+                .map_err(|_| CaError::Refused)?;
+            return Ok((delivery.to_bytes(), Epoch(g.epoch)));
+        }
         g.joined
             .retain(|j| !(j.member().id == member.id && j.member().role == member.role));
         g.joined.push(joined);
