@@ -37,6 +37,7 @@ mod session;
 pub mod ca;
 pub mod config;
 pub mod directory;
+pub mod grpc;
 pub mod metrics;
 pub mod topics;
 
@@ -44,15 +45,17 @@ pub use bridge::{Bridge, StartError, now_ms};
 pub use config::Config;
 pub use metrics::Metrics;
 
-/// The CA client named by `cfg.ca.endpoint`, or `None` without one (unprotected relaying only).
+/// The CA client named by `cfg.ca.endpoint` (gRPC, [`grpc::GrpcCa`]), or `None` without one
+/// (unprotected relaying only).
 ///
 /// # Errors
-/// If an endpoint is configured but cannot be used.
-pub async fn grpc_ca(
-    cfg: &Config,
-) -> Result<Option<std::sync::Arc<dyn ca::CaClient>>, ca::CaError> {
+/// If the endpoint or the token is not usable.
+pub fn grpc_ca(cfg: &Config) -> Result<Option<std::sync::Arc<dyn ca::CaClient>>, StartError> {
     if cfg.ca.endpoint.is_empty() {
         return Ok(None);
     }
-    Err(ca::CaError::Unavailable)
+    let token = cfg.ca_token()?;
+    let ca = grpc::GrpcCa::new(&cfg.ca.endpoint, token.as_deref(), cfg.ca_timeout())
+        .map_err(|_| config::ConfigError::Invalid("ca.endpoint or ca.token"))?;
+    Ok(Some(std::sync::Arc::new(ca)))
 }

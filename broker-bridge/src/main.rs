@@ -59,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.topics.protected = args.protect;
     }
     cfg.validate()?;
-    let ca = quva_bridge::grpc_ca(&cfg).await?;
+    let ca = quva_bridge::grpc_ca(&cfg)?;
     let bridge = Bridge::start(cfg, ca).await?;
     let stop = bridge.stop_token();
     tokio::spawn(async move {
