@@ -1,0 +1,1255 @@
+//! The device's protocol state machine, without I/O: group keys, rekeying, member lists and
+//! messages of one enrolled device.
+//!
+//! Implements the device side of PROTOCOL.md §4 (join with a `quva-gk` SUBSCRIBE, accept the
+//! SUBACK delivery), §5 (apply broadcast and individual rekey notices, keep the previous epoch's
+//! key for the grace period, catch up from retained notices, ask the CA again after a gap), §6
+//! (seal options 1–3 in both directions; verify and decrypt received messages against the verified
+//! member certificate lists) and §8 (topics).
+//!
+//! The driver feeds events — SUBACKs ([`Device::on_suback`]), received PUBLISHes
+//! ([`Device::on_publish`]) and the passing of time ([`Device::tick`]) — with `now_ms` and an
+//! RNG, and gets [`Output`]s back: subscriptions to send, verified messages, adopted keys and
+//! drops. [`Device::seal`] builds a PUBLISH payload. [`Device::view`] is the
+//! [`Directory`]/[`HeldKeys`] pair that verification uses.
+//!
+//! Messages that cannot be checked yet — an epoch the device has not adopted, or no member list
+//! for their epoch — wait (bounded) until the key or list arrives, or until the timestamp window
+//! has passed.
+//!
+//! # Usage
+//! ```
+//! use quva_client::ids::{GroupId, Role};
+//! use quva_node::{Device, DeviceConfig, Purpose};
+//! # use quva_client::codec::{Decode, Encode};
+//! # use quva_client::curve::KeyPair;
+//! # use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
+//! # use quva_client::ids::DeviceId;
+//! # use quva_node::Enrollment;
+//! let mut rng = quva_client::rng::SystemRng::new();
+//! let now = 1_700_000_000_000;
+//! # let ca = KeyPair::random(&mut rng);
+//! # let secret = EnrollmentSecret::random(&mut rng);
+//! # let id = DeviceId::new("sensor-01").unwrap();
+//! # let (e, auth) = Enrollment::start(id, &secret, *ca.public(), now, &mut rng);
+//! # let issued = EnrollRequest::from_bytes(&auth.data).unwrap().verify(&secret, now, 60_000)
+//! #     .unwrap().issue(&ca, 1, now, now + 86_400_000, &mut rng).unwrap();
+//! # let creds = e.finish(Some(&issued.to_bytes())).unwrap();
+//! # let ca_public = *ca.public();
+//! // creds and ca_public come from enrollment or the key store.
+//! let mut device = Device::new(creds, ca_public, DeviceConfig::default());
+//! let group = GroupId::new("plant/line-3/temp").unwrap();
+//! let sub = device.join(&group, Role::Subscriber, true, now, &mut rng).unwrap();
+//! assert_eq!(sub.filters[0], "quva/k/plant/line-3/temp/sub");
+//! assert!(sub.group_key_request.is_some());
+//! assert!(matches!(sub.purpose, Purpose::Join { .. }));
+//! ```
+
+use std::collections::{BTreeMap, VecDeque};
+
+use quva_client::codec::{Decode, Encode};
+use quva_client::curve::{KeyPair, Point};
+use quva_client::ecies;
+use quva_client::enrollment::Credentials;
+use quva_client::group::{
+    GroupError, GroupKeyDelivery, GroupKeyRequest, SignedGroupInfo, key_context,
+};
+use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
+use quva_client::message::{
+    Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Protection,
+    Rejection, SealError, Sealer, UnverifiedMessage, VerifiedMessage,
+};
+use quva_client::rekey::{
+    DEFAULT_GRACE_MS, Keyring, MAX_PREVIOUS_KEYS, RekeyError, RekeyNotice, device_key_topic,
+    key_topic,
+};
+use quva_client::replay::ReplayCache;
+use quva_client::schnorr::VerifyingKey;
+use rand_core::CryptoRngCore;
+
+use crate::members::{MemberList, MemberListError};
+
+/// The query-topic suffix (PROTOCOL.md §8).
+pub const QUERY_SUFFIX: &str = "/_q";
+
+/// The data topic of a group: the group ID itself.
+pub fn data_topic(group: &GroupId) -> String {
+    group.as_str().to_owned()
+}
+
+/// The query topic `<group>/_q`.
+pub fn query_topic(group: &GroupId) -> String {
+    format!("{}{QUERY_SUFFIX}", group.as_str())
+}
+
+/// The member certificate topic `quva/c/<group>`.
+pub fn certificates_topic(group: &GroupId) -> String {
+    format!("quva/c/{}", group.as_str())
+}
+
+/// Tunables of the device core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// How long the previous epoch's key stays usable after a rekey (PROTOCOL.md §5).
+    pub grace_ms: u64,
+    /// Message size limit and timestamp window (PROTOCOL.md §6).
+    pub policy: Policy,
+    /// Received messages waiting for a key or member list, per group.
+    pub max_waiting_messages: usize,
+    /// Rekey notices waiting for an earlier key, per group.
+    pub max_waiting_notices: usize,
+    /// Minimum time between two group-key requests of one group and role after a gap.
+    pub rerequest_interval_ms: u64,
+    /// Capacity of the replay cache.
+    pub replay_capacity: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            grace_ms: DEFAULT_GRACE_MS,
+            policy: Policy::default(),
+            max_waiting_messages: 64,
+            max_waiting_notices: 8,
+            rerequest_interval_ms: 5_000,
+            replay_capacity: 100_000,
+        }
+    }
+}
+
+/// Why a subscription was made; the driver hands it back with the SUBACK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The key topic with a group-key request, the individual notice topic and the member
+    /// certificates.
+    Join {
+        /// The group.
+        group: GroupId,
+        /// The role asked for.
+        role: Role,
+    },
+    /// The key topic without a request (the CA was unavailable, the stored key is used).
+    Watch {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+    },
+    /// The traffic the role receives: data for a subscriber, queries for a publisher.
+    Listen {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+    },
+}
+
+/// One SUBSCRIBE packet for the driver to send (QoS 1 for every filter).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic filters, in order.
+    pub filters: Vec<String>,
+    /// The `quva-gk` user property value, if this SUBSCRIBE asks for a group key.
+    pub group_key_request: Option<String>,
+    /// What the SUBACK answers.
+    pub purpose: Purpose,
+}
+
+/// Where an adopted key came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// A SUBACK delivery.
+    Delivery,
+    /// A rekey notice (broadcast or individual).
+    Notice,
+    /// The key store.
+    Restored,
+}
+
+/// What was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DropReason {
+    /// A message failed verification.
+    #[error("message rejected: {0}")]
+    Message(Rejection),
+    /// A rekey notice failed.
+    #[error("rekey notice rejected: {0}")]
+    Notice(RekeyError),
+    /// A member list failed.
+    #[error("member list rejected: {0}")]
+    Members(MemberListError),
+    /// Too many messages or notices were waiting; the oldest was dropped.
+    #[error("too many waiting")]
+    Overflow,
+    /// A PUBLISH on a topic this device did not subscribe to.
+    #[error("unexpected topic")]
+    UnknownTopic,
+}
+
+/// Something the driver should do or report.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send this SUBSCRIBE.
+    Subscribe(Subscription),
+    /// A verified message for the application.
+    Message(VerifiedMessage),
+    /// The group key of `role` in `group` is now at `epoch`.
+    KeyAdopted {
+        /// The group.
+        group: GroupId,
+        /// The role whose key changed.
+        role: Role,
+        /// The new epoch.
+        epoch: Epoch,
+        /// Where it came from.
+        source: KeySource,
+    },
+    /// A verified member certificate list was stored.
+    MembersUpdated {
+        /// The group.
+        group: GroupId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// The number of members.
+        members: usize,
+    },
+    /// The CA could not answer a group-key request; the stored key of this epoch stays in use.
+    KeyRequestDeferred {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+        /// The SUBACK reason code.
+        code: u8,
+    },
+    /// A subscription filter was refused.
+    SubscriptionRefused {
+        /// The filter.
+        filter: String,
+        /// The SUBACK reason code.
+        code: u8,
+    },
+    /// Received data was dropped.
+    Dropped {
+        /// The topic it came on.
+        topic: String,
+        /// Why.
+        reason: DropReason,
+    },
+}
+
+/// Why joining a group failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The SUBACK refused the key topic: 0x87 not authorized (not allowed in this role, or the
+    /// request's timestamp was outside the CA's window: check the clock), 0x80 the CA is
+    /// unreachable.
+    #[error("group-key request for {group} ({role:?}) refused with reason 0x{code:02x}: {}",
+        suback_meaning(*code))]
+    Refused {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+        /// The SUBACK reason code.
+        code: u8,
+    },
+    /// The SUBACK accepted the key topic but carried no group key.
+    #[error("the SUBACK for {0} carried no group key (is the broker a Quva bridge?)")]
+    NoDelivery(GroupId),
+    /// The group key in the SUBACK did not verify.
+    #[error("the group key for {group} did not verify: {error}")]
+    BadDelivery {
+        /// The group.
+        group: GroupId,
+        /// What failed.
+        error: RekeyError,
+    },
+    /// The subscription to the role's traffic was refused.
+    #[error("subscription to {filter} refused with reason 0x{code:02x}: {}", suback_meaning(*code))]
+    ListenRefused {
+        /// The filter.
+        filter: String,
+        /// The SUBACK reason code.
+        code: u8,
+    },
+    /// A group-key request could not be made.
+    #[error("group-key request: {0}")]
+    Request(GroupError),
+}
+
+/// A readable meaning of a SUBACK reason code.
+pub fn suback_meaning(code: u8) -> &'static str {
+    match code {
+        0x80 => "the CA is unavailable or failed",
+        0x87 => "not authorized (role not allowed, device revoked, or clock skew)",
+        0x8F => "invalid topic filter",
+        0x91 => "packet identifier in use",
+        0x97 => "quota exceeded",
+        0x9E => "shared subscriptions not supported",
+        0xA1 => "subscription identifiers not supported",
+        0xA2 => "wildcard subscriptions not supported",
+        _ => "refused",
+    }
+}
+
+/// Why a message could not be sealed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    /// The device holds no key of the sending role in this group yet.
+    #[error("no group key for {group} as {role:?}: join the group first")]
+    NotJoined {
+        /// The group.
+        group: GroupId,
+        /// The role needed.
+        role: Role,
+    },
+    /// Sealing failed.
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// A group key as kept in the key store: the signed info of its epoch and the held secret.
+#[derive(Clone, Debug)]
+pub struct StoredGroupKey {
+    /// The group.
+    pub group: GroupId,
+    /// The role whose key this is (publishers hold d_S, subscribers d_P).
+    pub role: Role,
+    /// The CA-signed group info of the epoch.
+    pub signed_info: SignedGroupInfo,
+    /// The held key (redacted in `Debug`).
+    pub key: KeyPair,
+}
+
+/// Where a received topic belongs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    Data,
+    Query,
+    Key(Role),
+    Members,
+}
+
+#[derive(Debug, Default)]
+struct RoleState {
+    receive: bool,
+    listening: bool,
+    requesting: bool,
+    needs_key: bool,
+    last_request_ms: Option<u64>,
+}
+
+struct Waiting {
+    received_ms: u64,
+    topic: String,
+    bytes: Vec<u8>,
+}
+
+#[derive(Default)]
+struct GroupSession {
+    rings: BTreeMap<Role, Keyring>,
+    roles: BTreeMap<Role, RoleState>,
+    lists: BTreeMap<Epoch, MemberList>,
+    notices: Vec<(Role, RekeyNotice)>,
+    waiting: VecDeque<Waiting>,
+}
+
+impl GroupSession {
+    /// The current epoch of any held key.
+    fn epoch(&self) -> Option<Epoch> {
+        self.rings.values().map(Keyring::epoch).max()
+    }
+}
+
+/// One enrolled device's protocol state.
+pub struct Device {
+    creds: Credentials,
+    ca_public: Point,
+    config: DeviceConfig,
+    groups: BTreeMap<GroupId, GroupSession>,
+    replay: ReplayCache,
+}
+
+impl core::fmt::Debug for Device {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Device")
+            .field("id", self.creds.id())
+            .field("groups", &self.groups.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device {
+    /// A device with its credentials and the pre-loaded CA key.
+    pub fn new(creds: Credentials, ca_public: Point, config: DeviceConfig) -> Self {
+        let replay = ReplayCache::new(config.policy.window_ms, config.replay_capacity);
+        Device {
+            creds,
+            ca_public,
+            config,
+            groups: BTreeMap::new(),
+            replay,
+        }
+    }
+
+    /// The device ID.
+    pub fn id(&self) -> &DeviceId {
+        self.creds.id()
+    }
+
+    /// The credentials.
+    pub fn credentials(&self) -> &Credentials {
+        &self.creds
+    }
+
+    /// The CA public key.
+    pub fn ca_public(&self) -> &Point {
+        &self.ca_public
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DeviceConfig {
+        &self.config
+    }
+
+    /// The key held for `group` in `role`, if any.
+    pub fn keyring(&self, group: &GroupId, role: Role) -> Option<&Keyring> {
+        self.groups.get(group)?.rings.get(&role)
+    }
+
+    /// Every held key, for the key store.
+    pub fn stored_keys(&self) -> Vec<StoredGroupKey> {
+        self.groups
+            .iter()
+            .flat_map(|(g, s)| {
+                s.rings.iter().map(|(role, ring)| StoredGroupKey {
+                    group: g.clone(),
+                    role: *role,
+                    signed_info: ring.signed_group_info().clone(),
+                    key: ring.current_key().clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The newest verified member list of `group`.
+    pub fn member_list(&self, group: &GroupId) -> Option<&MemberList> {
+        self.groups.get(group)?.lists.values().next_back()
+    }
+
+    /// Restores a stored key. The CA's signature and d·G are checked again, as for a delivery.
+    /// A later key already held wins.
+    ///
+    /// # Errors
+    /// [`RekeyError`] if the stored key does not verify (a corrupt or foreign store).
+    pub fn restore(
+        &mut self,
+        stored: &StoredGroupKey,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Option<Output>, RekeyError> {
+        // Keyring has no constructor from stored parts; re-seal the key to ourselves as a SUBACK
+        // delivery would, so that the same checks run.
+        let info = stored.signed_info.info_unverified();
+        let ctx = key_context(&stored.group, info.epoch, stored.role);
+        let sealed = ecies::seal(
+            self.creds.key().public(),
+            &ctx,
+            &stored.key.secret().to_bytes()[..],
+            rng,
+        );
+        let mut bytes = stored.signed_info.to_bytes();
+        bytes.extend_from_slice(&sealed);
+        let delivery = GroupKeyDelivery::from_bytes(&bytes)?;
+        self.adopt_delivery(
+            &stored.group,
+            stored.role,
+            &delivery,
+            KeySource::Restored,
+            now_ms,
+        )
+    }
+
+    /// Starts joining `group` as `role`: the SUBSCRIBE to the key topic with a fresh group-key
+    /// request, the individual notice topic and the member certificates. With `receive`, the
+    /// role's traffic (data for a subscriber, queries for a publisher) is subscribed once the key
+    /// has arrived.
+    ///
+    /// # Errors
+    /// [`JoinError::Request`] with probability 2⁻²⁵⁶.
+    pub fn join(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        receive: bool,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Subscription, JoinError> {
+        let session = self.groups.entry(group.clone()).or_default();
+        let state = session.roles.entry(role).or_default();
+        state.receive |= receive;
+        state.listening = false;
+        self.request(group, role, now_ms, rng)
+    }
+
+    fn request(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Subscription, JoinError> {
+        let req = GroupKeyRequest::new(
+            self.creds.id(),
+            group,
+            role,
+            now_ms,
+            self.creds.key(),
+            self.creds.group_secret(),
+            &self.ca_public,
+            rng,
+        )
+        .map_err(JoinError::Request)?;
+        if let Some(state) = self
+            .groups
+            .get_mut(group)
+            .and_then(|s| s.roles.get_mut(&role))
+        {
+            state.requesting = true;
+            state.last_request_ms = Some(now_ms);
+        }
+        Ok(Subscription {
+            filters: self.key_filters(group, role),
+            group_key_request: Some(req.to_property()),
+            purpose: Purpose::Join {
+                group: group.clone(),
+                role,
+            },
+        })
+    }
+
+    fn key_filters(&self, group: &GroupId, role: Role) -> Vec<String> {
+        vec![
+            key_topic(group, role),
+            device_key_topic(group, role, self.creds.id()),
+            certificates_topic(group),
+        ]
+    }
+
+    /// The subscriptions to send again after a reconnection: a fresh join for every role.
+    ///
+    /// # Errors
+    /// [`JoinError::Request`] with probability 2⁻²⁵⁶.
+    pub fn rejoin_all(
+        &mut self,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Vec<Subscription>, JoinError> {
+        let wanted: Vec<(GroupId, Role)> = self
+            .groups
+            .iter()
+            .flat_map(|(g, s)| s.roles.keys().map(move |r| (g.clone(), *r)))
+            .collect();
+        let mut out = Vec::new();
+        for (g, r) in wanted {
+            if let Some(state) = self.groups.get_mut(&g).and_then(|s| s.roles.get_mut(&r)) {
+                state.listening = false;
+                state.requesting = false;
+            }
+            out.push(self.request(&g, r, now_ms, rng)?);
+        }
+        Ok(out)
+    }
+
+    /// Handles the SUBACK of a [`Subscription`]: `codes` are its reason codes in filter order,
+    /// `group_key` its `quva-gk` user property.
+    ///
+    /// # Errors
+    /// [`JoinError`] when the device cannot take part: the key request was refused and no stored
+    /// key exists, the delivery is missing or invalid, or the role's traffic was refused.
+    pub fn on_suback(
+        &mut self,
+        purpose: &Purpose,
+        codes: &[u8],
+        group_key: Option<&str>,
+        now_ms: u64,
+    ) -> Result<Vec<Output>, JoinError> {
+        let mut out = Vec::new();
+        match purpose {
+            Purpose::Join { group, role } => {
+                self.refused_extras(codes, &self.key_filters(group, *role), &mut out);
+                if let Some(state) = self.state_mut(group, *role) {
+                    state.requesting = false;
+                }
+                let code = codes.first().copied().unwrap_or(0x80);
+                if code >= 0x80 {
+                    if self.keyring(group, *role).is_none() {
+                        return Err(JoinError::Refused {
+                            group: group.clone(),
+                            role: *role,
+                            code,
+                        });
+                    }
+                    out.push(Output::KeyRequestDeferred {
+                        group: group.clone(),
+                        role: *role,
+                        code,
+                    });
+                    out.push(Output::Subscribe(Subscription {
+                        filters: vec![key_topic(group, *role)],
+                        group_key_request: None,
+                        purpose: Purpose::Watch {
+                            group: group.clone(),
+                            role: *role,
+                        },
+                    }));
+                } else {
+                    let text = group_key.ok_or_else(|| JoinError::NoDelivery(group.clone()))?;
+                    let delivery = GroupKeyDelivery::from_property(text).map_err(|e| {
+                        JoinError::BadDelivery {
+                            group: group.clone(),
+                            error: RekeyError::Decode(e),
+                        }
+                    })?;
+                    let adopted = self
+                        .adopt_delivery(group, *role, &delivery, KeySource::Delivery, now_ms)
+                        .map_err(|error| JoinError::BadDelivery {
+                            group: group.clone(),
+                            error,
+                        })?;
+                    if let Some(state) = self.state_mut(group, *role) {
+                        state.needs_key = false;
+                    }
+                    out.extend(adopted);
+                    self.after_key_change(group, now_ms, &mut out);
+                }
+                if let Some(listen) = self.listen(group, *role) {
+                    out.push(Output::Subscribe(listen));
+                }
+            }
+            Purpose::Watch { group, role } => {
+                self.refused_extras(codes, &[key_topic(group, *role)], &mut out);
+            }
+            Purpose::Listen { group, role } => {
+                let filter = receive_topic(group, *role);
+                match codes.first().copied() {
+                    Some(code) if code < 0x80 => {}
+                    code => {
+                        if let Some(state) = self.state_mut(group, *role) {
+                            state.listening = false;
+                        }
+                        return Err(JoinError::ListenRefused {
+                            filter,
+                            code: code.unwrap_or(0x80),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reports refused filters after the first (the key topic is judged separately).
+    fn refused_extras(&self, codes: &[u8], filters: &[String], out: &mut Vec<Output>) {
+        for (code, filter) in codes.iter().zip(filters).skip(1) {
+            if *code >= 0x80 {
+                out.push(Output::SubscriptionRefused {
+                    filter: filter.clone(),
+                    code: *code,
+                });
+            }
+        }
+    }
+
+    fn state_mut(&mut self, group: &GroupId, role: Role) -> Option<&mut RoleState> {
+        self.groups.get_mut(group)?.roles.get_mut(&role)
+    }
+
+    /// The subscription to the role's traffic, once, if wanted and a key is held.
+    fn listen(&mut self, group: &GroupId, role: Role) -> Option<Subscription> {
+        let session = self.groups.get_mut(group)?;
+        if !session.rings.contains_key(&role) {
+            return None;
+        }
+        let state = session.roles.get_mut(&role)?;
+        if !state.receive || state.listening {
+            return None;
+        }
+        state.listening = true;
+        Some(Subscription {
+            filters: vec![receive_topic(group, role)],
+            group_key_request: None,
+            purpose: Purpose::Listen {
+                group: group.clone(),
+                role,
+            },
+        })
+    }
+
+    fn adopt_delivery(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        delivery: &GroupKeyDelivery,
+        source: KeySource,
+        now_ms: u64,
+    ) -> Result<Option<Output>, RekeyError> {
+        let q_ca = VerifyingKey(self.ca_public);
+        let grace = self.config.grace_ms;
+        let key = self.creds.key().clone();
+        let session = self.groups.entry(group.clone()).or_default();
+        session.roles.entry(role).or_default();
+        let epoch = match session.rings.get_mut(&role) {
+            Some(ring) => match ring.apply_delivery(&key, delivery, now_ms) {
+                Ok(e) => e,
+                Err(RekeyError::StaleEpoch) => return Ok(None),
+                Err(e) => return Err(e),
+            },
+            None => {
+                let ring = Keyring::from_delivery(q_ca, group, role, &key, delivery, grace)?;
+                let e = ring.epoch();
+                session.rings.insert(role, ring);
+                e
+            }
+        };
+        Ok(Some(Output::KeyAdopted {
+            group: group.clone(),
+            role,
+            epoch,
+            source,
+        }))
+    }
+
+    /// Handles a received PUBLISH.
+    pub fn on_publish(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some((group, route)) = self.route(topic) else {
+            out.push(Output::Dropped {
+                topic: topic.to_owned(),
+                reason: DropReason::UnknownTopic,
+            });
+            return out;
+        };
+        match route {
+            Route::Key(role) => self.on_notice(&group, role, topic, payload, now_ms, &mut out),
+            Route::Members => self.on_members(&group, topic, payload, now_ms, &mut out),
+            Route::Data | Route::Query => {
+                self.on_message(&group, topic, payload.to_vec(), now_ms, &mut out);
+            }
+        }
+        self.rerequest(now_ms, rng, &mut out);
+        out
+    }
+
+    fn route(&self, topic: &str) -> Option<(GroupId, Route)> {
+        for (g, s) in &self.groups {
+            if topic == g.as_str() {
+                return Some((g.clone(), Route::Data));
+            }
+            if topic == query_topic(g) {
+                return Some((g.clone(), Route::Query));
+            }
+            if topic == certificates_topic(g) {
+                return Some((g.clone(), Route::Members));
+            }
+            for role in s.roles.keys() {
+                if topic == key_topic(g, *role) || topic == device_key_topic(g, *role, self.id()) {
+                    return Some((g.clone(), Route::Key(*role)));
+                }
+            }
+        }
+        None
+    }
+
+    fn on_notice(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let notice = match RekeyNotice::from_bytes(payload) {
+            Ok(n) => n,
+            Err(e) => {
+                out.push(Output::Dropped {
+                    topic: topic.to_owned(),
+                    reason: DropReason::Notice(RekeyError::Decode(e)),
+                });
+                return;
+            }
+        };
+        match self.apply_notice(group, role, &notice, now_ms) {
+            Ok(Some(adopted)) => {
+                out.push(adopted);
+                self.after_key_change(group, now_ms, out);
+            }
+            // An old retained notice: nothing to do.
+            Ok(None) | Err(RekeyError::StaleEpoch) => {}
+            Err(RekeyError::EpochGap) => {
+                self.wait_notice(group, role, notice, topic, out);
+                if let Some(state) = self.state_mut(group, role) {
+                    state.needs_key = true;
+                }
+            }
+            Err(e) => out.push(Output::Dropped {
+                topic: topic.to_owned(),
+                reason: DropReason::Notice(e),
+            }),
+        }
+    }
+
+    /// Applies a notice: to the keyring if one is held, else as the first key if it is
+    /// individual. `Ok(None)` for a notice that is not newer than the held key.
+    fn apply_notice(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        notice: &RekeyNotice,
+        now_ms: u64,
+    ) -> Result<Option<Output>, RekeyError> {
+        let q_ca = VerifyingKey(self.ca_public);
+        let grace = self.config.grace_ms;
+        let key = self.creds.key().clone();
+        let session = self.groups.entry(group.clone()).or_default();
+        let epoch = match session.rings.get_mut(&role) {
+            Some(ring) => ring.apply_notice(&key, notice, now_ms)?,
+            None => {
+                let ring = Keyring::from_notice(q_ca, group, role, &key, notice, grace)?;
+                let e = ring.epoch();
+                session.rings.insert(role, ring);
+                e
+            }
+        };
+        Ok(Some(Output::KeyAdopted {
+            group: group.clone(),
+            role,
+            epoch,
+            source: KeySource::Notice,
+        }))
+    }
+
+    fn wait_notice(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        notice: RekeyNotice,
+        topic: &str,
+        out: &mut Vec<Output>,
+    ) {
+        let max = self.config.max_waiting_notices.max(1);
+        let Some(session) = self.groups.get_mut(group) else {
+            return;
+        };
+        if session
+            .notices
+            .iter()
+            .any(|(r, n)| *r == role && *n == notice)
+        {
+            return;
+        }
+        session.notices.push((role, notice));
+        while session.notices.len() > max {
+            session.notices.remove(0);
+            out.push(Output::Dropped {
+                topic: topic.to_owned(),
+                reason: DropReason::Overflow,
+            });
+        }
+    }
+
+    /// After a key change: retry waiting notices (oldest epoch first), then waiting messages.
+    fn after_key_change(&mut self, group: &GroupId, now_ms: u64, out: &mut Vec<Output>) {
+        loop {
+            let Some(session) = self.groups.get_mut(group) else {
+                return;
+            };
+            let mut pending = core::mem::take(&mut session.notices);
+            pending.sort_by_key(|(_, n)| n.signed_info().info_unverified().epoch);
+            let mut progressed = false;
+            let mut keep = Vec::new();
+            for (role, notice) in pending {
+                match self.apply_notice(group, role, &notice, now_ms) {
+                    Ok(Some(adopted)) => {
+                        out.push(adopted);
+                        progressed = true;
+                    }
+                    Err(RekeyError::EpochGap) => keep.push((role, notice)),
+                    // Stale, or failing for good: forget it.
+                    Ok(None) | Err(_) => {}
+                }
+            }
+            if let Some(session) = self.groups.get_mut(group) {
+                let newer = core::mem::take(&mut session.notices);
+                session.notices = keep;
+                session.notices.extend(newer);
+            }
+            if !progressed {
+                break;
+            }
+        }
+        self.prune_lists(group, now_ms);
+        self.retry_waiting(group, now_ms, out);
+    }
+
+    fn on_members(
+        &mut self,
+        group: &GroupId,
+        topic: &str,
+        payload: &[u8],
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let list = match MemberList::verify(payload, &self.ca_public, group) {
+            Ok(l) => l,
+            Err(e) => {
+                out.push(Output::Dropped {
+                    topic: topic.to_owned(),
+                    reason: DropReason::Members(e),
+                });
+                return;
+            }
+        };
+        let epoch = list.epoch();
+        let members = list.members().len();
+        let Some(session) = self.groups.get_mut(group) else {
+            return;
+        };
+        session.lists.insert(epoch, list);
+        out.push(Output::MembersUpdated {
+            group: group.clone(),
+            epoch,
+            members,
+        });
+        self.prune_lists(group, now_ms);
+        self.retry_waiting(group, now_ms, out);
+    }
+
+    /// Keeps the lists of the epochs still usable plus any later ones, at most
+    /// `MAX_PREVIOUS_KEYS + 2` of them.
+    fn prune_lists(&mut self, group: &GroupId, _now_ms: u64) {
+        let Some(session) = self.groups.get_mut(group) else {
+            return;
+        };
+        while session.lists.len() > MAX_PREVIOUS_KEYS + 2 {
+            session.lists.pop_first();
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        group: &GroupId,
+        topic: &str,
+        bytes: Vec<u8>,
+        now_ms: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let msg = match UnverifiedMessage::decode_with_limit(&bytes, self.config.policy.max_payload)
+        {
+            Ok(m) => m,
+            Err(r) => {
+                out.push(Output::Dropped {
+                    topic: topic.to_owned(),
+                    reason: DropReason::Message(r),
+                });
+                return;
+            }
+        };
+        if self.should_wait(group, &msg, now_ms) {
+            let max = self.config.max_waiting_messages.max(1);
+            if let Some(session) = self.groups.get_mut(group) {
+                session.waiting.push_back(Waiting {
+                    received_ms: now_ms,
+                    topic: topic.to_owned(),
+                    bytes,
+                });
+                while session.waiting.len() > max {
+                    if let Some(w) = session.waiting.pop_front() {
+                        out.push(Output::Dropped {
+                            topic: w.topic,
+                            reason: DropReason::Overflow,
+                        });
+                    }
+                }
+            }
+            return;
+        }
+        out.push(self.verify(topic, &msg, now_ms));
+    }
+
+    /// Whether a message should wait: its epoch is later than the held key's, or no member list
+    /// of its epoch has arrived yet, and its timestamp is still within the window.
+    fn should_wait(&self, group: &GroupId, msg: &UnverifiedMessage, now_ms: u64) -> bool {
+        let h = msg.header();
+        if h.t_ms.saturating_add(self.config.policy.window_ms) < now_ms {
+            return false;
+        }
+        let Some(session) = self.groups.get(group) else {
+            return false;
+        };
+        let holder = h.direction.target_key().holder_role();
+        let key_ahead = match session.rings.get(&holder) {
+            None => true,
+            Some(ring) => h.epoch > ring.epoch(),
+        };
+        key_ahead || !session.lists.contains_key(&h.epoch)
+    }
+
+    fn verify(&mut self, topic: &str, msg: &UnverifiedMessage, now_ms: u64) -> Output {
+        let view = DeviceView {
+            groups: &self.groups,
+            scope: Some((&msg.header().group, msg.header().epoch)),
+            now_ms,
+        };
+        match msg.verify(&view, &view, &self.config.policy, &mut self.replay, now_ms) {
+            Ok(m) => Output::Message(m),
+            Err(r) => Output::Dropped {
+                topic: topic.to_owned(),
+                reason: DropReason::Message(r),
+            },
+        }
+    }
+
+    fn retry_waiting(&mut self, group: &GroupId, now_ms: u64, out: &mut Vec<Output>) {
+        let Some(session) = self.groups.get_mut(group) else {
+            return;
+        };
+        let waiting = core::mem::take(&mut session.waiting);
+        let mut keep = VecDeque::new();
+        for w in waiting {
+            let Ok(msg) = UnverifiedMessage::decode_with_limit(&w.bytes, usize::MAX) else {
+                continue;
+            };
+            let expired = now_ms.saturating_sub(w.received_ms) > self.config.policy.window_ms;
+            if !expired && self.should_wait(group, &msg, now_ms) {
+                keep.push_back(w);
+            } else {
+                out.push(self.verify(&w.topic, &msg, now_ms));
+            }
+        }
+        if let Some(session) = self.groups.get_mut(group) {
+            keep.extend(core::mem::take(&mut session.waiting));
+            session.waiting = keep;
+        }
+    }
+
+    /// Sends group-key requests that a gap made necessary, at most one per interval.
+    fn rerequest(&mut self, now_ms: u64, rng: &mut impl CryptoRngCore, out: &mut Vec<Output>) {
+        let interval = self.config.rerequest_interval_ms;
+        let due: Vec<(GroupId, Role)> = self
+            .groups
+            .iter()
+            .flat_map(|(g, s)| {
+                s.roles.iter().filter_map(move |(r, st)| {
+                    let quiet = st
+                        .last_request_ms
+                        .is_none_or(|t| now_ms.saturating_sub(t) >= interval);
+                    (st.needs_key && !st.requesting && quiet).then(|| (g.clone(), *r))
+                })
+            })
+            .collect();
+        for (g, r) in due {
+            if let Ok(sub) = self.request(&g, r, now_ms, rng) {
+                out.push(Output::Subscribe(sub));
+            }
+        }
+    }
+
+    /// The passing of time: expires waiting messages, forgets keys past their grace period and
+    /// old replay entries, and re-requests keys after a gap.
+    pub fn tick(&mut self, now_ms: u64, rng: &mut impl CryptoRngCore) -> Vec<Output> {
+        let mut out = Vec::new();
+        let groups: Vec<GroupId> = self.groups.keys().cloned().collect();
+        for g in groups {
+            if let Some(session) = self.groups.get_mut(&g) {
+                for ring in session.rings.values_mut() {
+                    ring.prune(now_ms);
+                }
+            }
+            self.retry_waiting(&g, now_ms, &mut out);
+        }
+        self.replay.evict_expired(now_ms);
+        self.rerequest(now_ms, rng, &mut out);
+        out
+    }
+
+    /// Seals one message for `group`: forward (as a publisher, on the data topic) or a query (as
+    /// a subscriber, on the query topic), with the current epoch's keys. Returns the topic and
+    /// the payload.
+    ///
+    /// # Errors
+    /// [`SendError::NotJoined`] without a key of the sending role; [`SendError::Seal`].
+    pub fn seal(
+        &self,
+        group: &GroupId,
+        protection: Protection,
+        direction: Direction,
+        payload: &[u8],
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<(String, Vec<u8>), SendError> {
+        let role = direction.sender_role();
+        let ring = self
+            .keyring(group, role)
+            .ok_or_else(|| SendError::NotJoined {
+                group: group.clone(),
+                role,
+            })?;
+        let info = ring.group_info();
+        let target = info.public_key(direction.target_key());
+        let sealer = Sealer {
+            group,
+            epoch: ring.epoch(),
+            direction,
+            sender: self.creds.id(),
+            key: self.creds.key(),
+        };
+        let bytes = match protection {
+            Protection::Authenticated => sealer.option1(now_ms, payload, rng)?,
+            Protection::Confidential => sealer.option2(now_ms, target, payload, rng)?,
+            Protection::Anonymous => {
+                sealer.option3(now_ms, ring.current_key(), target, payload, rng)?
+            }
+        };
+        let topic = match direction {
+            Direction::Forward => data_topic(group),
+            Direction::Query => query_topic(group),
+        };
+        Ok((topic, bytes))
+    }
+
+    /// The [`Directory`] and [`HeldKeys`] of this device at `now_ms`.
+    pub fn view(&self, now_ms: u64) -> DeviceView<'_> {
+        DeviceView {
+            groups: &self.groups,
+            scope: None,
+            now_ms,
+        }
+    }
+
+    /// A summary of every group for `status`.
+    pub fn summary(&self) -> Vec<GroupSummary> {
+        self.groups
+            .iter()
+            .map(|(g, s)| GroupSummary {
+                group: g.clone(),
+                epoch: s.epoch(),
+                roles: s.rings.keys().copied().collect(),
+                members: s.lists.values().next_back().map(|l| l.members().len()),
+            })
+            .collect()
+    }
+}
+
+/// One group in [`Device::summary`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupSummary {
+    /// The group.
+    pub group: GroupId,
+    /// The current epoch of the held keys.
+    pub epoch: Option<Epoch>,
+    /// The roles whose keys are held.
+    pub roles: Vec<Role>,
+    /// The size of the newest member list.
+    pub members: Option<usize>,
+}
+
+/// The topic a role receives on: data for a subscriber, queries for a publisher.
+pub fn receive_topic(group: &GroupId, role: Role) -> String {
+    match role {
+        Role::Subscriber => data_topic(group),
+        Role::Publisher => query_topic(group),
+    }
+}
+
+/// A device's view for verification at one instant: groups and their epochs from the verified
+/// keyrings, senders and memberships from the verified member lists, held keys from the
+/// keyrings.
+#[derive(Clone, Copy)]
+pub struct DeviceView<'a> {
+    groups: &'a BTreeMap<GroupId, GroupSession>,
+    scope: Option<(&'a GroupId, Epoch)>,
+    now_ms: u64,
+}
+
+impl core::fmt::Debug for DeviceView<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("DeviceView")
+            .field("now_ms", &self.now_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Directory for DeviceView<'_> {
+    fn group_keys(
+        &self,
+        group: &GroupId,
+        epoch: Epoch,
+        now_ms: u64,
+    ) -> Result<GroupPublicKeys, GroupLookupError> {
+        let session = self
+            .groups
+            .get(group)
+            .filter(|s| !s.rings.is_empty())
+            .ok_or(GroupLookupError::UnknownGroup)?;
+        session
+            .rings
+            .values()
+            .find_map(|r| r.group_info_for(epoch, now_ms))
+            .map(|info| GroupPublicKeys {
+                q_p: info.q_p,
+                q_s: info.q_s,
+            })
+            .ok_or(GroupLookupError::WrongEpoch)
+    }
+
+    /// The sender's key from the member list of the message's group and epoch when verifying a
+    /// message (a renewed certificate changes Q_i from one epoch to the next), else from the
+    /// newest list that names it.
+    fn device_key(&self, id: &DeviceId) -> Option<VerifyingKey> {
+        if let Some((group, epoch)) = self.scope {
+            return self
+                .groups
+                .get(group)?
+                .lists
+                .get(&epoch)?
+                .key_of(id, self.now_ms);
+        }
+        self.groups
+            .values()
+            .flat_map(|s| s.lists.values().rev())
+            .find_map(|l| l.key_of(id, self.now_ms))
+    }
+
+    fn is_member(&self, group: &GroupId, epoch: Epoch, id: &DeviceId, role: Role) -> bool {
+        self.groups
+            .get(group)
+            .and_then(|s| s.lists.get(&epoch))
+            .is_some_and(|l| l.contains(id, role))
+    }
+}
+
+impl HeldKeys for DeviceView<'_> {
+    fn group_secret(&self, group: &GroupId, epoch: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
+        self.groups
+            .get(group)?
+            .rings
+            .get(&kind.holder_role())?
+            .key_for(epoch, self.now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,504 @@
+use super::*;
+use crate::testkit::{Node, T0, World};
+
+fn messages(outs: &[Output]) -> Vec<&VerifiedMessage> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Message(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn rejections(outs: &[Output]) -> Vec<DropReason> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Dropped { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+fn adopted(outs: &[Output]) -> Vec<(Role, Epoch, KeySource)> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::KeyAdopted {
+                role,
+                epoch,
+                source,
+                ..
+            } => Some((*role, *epoch, *source)),
+            _ => None,
+        })
+        .collect()
+}
+
+const OPTIONS: [Protection; 3] = [
+    Protection::Authenticated,
+    Protection::Confidential,
+    Protection::Anonymous,
+];
+
+/// A group with one publisher (listening for queries) and two subscribers, all joined and
+/// caught up.
+struct Setup {
+    w: World,
+    g: GroupId,
+    p: Node,
+    s1: Node,
+    s2: Node,
+}
+
+fn setup(seed: u64) -> Setup {
+    let mut w = World::new(seed);
+    let g = w.group("plant/line-3/temp");
+    w.register("pub-1", &g, Role::Publisher);
+    w.register("sub-1", &g, Role::Subscriber);
+    w.register("sub-2", &g, Role::Subscriber);
+    let mut p = Node::new(w.enroll("pub-1"));
+    let mut s1 = Node::new(w.enroll("sub-1"));
+    let mut s2 = Node::new(w.enroll("sub-2"));
+    let out = w.join_node(&mut p, &g, Role::Publisher, true);
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Publisher, Epoch(1), KeySource::Delivery)]
+    );
+    assert!(p.subs.contains("plant/line-3/temp/_q"));
+    w.join_node(&mut s1, &g, Role::Subscriber, true);
+    w.join_node(&mut s2, &g, Role::Subscriber, true);
+    assert!(s1.subs.contains("plant/line-3/temp"));
+    w.flush(&mut [&mut p, &mut s1, &mut s2]);
+    let epoch = w.state(&g).epoch();
+    assert_eq!(epoch, Epoch(3));
+    for n in [&p, &s1, &s2] {
+        let summary = n.dev.summary();
+        assert_eq!(summary[0].epoch, Some(epoch), "{}", n.dev.id());
+        assert_eq!(summary[0].members, Some(3));
+    }
+    Setup { w, g, p, s1, s2 }
+}
+
+impl Setup {
+    fn send(&mut self, from: Direction, option: Protection, text: &[u8]) -> (String, Vec<u8>) {
+        let node = match from {
+            Direction::Forward => &self.p,
+            Direction::Query => &self.s1,
+        };
+        node.dev
+            .seal(&self.g, option, from, text, self.w.now, &mut self.w.rng)
+            .unwrap()
+    }
+
+    fn publish(&mut self, topic: &str, bytes: &[u8]) -> Vec<Vec<Output>> {
+        self.w
+            .publish(&mut [&mut self.p, &mut self.s1, &mut self.s2], topic, bytes)
+    }
+
+    fn flush(&mut self) -> Vec<Vec<Output>> {
+        self.w.flush(&mut [&mut self.p, &mut self.s1, &mut self.s2])
+    }
+}
+
+#[test]
+fn messages_of_all_options_in_both_directions() {
+    let mut s = setup(1);
+    for option in OPTIONS {
+        let text = format!("21.5 C via option {}", option.number());
+        let (topic, bytes) = s.send(Direction::Forward, option, text.as_bytes());
+        assert_eq!(topic, "plant/line-3/temp");
+        let outs = s.publish(&topic, &bytes);
+        assert!(outs[0].is_empty(), "the publisher does not receive data");
+        for out in &outs[1..] {
+            let m = messages(out);
+            assert_eq!(m.len(), 1, "{option:?}: {out:?}");
+            assert_eq!(m[0].payload(), text.as_bytes());
+            assert_eq!(m[0].sender().as_str(), "pub-1");
+            assert_eq!(m[0].protection(), option);
+            assert_eq!(m[0].direction(), Direction::Forward);
+        }
+
+        let query = format!("status? option {}", option.number());
+        let (topic, bytes) = s.send(Direction::Query, option, query.as_bytes());
+        assert_eq!(topic, "plant/line-3/temp/_q");
+        let outs = s.publish(&topic, &bytes);
+        let m = messages(&outs[0]);
+        assert_eq!(m.len(), 1, "{option:?}: {:?}", outs[0]);
+        assert_eq!(m[0].payload(), query.as_bytes());
+        assert_eq!(m[0].sender().as_str(), "sub-1");
+        assert_eq!(m[0].direction(), Direction::Query);
+        assert!(outs[1].is_empty() && outs[2].is_empty());
+    }
+}
+
+#[test]
+fn replays_tampering_and_wrong_senders_are_dropped() {
+    let mut s = setup(2);
+    let (topic, bytes) = s.send(Direction::Forward, Protection::Confidential, b"x");
+    assert_eq!(messages(&s.publish(&topic, &bytes)[1]).len(), 1);
+    let outs = s.publish(&topic, &bytes);
+    assert_eq!(
+        rejections(&outs[1]),
+        vec![DropReason::Message(Rejection::Replayed)]
+    );
+
+    for option in OPTIONS {
+        let (topic, bytes) = s.send(Direction::Forward, option, b"tamper me");
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x40;
+            let out = s.s1.dev.on_publish(&topic, &bad, s.w.now, &mut s.w.rng);
+            assert!(messages(&out).is_empty(), "{option:?} byte {i}");
+        }
+        assert_eq!(messages(&s.publish(&topic, &bytes)[1]).len(), 1);
+    }
+
+    // A subscriber cannot send forward traffic: it holds no publisher key.
+    let err =
+        s.s1.dev
+            .seal(
+                &s.g,
+                Protection::Authenticated,
+                Direction::Forward,
+                b"x",
+                s.w.now,
+                &mut s.w.rng,
+            )
+            .unwrap_err();
+    assert!(matches!(
+        err,
+        SendError::NotJoined {
+            role: Role::Publisher,
+            ..
+        }
+    ));
+
+    // Unknown topics are reported, not processed.
+    let out =
+        s.s1.dev
+            .on_publish("other/topic", b"x", s.w.now, &mut s.w.rng);
+    assert_eq!(rejections(&out), vec![DropReason::UnknownTopic]);
+}
+
+#[test]
+fn rekey_by_broadcast_and_the_grace_period() {
+    let mut s = setup(3);
+    let old = s.w.state(&s.g).epoch();
+    let (topic, early) = s.send(Direction::Forward, Protection::Confidential, b"early");
+    s.w.now += 1;
+    let (_, late) = s.send(Direction::Forward, Protection::Anonymous, b"late");
+
+    s.w.periodic(&s.g);
+    let outs = s.flush();
+    let new = old.next().unwrap();
+    assert_eq!(
+        adopted(&outs[0]),
+        vec![(Role::Publisher, new, KeySource::Notice)]
+    );
+    assert_eq!(
+        adopted(&outs[1]),
+        vec![(Role::Subscriber, new, KeySource::Notice)]
+    );
+
+    // Within the grace period the old epoch still verifies.
+    s.w.now += 10_000;
+    assert_eq!(messages(&s.publish(&topic, &early)[1]).len(), 1);
+    // After it, the old epoch is refused.
+    s.w.now += DEFAULT_GRACE_MS;
+    let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+    assert!(out.is_empty());
+    let outs = s.publish(&topic, &late);
+    assert_eq!(
+        rejections(&outs[1]),
+        vec![DropReason::Message(Rejection::WrongEpoch)]
+    );
+
+    // The new epoch works in both directions.
+    for option in OPTIONS {
+        let (topic, bytes) = s.send(Direction::Forward, option, b"new");
+        assert_eq!(messages(&s.publish(&topic, &bytes)[2]).len(), 1);
+        let (topic, bytes) = s.send(Direction::Query, option, b"new?");
+        assert_eq!(messages(&s.publish(&topic, &bytes)[0]).len(), 1);
+    }
+}
+
+#[test]
+fn a_departure_rekeys_remaining_holders_individually() {
+    let mut s = setup(4);
+    let before = s.w.state(&s.g).epoch();
+    let published = s.w.leave(&s.g, "sub-2", Role::Subscriber);
+    assert!(
+        published
+            .iter()
+            .any(|(t, _)| t == "quva/k/plant/line-3/temp/sub/sub-1")
+    );
+    let outs = s.flush();
+    let new = before.next().unwrap();
+    assert_eq!(
+        adopted(&outs[1]),
+        vec![(Role::Subscriber, new, KeySource::Notice)]
+    );
+    // sub-2 cannot open the new d_P.
+    assert!(adopted(&outs[2]).is_empty());
+    assert_eq!(s.s2.dev.summary()[0].epoch, Some(before));
+
+    let (topic, bytes) = s.send(Direction::Forward, Protection::Confidential, b"secret");
+    let outs = s.publish(&topic, &bytes);
+    assert_eq!(messages(&outs[1]).len(), 1);
+    // sub-2 (still subscribed at the broker in this simulation) cannot read it: it waits for a
+    // key it will never get, and is dropped when the window has passed.
+    assert!(messages(&outs[2]).is_empty());
+    s.w.now += s.s2.dev.config().policy.window_ms + 1;
+    let out = s.s2.dev.tick(s.w.now, &mut s.w.rng);
+    assert!(messages(&out).is_empty());
+    assert_eq!(rejections(&out).len(), 1, "{out:?}");
+}
+
+#[test]
+fn catch_up_after_three_missed_rekeys_asks_the_ca_again() {
+    let mut s = setup(5);
+    let start = s.w.state(&s.g).epoch();
+    for _ in 0..3 {
+        s.w.periodic(&s.g);
+    }
+    s.w.outbox.clear(); // sub-1 was offline: nothing reached it.
+    let current = s.w.state(&s.g).epoch();
+    assert_eq!(current.0, start.0 + 3);
+    assert_eq!(s.s1.dev.summary()[0].epoch, Some(start));
+
+    // A live broadcast arrives while connected: it does not follow the held epoch, so the
+    // device asks the CA again and gets the current key in the SUBACK.
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
+    let notice = s.w.retained["quva/k/plant/line-3/temp/sub"].clone();
+    let out = s.s1.dev.on_publish(
+        "quva/k/plant/line-3/temp/sub",
+        &notice,
+        s.w.now,
+        &mut s.w.rng,
+    );
+    assert!(matches!(
+        out.as_slice(),
+        [Output::Subscribe(Subscription {
+            purpose: Purpose::Join { .. },
+            ..
+        })]
+    ));
+    let out = s.w.run(&mut s.s1, out);
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, current, KeySource::Delivery)]
+    );
+
+    // A second gap soon after waits for the re-request interval (no request storm).
+    for _ in 0..3 {
+        s.w.periodic(&s.g);
+    }
+    s.w.outbox.clear();
+    let notice = s.w.retained["quva/k/plant/line-3/temp/sub"].clone();
+    let out = s.s1.dev.on_publish(
+        "quva/k/plant/line-3/temp/sub",
+        &notice,
+        s.w.now,
+        &mut s.w.rng,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
+    let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+    let out = s.w.run(&mut s.s1, out);
+    assert_eq!(
+        adopted(&out),
+        vec![(
+            Role::Subscriber,
+            s.w.state(&s.g).epoch(),
+            KeySource::Delivery
+        )]
+    );
+}
+
+#[test]
+fn catch_up_from_retained_notices_after_reconnecting() {
+    let mut s = setup(6);
+    let start = s.w.state(&s.g).epoch();
+    // Three rekeys while sub-1 is offline; the last is a departure of sub-2, so the new d_P is
+    // retained individually for sub-1.
+    s.w.periodic(&s.g);
+    s.w.periodic(&s.g);
+    s.w.leave(&s.g, "sub-2", Role::Subscriber);
+    // Only the publisher was online.
+    let published = core::mem::take(&mut s.w.outbox);
+    s.w.deliver(&mut [&mut s.p], &published);
+    let current = s.w.state(&s.g).epoch();
+    assert_eq!(current.0, start.0 + 3);
+
+    // sub-1 restarts from its key store while the CA is down: the SUBACK refuses the request, the
+    // stored key stays in use, and the retained individual notice brings it up to date.
+    let stored = s.s1.dev.stored_keys();
+    let creds = s.s1.dev.credentials().clone();
+    let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
+    let out = dev.restore(&stored[0], s.w.now, &mut s.w.rng).unwrap();
+    assert!(matches!(
+        out,
+        Some(Output::KeyAdopted {
+            source: KeySource::Restored,
+            ..
+        })
+    ));
+    let mut node = Node::new(dev);
+    s.w.ca_up = false;
+    let sub = node
+        .dev
+        .join(&s.g, Role::Subscriber, true, s.w.now, &mut s.w.rng)
+        .unwrap();
+    let out = s.w.run(&mut node, vec![Output::Subscribe(sub)]);
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, Output::KeyRequestDeferred { code: 0x80, .. }))
+    );
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, current, KeySource::Notice)]
+    );
+    assert!(node.subs.contains("plant/line-3/temp"));
+
+    // Messages of the current epoch verify (the member list was retained too).
+    let (topic, bytes) = s.send(Direction::Forward, Protection::Anonymous, b"hello again");
+    let out = s.w.publish(&mut [&mut node], &topic, &bytes);
+    assert_eq!(messages(&out[0]).len(), 1, "{:?}", out[0]);
+
+    // After a reconnection every role is asked for again, once the CA is back.
+    s.w.ca_up = true;
+    let subs = node.dev.rejoin_all(s.w.now, &mut s.w.rng).unwrap();
+    assert_eq!(subs.len(), 1);
+    let out =
+        s.w.run(&mut node, subs.into_iter().map(Output::Subscribe).collect());
+    assert!(adopted(&out).is_empty(), "same epoch: {out:?}");
+    assert!(node.subs.contains("plant/line-3/temp"));
+}
+
+#[test]
+fn a_device_without_any_key_is_refused_clearly() {
+    let mut w = World::new(7);
+    let g = w.group("plant/a");
+    w.register("sub-1", &g, Role::Subscriber);
+    let mut dev = w.enroll("sub-1");
+    // Allowed as subscriber, asks as publisher.
+    let sub = dev
+        .join(&g, Role::Publisher, true, w.now, &mut w.rng)
+        .unwrap();
+    let err = dev
+        .on_suback(&sub.purpose, &[0x87, 0, 0], None, w.now)
+        .unwrap_err();
+    assert!(matches!(err, JoinError::Refused { code: 0x87, .. }));
+    assert!(err.to_string().contains("not authorized"), "{err}");
+    // The CA down and no stored key.
+    let sub = dev
+        .join(&g, Role::Subscriber, true, w.now, &mut w.rng)
+        .unwrap();
+    let err = dev
+        .on_suback(&sub.purpose, &[0x80, 0, 0], None, w.now)
+        .unwrap_err();
+    assert!(err.to_string().contains("CA is unavailable"), "{err}");
+    // Accepted without a delivery: not a Quva bridge.
+    let err = dev
+        .on_suback(&sub.purpose, &[0, 0, 0], None, w.now)
+        .unwrap_err();
+    assert!(matches!(err, JoinError::NoDelivery(_)));
+    let err = dev
+        .on_suback(&sub.purpose, &[0, 0, 0], Some("not-base64!"), w.now)
+        .unwrap_err();
+    assert!(matches!(err, JoinError::BadDelivery { .. }));
+    // A refused data subscription.
+    let listen = Purpose::Listen {
+        group: g.clone(),
+        role: Role::Subscriber,
+    };
+    let err = dev.on_suback(&listen, &[0x87], None, w.now).unwrap_err();
+    assert!(matches!(err, JoinError::ListenRefused { code: 0x87, .. }));
+}
+
+#[test]
+fn messages_wait_for_a_later_key_and_for_member_lists() {
+    let mut s = setup(8);
+    s.w.periodic(&s.g);
+    let published = core::mem::take(&mut s.w.outbox);
+    // Only the publisher hears the rekey at first.
+    let (pub_notices, rest): (Vec<_>, Vec<_>) = published
+        .into_iter()
+        .partition(|(t, _)| t.starts_with("quva/k/plant/line-3/temp/pub"));
+    s.w.deliver(&mut [&mut s.p], &pub_notices);
+    let (topic, bytes) = s.send(Direction::Forward, Protection::Confidential, b"ahead");
+    let outs = s.publish(&topic, &bytes);
+    assert!(outs[1].is_empty(), "waits: {:?}", outs[1]);
+    // Then the subscriber's notice and the new member list arrive.
+    let outs = s.w.deliver(&mut [&mut s.s1], &rest);
+    let m = messages(&outs[0]);
+    assert_eq!(m.len(), 1, "{:?}", outs[0]);
+    assert_eq!(m[0].payload(), b"ahead");
+}
+
+#[test]
+fn bad_notices_and_lists_are_dropped_and_old_ones_ignored() {
+    let mut s = setup(9);
+    let t = "quva/k/plant/line-3/temp/sub".to_owned();
+    let notice = s.w.retained[&t].clone();
+    // An old retained notice: silently ignored.
+    assert!(
+        s.s1.dev
+            .on_publish(&t, &notice, s.w.now, &mut s.w.rng)
+            .is_empty()
+    );
+    let out = s.s1.dev.on_publish(&t, b"junk", s.w.now, &mut s.w.rng);
+    assert!(matches!(rejections(&out)[..], [DropReason::Notice(_)]));
+    let c = "quva/c/plant/line-3/temp";
+    let mut list = s.w.retained[c].clone();
+    list[5] ^= 1;
+    let out = s.s1.dev.on_publish(c, &list, s.w.now, &mut s.w.rng);
+    assert!(matches!(rejections(&out)[..], [DropReason::Members(_)]));
+    // A notice of another group's CA is refused.
+    let mut other = World::new(99);
+    let g = other.group("plant/line-3/temp");
+    other.register("x", &g, Role::Subscriber);
+    other.register("y", &g, Role::Subscriber);
+    let mut x = Node::new(other.enroll("x"));
+    let mut y = Node::new(other.enroll("y"));
+    other.join_node(&mut x, &g, Role::Subscriber, false);
+    other.join_node(&mut y, &g, Role::Subscriber, false);
+    let foreign = other.retained[&t].clone();
+    let out = s.s1.dev.on_publish(&t, &foreign, s.w.now, &mut s.w.rng);
+    assert!(
+        matches!(rejections(&out)[..], [DropReason::Notice(_)]),
+        "{out:?}"
+    );
+    assert_eq!(s.s1.dev.summary()[0].epoch, Some(s.w.state(&s.g).epoch()));
+}
+
+#[test]
+fn stored_keys_restore_and_redact() {
+    let s = setup(10);
+    let stored = s.p.dev.stored_keys();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].role, Role::Publisher);
+    let text = format!("{:?}", stored[0]);
+    let secret = hex::encode(&stored[0].key.secret().to_bytes()[..]);
+    assert!(!text.contains(&secret), "Debug leaks the key");
+    let mut w = s.w;
+    let mut dev = Device::new(
+        s.p.dev.credentials().clone(),
+        *w.ca.public(),
+        DeviceConfig::default(),
+    );
+    dev.restore(&stored[0], w.now, &mut w.rng).unwrap();
+    assert_eq!(
+        dev.keyring(&s.g, Role::Publisher).unwrap().epoch(),
+        w.state(&s.g).epoch()
+    );
+    // A key that does not match its info is refused.
+    let mut wrong = stored[0].clone();
+    wrong.key = KeyPair::random(&mut w.rng);
+    let mut dev2 = Device::new(
+        s.p.dev.credentials().clone(),
+        *w.ca.public(),
+        DeviceConfig::default(),
+    );
+    assert!(dev2.restore(&wrong, w.now, &mut w.rng).is_err());
+    assert!(T0 <= w.now);
+}

@@ -1,0 +1,228 @@
+//! The device daemon's errors, each with a message an operator can act on.
+//!
+//! CONNACK refusals (MQTT 5 §3.2.2.2) are explained as PROTOCOL.md §3 uses them: 0x87 not
+//! authorized (unknown or revoked device, bad proof, stale timestamp), 0x88 the bridge cannot reach
+//! the CA, 0x8C not a Quva bridge.
+//!
+//! # Usage
+//! ```
+//! use quva_node::{NodeError, connack_meaning};
+//! assert!(connack_meaning(0x88).contains("CA"));
+//! let e = NodeError::Refused { code: 0x87 };
+//! assert!(e.to_string().contains("not authorized"));
+//! assert!(!e.is_transient());
+//! assert!(NodeError::Refused { code: 0x88 }.is_transient());
+//! ```
+
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+use crate::device::{JoinError, SendError};
+use crate::enroll::EnrollFailure;
+use crate::store::StoreError;
+
+/// Clocks before this (2020-01-01T00:00:00Z) are taken as never set (a Raspberry Pi has no
+/// battery-backed clock and starts in 1970 until NTP runs).
+pub const CLOCK_FLOOR_MS: u64 = 1_577_836_800_000;
+
+/// What a CONNACK reason code means for a Quva device.
+pub fn connack_meaning(code: u8) -> &'static str {
+    match code {
+        0x80 => "unspecified error",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x84 => "unsupported protocol version (the server does not speak MQTT 5)",
+        0x85 => "client identifier not valid",
+        0x86 => "bad user name or password",
+        0x87 => {
+            "not authorized: the device is unknown, revoked or expired, the enrollment secret is \
+             wrong or already used, or this device's clock is off by more than the allowed window"
+        }
+        0x88 => "server unavailable: the bridge cannot reach the CA",
+        0x89 => "server busy",
+        0x8A => "banned",
+        0x8C => {
+            "bad authentication method: the server does not speak Quva (is the address the \
+             bridge's, not the broker's?)"
+        }
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x99 => "malformed authentication data",
+        0x9F => "connection rate exceeded",
+        _ => "refused",
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The configuration could not be loaded.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The key store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// No broker address is configured.
+    #[error("no broker address: pass --broker HOST:PORT or set `broker` in the configuration")]
+    NoBroker,
+    /// The broker address is not `host:port`.
+    #[error("invalid broker address {0:?}: expected HOST:PORT")]
+    BadBroker(String),
+    /// The bridge could not be reached.
+    #[error("cannot reach the bridge at {address}: {message}")]
+    Unreachable {
+        /// host:port.
+        address: String,
+        /// What failed.
+        message: String,
+    },
+    /// The CONNACK refused the connection.
+    #[error("the bridge refused the connection (reason 0x{code:02x}): {}", connack_meaning(*code))]
+    Refused {
+        /// The reason code.
+        code: u8,
+    },
+    /// The connection dropped during a one-shot exchange.
+    #[error("the connection to the bridge was lost: {0}")]
+    Lost(String),
+    /// The system clock has not been set.
+    #[error(
+        "the system clock reads {now} (before 2020): it has not been set; start NTP \
+         (timedatectl set-ntp true) and retry"
+    )]
+    ClockNotSet {
+        /// The clock's reading, RFC 3339.
+        now: String,
+    },
+    /// The clock is before the certificate's start.
+    #[error(
+        "the system clock ({now}) is before the certificate's start ({not_before}): check the \
+         clock (NTP)"
+    )]
+    ClockBehind {
+        /// The clock, RFC 3339.
+        now: String,
+        /// The certificate's start, RFC 3339.
+        not_before: String,
+    },
+    /// The certificate has expired.
+    #[error(
+        "the certificate expired at {not_after}: ask the owner for a new enrollment secret and \
+         run `quva-node enroll --force` (or `quva-node renew` before it expires)"
+    )]
+    CertificateExpired {
+        /// The end of validity, RFC 3339.
+        not_after: String,
+    },
+    /// Enrollment failed.
+    #[error("enrollment failed: {0}")]
+    Enroll(#[from] EnrollFailure),
+    /// The device is already enrolled.
+    #[error("{0} already holds credentials; pass --force to replace them")]
+    AlreadyEnrolled(PathBuf),
+    /// Joining a group failed.
+    #[error(transparent)]
+    Join(#[from] JoinError),
+    /// A message could not be sealed.
+    #[error(transparent)]
+    Send(#[from] SendError),
+    /// The bridge dropped published messages.
+    #[error("the bridge dropped {count} message(s), last with reason 0x{code:02x}: {}",
+        puback_meaning(*code))]
+    Dropped {
+        /// How many.
+        count: usize,
+        /// The last PUBACK reason code.
+        code: u8,
+    },
+    /// Bad input on the command line, a file or stdin.
+    #[error("{0}")]
+    Input(String),
+    /// Reading a sensor or running a command failed.
+    #[error("{0}")]
+    Reading(String),
+    /// A protocol step that should not fail did.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl NodeError {
+    /// Whether retrying later may succeed (the CA or network may come back); everything else
+    /// needs an operator.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NodeError::Unreachable { .. } | NodeError::Lost(_) => true,
+            NodeError::Refused { code } => matches!(code, 0x88 | 0x89 | 0x97 | 0x9F),
+            _ => false,
+        }
+    }
+}
+
+/// What a PUBACK reason code means for a Quva message.
+pub fn puback_meaning(code: u8) -> &'static str {
+    match code {
+        0x87 => {
+            "not authorized (not a member in this role, stale epoch or timestamp, bad signature, \
+             or a replay)"
+        }
+        0x99 => "malformed or oversized message",
+        0x90 => "topic name invalid",
+        0x97 => "quota exceeded",
+        _ => "refused",
+    }
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC (`2024-05-01T12:00:00.000Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm for the proleptic Gregorian calendar.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(CLOCK_FLOOR_MS), "2020-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+    }
+
+    #[test]
+    fn meanings() {
+        for code in [0x87, 0x88, 0x8C] {
+            assert_ne!(connack_meaning(code), "refused");
+        }
+        let e = NodeError::Dropped {
+            count: 2,
+            code: 0x87,
+        };
+        assert!(e.to_string().contains("2 message(s)"));
+    }
+}

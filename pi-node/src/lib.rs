@@ -1,0 +1,41 @@
+//! Quva device: enrollment, group keys, rekeying and end-to-end protected MQTT messages for one
+//! device (a Raspberry Pi or any Linux host), implementing the device side of PROTOCOL.md.
+//!
+//! Layers, bottom up:
+//! - [`Device`]: the sans-IO protocol core over `quva-client` — no sockets, no clock, no global
+//!   RNG; events in, [`Output`]s out. [`MemberList`] verifies the bridge's member certificate
+//!   lists; [`Enrollment`] builds the CONNECT authentication of PROTOCOL.md §3.
+//! - [`KeyStore`]: credentials and group keys on disk (0700/0600, atomic writes, checksums).
+//! - [`Link`]: the MQTT 5 connection to the bridge (rumqttc), reconnecting with fresh proofs.
+//! - [`cli`] and [`run`]: the `quva-node` commands; `main.rs` only parses, sets up logging and
+//!   calls [`run`].
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+mod app;
+pub mod cli;
+mod config;
+mod device;
+mod enroll;
+mod error;
+mod members;
+mod net;
+mod store;
+#[cfg(test)]
+mod testkit;
+
+// The public interface is:
+pub use app::run;
+pub use config::{Config, ConfigError, DEFAULT_CONFIG_FILE};
+pub use device::{
+    Device, DeviceConfig, DeviceView, DropReason, GroupSummary, JoinError, KeySource, Output,
+    Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, certificates_topic, data_topic,
+    query_topic, receive_topic, suback_meaning,
+};
+pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
+pub use error::{CLOCK_FLOOR_MS, NodeError, connack_meaning, puback_meaning, rfc3339};
+pub use members::{ListedMember, MemberList, MemberListError};
+pub use net::{
+    Link, LinkConfig, LinkEvent, MAX_INCOMING_PACKET, check_clock, exchange, now_ms, parse_address,
+};
+pub use store::{DEFAULT_STORE_DIR, KeyStore, StoreError, StoredCredentials};

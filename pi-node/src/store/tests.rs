@@ -1,0 +1,186 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+use crate::device::Device;
+use crate::testkit::{Node, World};
+
+fn mode(p: &Path) -> u32 {
+    fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// An enrolled publisher that joined a group, and a fresh store.
+fn fixture() -> (tempfile::TempDir, KeyStore, World, Device) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = KeyStore::create(tmp.path().join("a/b/node")).unwrap();
+    let mut w = World::new(11);
+    let g = w.group("plant/line-3/temp");
+    w.register("pub-1", &g, Role::Publisher);
+    let mut node = Node::new(w.enroll("pub-1"));
+    w.join_node(&mut node, &g, Role::Publisher, false);
+    (tmp, store, w, node.dev)
+}
+
+#[test]
+fn round_trip_with_private_permissions() {
+    let (_tmp, store, w, dev) = fixture();
+    assert_eq!(mode(store.path()), 0o700);
+    assert!(matches!(
+        store.load_credentials(),
+        Err(StoreError::NotEnrolled(_))
+    ));
+    store
+        .save_credentials(dev.credentials(), w.ca.public())
+        .unwrap();
+    assert!(store.is_enrolled());
+    let path = store.path().join(CREDENTIALS_FILE);
+    assert_eq!(mode(&path), 0o600);
+    let loaded = store.load_credentials().unwrap();
+    assert_eq!(&loaded.credentials, dev.credentials());
+    assert_eq!(&loaded.ca_public, w.ca.public());
+
+    let keys = dev.stored_keys();
+    store.save_group_key(&keys[0], 42).unwrap();
+    assert_eq!(mode(&store.path().join(GROUPS_DIR)), 0o700);
+    let loaded = store.load_group_keys().unwrap();
+    assert_eq!(loaded.len(), 1);
+    assert_eq!(loaded[0].1, 42);
+    assert_eq!(loaded[0].0.group, keys[0].group);
+    assert_eq!(loaded[0].0.signed_info, keys[0].signed_info);
+    assert_eq!(loaded[0].0.key.secret(), keys[0].key.secret());
+    for f in fs::read_dir(store.path().join(GROUPS_DIR)).unwrap() {
+        assert_eq!(mode(&f.unwrap().path()), 0o600);
+    }
+    store
+        .remove_group_key(&keys[0].group, keys[0].role)
+        .unwrap();
+    assert!(store.load_group_keys().unwrap().is_empty());
+    store
+        .remove_group_key(&keys[0].group, keys[0].role)
+        .unwrap();
+}
+
+#[test]
+fn refuses_paths_open_to_other_users() {
+    let (_tmp, store, w, dev) = fixture();
+    store
+        .save_credentials(dev.credentials(), w.ca.public())
+        .unwrap();
+    let path = store.path().join(CREDENTIALS_FILE);
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = store.load_credentials().unwrap_err();
+    assert!(
+        matches!(err, StoreError::Permissions { mode: 0o644, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("chmod 600"), "{err}");
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+
+    fs::set_permissions(store.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let err = KeyStore::open(store.path()).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Permissions { mode: 0o755, .. }),
+        "{err}"
+    );
+    fs::set_permissions(store.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(KeyStore::open(store.path()).is_ok());
+    let missing = KeyStore::open(store.path().join("nope")).unwrap_err();
+    assert!(matches!(missing, StoreError::Io { .. }));
+}
+
+#[test]
+fn writes_are_atomic_and_leave_no_temporary_files() {
+    let (_tmp, store, w, dev) = fixture();
+    store
+        .save_credentials(dev.credentials(), w.ca.public())
+        .unwrap();
+    // A temporary file left by a crash before the rename changes nothing.
+    let stale = store.path().join(".credentials.tmp.1");
+    fs::write(&stale, b"half a record").unwrap();
+    assert_eq!(
+        store.load_credentials().unwrap().credentials,
+        *dev.credentials()
+    );
+    fs::remove_file(&stale).unwrap();
+    // Replacing is a rename over the old file: the result is always one whole record.
+    for i in 0..3 {
+        store.save_broker(&format!("10.0.0.{i}:1883")).unwrap();
+        assert_eq!(store.broker().unwrap().unwrap(), format!("10.0.0.{i}:1883"));
+    }
+    let names: Vec<String> = fs::read_dir(store.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp.")), "{names:?}");
+}
+
+#[test]
+fn corruption_is_detected() {
+    let (_tmp, store, w, dev) = fixture();
+    store
+        .save_credentials(dev.credentials(), w.ca.public())
+        .unwrap();
+    let path = store.path().join(CREDENTIALS_FILE);
+    let good = fs::read(&path).unwrap();
+    for i in 0..good.len() {
+        let mut bad = good.clone();
+        bad[i] ^= 0x10;
+        fs::write(&path, &bad).unwrap();
+        let err = store.load_credentials().unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "byte {i}: {err}");
+    }
+    for len in [0, 10, good.len() - 1] {
+        fs::write(&path, &good[..len]).unwrap();
+        assert!(matches!(
+            store.load_credentials(),
+            Err(StoreError::Corrupt { .. })
+        ));
+    }
+    // A whole, well-formed record of another kind is refused too.
+    store.save_group_key(&dev.stored_keys()[0], 1).unwrap();
+    let group_files: Vec<_> = fs::read_dir(store.path().join(GROUPS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    fs::copy(&group_files[0], &path).unwrap();
+    let err = store.load_credentials().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "wrong record kind",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A group key renamed to another group's file is refused.
+    let other = store.group_file(&GroupId::new("other").unwrap(), Role::Publisher);
+    fs::rename(&group_files[0], &other).unwrap();
+    let err = store.load_group_keys().unwrap_err();
+    assert!(err.to_string().contains("wrong file"), "{err}");
+}
+
+#[test]
+fn credentials_that_do_not_belong_together_are_refused() {
+    let (_tmp, store, mut w, dev) = fixture();
+    // Stored under another CA key: the certificate does not open.
+    let other = KeyPair::random(&mut w.rng);
+    store
+        .save_credentials(dev.credentials(), other.public())
+        .unwrap();
+    let err = store.load_credentials().unwrap_err();
+    assert!(matches!(err, StoreError::Mismatch { .. }), "{err}");
+}
+
+#[test]
+fn secrets_are_not_in_error_messages_or_debug_output() {
+    let (_tmp, store, w, dev) = fixture();
+    store
+        .save_credentials(dev.credentials(), w.ca.public())
+        .unwrap();
+    let loaded = store.load_credentials().unwrap();
+    let d = hex::encode(&loaded.credentials.key().secret().to_bytes()[..]);
+    let g = hex::encode(&loaded.credentials.group_secret().to_bytes()[..]);
+    let text = format!("{loaded:?}");
+    assert!(!text.contains(&d) && !text.contains(&g));
+}
