@@ -8,7 +8,7 @@ command -v valgrind >/dev/null || { echo "error: valgrind is not installed (apt-
 cargo build -q --release --locked -p quva-client --example opcount
 bin="$CARGO_TARGET_DIR/release/examples/opcount"
 ops=("$@")
-[ ${#ops[@]} -gt 0 ] || ops=(sign verify batch8 batch64 batch256 libsecp-ecdsa-verify libsecp-bip340-verify)
+[ ${#ops[@]} -gt 0 ] || ops=(sign verify batch8 batch64 batch256 batch64-one-key libsecp-ecdsa-verify libsecp-bip340-verify)
 count() { valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 | awk '/Collected/ {print $4}'; }
 printf '%-24s %16s\n' operation instructions/op
 for op in "${ops[@]}"; do
