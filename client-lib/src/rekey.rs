@@ -567,7 +567,10 @@ impl GroupState {
             let member = Member { id, role, q, g };
             let key = (role, member.id.clone());
             // to_record writes members in key order; any other order would be a second encoding.
-            if members.last_key_value().is_some_and(|(last, _)| *last > key) {
+            if members
+                .last_key_value()
+                .is_some_and(|(last, _)| *last > key)
+            {
                 return Err(DecodeError::InvalidValue("group record member order").into());
             }
             let joined =
