@@ -15,7 +15,7 @@ fn main() -> ExitCode {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,quva_node={level}")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,rumqttc=error,quva_node={level}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

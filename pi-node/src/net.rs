@@ -183,6 +183,24 @@ fn connection_error(address: &str, e: &ConnectionError) -> NodeError {
         ConnectionError::MqttState(StateError::ConnFail { reason }) => NodeError::Refused {
             code: connack_code(*reason),
         },
+        ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
+            let code = *reason_code as u8;
+            let why = match code {
+                0x87 => "not authorized (revoked?)",
+                0x8B => "the bridge is shutting down",
+                0x8E => "another connection took over this client identifier",
+                0x98 => "administrative action",
+                _ => "see the bridge's log",
+            };
+            NodeError::Lost(format!(
+                "the bridge ended the session (reason 0x{code:02x}: {why})"
+            ))
+        }
+        ConnectionError::MqttState(StateError::IncomingPacketTooLarge { pkt_size, max }) => {
+            NodeError::Lost(format!(
+                "a packet of {pkt_size} bytes exceeds the limit of {max}"
+            ))
+        }
         ConnectionError::Io(io) => NodeError::Unreachable {
             address: address.to_owned(),
             message: io.to_string(),
@@ -430,6 +448,7 @@ impl Link {
             payload,
             sent: false,
         });
+        self.flush_outbox();
         id
     }
 
@@ -478,6 +497,7 @@ impl Link {
                 None => {
                     let outs = self.device.tick(now_ms(), &mut self.rng);
                     self.handle_outputs(outs)?;
+                    self.flush_outbox();
                 }
                 Some(Some(Ok(ev))) => self.handle_event(ev)?,
                 Some(Some(Err(e))) => {
@@ -579,6 +599,7 @@ impl Link {
                     return Ok(());
                 };
                 self.outbox.retain(|p| p.id != id);
+                self.flush_outbox();
                 let code = puback_code(&ack.reason);
                 if code < 0x80 {
                     self.events.push_back(LinkEvent::Delivered { id });

@@ -1,0 +1,537 @@
+//! Support for Quva's end-to-end tests: a whole deployment as real processes on free loopback
+//! ports — Mosquitto (`/usr/sbin/mosquitto` with a generated configuration), `quva-ca` (`init`
+//! and `serve` on a temporary data directory), `quva-bridge` in front of Mosquitto, and
+//! `quva-node` devices with their own key stores.
+//!
+//! Every process is killed when its guard drops; every wait has a deadline, so a broken build
+//! fails the test instead of hanging it. The binaries are taken from the target directory the
+//! test runs from and built with `cargo build` when missing.
+//!
+//! # Usage
+//! ```no_run
+//! let cluster = quva_tests::Cluster::start(&["plant/#"]);
+//! let secret = cluster.register("sensor-01");
+//! cluster.create_group("plant/line-1");
+//! cluster.allow("plant/line-1", "sensor-01", "pub");
+//! let node = cluster.node("sensor-01");
+//! node.enroll(&secret).success();
+//! ```
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs;
+use std::io::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// How long any single step may take before the test fails.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The three binaries under test.
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// `quva-ca`.
+    pub ca: PathBuf,
+    /// `quva-bridge`.
+    pub bridge: PathBuf,
+    /// `quva-node`.
+    pub node: PathBuf,
+}
+
+impl Binaries {
+    /// Finds the binaries next to the running test (target/<profile>/), building them first if
+    /// one is missing.
+    pub fn locate() -> Self {
+        let exe = std::env::current_exe().unwrap();
+        // target/<profile>/deps/e2e-<hash>
+        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let bins = Binaries {
+            ca: dir.join("quva-ca"),
+            bridge: dir.join("quva-bridge"),
+            node: dir.join("quva-node"),
+        };
+        if ![&bins.ca, &bins.bridge, &bins.node]
+            .iter()
+            .all(|p| p.exists())
+        {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "-p",
+                "quva-ca",
+                "-p",
+                "quva-bridge",
+                "-p",
+                "quva-node",
+            ]);
+            if dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("cargo must run");
+            assert!(status.success(), "building the binaries failed");
+        }
+        bins
+    }
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_port(addr: SocketAddr, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening on {addr}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {addr}");
+}
+
+static NEXT_LOG: AtomicUsize = AtomicUsize::new(0);
+
+/// A running process, killed on drop, with stdout and stderr captured to files.
+#[derive(Debug)]
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    /// Its name, for messages.
+    pub name: String,
+    /// Its standard output.
+    pub stdout: PathBuf,
+    /// Its standard error.
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with output captured under `logs`.
+    pub fn spawn(mut cmd: Command, name: &str, logs: &Path) -> Self {
+        let n = NEXT_LOG.fetch_add(1, Ordering::Relaxed);
+        let file: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .collect();
+        let stdout = logs.join(format!("{n:03}-{file}.out"));
+        let stderr = logs.join(format!("{n:03}-{file}.err"));
+        cmd.stdin(Stdio::null())
+            .stdout(fs::File::create(&stdout).unwrap())
+            .stderr(fs::File::create(&stderr).unwrap());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_owned(),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Standard output so far.
+    pub fn out(&self) -> String {
+        fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// Standard error so far.
+    pub fn err(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until standard error contains `needle` (a log line), or fails.
+    pub fn wait_stderr(&mut self, needle: &str) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.err().contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before logging {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.name,
+                    self.out(),
+                    self.err()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not log {needle:?}\nstderr:\n{}",
+            self.name,
+            self.err()
+        );
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(mut self) -> Finished {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Finished {
+                    name: self.name.clone(),
+                    status,
+                    stdout: self.out(),
+                    stderr: self.err(),
+                };
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "{} did not finish\nstdout:\n{}\nstderr:\n{}",
+                    self.name,
+                    self.out(),
+                    self.err()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A finished process.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its name.
+    pub name: String,
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Asserts success; returns standard output.
+    pub fn success(self) -> String {
+        assert!(
+            self.status.success(),
+            "{} failed with {}\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self.stdout
+    }
+
+    /// Asserts failure; returns standard error.
+    pub fn failure(self) -> String {
+        assert!(
+            !self.status.success(),
+            "{} succeeded unexpectedly\nstdout:\n{}",
+            self.name,
+            self.stdout
+        );
+        self.stderr
+    }
+
+    /// The JSON lines of standard output.
+    pub fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+}
+
+/// Mosquitto, the CA and the bridge, on free loopback ports in a temporary directory.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The binaries.
+    pub bins: Binaries,
+    /// The temporary root (data directories, key stores, logs).
+    pub dir: tempfile::TempDir,
+    /// The CA's data directory.
+    pub ca_data: PathBuf,
+    /// The CA's gRPC URL.
+    pub ca_url: String,
+    /// Q_CA in hex.
+    pub ca_public: String,
+    /// The bridge's address.
+    pub bridge: SocketAddr,
+    /// The broker's address.
+    pub broker: SocketAddr,
+    mosquitto: Proc,
+    ca: Proc,
+    bridge_proc: Proc,
+}
+
+impl Cluster {
+    /// Starts the broker, the CA and the bridge, protecting the given topic filters.
+    pub fn start(protected: &[&str]) -> Self {
+        let bins = Binaries::locate();
+        let dir = tempfile::tempdir().unwrap();
+        let logs = dir.path().join("logs");
+        fs::create_dir_all(&logs).unwrap();
+
+        let (mosquitto, broker) = start_mosquitto(dir.path(), &logs);
+
+        let ca_data = dir.path().join("ca");
+        let out = run(
+            Command::new(&bins.ca)
+                .args(["init", "--data"])
+                .arg(&ca_data),
+            "quva-ca init",
+            &logs,
+        )
+        .success();
+        assert!(out.contains("CA public key"), "{out}");
+        let ca_public = fs::read_to_string(ca_data.join("ca.pub"))
+            .unwrap()
+            .trim()
+            .to_owned();
+
+        let ca_port = free_port();
+        let ca_addr: SocketAddr = format!("127.0.0.1:{ca_port}").parse().unwrap();
+        let mut cmd = Command::new(&bins.ca);
+        cmd.args(["serve", "--batch-window-ms", "50", "--data"])
+            .arg(&ca_data)
+            .args(["--listen", &ca_addr.to_string()]);
+        let mut ca = Proc::spawn(cmd, "quva-ca", &logs);
+        wait_port(ca_addr, &mut ca.child, "quva-ca");
+        let ca_url = format!("http://{ca_addr}");
+
+        let bridge_port = free_port();
+        let bridge: SocketAddr = format!("127.0.0.1:{bridge_port}").parse().unwrap();
+        let filters: Vec<String> = protected.iter().map(|f| format!("{f:?}")).collect();
+        let conf = dir.path().join("bridge.toml");
+        fs::write(
+            &conf,
+            format!(
+                "listen = \"{bridge}\"\n\
+                 [upstream]\naddress = \"{broker}\"\n\
+                 [ca]\nendpoint = \"{ca_url}\"\ntoken_file = \"{}\"\n\
+                 [topics]\nprotected = [{}]\n",
+                ca_data.join("bridge.token").display(),
+                filters.join(", ")
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(&bins.bridge);
+        cmd.arg("--config").arg(&conf);
+        cmd.env("RUST_LOG", "info");
+        let mut bridge_proc = Proc::spawn(cmd, "quva-bridge", &logs);
+        wait_port(bridge, &mut bridge_proc.child, "quva-bridge");
+
+        Cluster {
+            bins,
+            ca_data,
+            ca_url,
+            ca_public,
+            bridge,
+            broker,
+            mosquitto,
+            ca,
+            bridge_proc,
+            dir,
+        }
+    }
+
+    /// The log directory.
+    pub fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    /// Runs an admin command of `quva-ca` with `--json` and returns its output.
+    pub fn admin(&self, args: &[&str]) -> serde_json::Value {
+        let mut cmd = Command::new(&self.bins.ca);
+        cmd.args(args)
+            .args(["--server", &self.ca_url, "--json", "--data"])
+            .arg(&self.ca_data);
+        let out = run(
+            &mut cmd,
+            &format!("quva-ca {}", args.join(" ")),
+            &self.logs(),
+        )
+        .success();
+        serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Registers a device; returns its enrollment secret.
+    pub fn register(&self, id: &str) -> String {
+        let v = self.admin(&["device", "add", id]);
+        v["enroll_secret"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no secret in {v}"))
+            .to_owned()
+    }
+
+    /// Creates a group.
+    pub fn create_group(&self, group: &str) {
+        self.admin(&["group", "create", group]);
+    }
+
+    /// Allows a device a role (`pub` or `sub`) in a group.
+    pub fn allow(&self, group: &str, device: &str, role: &str) {
+        self.admin(&["group", "allow", group, device, "--role", role]);
+    }
+
+    /// A device with its own key store in the cluster's directory.
+    pub fn node(&self, name: &str) -> Node {
+        Node {
+            bin: self.bins.node.clone(),
+            store: self.dir.path().join("nodes").join(name),
+            bridge: self.bridge,
+            ca_public: self.ca_public.clone(),
+            id: name.to_owned(),
+            logs: self.logs(),
+        }
+    }
+
+    /// Whether the three daemons still run (for diagnostics).
+    pub fn alive(&mut self) -> bool {
+        [&mut self.mosquitto, &mut self.ca, &mut self.bridge_proc]
+            .iter_mut()
+            .all(|p| matches!(p.child.try_wait(), Ok(None)))
+    }
+
+    /// Stops the CA (to test how devices and the bridge cope without it).
+    pub fn stop_ca(&mut self) {
+        let _ = self.ca.child.kill();
+        let _ = self.ca.child.wait();
+    }
+
+    /// The daemons' logs, for failure messages.
+    pub fn daemon_logs(&self) -> String {
+        format!(
+            "--- quva-ca ---\n{}\n--- quva-bridge ---\n{}",
+            self.ca.err(),
+            self.bridge_proc.err()
+        )
+    }
+}
+
+fn start_mosquitto(dir: &Path, logs: &Path) -> (Proc, SocketAddr) {
+    let exe = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    for attempt in 0..5 {
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{attempt}.conf"));
+        fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.arg("-c").arg(&conf);
+        let mut p = Proc::spawn(cmd, "mosquitto", logs);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                break; // the port was taken: try another
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                std::thread::sleep(Duration::from_millis(100));
+                if matches!(p.child.try_wait(), Ok(None)) {
+                    return (p, addr);
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    panic!("mosquitto did not start (is it installed at /usr/sbin/mosquitto?)");
+}
+
+/// Runs a command to completion.
+pub fn run(cmd: &mut Command, name: &str, logs: &Path) -> Finished {
+    let mut own = Command::new(cmd.get_program());
+    own.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => own.env(k, v),
+            None => own.env_remove(k),
+        };
+    }
+    Proc::spawn(own, name, logs).wait()
+}
+
+/// One `quva-node` device.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// The binary.
+    pub bin: PathBuf,
+    /// Its key store.
+    pub store: PathBuf,
+    /// The bridge.
+    pub bridge: SocketAddr,
+    /// Q_CA in hex.
+    pub ca_public: String,
+    /// Its device ID.
+    pub id: String,
+    logs: PathBuf,
+}
+
+impl Node {
+    /// A `quva-node` command with this node's store and broker, no config file, info logs.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--config")
+            .arg(self.store.with_extension("toml"))
+            .arg("--store")
+            .arg(&self.store)
+            .args(["--broker", &self.bridge.to_string(), "-v"])
+            .args(args);
+        if !self.store.with_extension("toml").exists() {
+            fs::create_dir_all(self.store.parent().unwrap()).unwrap();
+            fs::write(
+                self.store.with_extension("toml"),
+                "connect_timeout_secs = 5\n",
+            )
+            .unwrap();
+        }
+        cmd
+    }
+
+    /// Runs a command to completion.
+    pub fn run(&self, args: &[&str]) -> Finished {
+        let name = format!("{} {}", self.id, args.first().copied().unwrap_or(""));
+        Proc::spawn(self.command(args), &name, &self.logs).wait()
+    }
+
+    /// Starts a long-running command.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let name = format!("{} {}", self.id, args.first().copied().unwrap_or(""));
+        Proc::spawn(self.command(args), &name, &self.logs)
+    }
+
+    /// Enrolls with `secret` (written to a 0600 file, as an operator would).
+    pub fn enroll(&self, secret: &str) -> Finished {
+        let file = self.store.with_extension("secret");
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let mut f = fs::File::create(&file).unwrap();
+        writeln!(f, "{secret}").unwrap();
+        let file = file.display().to_string();
+        self.run(&[
+            "enroll",
+            "--id",
+            &self.id,
+            "--ca-key",
+            &self.ca_public,
+            "--secret-file",
+            &file,
+        ])
+    }
+}
