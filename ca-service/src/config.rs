@@ -1,0 +1,119 @@
+//! Daemon configuration: a TOML file (`<data>/ca.toml` or `--config`) overridden by flags.
+//!
+//! # Usage
+//! ```
+//! let cfg: quva_ca::config::Config = toml::from_str("batch_window_ms = 50").unwrap();
+//! assert_eq!(cfg.batch_window_ms, 50);
+//! assert_eq!(cfg.time_window_ms, 60_000);
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Default gRPC listen address: loopback only.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+
+/// Settings of `quva-ca serve`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Optional Prometheus text endpoint (`GET /metrics`), off when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Changes inside this window coalesce into one epoch (PROTOCOL.md §5).
+    pub batch_window_ms: u64,
+    /// Allowed |T − now| of enrollment and group-key requests.
+    pub time_window_ms: u64,
+    /// Lifetime of issued certificates.
+    pub cert_validity_secs: u64,
+    /// How often expiry, revocation and periodic rekeys are checked.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            metrics_listen: None,
+            batch_window_ms: 200,
+            time_window_ms: 60_000,
+            cert_validity_secs: 30 * 24 * 3600,
+            sweep_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`].
+    #[error("invalid configuration in {path}: {source}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The TOML error.
+        source: toml::de::Error,
+    },
+}
+
+impl Config {
+    /// Loads `path`, or the defaults if `path` does not exist and `required` is false.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if the file cannot be read or parsed.
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                });
+            }
+        };
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_unknown_keys() {
+        let cfg: Config = toml::from_str("").unwrap();
+        assert_eq!(cfg, Config::default());
+        assert_eq!(cfg.listen.to_string(), DEFAULT_LISTEN);
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        let cfg: Config =
+            toml::from_str("listen = \"0.0.0.0:9000\"\nsweep_interval_ms = 5").unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.sweep_interval_ms, 5);
+    }
+
+    #[test]
+    fn missing_file_is_default_unless_required() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("none.toml");
+        assert_eq!(Config::load(&p, false).unwrap(), Config::default());
+        assert!(Config::load(&p, true).is_err());
+    }
+}

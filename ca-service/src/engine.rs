@@ -1,0 +1,1610 @@
+//! The rekey engine: one writer task that owns every state change of the CA.
+//!
+//! Implements the CA side of PROTOCOL.md §3 (enrollment and renewal), §4 (group-key requests)
+//! and §5 (rekeying). Commands arrive over an mpsc channel with a oneshot reply each. Membership
+//! changes of a group (joins, denials, revocations, certificate expiry, the periodic timer, a
+//! forced rekey) open a batching window (default 200 ms); when it closes, quva-client's
+//! [`GroupState::stage`] plans one epoch with its notices, and the change, the new group state,
+//! the epoch record, the notices, the audit entries and the counters are written in one synced
+//! batch before any waiting caller gets its reply. Only then is the staged state committed in
+//! memory. A crash before the write loses only unacknowledged requests.
+//!
+//! Reads (listings, group info, certificates, the notice log) go straight to the store.
+//!
+//! # Usage
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::sync::Arc;
+//! use quva_ca::clock::SystemClock;
+//! use quva_ca::engine::{Engine, EngineConfig};
+//! use quva_ca::store::MemoryStore;
+//! use quva_client::curve::KeyPair;
+//! use quva_client::group::Privacy;
+//! use quva_client::ids::GroupId;
+//!
+//! let ca = KeyPair::random(&mut quva_client::rng::SystemRng::new());
+//! let (engine, task) = Engine::spawn(Arc::new(MemoryStore::new()), ca,
+//!     EngineConfig::default(), Arc::new(SystemClock)).unwrap();
+//! let g = engine.create_group(GroupId::new("plant/temp").unwrap(), Privacy::Standard, 0)
+//!     .await.unwrap();
+//! assert_eq!(g.epoch, 0);
+//! engine.shutdown().await;
+//! task.await.unwrap();
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use quva_client::codec::{Decode, DecodeError, Encode};
+use quva_client::curve::{KeyPair, Point};
+use quva_client::enrollment::{
+    EnrollError, EnrollRequest, EnrollmentSecret, ImplicitCert, REASON_PACKET_TOO_LARGE,
+    REASON_PAYLOAD_FORMAT_INVALID, RenewRequest, VerifiedRequest,
+};
+use quva_client::group::{GroupError, GroupKeyRequest, MAX_PROPERTY_LEN, Member, Privacy};
+use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
+use quva_client::rekey::{Change, GroupState, Plan, RekeyError};
+use quva_client::rng::SystemRng;
+use quva_proto::v1::{AuditEntry, Notice, NoticeKind};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use zeroize::Zeroizing;
+
+use crate::auth::AuditSink;
+use crate::clock::Clock;
+use crate::error::CaError;
+use crate::store::records::EpochMember;
+use crate::store::records::device_state;
+use crate::store::{
+    Batch, CaStore, CertRecord, DeviceRecord, EpochRecord, GroupRecord, Key, MemberRecord,
+    MetaRecord, NonceScope, Tables,
+};
+
+/// Largest accepted enrollment or renewal request (`req || proof`), bytes.
+pub const MAX_CERT_REQUEST_LEN: usize = 512;
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Changes inside this window coalesce into one epoch.
+    pub batch_window: Duration,
+    /// Allowed |T − now| of requests, ms.
+    pub time_window_ms: u64,
+    /// Lifetime of issued certificates, ms.
+    pub cert_validity_ms: u64,
+    /// Period of the expiry, revocation and periodic-rekey sweep.
+    pub sweep_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> EngineConfig {
+        EngineConfig {
+            batch_window: Duration::from_millis(200),
+            time_window_ms: 60_000,
+            cert_validity_ms: 30 * 24 * 3600 * 1000,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl From<&crate::config::Config> for EngineConfig {
+    fn from(c: &crate::config::Config) -> EngineConfig {
+        EngineConfig {
+            batch_window: Duration::from_millis(c.batch_window_ms),
+            time_window_ms: c.time_window_ms,
+            cert_validity_ms: c.cert_validity_secs.saturating_mul(1000),
+            sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
+        }
+    }
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Certificates issued by enrollment.
+    pub enrollments: AtomicU64,
+    /// Certificates issued by renewal.
+    pub renewals: AtomicU64,
+    /// Group-key requests answered.
+    pub joins: AtomicU64,
+    /// Device-path requests refused.
+    pub refusals: AtomicU64,
+    /// Requests refused by the token check.
+    pub auth_denied: AtomicU64,
+    /// Epochs committed since start.
+    pub rekeys: AtomicU64,
+    /// Notices written since start.
+    pub notices: AtomicU64,
+    /// Changes waiting in open batching windows.
+    pub pending_changes: AtomicU64,
+    /// Synced commits since start.
+    pub commits: AtomicU64,
+    /// Failed commits since start.
+    pub commit_failures: AtomicU64,
+    /// Audit entries dropped because the engine queue was full.
+    pub audit_dropped: AtomicU64,
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The answer to a group-key request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinReply {
+    /// `ginfo || sig || ecies(...)`, the SUBACK `quva-gk` bytes.
+    pub response: Vec<u8>,
+    /// The epoch of the delivered key.
+    pub epoch: u32,
+}
+
+/// A registered device with its one-time secret.
+pub struct Registered {
+    /// The device row.
+    pub device: DeviceRecord,
+    /// The enrollment secret, hex.
+    pub secret: Zeroizing<String>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, CaError>>;
+
+enum Cmd {
+    Enroll(Vec<u8>, Reply<Vec<u8>>),
+    Renew(Vec<u8>, Reply<Vec<u8>>),
+    Join(Vec<u8>, Reply<JoinReply>),
+    Register {
+        id: DeviceId,
+        note: String,
+        reissue: bool,
+        reply: Reply<Registered>,
+    },
+    Revoke {
+        id: DeviceId,
+        reason: String,
+        reply: Reply<DeviceRecord>,
+    },
+    CreateGroup {
+        id: GroupId,
+        privacy: Privacy,
+        interval_secs: u64,
+        reply: Reply<GroupRecord>,
+    },
+    SetPermission {
+        group: GroupId,
+        device: DeviceId,
+        role: Role,
+        allow: bool,
+        reply: Reply<u32>,
+    },
+    Rekey(GroupId, Reply<u32>),
+    Audit(AuditEntry),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The handle to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Cmd>,
+    notices: watch::Receiver<u64>,
+    stats: Arc<Stats>,
+}
+
+impl EngineHandle {
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, CaError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| CaError::Unavailable)?;
+        rx.await.map_err(|_| CaError::Unavailable)?
+    }
+
+    /// Enrollment (§3): `req || HMAC` in, `cert || sc(a_i)` out.
+    ///
+    /// # Errors
+    /// [`CaError::NotAuthorized`], [`CaError::Malformed`], [`CaError::TooLarge`], storage.
+    pub async fn enroll(&self, data: Vec<u8>) -> Result<Vec<u8>, CaError> {
+        self.call(|r| Cmd::Enroll(data, r)).await
+    }
+
+    /// Renewal (§3): `req || sig` in, `cert || sc(a_i)` out.
+    ///
+    /// # Errors
+    /// As [`EngineHandle::enroll`].
+    pub async fn renew(&self, data: Vec<u8>) -> Result<Vec<u8>, CaError> {
+        self.call(|r| Cmd::Renew(data, r)).await
+    }
+
+    /// A group-key request (§4); answers once the member's epoch is durable.
+    ///
+    /// # Errors
+    /// As [`EngineHandle::enroll`].
+    pub async fn join(&self, data: Vec<u8>) -> Result<JoinReply, CaError> {
+        self.call(|r| Cmd::Join(data, r)).await
+    }
+
+    /// Registers a device (or re-issues its secret) and returns the one-time secret.
+    ///
+    /// # Errors
+    /// [`CaError::AlreadyExists`], [`CaError::NotFound`] (re-issue of an unknown device),
+    /// [`CaError::FailedPrecondition`] (revoked), storage.
+    pub async fn register_device(
+        &self,
+        id: DeviceId,
+        note: String,
+        reissue: bool,
+    ) -> Result<Registered, CaError> {
+        self.call(|reply| Cmd::Register {
+            id,
+            note,
+            reissue,
+            reply,
+        })
+        .await
+    }
+
+    /// Revokes a device: its certificates and secret, and its memberships (rekeyed in the next
+    /// window).
+    ///
+    /// # Errors
+    /// [`CaError::NotFound`], [`CaError::FailedPrecondition`] if already revoked, storage.
+    pub async fn revoke_device(
+        &self,
+        id: DeviceId,
+        reason: String,
+    ) -> Result<DeviceRecord, CaError> {
+        self.call(|reply| Cmd::Revoke { id, reason, reply }).await
+    }
+
+    /// Creates a group at epoch 0 without members.
+    ///
+    /// # Errors
+    /// [`CaError::AlreadyExists`], storage.
+    pub async fn create_group(
+        &self,
+        id: GroupId,
+        privacy: Privacy,
+        interval_secs: u64,
+    ) -> Result<GroupRecord, CaError> {
+        self.call(|reply| Cmd::CreateGroup {
+            id,
+            privacy,
+            interval_secs,
+            reply,
+        })
+        .await
+    }
+
+    /// Allows or denies a device in a role; returns the group's epoch once the change (and any
+    /// rekey it causes) is durable.
+    ///
+    /// # Errors
+    /// [`CaError::NotFound`] for an unknown group or device, storage.
+    pub async fn set_permission(
+        &self,
+        group: GroupId,
+        device: DeviceId,
+        role: Role,
+        allow: bool,
+    ) -> Result<u32, CaError> {
+        self.call(|reply| Cmd::SetPermission {
+            group,
+            device,
+            role,
+            allow,
+            reply,
+        })
+        .await
+    }
+
+    /// Forces a new epoch; returns it once durable.
+    ///
+    /// # Errors
+    /// [`CaError::NotFound`], storage.
+    pub async fn rekey(&self, group: GroupId) -> Result<u32, CaError> {
+        self.call(|r| Cmd::Rekey(group, r)).await
+    }
+
+    /// Flushes every open window and stops the task.
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Cmd::Shutdown(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// The sequence number of the last committed notice, updated after every commit.
+    pub fn notices(&self) -> watch::Receiver<u64> {
+        self.notices.clone()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+}
+
+impl AuditSink for EngineHandle {
+    fn record(&self, entry: AuditEntry) {
+        if entry.kind == "auth.denied" {
+            bump(&self.stats.auth_denied);
+        }
+        if self.tx.try_send(Cmd::Audit(entry)).is_err() {
+            bump(&self.stats.audit_dropped);
+            tracing::warn!("audit entry dropped: engine queue full");
+        }
+    }
+}
+
+/// A waiting caller of an open window.
+enum Waiter {
+    Join {
+        member: Member,
+        reply: Reply<JoinReply>,
+    },
+    Epoch(Reply<u32>),
+}
+
+/// The changes of one group's open batching window.
+struct Pending {
+    deadline: Instant,
+    changes: Vec<Change>,
+    reasons: BTreeSet<&'static str>,
+    rows: BTreeMap<(Role, DeviceId), Option<MemberRecord>>,
+    nonces: Vec<[u8; 16]>,
+    audits: Vec<AuditEntry>,
+    waiters: Vec<Waiter>,
+}
+
+impl Pending {
+    fn new(deadline: Instant) -> Pending {
+        Pending {
+            deadline,
+            changes: Vec::new(),
+            reasons: BTreeSet::new(),
+            rows: BTreeMap::new(),
+            nonces: Vec::new(),
+            audits: Vec::new(),
+            waiters: Vec::new(),
+        }
+    }
+}
+
+struct Live {
+    settings: GroupRecord,
+    state: GroupState,
+    pending: Option<Pending>,
+}
+
+/// One atomic write being assembled, with the counters it advances.
+struct Tx {
+    batch: Batch,
+    meta: MetaRecord,
+    now: u64,
+    notices: u64,
+}
+
+impl Tx {
+    fn audit(&mut self, mut e: AuditEntry) {
+        e.seq = self.meta.next_audit_seq;
+        self.meta.next_audit_seq += 1;
+        e.time_ms = self.now;
+        self.batch.put_audit(&e);
+    }
+
+    fn notice(&mut self, mut n: Notice) -> u64 {
+        n.seq = self.meta.next_notice_seq;
+        self.meta.next_notice_seq += 1;
+        n.created_ms = self.now;
+        self.batch.put_notice(&n);
+        self.notices += 1;
+        n.seq
+    }
+
+    fn serial(&mut self) -> u64 {
+        let s = self.meta.next_serial;
+        self.meta.next_serial += 1;
+        s
+    }
+}
+
+fn entry(
+    kind: &str,
+    actor: &str,
+    device: &str,
+    group: &str,
+    outcome: &str,
+    detail: String,
+) -> AuditEntry {
+    AuditEntry {
+        kind: kind.into(),
+        actor: actor.into(),
+        device: device.into(),
+        group: group.into(),
+        outcome: outcome.into(),
+        detail,
+        ..Default::default()
+    }
+}
+
+fn decode_err(e: DecodeError) -> CaError {
+    match e {
+        DecodeError::TooLarge(what) => CaError::TooLarge(what),
+        _ => CaError::Malformed("request"),
+    }
+}
+
+fn enroll_err(e: EnrollError) -> CaError {
+    match e.connack_reason() {
+        REASON_PACKET_TOO_LARGE => CaError::TooLarge("request"),
+        REASON_PAYLOAD_FORMAT_INVALID => CaError::Malformed("request"),
+        _ => CaError::NotAuthorized(match e {
+            EnrollError::BadProof => "bad proof of identity",
+            EnrollError::OutsideWindow => "timestamp outside window",
+            EnrollError::Expired => "certificate expired",
+            EnrollError::NotYetValid => "certificate not yet valid",
+            EnrollError::WrongCa => "certificate from another CA",
+            EnrollError::IdentityMismatch => "identity mismatch",
+            _ => "refused",
+        }),
+    }
+}
+
+fn group_err(e: GroupError) -> CaError {
+    match e {
+        GroupError::Decode(d) => decode_err(d),
+        GroupError::StaleTimestamp => CaError::NotAuthorized("timestamp outside window"),
+        GroupError::Verify(_) => CaError::NotAuthorized("bad proof of possession"),
+        _ => CaError::NotAuthorized("refused"),
+    }
+}
+
+fn rekey_err(e: RekeyError) -> CaError {
+    match e {
+        RekeyError::EpochExhausted => CaError::FailedPrecondition("epoch counter exhausted"),
+        _ => {
+            tracing::error!(error = %e, "group state error");
+            CaError::Crypto("group state")
+        }
+    }
+}
+
+fn role_of(v: u32) -> Option<Role> {
+    u8::try_from(v).ok().and_then(Role::from_u8)
+}
+
+/// The writer task's state. Create it with [`Engine::spawn`].
+pub struct Engine {
+    store: Arc<dyn CaStore>,
+    ca: KeyPair,
+    cfg: EngineConfig,
+    clock: Arc<dyn Clock>,
+    rng: SystemRng,
+    meta: MetaRecord,
+    groups: BTreeMap<GroupId, Live>,
+    pending_nonces: HashSet<[u8; 16]>,
+    notice_tx: watch::Sender<u64>,
+    stats: Arc<Stats>,
+    sweeps: u64,
+}
+
+impl Engine {
+    /// Loads the state from `store` and starts the writer task.
+    ///
+    /// # Errors
+    /// [`CaError::Store`] if the store cannot be read; [`CaError::Crypto`] if a stored group
+    /// state does not verify under this CA key (wrong key or corrupt data).
+    pub fn spawn(
+        store: Arc<dyn CaStore>,
+        ca: KeyPair,
+        cfg: EngineConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<(EngineHandle, JoinHandle<()>), CaError> {
+        let mut meta = store.meta()?;
+        if meta.created_ms == 0 {
+            meta.created_ms = clock.now_ms();
+        }
+        meta.next_serial = meta.next_serial.max(1);
+        meta.next_notice_seq = meta.next_notice_seq.max(1);
+        meta.next_audit_seq = meta.next_audit_seq.max(1);
+        let mut groups = BTreeMap::new();
+        for rec in store.groups()? {
+            let id = GroupId::new(&rec.id).map_err(|_| CaError::Crypto("stored group id"))?;
+            let state = GroupState::from_record(&ca, &rec.state).map_err(|e| {
+                tracing::error!(group = %id, error = %e, "stored group state does not verify");
+                CaError::Crypto("stored group state")
+            })?;
+            groups.insert(
+                id,
+                Live {
+                    settings: rec,
+                    state,
+                    pending: None,
+                },
+            );
+        }
+        let (notice_tx, notices) = watch::channel(meta.next_notice_seq - 1);
+        let (tx, rx) = mpsc::channel(1024);
+        let stats = Arc::new(Stats::default());
+        let engine = Engine {
+            store,
+            ca,
+            cfg,
+            clock,
+            rng: SystemRng::new(),
+            meta,
+            groups,
+            pending_nonces: HashSet::new(),
+            notice_tx,
+            stats: stats.clone(),
+            sweeps: 0,
+        };
+        let task = tokio::spawn(engine.run(rx));
+        Ok((EngineHandle { tx, notices, stats }, task))
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+        let mut sweep = tokio::time::interval(self.cfg.sweep_interval);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self
+                .groups
+                .values()
+                .filter_map(|l| l.pending.as_ref().map(|p| p.deadline))
+                .min();
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(Cmd::Shutdown(done)) => {
+                        self.flush_all();
+                        let _ = done.send(());
+                        break;
+                    }
+                    Some(cmd) => self.handle(cmd),
+                    None => {
+                        self.flush_all();
+                        break;
+                    }
+                },
+                () = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                    self.flush_due();
+                }
+                _ = sweep.tick() => self.sweep(),
+            }
+            self.update_pending_gauge();
+        }
+        tracing::info!("engine stopped");
+    }
+
+    fn update_pending_gauge(&self) {
+        let n: usize = self
+            .groups
+            .values()
+            .filter_map(|l| l.pending.as_ref().map(|p| p.changes.len()))
+            .sum();
+        self.stats
+            .pending_changes
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Enroll(data, reply) => {
+                let r = self.enroll(&data, false);
+                let _ = reply.send(r);
+            }
+            Cmd::Renew(data, reply) => {
+                let r = self.enroll(&data, true);
+                let _ = reply.send(r);
+            }
+            Cmd::Join(data, reply) => self.join(&data, reply),
+            Cmd::Register {
+                id,
+                note,
+                reissue,
+                reply,
+            } => {
+                let r = self.register(&id, note, reissue);
+                let _ = reply.send(r);
+            }
+            Cmd::Revoke { id, reason, reply } => {
+                let r = self.revoke(&id, reason);
+                let _ = reply.send(r);
+            }
+            Cmd::CreateGroup {
+                id,
+                privacy,
+                interval_secs,
+                reply,
+            } => {
+                let r = self.create_group(&id, privacy, interval_secs);
+                let _ = reply.send(r);
+            }
+            Cmd::SetPermission {
+                group,
+                device,
+                role,
+                allow,
+                reply,
+            } => self.set_permission(&group, &device, role, allow, reply),
+            Cmd::Rekey(group, reply) => self.force_rekey(&group, reply),
+            Cmd::Audit(e) => {
+                let mut tx = self.begin();
+                tx.audit(e);
+                if let Err(e) = self.commit(tx) {
+                    tracing::error!(error = %e, "cannot write audit entry");
+                }
+            }
+            Cmd::Shutdown(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn begin(&self) -> Tx {
+        Tx {
+            batch: Batch::new(),
+            meta: self.meta.clone(),
+            now: self.clock.now_ms(),
+            notices: 0,
+        }
+    }
+
+    fn commit(&mut self, mut tx: Tx) -> Result<(), CaError> {
+        tx.batch.put_meta(&tx.meta);
+        if let Err(e) = self.store.commit(tx.batch) {
+            bump(&self.stats.commit_failures);
+            tracing::error!(error = %e, "commit failed; nothing was changed");
+            return Err(e.into());
+        }
+        bump(&self.stats.commits);
+        self.stats.notices.fetch_add(tx.notices, Ordering::Relaxed);
+        self.meta = tx.meta;
+        if tx.notices > 0 {
+            self.notice_tx.send_replace(self.meta.next_notice_seq - 1);
+        }
+        Ok(())
+    }
+
+    /// Records a refused device-path request (best effort) and returns the error.
+    fn refuse<T>(
+        &mut self,
+        kind: &str,
+        device: &str,
+        group: &str,
+        e: CaError,
+    ) -> Result<T, CaError> {
+        bump(&self.stats.refusals);
+        tracing::info!(
+            kind,
+            device,
+            group,
+            outcome = e.outcome(),
+            "request refused"
+        );
+        let mut tx = self.begin();
+        tx.audit(entry(
+            kind,
+            "bridge",
+            device,
+            group,
+            e.outcome(),
+            String::new(),
+        ));
+        if let Err(ce) = self.commit(tx) {
+            tracing::error!(error = %ce, "cannot write audit entry");
+        }
+        Err(e)
+    }
+
+    fn nonce_seen(&self, scope: NonceScope, nonce: &[u8; 16]) -> Result<bool, CaError> {
+        if scope == NonceScope::GroupKey && self.pending_nonces.contains(nonce) {
+            return Ok(true);
+        }
+        let now = self.clock.now_ms();
+        Ok(self
+            .store
+            .nonce(scope, nonce)?
+            .is_some_and(|n| n.expires_ms >= now))
+    }
+
+    fn nonce_expiry(&self, now: u64) -> u64 {
+        now.saturating_add(self.cfg.time_window_ms.saturating_mul(2))
+    }
+
+    // ---- §3 enrollment and renewal -------------------------------------------------------
+
+    fn enroll(&mut self, data: &[u8], renew: bool) -> Result<Vec<u8>, CaError> {
+        let kind = if renew {
+            "device.renew"
+        } else {
+            "device.enroll"
+        };
+        if data.len() > MAX_CERT_REQUEST_LEN {
+            return self.refuse(kind, "", "", CaError::TooLarge("request"));
+        }
+        let parsed = if renew {
+            RenewRequest::from_bytes(data).map(|r| (r.request.id.clone(), Err(r)))
+        } else {
+            EnrollRequest::from_bytes(data).map(|r| (r.request.id.clone(), Ok(r)))
+        };
+        let (id, req) = match parsed {
+            Ok(p) => p,
+            Err(e) => return self.refuse(kind, "", "", decode_err(e)),
+        };
+        match self.enroll_checked(&id, req) {
+            Ok(v) => Ok(v),
+            Err(e @ (CaError::Store(_) | CaError::Crypto(_))) => Err(e),
+            Err(e) => self.refuse(kind, id.as_str(), "", e),
+        }
+    }
+
+    fn enroll_checked(
+        &mut self,
+        id: &DeviceId,
+        req: Result<EnrollRequest, RenewRequest>,
+    ) -> Result<Vec<u8>, CaError> {
+        let now = self.clock.now_ms();
+        let window = self.cfg.time_window_ms;
+        let dev = self
+            .store
+            .device(id)?
+            .ok_or(CaError::NotAuthorized("unknown device"))?;
+        if dev.state == device_state::REVOKED {
+            return Err(CaError::NotAuthorized("revoked device"));
+        }
+        let verified = match &req {
+            Ok(enroll) => {
+                let bytes: [u8; 32] = dev
+                    .enroll_secret
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| CaError::NotAuthorized("no enrollment secret"))?;
+                let secret = EnrollmentSecret::from_bytes(&bytes);
+                enroll.verify(&secret, now, window).map_err(enroll_err)?
+            }
+            Err(renew) => {
+                let current = self
+                    .store
+                    .cert(dev.serial)?
+                    .filter(|c| c.revoked_ms == 0)
+                    .ok_or(CaError::NotAuthorized("no valid certificate"))?;
+                let cert = ImplicitCert::from_bytes(&current.cert)
+                    .map_err(|_| CaError::Crypto("stored certificate"))?;
+                renew
+                    .verify(&cert, self.ca.public(), now, window)
+                    .map_err(enroll_err)?
+            }
+        };
+        let nonce = verified.request().nonce;
+        if self.nonce_seen(NonceScope::Certificate, &nonce)? {
+            return Err(CaError::NotAuthorized("replayed nonce"));
+        }
+        self.issue(dev, &verified, req.is_err(), now)
+    }
+
+    fn issue(
+        &mut self,
+        mut dev: DeviceRecord,
+        verified: &VerifiedRequest,
+        renew: bool,
+        now: u64,
+    ) -> Result<Vec<u8>, CaError> {
+        let mut tx = self.begin();
+        let serial = tx.serial();
+        let not_after = now.saturating_add(self.cfg.cert_validity_ms);
+        let resp = verified
+            .issue(&self.ca, serial, now, not_after, &mut self.rng)
+            .map_err(|_| CaError::Crypto("certificate issue"))?;
+        let q = resp
+            .cert
+            .open(self.ca.public())
+            .map_err(|_| CaError::Crypto("certificate open"))?;
+        let cert = CertRecord {
+            serial,
+            device_id: dev.id.clone(),
+            cert: resp.cert.to_bytes(),
+            public_key: q.0.to_bytes().to_vec(),
+            share_point: resp.cert.group_base().to_bytes().to_vec(),
+            not_before_ms: now,
+            not_after_ms: not_after,
+            revoked_ms: 0,
+        };
+        if !renew {
+            zeroize::Zeroize::zeroize(&mut dev.enroll_secret);
+            dev.enroll_secret = Vec::new();
+        }
+        dev.state = device_state::ENROLLED;
+        dev.serial = serial;
+        tx.batch.put_device(&dev)?;
+        tx.batch.put_cert(&cert);
+        tx.batch.put_nonce(
+            NonceScope::Certificate,
+            &verified.request().nonce,
+            self.nonce_expiry(now),
+        );
+        let kind = if renew {
+            "device.renew"
+        } else {
+            "device.enroll"
+        };
+        tx.audit(entry(
+            kind,
+            "bridge",
+            &dev.id,
+            "",
+            "ok",
+            format!("serial {serial}"),
+        ));
+        self.commit(tx)?;
+        bump(if renew {
+            &self.stats.renewals
+        } else {
+            &self.stats.enrollments
+        });
+        tracing::info!(device = %dev.id, serial, renew, "certificate issued");
+        Ok(resp.to_bytes())
+    }
+
+    // ---- §4 group-key requests -----------------------------------------------------------
+
+    fn member_row(
+        &self,
+        group: &GroupId,
+        role: Role,
+        device: &DeviceId,
+    ) -> Result<Option<MemberRecord>, CaError> {
+        if let Some(p) = self.groups.get(group).and_then(|l| l.pending.as_ref()) {
+            if let Some(row) = p.rows.get(&(role, device.clone())) {
+                return Ok(row.clone());
+            }
+        }
+        Ok(self.store.member(group, role, device)?)
+    }
+
+    fn join(&mut self, data: &[u8], reply: Reply<JoinReply>) {
+        if data.len() > MAX_PROPERTY_LEN {
+            let _ = reply.send(self.refuse("group.join", "", "", CaError::TooLarge("request")));
+            return;
+        }
+        let req = match GroupKeyRequest::from_bytes(data) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply.send(self.refuse("group.join", "", "", decode_err(e)));
+                return;
+            }
+        };
+        let (id, gid, role) = (req.id().clone(), req.group().clone(), req.role());
+        match self.join_checked(&req) {
+            Ok(JoinStep::Ready(r)) => {
+                bump(&self.stats.joins);
+                let _ = reply.send(Ok(r));
+            }
+            Ok(JoinStep::Stage {
+                member,
+                change,
+                row,
+                audit,
+            }) => {
+                let nonce = *req.nonce();
+                self.pending_nonces.insert(nonce);
+                let p = self.open_window(&gid);
+                if let Some(p) = p {
+                    p.changes.push(change);
+                    p.rows.insert((role, id), Some(row));
+                    p.nonces.push(nonce);
+                    p.audits.push(audit);
+                    p.reasons.insert("join");
+                    p.waiters.push(Waiter::Join { member, reply });
+                }
+            }
+            Err(e @ (CaError::Store(_) | CaError::Crypto(_))) => {
+                let _ = reply.send(Err(e));
+            }
+            Err(e) => {
+                let _ = reply.send(self.refuse("group.join", id.as_str(), gid.as_str(), e));
+            }
+        }
+    }
+
+    fn join_checked(&mut self, req: &GroupKeyRequest) -> Result<JoinStep, CaError> {
+        let now = self.clock.now_ms();
+        let (id, gid, role) = (req.id(), req.group(), req.role());
+        let dev = self
+            .store
+            .device(id)?
+            .ok_or(CaError::NotAuthorized("unknown device"))?;
+        if dev.state != device_state::ENROLLED {
+            return Err(CaError::NotAuthorized(
+                if dev.state == device_state::REVOKED {
+                    "revoked device"
+                } else {
+                    "not enrolled"
+                },
+            ));
+        }
+        let cert = self
+            .store
+            .cert(dev.serial)?
+            .ok_or(CaError::NotAuthorized("not enrolled"))?;
+        if cert.revoked_ms != 0 || cert.not_after_ms < now || cert.not_before_ms > now {
+            return Err(CaError::NotAuthorized("certificate not valid"));
+        }
+        if !self.groups.contains_key(gid) {
+            return Err(CaError::NotAuthorized("unknown group"));
+        }
+        let row = self
+            .member_row(gid, role, id)?
+            .ok_or(CaError::NotAuthorized("role not allowed"))?;
+        if self.nonce_seen(NonceScope::GroupKey, req.nonce())? {
+            return Err(CaError::NotAuthorized("replayed nonce"));
+        }
+        let member = Member {
+            id: id.clone(),
+            role,
+            q: Point::from_bytes(&cert.public_key).ok_or(CaError::Crypto("stored Q_i"))?,
+            g: Point::from_bytes(&cert.share_point).ok_or(CaError::Crypto("stored G_i"))?,
+        };
+        let joined = req
+            .open(&self.ca, &member, now, self.cfg.time_window_ms)
+            .map_err(group_err)?;
+        let audit = entry(
+            "group.join",
+            "bridge",
+            id.as_str(),
+            gid.as_str(),
+            "ok",
+            format!("{} serial {}", role.topic_segment(), dev.serial),
+        );
+        let Some(live) = self.groups.get(gid) else {
+            return Err(CaError::NotAuthorized("unknown group"));
+        };
+        if live.pending.is_none() && live.state.member(id, role) == Some(&joined) {
+            // Same share, nothing pending: the current keys, no rekey.
+            let delivery = live
+                .state
+                .delivery(&member, &mut self.rng)
+                .map_err(rekey_err)?;
+            let epoch = live.state.epoch().0;
+            let mut tx = self.begin();
+            tx.batch
+                .put_nonce(NonceScope::GroupKey, req.nonce(), self.nonce_expiry(now));
+            let mut audit = audit;
+            audit.detail = format!("{}; already joined, epoch {epoch}", audit.detail);
+            tx.audit(audit);
+            self.commit(tx)?;
+            return Ok(JoinStep::Ready(JoinReply {
+                response: delivery.to_bytes(),
+                epoch,
+            }));
+        }
+        let row = MemberRecord {
+            serial: dev.serial,
+            joined_ms: now,
+            ..row
+        };
+        Ok(JoinStep::Stage {
+            member,
+            change: Change::Join(joined),
+            row,
+            audit,
+        })
+    }
+
+    /// The open window of `group`, opening one if needed.
+    fn open_window(&mut self, group: &GroupId) -> Option<&mut Pending> {
+        let deadline = Instant::now() + self.cfg.batch_window;
+        let live = self.groups.get_mut(group)?;
+        Some(live.pending.get_or_insert_with(|| Pending::new(deadline)))
+    }
+
+    // ---- admin -------------------------------------------------------------------------
+
+    fn register(
+        &mut self,
+        id: &DeviceId,
+        note: String,
+        reissue: bool,
+    ) -> Result<Registered, CaError> {
+        let now = self.clock.now_ms();
+        let existing = self.store.device(id)?;
+        let mut dev = match (existing, reissue) {
+            (Some(_), false) => return Err(CaError::AlreadyExists("device")),
+            (None, true) => return Err(CaError::NotFound("device")),
+            (Some(d), true) if d.state == device_state::REVOKED => {
+                return Err(CaError::FailedPrecondition("device is revoked"));
+            }
+            (Some(d), true) => d,
+            (None, false) => {
+                let mut d = DeviceRecord::default();
+                d.id = id.as_str().to_owned();
+                d.state = device_state::REGISTERED;
+                d.registered_ms = now;
+                d
+            }
+        };
+        if !note.is_empty() || !reissue {
+            dev.note = note;
+        }
+        let secret = EnrollmentSecret::random(&mut self.rng);
+        dev.enroll_secret = secret.as_bytes().to_vec();
+        let mut tx = self.begin();
+        tx.batch.put_device(&dev)?;
+        let kind = if reissue {
+            "device.reissue"
+        } else {
+            "device.register"
+        };
+        tx.audit(entry(kind, "admin", id.as_str(), "", "ok", String::new()));
+        self.commit(tx)?;
+        tracing::info!(device = %id, reissue, "device registered");
+        Ok(Registered {
+            device: dev,
+            secret: Zeroizing::new(hex::encode(secret.as_bytes())),
+        })
+    }
+
+    fn revoke(&mut self, id: &DeviceId, reason: String) -> Result<DeviceRecord, CaError> {
+        let now = self.clock.now_ms();
+        let mut dev = self.store.device(id)?.ok_or(CaError::NotFound("device"))?;
+        if dev.state == device_state::REVOKED {
+            return Err(CaError::FailedPrecondition("device is already revoked"));
+        }
+        dev.state = device_state::REVOKED;
+        dev.revoked_ms = now;
+        dev.revoke_reason = reason.clone();
+        zeroize::Zeroize::zeroize(&mut dev.enroll_secret);
+        dev.enroll_secret = Vec::new();
+        let mut tx = self.begin();
+        tx.batch.put_device(&dev)?;
+        for mut cert in self.store.certs()? {
+            if cert.device_id == dev.id && cert.revoked_ms == 0 {
+                cert.revoked_ms = now;
+                tx.batch.put_cert(&cert);
+                tx.notice(Notice {
+                    kind: NoticeKind::Revoked as i32,
+                    serial: cert.serial,
+                    device_id: dev.id.clone(),
+                    ..Default::default()
+                });
+            }
+        }
+        tx.audit(entry(
+            "device.revoke",
+            "admin",
+            id.as_str(),
+            "",
+            "ok",
+            reason,
+        ));
+        self.commit(tx)?;
+        tracing::info!(device = %id, "device revoked");
+        // Leave every group in the next window; the sweep repeats this after a crash.
+        let gids: Vec<GroupId> = self.groups.keys().cloned().collect();
+        for gid in gids {
+            let rows: Vec<MemberRecord> = self
+                .store
+                .members(&gid)?
+                .into_iter()
+                .filter(|m| m.device == dev.id)
+                .collect();
+            let in_state = self
+                .groups
+                .get(&gid)
+                .is_some_and(|l| l.state.members().any(|m| &m.member().id == id));
+            if rows.is_empty() && !in_state {
+                continue;
+            }
+            if let Some(p) = self.open_window(&gid) {
+                p.changes.push(Change::Remove(id.clone()));
+                p.reasons.insert("revoke");
+                for r in rows {
+                    if let Some(role) = role_of(r.role) {
+                        p.rows.insert((role, id.clone()), None);
+                    }
+                }
+            }
+        }
+        Ok(dev)
+    }
+
+    fn create_group(
+        &mut self,
+        id: &GroupId,
+        privacy: Privacy,
+        interval_secs: u64,
+    ) -> Result<GroupRecord, CaError> {
+        if self.groups.contains_key(id) || self.store.group(id)?.is_some() {
+            return Err(CaError::AlreadyExists("group"));
+        }
+        let now = self.clock.now_ms();
+        let state = GroupState::create(&self.ca, id.clone(), privacy, Epoch(0), now, &mut self.rng)
+            .map_err(rekey_err)?;
+        let rec = GroupRecord {
+            id: id.as_str().to_owned(),
+            privacy: u32::from(privacy.to_u8()),
+            rekey_interval_secs: interval_secs,
+            created_ms: now,
+            epoch: 0,
+            epoch_started_ms: now,
+            state: state.to_record().to_vec(),
+        };
+        let mut tx = self.begin();
+        tx.batch.put_group(&rec)?;
+        let seq = tx.notice(Notice {
+            kind: NoticeKind::GroupUpdated as i32,
+            group: rec.id.clone(),
+            epoch: 0,
+            ..Default::default()
+        });
+        tx.batch.put_epoch(
+            id,
+            &EpochRecord {
+                epoch: 0,
+                started_ms: now,
+                signed_ginfo: state.signed_info().to_bytes(),
+                members: Vec::new(),
+                reason: "create".into(),
+                last_notice_seq: seq,
+            },
+        );
+        tx.audit(entry(
+            "group.create",
+            "admin",
+            "",
+            id.as_str(),
+            "ok",
+            format!(
+                "privacy {}, rekey interval {interval_secs}s",
+                privacy.to_u8()
+            ),
+        ));
+        self.commit(tx)?;
+        let mut settings = rec.clone();
+        settings.state = Vec::new();
+        self.groups.insert(
+            id.clone(),
+            Live {
+                settings,
+                state,
+                pending: None,
+            },
+        );
+        tracing::info!(group = %id, "group created");
+        Ok(rec)
+    }
+
+    fn set_permission(
+        &mut self,
+        gid: &GroupId,
+        device: &DeviceId,
+        role: Role,
+        allow: bool,
+        reply: Reply<u32>,
+    ) {
+        let r = self.set_permission_checked(gid, device, role, allow);
+        match r {
+            Ok(Some(epoch)) => {
+                let _ = reply.send(Ok(epoch));
+            }
+            Ok(None) => {
+                let audit = entry(
+                    "group.deny",
+                    "admin",
+                    device.as_str(),
+                    gid.as_str(),
+                    "ok",
+                    role.topic_segment().to_owned(),
+                );
+                if let Some(p) = self.open_window(gid) {
+                    p.changes.push(Change::Leave {
+                        id: device.clone(),
+                        role,
+                    });
+                    p.rows.insert((role, device.clone()), None);
+                    p.reasons.insert("deny");
+                    p.audits.push(audit);
+                    p.waiters.push(Waiter::Epoch(reply));
+                }
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+
+    /// `Some(epoch)` when done now, `None` when a leave must be staged.
+    fn set_permission_checked(
+        &mut self,
+        gid: &GroupId,
+        device: &DeviceId,
+        role: Role,
+        allow: bool,
+    ) -> Result<Option<u32>, CaError> {
+        let Some(live) = self.groups.get(gid) else {
+            return Err(CaError::NotFound("group"));
+        };
+        let epoch = live.state.epoch().0;
+        let dev = self
+            .store
+            .device(device)?
+            .ok_or(CaError::NotFound("device"))?;
+        let row = self.member_row(gid, role, device)?;
+        let staged_member = self
+            .groups
+            .get(gid)
+            .is_some_and(|l| l.state.member(device, role).is_some() || l.pending.is_some());
+        if allow {
+            if dev.state == device_state::REVOKED {
+                return Err(CaError::FailedPrecondition("device is revoked"));
+            }
+            if row.is_some() {
+                return Ok(Some(epoch));
+            }
+            let rec = MemberRecord {
+                device: device.as_str().to_owned(),
+                role: u32::from(role.to_u8()),
+                allowed_ms: self.clock.now_ms(),
+                ..Default::default()
+            };
+            if staged_member {
+                // A window is open: keep the rows in order with it.
+                if let Some(p) = self.open_window(gid) {
+                    p.rows.insert((role, device.clone()), Some(rec.clone()));
+                }
+            }
+            let mut tx = self.begin();
+            tx.batch.put_member(gid, &rec)?;
+            tx.audit(entry(
+                "group.allow",
+                "admin",
+                device.as_str(),
+                gid.as_str(),
+                "ok",
+                role.topic_segment().to_owned(),
+            ));
+            self.commit(tx)?;
+            return Ok(Some(epoch));
+        }
+        if staged_member {
+            return Ok(None);
+        }
+        let mut tx = self.begin();
+        if row.is_some() {
+            tx.batch.delete_member(gid, role, device);
+        }
+        tx.audit(entry(
+            "group.deny",
+            "admin",
+            device.as_str(),
+            gid.as_str(),
+            "ok",
+            role.topic_segment().to_owned(),
+        ));
+        self.commit(tx)?;
+        Ok(Some(epoch))
+    }
+
+    fn force_rekey(&mut self, gid: &GroupId, reply: Reply<u32>) {
+        let audit = entry(
+            "group.rekey-request",
+            "admin",
+            "",
+            gid.as_str(),
+            "ok",
+            String::new(),
+        );
+        match self.open_window(gid) {
+            Some(p) => {
+                p.changes.push(Change::Periodic);
+                p.reasons.insert("forced");
+                p.audits.push(audit);
+                p.waiters.push(Waiter::Epoch(reply));
+            }
+            None => {
+                let _ = reply.send(Err(CaError::NotFound("group")));
+            }
+        }
+    }
+
+    // ---- windows -------------------------------------------------------------------------
+
+    fn flush_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, l)| l.pending.as_ref().is_some_and(|p| p.deadline <= now))
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in due {
+            self.flush(&g);
+        }
+    }
+
+    fn flush_all(&mut self) {
+        let all: Vec<GroupId> = self
+            .groups
+            .iter()
+            .filter(|(_, l)| l.pending.is_some())
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in all {
+            self.flush(&g);
+        }
+    }
+
+    /// Closes a group's window: stage, write, commit, answer.
+    fn flush(&mut self, gid: &GroupId) {
+        let Some(mut live) = self.groups.remove(gid) else {
+            return;
+        };
+        let Some(p) = live.pending.take() else {
+            self.groups.insert(gid.clone(), live);
+            return;
+        };
+        for n in &p.nonces {
+            self.pending_nonces.remove(n);
+        }
+        let result = self.apply(gid, &mut live, &p);
+        match result {
+            Ok(epoch) => {
+                for w in p.waiters {
+                    match w {
+                        Waiter::Join { member, reply } => {
+                            let r = live
+                                .state
+                                .delivery(&member, &mut self.rng)
+                                .map(|d| JoinReply {
+                                    response: d.to_bytes(),
+                                    epoch,
+                                })
+                                .map_err(|e| match e {
+                                    // Joined and removed inside one window.
+                                    RekeyError::NotAMember => {
+                                        CaError::NotAuthorized("removed before the key was issued")
+                                    }
+                                    e => rekey_err(e),
+                                });
+                            if r.is_ok() {
+                                bump(&self.stats.joins);
+                            }
+                            let _ = reply.send(r);
+                        }
+                        Waiter::Epoch(reply) => {
+                            let _ = reply.send(Ok(epoch));
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(group = %gid, error = %e, "rekey failed; changes dropped");
+                for w in p.waiters {
+                    match w {
+                        Waiter::Join { reply, .. } => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                        Waiter::Epoch(reply) => {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        self.groups.insert(gid.clone(), live);
+    }
+
+    fn apply(&mut self, gid: &GroupId, live: &mut Live, p: &Pending) -> Result<u32, CaError> {
+        let mut tx = self.begin();
+        let now = tx.now;
+        let plan = live
+            .state
+            .stage(&self.ca, p.changes.iter().cloned(), now, &mut self.rng)
+            .map_err(rekey_err)?;
+        for ((role, id), row) in &p.rows {
+            match row {
+                Some(r) => tx.batch.put_member(gid, r)?,
+                None => tx.batch.delete_member(gid, *role, id),
+            }
+        }
+        let expiry = self.nonce_expiry(now);
+        for n in &p.nonces {
+            tx.batch.put_nonce(NonceScope::GroupKey, n, expiry);
+        }
+        for a in &p.audits {
+            tx.audit(a.clone());
+        }
+        let Plan::Rekey(staged) = plan else {
+            self.commit(tx)?;
+            return Ok(live.state.epoch().0);
+        };
+        let epoch = staged.epoch().0;
+        let reasons: Vec<&str> = p.reasons.iter().copied().collect();
+        let reasons = reasons.join(",");
+        let mut rec = live.settings.clone();
+        rec.epoch = epoch;
+        rec.epoch_started_ms = now;
+        rec.state = staged.state_record().to_vec();
+        tx.batch.put_group(&rec)?;
+        for n in staged.notices() {
+            tx.notice(Notice {
+                kind: NoticeKind::Rekey as i32,
+                group: gid.as_str().to_owned(),
+                epoch,
+                topic: n.topic.clone(),
+                payload: n.payload(),
+                device_id: n
+                    .recipient
+                    .as_ref()
+                    .map(|d| d.as_str().to_owned())
+                    .unwrap_or_default(),
+                ..Default::default()
+            });
+        }
+        let last_seq = tx.notice(Notice {
+            kind: NoticeKind::GroupUpdated as i32,
+            group: gid.as_str().to_owned(),
+            epoch,
+            ..Default::default()
+        });
+        let mut members = Vec::new();
+        for m in staged.state().members() {
+            let pm = m.member();
+            let serial = match p.rows.get(&(pm.role, pm.id.clone())) {
+                Some(Some(r)) => r.serial,
+                _ => self
+                    .store
+                    .member(gid, pm.role, &pm.id)?
+                    .map(|r| r.serial)
+                    .unwrap_or(0),
+            };
+            members.push(EpochMember {
+                device: pm.id.as_str().to_owned(),
+                role: u32::from(pm.role.to_u8()),
+                serial,
+            });
+        }
+        tx.batch.put_epoch(
+            gid,
+            &EpochRecord {
+                epoch,
+                started_ms: now,
+                signed_ginfo: staged.signed_info().to_bytes(),
+                members,
+                reason: reasons.clone(),
+                last_notice_seq: last_seq,
+            },
+        );
+        tx.audit(entry(
+            "group.rekey",
+            "ca",
+            "",
+            gid.as_str(),
+            "ok",
+            format!(
+                "epoch {epoch} ({reasons}): {} joined, {} departed, {} notices",
+                staged.joined().len(),
+                staged.departed().len(),
+                staged.notices().len()
+            ),
+        ));
+        tx.meta.rekeys += 1;
+        self.commit(tx)?;
+        live.state.commit(*staged).map_err(rekey_err)?;
+        live.settings.epoch = epoch;
+        live.settings.epoch_started_ms = now;
+        bump(&self.stats.rekeys);
+        tracing::info!(group = %gid, epoch, reasons = %reasons, "rekeyed");
+        Ok(epoch)
+    }
+
+    // ---- sweep: expiry, revocation, periodic rekeys, replay-cache pruning ---------------------
+
+    fn sweep(&mut self) {
+        if let Err(e) = self.sweep_checked() {
+            tracing::error!(error = %e, "sweep failed");
+        }
+    }
+
+    fn sweep_checked(&mut self) -> Result<(), CaError> {
+        let now = self.clock.now_ms();
+        let gids: Vec<GroupId> = self.groups.keys().cloned().collect();
+        for gid in gids {
+            let Some(live) = self.groups.get(&gid) else {
+                continue;
+            };
+            if live.pending.is_some() {
+                continue;
+            }
+            let mut leaves = Vec::new();
+            let mut reasons = BTreeSet::new();
+            for m in live.state.members() {
+                let pm = m.member();
+                let row = self.store.member(&gid, pm.role, &pm.id)?;
+                let cert = match &row {
+                    Some(r) => self.store.cert(r.serial)?,
+                    None => None,
+                };
+                let reason = match (&row, &cert) {
+                    (None, _) => Some("deny"),
+                    (_, None) => Some("revoke"),
+                    (_, Some(c)) if c.revoked_ms != 0 => Some("revoke"),
+                    (_, Some(c)) if c.not_after_ms < now => Some("expiry"),
+                    _ => None,
+                };
+                if let Some(reason) = reason {
+                    leaves.push((pm.role, pm.id.clone(), row));
+                    reasons.insert(reason);
+                }
+            }
+            let interval = live.settings.rekey_interval_secs.saturating_mul(1000);
+            let periodic =
+                interval > 0 && now >= live.state.rekeyed_at_ms().saturating_add(interval);
+            if leaves.is_empty() && !periodic {
+                continue;
+            }
+            if periodic {
+                reasons.insert("periodic");
+            }
+            if let Some(p) = self.open_window(&gid) {
+                for (role, id, row) in leaves {
+                    p.changes.push(Change::Leave {
+                        id: id.clone(),
+                        role,
+                    });
+                    // Keep the permission, forget the expired share.
+                    p.rows.insert(
+                        (role, id),
+                        row.map(|r| MemberRecord {
+                            serial: 0,
+                            joined_ms: 0,
+                            ..r
+                        }),
+                    );
+                }
+                if periodic {
+                    p.changes.push(Change::Periodic);
+                }
+                p.reasons.extend(reasons);
+            }
+        }
+        self.sweeps += 1;
+        if self.sweeps % 60 == 1 {
+            self.prune_nonces(now)?;
+        }
+        Ok(())
+    }
+
+    fn prune_nonces(&mut self, now: u64) -> Result<(), CaError> {
+        let expired: Vec<Key> = self
+            .store
+            .nonces()?
+            .into_iter()
+            .filter(|(_, n)| n.expires_ms < now)
+            .map(|(k, _)| k)
+            .collect();
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        for k in expired {
+            batch.delete(k);
+        }
+        self.store.commit(batch)?;
+        Ok(())
+    }
+}
+
+enum JoinStep {
+    Ready(JoinReply),
+    Stage {
+        member: Member,
+        change: Change,
+        row: MemberRecord,
+        audit: AuditEntry,
+    },
+}

@@ -1,0 +1,258 @@
+//! Stored values: prost messages behind a schema version byte.
+//!
+//! Every value is `u8 SCHEMA_VERSION || protobuf`, so a later schema can be told apart and
+//! migrated. Secret fields (enrollment secrets, shares, group secrets) are wiped on drop.
+
+use prost::Message;
+use zeroize::Zeroize;
+
+use super::StoreError;
+
+/// The schema version byte in front of every stored value.
+pub const SCHEMA_VERSION: u8 = 1;
+
+/// Encodes a record as `u8 SCHEMA_VERSION || protobuf`.
+pub fn encode<M: Message>(m: &M) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + m.encoded_len());
+    out.push(SCHEMA_VERSION);
+    out.extend_from_slice(&m.encode_to_vec());
+    out
+}
+
+/// Decodes a record written by [`encode`].
+///
+/// # Errors
+/// [`StoreError::Corrupt`] for an unknown schema version or undecodable bytes.
+pub fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, StoreError> {
+    match bytes.split_first() {
+        Some((&SCHEMA_VERSION, body)) => M::decode(body).map_err(|_| StoreError::Corrupt(what)),
+        _ => Err(StoreError::Corrupt(what)),
+    }
+}
+
+/// The counters row.
+#[derive(Clone, PartialEq, Message)]
+pub struct MetaRecord {
+    /// The next certificate serial (serials start at 1 and only grow).
+    #[prost(uint64, tag = "1")]
+    pub next_serial: u64,
+    /// The next notice sequence number (from 1).
+    #[prost(uint64, tag = "2")]
+    pub next_notice_seq: u64,
+    /// The next audit sequence number (from 1).
+    #[prost(uint64, tag = "3")]
+    pub next_audit_seq: u64,
+    /// Creation time of the store.
+    #[prost(uint64, tag = "4")]
+    pub created_ms: u64,
+    /// Total epochs committed, for status.
+    #[prost(uint64, tag = "5")]
+    pub rekeys: u64,
+}
+
+/// Device lifecycle states (as in the proto `DeviceState`).
+pub mod device_state {
+    /// Registered, enrollment secret outstanding.
+    pub const REGISTERED: i32 = 1;
+    /// Holds a certificate.
+    pub const ENROLLED: i32 = 2;
+    /// Revoked by the owner.
+    pub const REVOKED: i32 = 3;
+}
+
+/// A registered device.
+#[derive(Clone, PartialEq, Message)]
+pub struct DeviceRecord {
+    /// Device ID.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// One of [`device_state`].
+    #[prost(int32, tag = "2")]
+    pub state: i32,
+    /// Owner's note.
+    #[prost(string, tag = "3")]
+    pub note: String,
+    /// Registration time.
+    #[prost(uint64, tag = "4")]
+    pub registered_ms: u64,
+    /// The outstanding one-time enrollment secret; empty once spent.
+    #[prost(bytes = "vec", tag = "5")]
+    pub enroll_secret: Vec<u8>,
+    /// The current certificate serial, 0 if none.
+    #[prost(uint64, tag = "6")]
+    pub serial: u64,
+    /// Revocation time, 0 if not revoked.
+    #[prost(uint64, tag = "7")]
+    pub revoked_ms: u64,
+    /// Revocation reason.
+    #[prost(string, tag = "8")]
+    pub revoke_reason: String,
+}
+
+impl Drop for DeviceRecord {
+    fn drop(&mut self) {
+        self.enroll_secret.zeroize();
+    }
+}
+
+/// An issued certificate.
+#[derive(Clone, PartialEq, Message)]
+pub struct CertRecord {
+    /// Serial.
+    #[prost(uint64, tag = "1")]
+    pub serial: u64,
+    /// Device ID.
+    #[prost(string, tag = "2")]
+    pub device_id: String,
+    /// The encoded certificate.
+    #[prost(bytes = "vec", tag = "3")]
+    pub cert: Vec<u8>,
+    /// pt(Q_i), the device public key opened from the certificate.
+    #[prost(bytes = "vec", tag = "4")]
+    pub public_key: Vec<u8>,
+    /// pt(G_i).
+    #[prost(bytes = "vec", tag = "5")]
+    pub share_point: Vec<u8>,
+    /// Validity start.
+    #[prost(uint64, tag = "6")]
+    pub not_before_ms: u64,
+    /// Validity end.
+    #[prost(uint64, tag = "7")]
+    pub not_after_ms: u64,
+    /// Revocation time, 0 if valid.
+    #[prost(uint64, tag = "8")]
+    pub revoked_ms: u64,
+}
+
+/// A group: the owner's settings plus the sealed state of the current epoch.
+#[derive(Clone, PartialEq, Message)]
+pub struct GroupRecord {
+    /// Group ID.
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// 1 standard, 2 anonymous.
+    #[prost(uint32, tag = "2")]
+    pub privacy: u32,
+    /// Periodic rekey interval in seconds, 0 for none.
+    #[prost(uint64, tag = "3")]
+    pub rekey_interval_secs: u64,
+    /// Creation time.
+    #[prost(uint64, tag = "4")]
+    pub created_ms: u64,
+    /// Current epoch (also inside `state`; kept here for listings).
+    #[prost(uint32, tag = "5")]
+    pub epoch: u32,
+    /// Start of the current epoch.
+    #[prost(uint64, tag = "6")]
+    pub epoch_started_ms: u64,
+    /// `GroupState::to_record` of quva-client: signed info and the joined members with their
+    /// shares v_i (secret).
+    #[prost(bytes = "vec", tag = "7")]
+    pub state: Vec<u8>,
+}
+
+impl Drop for GroupRecord {
+    fn drop(&mut self) {
+        self.state.zeroize();
+    }
+}
+
+/// A device's permission in one role of a group, and whether it has joined.
+///
+/// The member's share itself lives in the group's state record, written in the same batch.
+#[derive(Clone, PartialEq, Message)]
+pub struct MemberRecord {
+    /// Device ID.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// 1 publisher, 2 subscriber.
+    #[prost(uint32, tag = "2")]
+    pub role: u32,
+    /// Serial of the certificate whose share is joined, 0 if not joined.
+    #[prost(uint64, tag = "4")]
+    pub serial: u64,
+    /// When the share was accepted.
+    #[prost(uint64, tag = "5")]
+    pub joined_ms: u64,
+    /// When the permission was granted.
+    #[prost(uint64, tag = "6")]
+    pub allowed_ms: u64,
+}
+
+impl MemberRecord {
+    /// Whether the member has joined (an accepted share is in the group state).
+    pub fn joined(&self) -> bool {
+        self.serial != 0
+    }
+}
+
+/// One joined member in an epoch record.
+#[derive(Clone, PartialEq, Message)]
+pub struct EpochMember {
+    /// Device ID.
+    #[prost(string, tag = "1")]
+    pub device: String,
+    /// 1 publisher, 2 subscriber.
+    #[prost(uint32, tag = "2")]
+    pub role: u32,
+    /// Certificate serial.
+    #[prost(uint64, tag = "3")]
+    pub serial: u64,
+}
+
+/// The public record of one epoch.
+#[derive(Clone, PartialEq, Message)]
+pub struct EpochRecord {
+    /// Epoch number.
+    #[prost(uint32, tag = "1")]
+    pub epoch: u32,
+    /// Start time.
+    #[prost(uint64, tag = "2")]
+    pub started_ms: u64,
+    /// `ginfo || sig`.
+    #[prost(bytes = "vec", tag = "3")]
+    pub signed_ginfo: Vec<u8>,
+    /// The joined members, sorted.
+    #[prost(message, repeated, tag = "4")]
+    pub members: Vec<EpochMember>,
+    /// Why the epoch began (`join`, `leave`, `periodic`, ...), comma-separated.
+    #[prost(string, tag = "5")]
+    pub reason: String,
+    /// Sequence number of the last notice of this epoch change, 0 if none.
+    #[prost(uint64, tag = "6")]
+    pub last_notice_seq: u64,
+}
+
+/// A replay-cache entry.
+#[derive(Clone, PartialEq, Message)]
+pub struct NonceRecord {
+    /// When the entry may be dropped.
+    #[prost(uint64, tag = "1")]
+    pub expires_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let m = MetaRecord {
+            next_serial: 5,
+            next_notice_seq: 7,
+            next_audit_seq: 9,
+            created_ms: 1,
+            rekeys: 2,
+        };
+        let bytes = encode(&m);
+        assert_eq!(bytes[0], SCHEMA_VERSION);
+        assert_eq!(decode::<MetaRecord>(&bytes, "meta").unwrap(), m);
+        let mut other = bytes.clone();
+        other[0] = 2;
+        assert_eq!(
+            decode::<MetaRecord>(&other, "meta"),
+            Err(StoreError::Corrupt("meta"))
+        );
+        assert!(decode::<MetaRecord>(&[], "meta").is_err());
+    }
+}

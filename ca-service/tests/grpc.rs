@@ -1,0 +1,470 @@
+//! The CA through its real gRPC server on 127.0.0.1:0 over a temporary RocksDB.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod support;
+
+use std::time::Duration;
+
+use quva_ca::config::Config;
+use quva_client::codec::{Decode, Encode};
+use quva_client::curve::Point;
+use quva_client::enrollment::{EnrollmentSecret, ImplicitCert, PendingEnrollment};
+use quva_client::group::{GroupKeyDelivery, Member, SignedGroupInfo};
+use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::rekey::{DEFAULT_GRACE_MS, Keyring, RekeyNotice};
+use quva_client::rng::SystemRng;
+use quva_client::schnorr::VerifyingKey;
+use quva_proto::v1 as pb;
+use support::{Harness, device_client};
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+const G: &str = "plant/line-3/temp";
+
+async fn group_info(
+    h: &mut Harness,
+    group: &str,
+) -> (pb::GetGroupResponse, quva_client::group::GroupInfo) {
+    let r = h
+        .device
+        .get_group(pb::GetGroupRequest {
+            group: group.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let signed = SignedGroupInfo::from_bytes(&r.signed_ginfo).unwrap();
+    let info = signed.verify(&VerifyingKey(h.ca)).unwrap().clone();
+    (r, info)
+}
+
+fn members_of(ca: &Point, r: &pb::GetGroupResponse) -> Vec<Member> {
+    r.members
+        .iter()
+        .map(|m| {
+            let cert = ImplicitCert::from_bytes(&m.cert).unwrap();
+            Member {
+                id: cert.id().clone(),
+                role: Role::from_u8(u8::try_from(m.role).unwrap()).unwrap(),
+                q: cert.open(ca).unwrap().0,
+                g: *cert.group_base(),
+            }
+        })
+        .collect()
+}
+
+/// Notices from `from` until one satisfies `stop` (inclusive).
+async fn notices_until(
+    h: &mut Harness,
+    from: u64,
+    stop: impl Fn(&pb::Notice) -> bool,
+) -> Vec<pb::Notice> {
+    let mut stream = h
+        .device
+        .watch_notices(pb::WatchNoticesRequest { from_seq: from })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("notice in time")
+            .expect("stream open")
+            .unwrap();
+        let done = stop(&n);
+        out.push(n);
+        if done {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn enroll_join_and_group_keys_verify_on_the_device() {
+    let mut h = Harness::start().await;
+    let s1 = h.enrolled("s1").await;
+    let p1 = h.enrolled("p1").await;
+    let g = h.create_group(G, false, 0).await;
+    assert_eq!(g.epoch, 0);
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.permit(G, "p1", Role::Publisher, true).await;
+
+    let ks = h.join(&s1, G, Role::Subscriber).await.unwrap();
+    assert_eq!(ks.epoch().0, 1);
+    assert_eq!(ks.key().public(), &ks.info().q_p);
+    let kp = h.join(&p1, G, Role::Publisher).await.unwrap();
+    assert_eq!(kp.epoch().0, 2);
+    assert_eq!(kp.key().public(), &kp.info().q_s);
+
+    // The bridge's view: signed info, member certificates, Q_P and Q_S as sums over members.
+    let (r, info) = group_info(&mut h, G).await;
+    assert_eq!(info.epoch.0, 2);
+    assert_eq!(r.members.len(), 2);
+    info.check_members(&members_of(&h.ca, &r)).unwrap();
+    assert_eq!(&info.q_s, kp.key().public());
+
+    // The same share again: current keys, no new epoch.
+    let again = h.join(&p1, G, Role::Publisher).await.unwrap();
+    assert_eq!(again.epoch().0, 2);
+    let status = h
+        .admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.rekeys, 2);
+    assert_eq!(status.devices, 2);
+    assert_eq!(status.next_serial, 3);
+
+    let shown = h
+        .admin
+        .show_group(pb::ShowGroupRequest { id: G.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.q_p, hex::encode(info.q_p.to_bytes()));
+    assert!(shown.members.iter().all(|m| m.joined));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn rejections_have_the_right_status_and_change_nothing() {
+    let mut h = Harness::start().await;
+    let s1 = h.enrolled("s1").await;
+    let r1 = h.enrolled("r1").await;
+    h.create_group(G, false, 0).await;
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.permit(G, "r1", Role::Subscriber, true).await;
+    h.join(&s1, G, Role::Subscriber).await.unwrap();
+    h.join(&r1, G, Role::Subscriber).await.unwrap();
+
+    // Wrong tokens.
+    let before = h.snapshot();
+    let mut wrong = device_client(&h.url, &h.admin_token).await;
+    let e = wrong
+        .get_ca_info(pb::GetCaInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let mut none = device_client(&h.url, "not-a-token").await;
+    let e = none.get_ca_info(pb::GetCaInfoRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut admin_as_bridge = quva_ca::cli::connect(&h.url, &h.bridge_token)
+        .await
+        .unwrap();
+    let e = admin_as_bridge
+        .list_devices(pb::ListDevicesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+
+    // Unknown device.
+    let ghost = PendingEnrollment::new(
+        DeviceId::new("ghost").unwrap(),
+        h.now(),
+        &mut SystemRng::new(),
+    );
+    let data = ghost
+        .enroll_request(&EnrollmentSecret::random(&mut SystemRng::new()))
+        .to_bytes();
+    let e = h
+        .device
+        .enroll(pb::EnrollRequest { auth_data: data })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(e.message(), "not authorized");
+    assert!(h.snapshot() == before, "storage changed");
+
+    // Wrong enrollment secret, then a replayed enrollment.
+    let secret = h.register("e1").await;
+    let pending =
+        PendingEnrollment::new(DeviceId::new("e1").unwrap(), h.now(), &mut SystemRng::new());
+    let before = h.snapshot();
+    let bad = pending
+        .enroll_request(&EnrollmentSecret::random(&mut SystemRng::new()))
+        .to_bytes();
+    let e = h
+        .device
+        .enroll(pb::EnrollRequest { auth_data: bad })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+    let good = pending.enroll_request(&secret).to_bytes();
+    h.device
+        .enroll(pb::EnrollRequest {
+            auth_data: good.clone(),
+        })
+        .await
+        .unwrap();
+    let before = h.snapshot();
+    let e = h
+        .device
+        .enroll(pb::EnrollRequest { auth_data: good })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+
+    // Malformed bytes.
+    let e = h
+        .device
+        .enroll(pb::EnrollRequest {
+            auth_data: vec![1, 2, 3],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = h
+        .device
+        .join_group(pb::JoinGroupRequest {
+            request: vec![0xff; 40],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = h
+        .device
+        .join_group(pb::JoinGroupRequest {
+            request: vec![1; 5000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange);
+    assert!(h.snapshot() == before, "storage changed");
+
+    // Bad proof of possession: every tampered byte of the ciphertext is refused.
+    let req = h.join_request(&s1, G, Role::Subscriber);
+    for i in [req.len() - 1, req.len() - 20, req.len() - 40] {
+        let mut bad = req.clone();
+        bad[i] ^= 0x01;
+        let e = h
+            .device
+            .join_group(pb::JoinGroupRequest { request: bad })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "byte {i}");
+    }
+    assert!(h.snapshot() == before, "storage changed");
+
+    // A replayed group-key request.
+    let req = h.join_request(&s1, G, Role::Subscriber);
+    h.device
+        .join_group(pb::JoinGroupRequest {
+            request: req.clone(),
+        })
+        .await
+        .unwrap();
+    let before = h.snapshot();
+    let e = h
+        .device
+        .join_group(pb::JoinGroupRequest { request: req })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+
+    // Unauthorized role and unknown group.
+    let e = h.join(&s1, G, Role::Publisher).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = h
+        .join(&s1, "other/group", Role::Subscriber)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+
+    // A revoked device: its group rekeys without it, then it is refused.
+    let epoch = h.join(&s1, G, Role::Subscriber).await.unwrap().epoch().0;
+    h.admin
+        .revoke_device(pb::RevokeDeviceRequest {
+            id: "r1".into(),
+            reason: "lost".into(),
+        })
+        .await
+        .unwrap();
+    let mut info = group_info(&mut h, G).await.1;
+    for _ in 0..200 {
+        if info.epoch.0 > epoch {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        info = group_info(&mut h, G).await.1;
+    }
+    assert_eq!(info.epoch.0, epoch + 1);
+    assert_eq!(info.n_sub, 1);
+    let before = h.snapshot();
+    let e = h.join(&r1, G, Role::Subscriber).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(h.snapshot() == before, "storage changed");
+    let cert = h
+        .device
+        .get_certificate(pb::GetCertificateRequest {
+            by: Some(pb::get_certificate_request::By::DeviceId("r1".into())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cert.revoked);
+
+    // Every refusal is in the audit log; no secret is.
+    let kinds = h.audit_kinds().await;
+    assert_eq!(kinds.iter().filter(|(k, _)| k == "auth.denied").count(), 3);
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| k == "device.enroll" && o == "unknown device")
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| k == "device.enroll" && o == "replayed nonce"
+                || k == "device.enroll" && o == "no enrollment secret")
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| k == "group.join" && o == "bad proof of possession")
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| k == "group.join" && o == "role not allowed")
+    );
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| k == "group.join" && o == "revoked device")
+    );
+    assert!(kinds.iter().any(|(k, _)| k == "device.revoke"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_departed_subscriber_cannot_read_the_new_key() {
+    let mut h = Harness::start().await;
+    let s1 = h.enrolled("s1").await;
+    let s2 = h.enrolled("s2").await;
+    let p1 = h.enrolled("p1").await;
+    h.create_group(G, false, 0).await;
+    for (d, r) in [
+        ("s1", Role::Subscriber),
+        ("s2", Role::Subscriber),
+        ("p1", Role::Publisher),
+    ] {
+        h.permit(G, d, r, true).await;
+    }
+    for (c, r) in [
+        (&s1, Role::Subscriber),
+        (&s2, Role::Subscriber),
+        (&p1, Role::Publisher),
+    ] {
+        h.join(c, G, r).await.unwrap();
+    }
+    // Current keys for everyone (same shares: no rekey).
+    let q_ca = VerifyingKey(h.ca);
+    let gid = GroupId::new(G).unwrap();
+    let mut rings = Vec::new();
+    for (c, r) in [
+        (&s1, Role::Subscriber),
+        (&s2, Role::Subscriber),
+        (&p1, Role::Publisher),
+    ] {
+        let req = h.join_request(c, G, r);
+        let resp = h
+            .device
+            .join_group(pb::JoinGroupRequest { request: req })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.epoch, 3);
+        let d = GroupKeyDelivery::from_bytes(&resp.response).unwrap();
+        rings.push(Keyring::from_delivery(q_ca, &gid, r, c.key(), &d, DEFAULT_GRACE_MS).unwrap());
+    }
+    let last = h
+        .admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .last_notice_seq;
+
+    h.permit(G, "s2", Role::Subscriber, false).await;
+    let notices = notices_until(&mut h, last + 1, |n| {
+        n.kind == pb::NoticeKind::GroupUpdated as i32 && n.epoch == 4
+    })
+    .await;
+    let (_, info) = group_info(&mut h, G).await;
+    assert_eq!(info.epoch.0, 4);
+    let rekeys: Vec<RekeyNotice> = notices
+        .iter()
+        .filter(|n| n.kind == pb::NoticeKind::Rekey as i32)
+        .map(|n| RekeyNotice::from_bytes(&n.payload).unwrap())
+        .collect();
+    assert!(!rekeys.is_empty());
+    let now = h.now();
+    // s2 departed: no notice opens for it, neither as a follow-up nor as a fresh start.
+    for n in &rekeys {
+        assert!(rings[1].clone().apply_notice(s2.key(), n, now).is_err());
+        assert!(
+            Keyring::from_notice(q_ca, &gid, Role::Subscriber, s2.key(), n, DEFAULT_GRACE_MS)
+                .is_err()
+        );
+    }
+    // s1 (subscriber, d_P) and p1 (publisher, d_S) adopt the new epoch.
+    for (i, creds) in [(0usize, &s1), (2, &p1)] {
+        let adopted = rekeys
+            .iter()
+            .filter_map(|n| rings[i].apply_notice(creds.key(), n, now).ok())
+            .count();
+        assert_eq!(adopted, 1, "ring {i}");
+        assert_eq!(rings[i].epoch().0, 4);
+    }
+    assert_eq!(rings[0].current_key().public(), &info.q_p);
+    assert_eq!(rings[2].current_key().public(), &info.q_s);
+    // The removed subscriber's old key is not the new one.
+    assert_ne!(rings[1].current_key().public(), &info.q_p);
+    // Notices topics: individual ones name their recipient, none names s2.
+    assert!(notices.iter().all(|n| n.device_id != "s2"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn joins_inside_one_window_make_one_epoch() {
+    let mut h = Harness::start_with(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        batch_window_ms: 400,
+        ..Config::default()
+    })
+    .await;
+    h.create_group(G, false, 0).await;
+    let mut reqs = Vec::new();
+    for i in 0..4 {
+        let id = format!("d{i}");
+        let c = h.enrolled(&id).await;
+        h.permit(G, &id, Role::Subscriber, true).await;
+        reqs.push(h.join_request(&c, G, Role::Subscriber));
+    }
+    let mut tasks = Vec::new();
+    for req in &reqs {
+        let mut client = h.device.clone();
+        let req = req.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .join_group(pb::JoinGroupRequest { request: req })
+                .await
+                .unwrap()
+                .into_inner()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap().epoch, 1);
+    }
+    let (_, info) = group_info(&mut h, G).await;
+    assert_eq!((info.epoch.0, info.n_sub), (1, 4));
+    h.stop().await;
+}
