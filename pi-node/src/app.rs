@@ -88,16 +88,7 @@ impl Context {
 
     /// The enrolled device with its stored group keys, and a link to the bridge.
     fn open_link(&self, persistent: bool) -> Result<Link, NodeError> {
-        let store = KeyStore::open(&self.store_dir).map_err(|e| match e {
-            crate::store::StoreError::Io { ref source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                NodeError::Store(crate::store::StoreError::NotEnrolled(
-                    self.store_dir.clone(),
-                ))
-            }
-            other => NodeError::Store(other),
-        })?;
+        let store = KeyStore::open(&self.store_dir)?;
         let stored = store.load_credentials()?;
         let mut device = Device::new(
             stored.credentials,

@@ -118,10 +118,13 @@ impl KeyStore {
     /// Opens an existing store, checking the directory's permissions.
     ///
     /// # Errors
-    /// [`StoreError::Io`] if the directory is missing, [`StoreError::Permissions`] if it is
-    /// accessible to other users.
+    /// [`StoreError::NotEnrolled`] if the directory is missing, [`StoreError::Permissions`] if it
+    /// is accessible to other users, [`StoreError::Io`] if it cannot be examined.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
+        if !root.exists() {
+            return Err(StoreError::NotEnrolled(root));
+        }
         check_mode(&root, 0o700)?;
         Ok(KeyStore { root })
     }

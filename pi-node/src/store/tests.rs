@@ -84,7 +84,7 @@ fn refuses_paths_open_to_other_users() {
     fs::set_permissions(store.path(), fs::Permissions::from_mode(0o700)).unwrap();
     assert!(KeyStore::open(store.path()).is_ok());
     let missing = KeyStore::open(store.path().join("nope")).unwrap_err();
-    assert!(matches!(missing, StoreError::Io { .. }));
+    assert!(matches!(missing, StoreError::NotEnrolled(_)), "{missing}");
 }
 
 #[test]
