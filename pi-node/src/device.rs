@@ -13,6 +13,9 @@
 //! drops. [`Device::seal`] builds a PUBLISH payload. [`Device::view`] is the
 //! [`Directory`]/[`HeldKeys`] pair that verification uses.
 //!
+//! A CA-signed member list of a later epoch that still names the device, with no notice
+//! following it, also leads to a new request: a notice was lost.
+//!
 //! Messages that cannot be checked yet — an epoch the device has not adopted, or no member list
 //! for their epoch — wait (bounded) until the key or list arrives, or until the timestamp window
 //! has passed.
@@ -342,6 +345,8 @@ struct RoleState {
     requesting: bool,
     needs_key: bool,
     last_request_ms: Option<u64>,
+    /// Since when a CA-signed member list names this device in a later epoch than its key.
+    behind_since: Option<u64>,
 }
 
 struct Waiting {
@@ -900,6 +905,16 @@ impl Device {
                 break;
             }
         }
+        if let Some(session) = self.groups.get_mut(group) {
+            let newest = session.lists.keys().next_back().copied();
+            for (role, ring) in &session.rings {
+                if newest.is_none_or(|e| ring.epoch() >= e)
+                    && let Some(state) = session.roles.get_mut(role)
+                {
+                    state.behind_since = None;
+                }
+            }
+        }
         self.prune_lists(group, now_ms);
         self.retry_waiting(group, now_ms, out);
     }
@@ -924,9 +939,20 @@ impl Device {
         };
         let epoch = list.epoch();
         let members = list.members().len();
+        let id = self.creds.id().clone();
         let Some(session) = self.groups.get_mut(group) else {
             return;
         };
+        // A later epoch that still lists this device means a notice was missed: unless one
+        // arrives soon, ask again (see `rerequest`).
+        for (role, ring) in &session.rings {
+            if epoch > ring.epoch()
+                && list.contains(&id, *role)
+                && let Some(state) = session.roles.get_mut(role)
+            {
+                state.behind_since.get_or_insert(now_ms);
+            }
+        }
         session.lists.insert(epoch, list);
         out.push(Output::MembersUpdated {
             group: group.clone(),
@@ -1056,7 +1082,10 @@ impl Device {
                     let quiet = st
                         .last_request_ms
                         .is_none_or(|t| now_ms.saturating_sub(t) >= interval);
-                    (st.needs_key && !st.requesting && quiet).then(|| (g.clone(), *r))
+                    let behind = st
+                        .behind_since
+                        .is_some_and(|t| now_ms.saturating_sub(t) >= interval);
+                    ((st.needs_key || behind) && !st.requesting && quiet).then(|| (g.clone(), *r))
                 })
             })
             .collect();

@@ -25,7 +25,7 @@ use bytes::Bytes;
 use quva_client::enrollment::Credentials;
 use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{Epoch, GroupId, Role};
-use quva_client::message::{Direction, Protection, VerifiedMessage};
+use quva_client::message::{Direction, Protection, Rejection, VerifiedMessage};
 use quva_client::rng::SystemRng;
 use rand_core::RngCore;
 use rumqttc::Outgoing;
@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
-use crate::device::{Device, KeySource, Output, Purpose, Subscription};
+use crate::device::{Device, DropReason, KeySource, Output, Purpose, Subscription};
 use crate::enroll::{ConnectAuth, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::store::KeyStore;
@@ -724,6 +724,13 @@ impl Link {
                 }
                 Output::SubscriptionRefused { filter, code } => {
                     tracing::warn!(filter = %filter, code, "subscription refused");
+                }
+                // A QoS 1 redelivery is a replay by design: not worth a warning.
+                Output::Dropped {
+                    topic,
+                    reason: reason @ DropReason::Message(Rejection::Replayed),
+                } => {
+                    tracing::debug!(topic = %topic, reason = %reason, "dropped");
                 }
                 Output::Dropped { topic, reason } => {
                     tracing::warn!(topic = %topic, reason = %reason, "dropped");

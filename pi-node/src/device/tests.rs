@@ -502,3 +502,44 @@ fn stored_keys_restore_and_redact() {
     assert!(dev2.restore(&wrong, w.now, &mut w.rng).is_err());
     assert!(T0 <= w.now);
 }
+
+#[test]
+fn a_later_member_list_without_a_notice_leads_to_a_new_request() {
+    let mut s = setup(11);
+    s.w.now += 60_000;
+    s.w.periodic(&s.g);
+    // The notices are lost; only the member list of the new epoch arrives.
+    let published = core::mem::take(&mut s.w.outbox);
+    let lists: Vec<_> = published
+        .into_iter()
+        .filter(|(t, _)| t.starts_with("quva/c/"))
+        .collect();
+    let out = s.w.deliver(&mut [&mut s.s1], &lists);
+    assert!(adopted(&out[0]).is_empty());
+    // Nothing happens at once (the notice may still come)…
+    let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+    assert!(out.is_empty(), "{out:?}");
+    // …but after the interval the device asks the CA again.
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
+    let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+    let out = s.w.run(&mut s.s1, out);
+    let current = s.w.state(&s.g).epoch();
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, current, KeySource::Delivery)]
+    );
+    // Up to date: no further requests.
+    s.w.now += 10 * s.s1.dev.config().rerequest_interval_ms;
+    assert!(s.s1.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+
+    // A removed member does not keep asking.
+    s.w.leave(&s.g, "sub-2", Role::Subscriber);
+    let published = core::mem::take(&mut s.w.outbox);
+    let lists: Vec<_> = published
+        .into_iter()
+        .filter(|(t, _)| t.starts_with("quva/c/"))
+        .collect();
+    s.w.deliver(&mut [&mut s.s2], &lists);
+    s.w.now += 10 * s.s2.dev.config().rerequest_interval_ms;
+    assert!(s.s2.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+}
