@@ -120,7 +120,13 @@ impl Proc {
         let n = NEXT_LOG.fetch_add(1, Ordering::Relaxed);
         let file: String = name
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         let stdout = logs.join(format!("{n:03}-{file}.out"));
         let stderr = logs.join(format!("{n:03}-{file}.err"));
