@@ -19,6 +19,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod offline;
+pub mod raw;
+
 use std::fs;
 use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -277,19 +280,38 @@ pub struct Cluster {
     /// The broker's address.
     pub broker: SocketAddr,
     mosquitto: Proc,
+    mosquitto_conf: PathBuf,
     ca: Proc,
+    ca_listen: SocketAddr,
+    ca_flags: Vec<String>,
+    bridge_conf: PathBuf,
     bridge_proc: Proc,
+}
+
+/// Settings of a [`Cluster`] beyond the protected topics.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Extra flags of `quva-ca serve` (e.g. `--time-window-ms 5000`).
+    pub ca_flags: Vec<String>,
+    /// Extra TOML appended to the bridge configuration after its `[topics]` table (e.g. a
+    /// `[windows]` table).
+    pub bridge_toml: String,
 }
 
 impl Cluster {
     /// Starts the broker, the CA and the bridge, protecting the given topic filters.
     pub fn start(protected: &[&str]) -> Self {
+        Self::start_with(protected, &Options::default())
+    }
+
+    /// As [`Cluster::start`], with extra CA flags and bridge settings.
+    pub fn start_with(protected: &[&str], options: &Options) -> Self {
         let bins = Binaries::locate();
         let dir = tempfile::tempdir().unwrap();
         let logs = dir.path().join("logs");
         fs::create_dir_all(&logs).unwrap();
 
-        let (mosquitto, broker) = start_mosquitto(dir.path(), &logs);
+        let (mosquitto, broker, mosquitto_conf) = start_mosquitto(dir.path(), &logs);
 
         let ca_data = dir.path().join("ca");
         let out = run(
@@ -308,12 +330,7 @@ impl Cluster {
 
         let ca_port = free_port();
         let ca_addr: SocketAddr = format!("127.0.0.1:{ca_port}").parse().unwrap();
-        let mut cmd = Command::new(&bins.ca);
-        cmd.args(["serve", "--batch-window-ms", "50", "--data"])
-            .arg(&ca_data)
-            .args(["--listen", &ca_addr.to_string()]);
-        let mut ca = Proc::spawn(cmd, "quva-ca", &logs);
-        wait_port(ca_addr, &mut ca.child, "quva-ca");
+        let ca = spawn_ca(&bins, &ca_data, ca_addr, &options.ca_flags, &logs);
         let ca_url = format!("http://{ca_addr}");
 
         let bridge_port = free_port();
@@ -326,17 +343,14 @@ impl Cluster {
                 "listen = \"{bridge}\"\n\
                  [upstream]\naddress = \"{broker}\"\n\
                  [ca]\nendpoint = \"{ca_url}\"\ntoken_file = \"{}\"\n\
-                 [topics]\nprotected = [{}]\n",
+                 [topics]\nprotected = [{}]\n{}\n",
                 ca_data.join("bridge.token").display(),
-                filters.join(", ")
+                filters.join(", "),
+                options.bridge_toml,
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(&bins.bridge);
-        cmd.arg("--config").arg(&conf);
-        cmd.env("RUST_LOG", "info");
-        let mut bridge_proc = Proc::spawn(cmd, "quva-bridge", &logs);
-        wait_port(bridge, &mut bridge_proc.child, "quva-bridge");
+        let bridge_proc = spawn_bridge(&bins, &conf, bridge, &logs);
 
         Cluster {
             bins,
@@ -346,7 +360,11 @@ impl Cluster {
             bridge,
             broker,
             mosquitto,
+            mosquitto_conf,
             ca,
+            ca_listen: ca_addr,
+            ca_flags: options.ca_flags.clone(),
+            bridge_conf: conf,
             bridge_proc,
             dir,
         }
@@ -391,6 +409,17 @@ impl Cluster {
         self.admin(&["group", "allow", group, device, "--role", role]);
     }
 
+    /// Registers `id`, allows it `role` (`pub` or `sub`) in each listed group and enrolls it.
+    pub fn enrolled(&self, id: &str, roles: &[(&str, &str)]) -> Node {
+        let secret = self.register(id);
+        for (group, role) in roles {
+            self.allow(group, id, role);
+        }
+        let node = self.node(id);
+        node.enroll(&secret).success();
+        node
+    }
+
     /// A device with its own key store in the cluster's directory.
     pub fn node(&self, name: &str) -> Node {
         Node {
@@ -416,6 +445,51 @@ impl Cluster {
         let _ = self.ca.child.wait();
     }
 
+    /// Starts the CA again on the same data directory and address (after [`Cluster::stop_ca`]);
+    /// kills it first (SIGKILL, as a crash) if it still runs.
+    pub fn restart_ca(&mut self) {
+        self.stop_ca();
+        self.ca = spawn_ca(
+            &self.bins,
+            &self.ca_data,
+            self.ca_listen,
+            &self.ca_flags,
+            &self.logs(),
+        );
+    }
+
+    /// Kills the bridge (SIGKILL) and starts it again with the same configuration and address.
+    pub fn restart_bridge(&mut self) {
+        let _ = self.bridge_proc.child.kill();
+        let _ = self.bridge_proc.child.wait();
+        self.bridge_proc = spawn_bridge(&self.bins, &self.bridge_conf, self.bridge, &self.logs());
+    }
+
+    /// Kills Mosquitto (SIGKILL; it keeps nothing, retained messages included) and starts it
+    /// again on the same port.
+    pub fn restart_mosquitto(&mut self) {
+        let _ = self.mosquitto.child.kill();
+        let _ = self.mosquitto.child.wait();
+        let mut cmd = Command::new(mosquitto_exe());
+        cmd.arg("-c").arg(&self.mosquitto_conf);
+        let mut p = Proc::spawn(cmd, "mosquitto", &self.logs());
+        wait_port(self.broker, &mut p.child, "mosquitto");
+        self.mosquitto = p;
+    }
+
+    /// The bridge's standard error so far (its drop log lines).
+    pub fn bridge_log(&self) -> String {
+        self.bridge_proc.err()
+    }
+
+    /// The current epoch of a group, from `quva-ca group show`.
+    pub fn epoch(&self, group: &str) -> u64 {
+        let v = self.admin(&["group", "show", group]);
+        v["epoch"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no epoch in {v}"))
+    }
+
     /// The daemons' logs, for failure messages.
     pub fn daemon_logs(&self) -> String {
         format!(
@@ -426,11 +500,41 @@ impl Cluster {
     }
 }
 
-fn start_mosquitto(dir: &Path, logs: &Path) -> (Proc, SocketAddr) {
-    let exe = ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+fn spawn_ca(
+    bins: &Binaries,
+    data: &Path,
+    listen: SocketAddr,
+    flags: &[String],
+    logs: &Path,
+) -> Proc {
+    let mut cmd = Command::new(&bins.ca);
+    cmd.args(["serve", "--batch-window-ms", "50", "--data"])
+        .arg(data)
+        .args(["--listen", &listen.to_string()])
+        .args(flags);
+    let mut ca = Proc::spawn(cmd, "quva-ca", logs);
+    wait_port(listen, &mut ca.child, "quva-ca");
+    ca
+}
+
+fn spawn_bridge(bins: &Binaries, conf: &Path, listen: SocketAddr, logs: &Path) -> Proc {
+    let mut cmd = Command::new(&bins.bridge);
+    cmd.arg("--config").arg(conf);
+    cmd.env("RUST_LOG", "info");
+    let mut bridge = Proc::spawn(cmd, "quva-bridge", logs);
+    wait_port(listen, &mut bridge.child, "quva-bridge");
+    bridge
+}
+
+fn mosquitto_exe() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
         .into_iter()
         .find(|p| Path::new(p).exists())
-        .unwrap_or("mosquitto");
+        .unwrap_or("mosquitto")
+}
+
+fn start_mosquitto(dir: &Path, logs: &Path) -> (Proc, SocketAddr, PathBuf) {
+    let exe = mosquitto_exe();
     for attempt in 0..5 {
         let port = free_port();
         let conf = dir.join(format!("mosquitto-{attempt}.conf"));
@@ -451,7 +555,7 @@ fn start_mosquitto(dir: &Path, logs: &Path) -> (Proc, SocketAddr) {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
                 std::thread::sleep(Duration::from_millis(100));
                 if matches!(p.child.try_wait(), Ok(None)) {
-                    return (p, addr);
+                    return (p, addr, conf);
                 }
                 break;
             }
@@ -521,6 +625,30 @@ impl Node {
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let name = format!("{} {}", self.id, args.first().copied().unwrap_or(""));
         Proc::spawn(self.command(args), &name, &self.logs)
+    }
+
+    /// Starts a long-running command with debug logs of `quva-node` itself (every dropped
+    /// message, replays included, is logged).
+    pub fn spawn_debug(&self, args: &[&str]) -> Proc {
+        let name = format!("{} {}", self.id, args.first().copied().unwrap_or(""));
+        let mut cmd = self.command(args);
+        cmd.env("RUST_LOG", "quva_node=debug");
+        Proc::spawn(cmd, &name, &self.logs)
+    }
+
+    /// Runs `publish` of one message and returns its standard error (asserting success).
+    pub fn publish(&self, group: &str, option: u8, message: &str) -> String {
+        let out = self.run(&[
+            "publish",
+            "--group",
+            group,
+            "--option",
+            &option.to_string(),
+            message,
+        ]);
+        let err = out.stderr.clone();
+        out.success();
+        err
     }
 
     /// Enrolls with `secret` (written to a 0600 file, as an operator would).

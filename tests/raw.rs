@@ -1,0 +1,286 @@
+//! A plain MQTT 5 client (rumqttc) for tests that look at or inject raw bytes: a subscriber to
+//! `#` attached directly to Mosquitto sees everything the broker stores and forwards; the same
+//! client publishes hand-made payloads, to Mosquitto directly or through the bridge (optionally
+//! authenticated with a device's certificate proof).
+//!
+//! # Usage
+//! ```no_run
+//! let cluster = quva_tests::Cluster::start(&["plant/#"]);
+//! let sniffer = quva_tests::raw::RawMqtt::sniff(cluster.broker);
+//! // ... traffic ...
+//! let seen = sniffer.received();
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectProperties, ConnectReturnCode, Packet, PubAckReason};
+use rumqttc::v5::{Client, Event, MqttOptions};
+
+use crate::STEP_TIMEOUT;
+
+/// One PUBLISH received by a [`RawMqtt`] client.
+#[derive(Clone, Debug)]
+pub struct Captured {
+    /// The topic.
+    pub topic: String,
+    /// The payload bytes.
+    pub payload: Vec<u8>,
+    /// Whether it came as a retained message.
+    pub retain: bool,
+    /// Its user properties.
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl Captured {
+    /// Every byte of the message a broker sees besides framing: topic, payload and properties.
+    pub fn all_bytes(&self) -> Vec<u8> {
+        let mut out = self.topic.as_bytes().to_vec();
+        out.extend_from_slice(&self.payload);
+        for (k, v) in &self.user_properties {
+            out.extend_from_slice(k.as_bytes());
+            out.extend_from_slice(v.as_bytes());
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    connack: Option<Result<(), String>>,
+    received: Vec<Captured>,
+    pubacks: Vec<u8>,
+    subacks: usize,
+    closed: Option<String>,
+}
+
+/// A raw MQTT 5 client with its event loop on a thread; everything it receives is kept.
+pub struct RawMqtt {
+    client: Client,
+    log: Arc<Mutex<Log>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for RawMqtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawMqtt").finish_non_exhaustive()
+    }
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+fn fresh_client_id(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT_ID.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The MQTT 5 reason code of a PUBACK.
+pub fn puback_code(reason: &PubAckReason) -> u8 {
+    match reason {
+        PubAckReason::Success => 0x00,
+        PubAckReason::NoMatchingSubscribers => 0x10,
+        PubAckReason::UnspecifiedError => 0x80,
+        PubAckReason::ImplementationSpecificError => 0x83,
+        PubAckReason::NotAuthorized => 0x87,
+        PubAckReason::TopicNameInvalid => 0x90,
+        PubAckReason::PacketIdentifierInUse => 0x91,
+        PubAckReason::QuotaExceeded => 0x97,
+        PubAckReason::PayloadFormatInvalid => 0x99,
+    }
+}
+
+impl RawMqtt {
+    /// Connects without authentication (to Mosquitto directly, or to the bridge's unprotected
+    /// side) and waits for the CONNACK.
+    pub fn connect(addr: SocketAddr) -> Self {
+        let id = fresh_client_id("raw");
+        Self::connect_as(addr, &id, None)
+    }
+
+    /// Connects to `addr` as `client_id`, with an Authentication Method and Data if given, and
+    /// waits for a successful CONNACK.
+    pub fn connect_as(addr: SocketAddr, client_id: &str, auth: Option<(&str, Vec<u8>)>) -> Self {
+        let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_keep_alive(Duration::from_secs(30));
+        o.set_clean_start(true);
+        o.set_max_packet_size(Some(1024 * 1024));
+        let mut props = ConnectProperties::new();
+        props.max_packet_size = Some(1024 * 1024);
+        if let Some((method, data)) = auth {
+            props.authentication_method = Some(method.to_owned());
+            props.authentication_data = Some(Bytes::from(data));
+        }
+        o.set_connect_properties(props);
+        let (client, mut conn) = Client::new(o, 64);
+        let log = Arc::new(Mutex::new(Log::default()));
+        let shared = Arc::clone(&log);
+        let thread = std::thread::spawn(move || {
+            for ev in conn.iter() {
+                let mut l = shared.lock().unwrap();
+                match ev {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        l.connack = Some(if ack.code == ConnectReturnCode::Success {
+                            Ok(())
+                        } else {
+                            Err(format!("{:?}", ack.code))
+                        });
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => l.received.push(Captured {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload.to_vec(),
+                        retain: p.retain,
+                        user_properties: p
+                            .properties
+                            .map(|pr| pr.user_properties)
+                            .unwrap_or_default(),
+                    }),
+                    Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                        l.pubacks.push(puback_code(&ack.reason));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => l.subacks += 1,
+                    Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                        l.closed = Some(format!("DISCONNECT {:?}", d.reason_code));
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if l.connack.is_none() {
+                            l.connack = Some(Err(e.to_string()));
+                        }
+                        l.closed = Some(e.to_string());
+                        return;
+                    }
+                }
+            }
+        });
+        let raw = RawMqtt {
+            client,
+            log,
+            thread: Some(thread),
+        };
+        raw.wait("CONNACK", |l| l.connack.is_some());
+        let connack = raw.log.lock().unwrap().connack.clone();
+        if let Some(Err(e)) = connack {
+            panic!("raw MQTT connection to {addr} refused: {e}");
+        }
+        raw
+    }
+
+    /// Connects to the bridge at `addr` as the enrolled device whose key store is `store`,
+    /// with a fresh `quva-cert-v1` proof (as `quva-node` does).
+    pub fn connect_device(addr: SocketAddr, store: &Path) -> Self {
+        let creds = crate::offline::credentials(store);
+        let id = fresh_client_id(creds.id().as_str());
+        let mut rng = quva_client::rng::SystemRng::new();
+        let auth = quva_node::cert_connect_auth(&creds, &id, quva_node::now_ms(), &mut rng)
+            .expect("a certificate proof");
+        Self::connect_as(addr, &id, Some((auth.method, auth.data)))
+    }
+
+    /// Connects to `addr` and subscribes to `#` (everything but `$SYS`), retained messages
+    /// included.
+    pub fn sniff(addr: SocketAddr) -> Self {
+        let raw = Self::connect(addr);
+        raw.subscribe("#");
+        raw
+    }
+
+    fn wait(&self, what: &str, done: impl Fn(&Log) -> bool) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while Instant::now() < deadline {
+            {
+                let l = self.log.lock().unwrap();
+                if done(&l) {
+                    return;
+                }
+                if let Some(c) = &l.closed {
+                    panic!("raw MQTT connection closed while waiting for {what}: {c}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("raw MQTT client: no {what}");
+    }
+
+    /// Subscribes to `filter` at QoS 1 and waits for the SUBACK.
+    pub fn subscribe(&self, filter: &str) {
+        let before = self.log.lock().unwrap().subacks;
+        self.client.subscribe(filter, QoS::AtLeastOnce).unwrap();
+        self.wait("SUBACK", |l| l.subacks > before);
+    }
+
+    /// Publishes `payload` on `topic` at QoS 1 and returns the PUBACK reason code.
+    pub fn publish(&self, topic: &str, payload: &[u8]) -> u8 {
+        let before = self.log.lock().unwrap().pubacks.len();
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .unwrap();
+        self.wait("PUBACK", |l| l.pubacks.len() > before);
+        self.log.lock().unwrap().pubacks[before]
+    }
+
+    /// Everything received so far, in order.
+    pub fn received(&self) -> Vec<Captured> {
+        self.log.lock().unwrap().received.clone()
+    }
+
+    /// Waits until a received message satisfies `pred`; returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&Captured) -> bool) -> Captured {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(c) = self.log.lock().unwrap().received.iter().find(|c| pred(c)) {
+                return c.clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("raw MQTT client: never received {what}");
+    }
+
+    /// Waits until `n` messages on exactly `topic` have been received; returns them in order.
+    pub fn wait_count(&self, topic: &str, n: usize) -> Vec<Captured> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let got: Vec<Captured> = self
+                .received()
+                .into_iter()
+                .filter(|c| c.topic == topic)
+                .collect();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "raw MQTT client: {} of {n} messages on {topic}",
+                got.len()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.log.lock().unwrap().closed.is_none()
+    }
+}
+
+impl Drop for RawMqtt {
+    fn drop(&mut self) {
+        let _ = self.client.try_disconnect();
+        if let Some(t) = self.thread.take() {
+            // The event loop ends after the DISCONNECT is written (or the connection is gone).
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
