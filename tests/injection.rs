@@ -1,0 +1,1 @@
+//! Injected traffic: forged, replayed, tampered and stale messages.

@@ -1,0 +1,1 @@
+//! Recovery: devices offline across rekeys, periodic rekeys and restarts of the daemons.
