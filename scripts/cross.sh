@@ -6,7 +6,7 @@
 # Usage: scripts/cross.sh [--deb] [TARGET...]
 #   TARGET: aarch64-unknown-linux-gnu (64-bit Raspberry Pi OS, Pi 3/4/5/Zero 2 W) and
 #           armv7-unknown-linux-gnueabihf (32-bit Raspberry Pi OS, Pi 2 and later); default both.
-# Binaries: $CARGO_TARGET_DIR/<TARGET>/release/quva-node; packages: $CARGO_TARGET_DIR/<TARGET>/debian/.
+# Binaries: $CARGO_TARGET_DIR/<TARGET>/release/quva-node; packages: $CARGO_TARGET_DIR/debian/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
@@ -47,6 +47,6 @@ for t in "${targets[@]}"; do
   rm -f "$stripped"
   if [ "$deb" = 1 ]; then
     echo "==> cargo deb --target $t -p quva-node"
-    cargo deb --no-build --target "$t" -p quva-node
+    cargo deb --no-build --strip --target "$t" -p quva-node
   fi
 done
