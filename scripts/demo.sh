@@ -197,8 +197,8 @@ expect display-01 "21.2 C (option 2)"
 expect display-02 "21.2 C (option 2)"
 
 step "Option 3: authenticated, confidential and anonymous" \
-  "The sender's identity is inside the ciphertext: the bridge checks a group signature and" \
-  "cannot tell which publisher sent it; only the subscribers learn it."
+  "The sender's identity is inside the ciphertext: the bridge verifies a group signature, and" \
+  "nothing in the payload names the publisher; only the subscribers learn who sent it."
 publish 3 "21.3 C (option 3)"
 expect display-01 "21.3 C (option 3)"
 expect display-02 "21.3 C (option 3)"
@@ -246,7 +246,7 @@ for id in display-01 display-02 display-03; do expect "$id" "21.5 C (epoch $E1)"
 # ---------------------------------------------------------------------------------------------
 step "Live rekey: display-02 is removed from the group" \
   "The owner denies it; the CA rekeys, and only the remaining members get the new key." \
-  "display-02 keeps running but can no longer read (or even verify) the group's traffic."
+  "display-02 keeps running, but it holds no key of the new epoch."
 show quva-ca group deny "$GROUP" display-02 --role sub
 deadline=$((SECONDS + DEMO_TIMEOUT))
 while epoch E2 && [ "$E2" -le "$E1" ]; do
