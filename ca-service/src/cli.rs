@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// Certificate lifetime, seconds (default 30 days).
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
+    /// Most waiting commands written in one synced batch (default 1024; 1 syncs each alone).
+    #[arg(long)]
+    pub max_group_commit: Option<usize>,
 }
 
 impl ServeArgs {
@@ -123,6 +126,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.cert_validity_secs {
             cfg.cert_validity_secs = v;
+        }
+        if let Some(v) = self.max_group_commit {
+            cfg.max_group_commit = v;
         }
         Ok(cfg)
     }
@@ -527,10 +533,10 @@ pub async fn run_admin(cmd: Command) -> Result<String, ClientError> {
                 "groups": s.groups, "next_serial": s.next_serial,
                 "last_notice_seq": s.last_notice_seq, "last_audit_seq": s.last_audit_seq,
                 "uptime_secs": s.uptime_secs, "rekeys": s.rekeys,
-                "pending_changes": s.pending_changes,
+                "pending_changes": s.pending_changes, "commits": s.commits,
             });
             let t = format!(
-                "quva-ca {}  up {}s\nCA public key {}\n{} devices, {} groups, {} epochs\nnext serial {}, last notice {}, last audit {}, pending changes {}",
+                "quva-ca {}  up {}s\nCA public key {}\n{} devices, {} groups, {} epochs\nnext serial {}, last notice {}, last audit {}, pending changes {}, synced commits {}",
                 s.version,
                 s.uptime_secs,
                 s.ca_public_key,
@@ -540,7 +546,8 @@ pub async fn run_admin(cmd: Command) -> Result<String, ClientError> {
                 s.next_serial,
                 s.last_notice_seq,
                 s.last_audit_seq,
-                s.pending_changes
+                s.pending_changes,
+                s.commits
             );
             Ok(render(c.json, v, t))
         }

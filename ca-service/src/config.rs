@@ -31,6 +31,8 @@ pub struct Config {
     pub cert_validity_secs: u64,
     /// How often expiry, revocation and periodic rekeys are checked.
     pub sweep_interval_ms: u64,
+    /// Most waiting commands written in one synced batch (group commit); 1 syncs each alone.
+    pub max_group_commit: usize,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             time_window_ms: 60_000,
             cert_validity_secs: 30 * 24 * 3600,
             sweep_interval_ms: 1_000,
+            max_group_commit: crate::engine::DEFAULT_MAX_GROUP_COMMIT,
         }
     }
 }

@@ -61,7 +61,7 @@ use crate::store::records::EpochMember;
 use crate::store::records::device_state;
 use crate::store::{
     Batch, CaStore, CertRecord, DeviceRecord, EpochRecord, GroupRecord, Key, MemberRecord,
-    MetaRecord, NonceScope, Tables,
+    MetaRecord, NonceScope, Staged, Tables,
 };
 
 /// Largest accepted enrollment or renewal request (`req || proof`), bytes.
@@ -78,6 +78,8 @@ pub struct EngineConfig {
     pub cert_validity_ms: u64,
     /// Period of the expiry, revocation and periodic-rekey sweep.
     pub sweep_interval: Duration,
+    /// Most commands whose writes share one synced batch (group commit); 1 syncs each alone.
+    pub max_group_commit: usize,
 }
 
 impl Default for EngineConfig {
@@ -87,6 +89,7 @@ impl Default for EngineConfig {
             time_window_ms: 60_000,
             cert_validity_ms: 30 * 24 * 3600 * 1000,
             sweep_interval: Duration::from_secs(1),
+            max_group_commit: DEFAULT_MAX_GROUP_COMMIT,
         }
     }
 }
@@ -98,6 +101,7 @@ impl From<&crate::config::Config> for EngineConfig {
             time_window_ms: c.time_window_ms,
             cert_validity_ms: c.cert_validity_secs.saturating_mul(1000),
             sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
+            max_group_commit: c.max_group_commit.max(1),
         }
     }
 }
@@ -378,6 +382,39 @@ struct Live {
     settings: GroupRecord,
     state: GroupState,
     pending: Option<Pending>,
+    /// Certificate serial and expiry of every joined member, so that neither an epoch record
+    /// nor the expiry sweep reads the store once per member.
+    joined: BTreeMap<(Role, DeviceId), JoinedCert>,
+    /// Whether the sweep has compared every member with the store since the state was loaded.
+    checked: bool,
+}
+
+/// The certificate a joined member's share belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct JoinedCert {
+    serial: u64,
+    not_after_ms: u64,
+}
+
+impl JoinedCert {
+    /// Reads the member's row and certificate (0 and expired when missing).
+    fn load(
+        store: &dyn CaStore,
+        group: &GroupId,
+        role: Role,
+        device: &DeviceId,
+    ) -> Result<JoinedCert, CaError> {
+        let serial = store.member(group, role, device)?.map_or(0, |r| r.serial);
+        JoinedCert::of_serial(store, serial)
+    }
+
+    fn of_serial(store: &dyn CaStore, serial: u64) -> Result<JoinedCert, CaError> {
+        let not_after_ms = store.cert(serial)?.map_or(0, |c| c.not_after_ms);
+        Ok(JoinedCert {
+            serial,
+            not_after_ms,
+        })
+    }
 }
 
 /// One atomic write being assembled, with the counters it advances.
@@ -479,7 +516,7 @@ fn role_of(v: u32) -> Option<Role> {
 
 /// The writer task's state. Create it with [`Engine::spawn`].
 pub struct Engine {
-    store: Arc<dyn CaStore>,
+    store: Arc<Staged>,
     ca: KeyPair,
     cfg: EngineConfig,
     clock: Arc<dyn Clock>,
@@ -490,7 +527,19 @@ pub struct Engine {
     notice_tx: watch::Sender<u64>,
     stats: Arc<Stats>,
     sweeps: u64,
+    /// Replies held back until the staged writes are synced.
+    answers: Vec<Answer>,
+    /// Notices staged since the last sync.
+    staged_notices: u64,
+    /// Set by a shutdown command: flush, sync, confirm, stop.
+    stopping: Option<oneshot::Sender<()>>,
 }
+
+/// A held-back reply: sends its result, or the sync error instead of a success.
+type Answer = Box<dyn FnOnce(Option<&CaError>) + Send>;
+
+/// Default of [`EngineConfig::max_group_commit`].
+pub const DEFAULT_MAX_GROUP_COMMIT: usize = 1024;
 
 impl Engine {
     /// Loads the state from `store` and starts the writer task.
@@ -504,34 +553,12 @@ impl Engine {
         cfg: EngineConfig,
         clock: Arc<dyn Clock>,
     ) -> Result<(EngineHandle, JoinHandle<()>), CaError> {
-        let mut meta = store.meta()?;
-        if meta.created_ms == 0 {
-            meta.created_ms = clock.now_ms();
-        }
-        meta.next_serial = meta.next_serial.max(1);
-        meta.next_notice_seq = meta.next_notice_seq.max(1);
-        meta.next_audit_seq = meta.next_audit_seq.max(1);
-        let mut groups = BTreeMap::new();
-        for rec in store.groups()? {
-            let id = GroupId::new(&rec.id).map_err(|_| CaError::Crypto("stored group id"))?;
-            let state = GroupState::from_record(&ca, &rec.state).map_err(|e| {
-                tracing::error!(group = %id, error = %e, "stored group state does not verify");
-                CaError::Crypto("stored group state")
-            })?;
-            groups.insert(
-                id,
-                Live {
-                    settings: rec,
-                    state,
-                    pending: None,
-                },
-            );
-        }
+        let (meta, groups) = load(store.as_ref(), &ca, clock.as_ref())?;
         let (notice_tx, notices) = watch::channel(meta.next_notice_seq - 1);
-        let (tx, rx) = mpsc::channel(1024);
+        let (tx, rx) = mpsc::channel(DEFAULT_MAX_GROUP_COMMIT);
         let stats = Arc::new(Stats::default());
         let engine = Engine {
-            store,
+            store: Arc::new(Staged::new(store)),
             ca,
             cfg,
             clock,
@@ -542,6 +569,9 @@ impl Engine {
             notice_tx,
             stats: stats.clone(),
             sweeps: 0,
+            answers: Vec::new(),
+            staged_notices: 0,
+            stopping: None,
         };
         let task = tokio::spawn(engine.run(rx));
         Ok((EngineHandle { tx, notices, stats }, task))
@@ -559,14 +589,19 @@ impl Engine {
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 cmd = rx.recv() => match cmd {
-                    Some(Cmd::Shutdown(done)) => {
-                        self.flush_all();
-                        let _ = done.send(());
-                        break;
+                    Some(cmd) => {
+                        self.handle(cmd);
+                        // Group commit: take every command already waiting, then sync once.
+                        let mut n = 1;
+                        while n < self.cfg.max_group_commit && self.stopping.is_none() {
+                            let Ok(cmd) = rx.try_recv() else { break };
+                            self.handle(cmd);
+                            n += 1;
+                        }
                     }
-                    Some(cmd) => self.handle(cmd),
                     None => {
                         self.flush_all();
+                        let _ = self.sync();
                         break;
                     }
                 },
@@ -575,9 +610,84 @@ impl Engine {
                 }
                 _ = sweep.tick() => self.sweep(),
             }
+            if let Some(done) = self.stopping.take() {
+                self.flush_all();
+                let _ = self.sync();
+                let _ = done.send(());
+                break;
+            }
+            if self.sync().is_err() {
+                break;
+            }
             self.update_pending_gauge();
         }
         tracing::info!("engine stopped");
+    }
+
+    /// Makes every staged write durable in one synced batch, then sends the held-back replies.
+    /// On failure every success becomes the error and the in-memory state is reloaded from the
+    /// store; `Err` means even that failed and the engine must stop.
+    fn sync(&mut self) -> Result<(), ()> {
+        let answers = std::mem::take(&mut self.answers);
+        let staged = self.store.staged_ops();
+        let result = if staged == 0 {
+            Ok(())
+        } else {
+            let store = self.store.clone();
+            sync_blocking(move || store.sync())
+        };
+        let mut fatal = false;
+        let error = match result {
+            Ok(()) => {
+                if staged > 0 {
+                    bump(&self.stats.commits);
+                }
+                let notices = std::mem::take(&mut self.staged_notices);
+                if notices > 0 {
+                    self.stats.notices.fetch_add(notices, Ordering::Relaxed);
+                    self.notice_tx.send_replace(self.meta.next_notice_seq - 1);
+                }
+                None
+            }
+            Err(e) => {
+                bump(&self.stats.commit_failures);
+                tracing::error!(error = %e, "commit failed; nothing of the batch was written");
+                self.staged_notices = 0;
+                if let Err(e) = self.reload() {
+                    tracing::error!(error = %e, "cannot reload the state after a failed commit");
+                    fatal = true;
+                }
+                Some(CaError::from(e))
+            }
+        };
+        for answer in answers {
+            answer(error.as_ref());
+        }
+        if fatal { Err(()) } else { Ok(()) }
+    }
+
+    /// Reloads counters and group states from the store, keeping open windows.
+    fn reload(&mut self) -> Result<(), CaError> {
+        let (meta, mut groups) = load(self.store.inner().as_ref(), &self.ca, self.clock.as_ref())?;
+        for (gid, live) in &mut groups {
+            if let Some(old) = self.groups.get_mut(gid) {
+                live.pending = old.pending.take();
+            }
+        }
+        self.meta = meta;
+        self.groups = groups;
+        Ok(())
+    }
+
+    /// Holds back a reply until the next sync.
+    fn answer<T: Send + 'static>(&mut self, reply: Reply<T>, result: Result<T, CaError>) {
+        self.answers.push(Box::new(move |failed: Option<&CaError>| {
+            let result = match (failed, result) {
+                (Some(e), Ok(_)) => Err(e.clone()),
+                (_, r) => r,
+            };
+            let _ = reply.send(result);
+        }));
     }
 
     fn update_pending_gauge(&self) {
@@ -595,11 +705,11 @@ impl Engine {
         match cmd {
             Cmd::Enroll(data, reply) => {
                 let r = self.enroll(&data, false);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Cmd::Renew(data, reply) => {
                 let r = self.enroll(&data, true);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Cmd::Join(data, reply) => self.join(&data, reply),
             Cmd::Register {
@@ -609,11 +719,11 @@ impl Engine {
                 reply,
             } => {
                 let r = self.register(&id, note, reissue);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Cmd::Revoke { id, reason, reply } => {
                 let r = self.revoke(&id, reason);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Cmd::CreateGroup {
                 id,
@@ -622,7 +732,7 @@ impl Engine {
                 reply,
             } => {
                 let r = self.create_group(&id, privacy, interval_secs);
-                let _ = reply.send(r);
+                self.answer(reply, r);
             }
             Cmd::SetPermission {
                 group,
@@ -639,9 +749,7 @@ impl Engine {
                     tracing::error!(error = %e, "cannot write audit entry");
                 }
             }
-            Cmd::Shutdown(done) => {
-                let _ = done.send(());
-            }
+            Cmd::Shutdown(done) => self.stopping = Some(done),
         }
     }
 
@@ -654,19 +762,12 @@ impl Engine {
         }
     }
 
+    /// Stages `tx` for the next sync; later reads of the task see it at once.
     fn commit(&mut self, mut tx: Tx) -> Result<(), CaError> {
         tx.batch.put_meta(&tx.meta);
-        if let Err(e) = self.store.commit(tx.batch) {
-            bump(&self.stats.commit_failures);
-            tracing::error!(error = %e, "commit failed; nothing was changed");
-            return Err(e.into());
-        }
-        bump(&self.stats.commits);
-        self.stats.notices.fetch_add(tx.notices, Ordering::Relaxed);
+        self.store.commit(tx.batch)?;
+        self.staged_notices += tx.notices;
         self.meta = tx.meta;
-        if tx.notices > 0 {
-            self.notice_tx.send_replace(self.meta.next_notice_seq - 1);
-        }
         Ok(())
     }
 
@@ -868,13 +969,15 @@ impl Engine {
 
     fn join(&mut self, data: &[u8], reply: Reply<JoinReply>) {
         if data.len() > MAX_PROPERTY_LEN {
-            let _ = reply.send(self.refuse("group.join", "", "", CaError::TooLarge("request")));
+            let r = self.refuse("group.join", "", "", CaError::TooLarge("request"));
+            self.answer(reply, r);
             return;
         }
         let req = match GroupKeyRequest::from_bytes(data) {
             Ok(r) => r,
             Err(e) => {
-                let _ = reply.send(self.refuse("group.join", "", "", decode_err(e)));
+                let r = self.refuse("group.join", "", "", decode_err(e));
+                self.answer(reply, r);
                 return;
             }
         };
@@ -882,7 +985,7 @@ impl Engine {
         match self.join_checked(&req) {
             Ok(JoinStep::Ready(r)) => {
                 bump(&self.stats.joins);
-                let _ = reply.send(Ok(r));
+                self.answer(reply, Ok(r));
             }
             Ok(JoinStep::Stage {
                 member,
@@ -903,10 +1006,11 @@ impl Engine {
                 }
             }
             Err(e @ (CaError::Store(_) | CaError::Crypto(_))) => {
-                let _ = reply.send(Err(e));
+                self.answer(reply, Err(e));
             }
             Err(e) => {
-                let _ = reply.send(self.refuse("group.join", id.as_str(), gid.as_str(), e));
+                let r = self.refuse("group.join", id.as_str(), gid.as_str(), e);
+                self.answer(reply, r);
             }
         }
     }
@@ -1172,6 +1276,8 @@ impl Engine {
                 settings,
                 state,
                 pending: None,
+                joined: BTreeMap::new(),
+                checked: true,
             },
         );
         tracing::info!(group = %id, "group created");
@@ -1189,7 +1295,7 @@ impl Engine {
         let r = self.set_permission_checked(gid, device, role, allow);
         match r {
             Ok(Some(epoch)) => {
-                let _ = reply.send(Ok(epoch));
+                self.answer(reply, Ok(epoch));
             }
             Ok(None) => {
                 let audit = entry(
@@ -1212,7 +1318,7 @@ impl Engine {
                 }
             }
             Err(e) => {
-                let _ = reply.send(Err(e));
+                self.answer(reply, Err(e));
             }
         }
     }
@@ -1306,7 +1412,7 @@ impl Engine {
                 p.waiters.push(Waiter::Epoch(reply));
             }
             None => {
-                let _ = reply.send(Err(CaError::NotFound("group")));
+                self.answer(reply, Err(CaError::NotFound("group")));
             }
         }
     }
@@ -1373,10 +1479,10 @@ impl Engine {
                             if r.is_ok() {
                                 bump(&self.stats.joins);
                             }
-                            let _ = reply.send(r);
+                            self.answer(reply, r);
                         }
                         Waiter::Epoch(reply) => {
-                            let _ = reply.send(Ok(epoch));
+                            self.answer(reply, Ok(epoch));
                         }
                     }
                 }
@@ -1386,10 +1492,10 @@ impl Engine {
                 for w in p.waiters {
                     match w {
                         Waiter::Join { reply, .. } => {
-                            let _ = reply.send(Err(e.clone()));
+                            self.answer(reply, Err(e.clone()));
                         }
                         Waiter::Epoch(reply) => {
-                            let _ = reply.send(Err(e.clone()));
+                            self.answer(reply, Err(e.clone()));
                         }
                     }
                 }
@@ -1454,13 +1560,10 @@ impl Engine {
         let mut members = Vec::new();
         for m in staged.state().members() {
             let pm = m.member();
-            let serial = match p.rows.get(&(pm.role, pm.id.clone())) {
+            let key = (pm.role, pm.id.clone());
+            let serial = match p.rows.get(&key) {
                 Some(Some(r)) => r.serial,
-                _ => self
-                    .store
-                    .member(gid, pm.role, &pm.id)?
-                    .map(|r| r.serial)
-                    .unwrap_or(0),
+                _ => live.joined.get(&key).map_or(0, |c| c.serial),
             };
             members.push(EpochMember {
                 device: pm.id.as_str().to_owned(),
@@ -1493,7 +1596,22 @@ impl Engine {
             ),
         ));
         tx.meta.rekeys += 1;
+        let mut joined_certs = Vec::new();
+        for m in staged.joined() {
+            let serial = match p.rows.get(&(m.role, m.id.clone())) {
+                Some(Some(r)) => r.serial,
+                _ => 0,
+            };
+            joined_certs.push((
+                (m.role, m.id.clone()),
+                JoinedCert::of_serial(self.store.as_ref(), serial)?,
+            ));
+        }
         self.commit(tx)?;
+        for m in staged.departed() {
+            live.joined.remove(&(m.role, m.id.clone()));
+        }
+        live.joined.extend(joined_certs);
         live.state.commit(*staged).map_err(rekey_err)?;
         live.settings.epoch = epoch;
         live.settings.epoch_started_ms = now;
@@ -1522,28 +1640,46 @@ impl Engine {
             }
             let mut leaves = Vec::new();
             let mut reasons = BTreeSet::new();
-            for m in live.state.members() {
-                let pm = m.member();
-                let row = self.store.member(&gid, pm.role, &pm.id)?;
-                let cert = match &row {
-                    Some(r) => self.store.cert(r.serial)?,
-                    None => None,
-                };
-                let reason = match (&row, &cert) {
-                    (None, _) => Some("deny"),
-                    (_, None) => Some("revoke"),
-                    (_, Some(c)) if c.revoked_ms != 0 => Some("revoke"),
-                    (_, Some(c)) if c.not_after_ms < now => Some("expiry"),
-                    _ => None,
-                };
-                if let Some(reason) = reason {
-                    leaves.push((pm.role, pm.id.clone(), row));
-                    reasons.insert(reason);
+            let full = !live.checked;
+            if full {
+                // After a start: denials and revocations committed before a crash whose rekey
+                // was not yet written. Later they stage their leaves themselves.
+                for m in live.state.members() {
+                    let pm = m.member();
+                    let row = self.store.member(&gid, pm.role, &pm.id)?;
+                    let cert = match &row {
+                        Some(r) => self.store.cert(r.serial)?,
+                        None => None,
+                    };
+                    let reason = match (&row, &cert) {
+                        (None, _) => Some("deny"),
+                        (_, None) => Some("revoke"),
+                        (_, Some(c)) if c.revoked_ms != 0 => Some("revoke"),
+                        (_, Some(c)) if c.not_after_ms < now => Some("expiry"),
+                        _ => None,
+                    };
+                    if let Some(reason) = reason {
+                        leaves.push((pm.role, pm.id.clone(), row));
+                        reasons.insert(reason);
+                    }
+                }
+            } else {
+                for ((role, id), cert) in &live.joined {
+                    if cert.not_after_ms < now {
+                        let row = self.store.member(&gid, *role, id)?;
+                        leaves.push((*role, id.clone(), row));
+                        reasons.insert("expiry");
+                    }
                 }
             }
             let interval = live.settings.rekey_interval_secs.saturating_mul(1000);
             let periodic =
                 interval > 0 && now >= live.state.rekeyed_at_ms().saturating_add(interval);
+            if full {
+                if let Some(l) = self.groups.get_mut(&gid) {
+                    l.checked = true;
+                }
+            }
             if leaves.is_empty() && !periodic {
                 continue;
             }
@@ -1596,6 +1732,59 @@ impl Engine {
         }
         self.store.commit(batch)?;
         Ok(())
+    }
+}
+
+/// Reads the counters and every group state.
+fn load(
+    store: &dyn CaStore,
+    ca: &KeyPair,
+    clock: &dyn Clock,
+) -> Result<(MetaRecord, BTreeMap<GroupId, Live>), CaError> {
+    let mut meta = store.meta()?;
+    if meta.created_ms == 0 {
+        meta.created_ms = clock.now_ms();
+    }
+    meta.next_serial = meta.next_serial.max(1);
+    meta.next_notice_seq = meta.next_notice_seq.max(1);
+    meta.next_audit_seq = meta.next_audit_seq.max(1);
+    let mut groups = BTreeMap::new();
+    for rec in store.groups()? {
+        let id = GroupId::new(&rec.id).map_err(|_| CaError::Crypto("stored group id"))?;
+        let state = GroupState::from_record(ca, &rec.state).map_err(|e| {
+            tracing::error!(group = %id, error = %e, "stored group state does not verify");
+            CaError::Crypto("stored group state")
+        })?;
+        let mut settings = rec;
+        settings.state = Vec::new();
+        let mut joined = BTreeMap::new();
+        for m in state.members() {
+            let pm = m.member();
+            let cert = JoinedCert::load(store, &id, pm.role, &pm.id)?;
+            joined.insert((pm.role, pm.id.clone()), cert);
+        }
+        groups.insert(
+            id,
+            Live {
+                settings,
+                state,
+                pending: None,
+                joined,
+                checked: false,
+            },
+        );
+    }
+    Ok((meta, groups))
+}
+
+/// Runs the synced write off the async worker when the runtime has others to keep serving.
+fn sync_blocking<T>(f: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
     }
 }
 

@@ -494,6 +494,7 @@ impl AdminService for AdminApi {
             uptime_secs: self.started.elapsed().as_secs(),
             rekeys: meta.rekeys,
             pending_changes: stats.pending_changes.load(Ordering::Relaxed),
+            commits: stats.commits.load(Ordering::Relaxed),
         }))
     }
 

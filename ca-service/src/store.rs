@@ -20,6 +20,7 @@ pub mod records;
 
 mod memory;
 mod rocks;
+mod staged;
 
 use prost::Message;
 use quva_client::ids::{DeviceId, GroupId, Role};
@@ -30,6 +31,7 @@ pub use records::{
     CertRecord, DeviceRecord, EpochRecord, GroupRecord, MemberRecord, MetaRecord, NonceRecord,
 };
 pub use rocks::RocksStore;
+pub use staged::Staged;
 
 use quva_proto::v1::{AuditEntry, Notice};
 

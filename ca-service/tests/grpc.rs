@@ -9,7 +9,7 @@ use std::time::Duration;
 use quva_ca::config::Config;
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
-use quva_client::enrollment::{EnrollmentSecret, ImplicitCert, PendingEnrollment};
+use quva_client::enrollment::{Credentials, EnrollmentSecret, ImplicitCert, PendingEnrollment};
 use quva_client::group::{GroupKeyDelivery, Member, SignedGroupInfo};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::rekey::{DEFAULT_GRACE_MS, Keyring, RekeyNotice};
@@ -466,5 +466,228 @@ async fn joins_inside_one_window_make_one_epoch() {
     }
     let (_, info) = group_info(&mut h, G).await;
     assert_eq!((info.epoch.0, info.n_sub), (1, 4));
+    h.stop().await;
+}
+
+/// A fresh keyring of `creds` from a group-key request answered with the current keys.
+async fn keyring(h: &mut Harness, creds: &Credentials, role: Role) -> (Keyring, u32) {
+    let request = h.join_request(creds, G, role);
+    let r = h
+        .device
+        .join_group(pb::JoinGroupRequest { request })
+        .await
+        .unwrap()
+        .into_inner();
+    let d = GroupKeyDelivery::from_bytes(&r.response).unwrap();
+    let gid = GroupId::new(G).unwrap();
+    let ring = Keyring::from_delivery(
+        VerifyingKey(h.ca),
+        &gid,
+        role,
+        creds.key(),
+        &d,
+        DEFAULT_GRACE_MS,
+    )
+    .unwrap();
+    (ring, r.epoch)
+}
+
+fn rekey_notices(notices: &[pb::Notice]) -> Vec<(u32, RekeyNotice)> {
+    notices
+        .iter()
+        .filter(|n| n.kind == pb::NoticeKind::Rekey as i32)
+        .map(|n| (n.epoch, RekeyNotice::from_bytes(&n.payload).unwrap()))
+        .collect()
+}
+
+async fn last_notice_seq(h: &mut Harness) -> u64 {
+    h.admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .last_notice_seq
+}
+
+#[tokio::test]
+async fn the_periodic_timer_changes_every_key_without_membership_changes() {
+    let mut h = Harness::start().await;
+    let s1 = h.enrolled("s1").await;
+    let p1 = h.enrolled("p1").await;
+    h.create_group(G, false, 60).await;
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.permit(G, "p1", Role::Publisher, true).await;
+    h.join(&s1, G, Role::Subscriber).await.unwrap();
+    h.join(&p1, G, Role::Publisher).await.unwrap();
+    let (mut ring_s, e0) = keyring(&mut h, &s1, Role::Subscriber).await;
+    let (mut ring_p, _) = keyring(&mut h, &p1, Role::Publisher).await;
+    let (r0, before) = group_info(&mut h, G).await;
+    assert_eq!(before.epoch.0, e0);
+    let last = last_notice_seq(&mut h).await;
+
+    // Not yet due: nothing moves.
+    h.clock.advance(30_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(group_info(&mut h, G).await.1.epoch.0, e0);
+
+    h.clock.advance(31_000);
+    let notices = notices_until(&mut h, last + 1, |n| {
+        n.kind == pb::NoticeKind::GroupUpdated as i32 && n.group == G
+    })
+    .await;
+    let (r1, after) = group_info(&mut h, G).await;
+    assert_eq!(after.epoch.0, e0 + 1);
+    assert_ne!(after.q_p, before.q_p);
+    assert_ne!(after.q_s, before.q_s);
+    assert_ne!(after.q_cag_p, before.q_cag_p);
+    assert_ne!(after.q_cag_s, before.q_cag_s);
+    // Same members, same certificates.
+    assert_eq!((after.n_pub, after.n_sub), (1, 1));
+    assert_eq!(after.members_digest, before.members_digest);
+    assert_eq!(members_of(&h.ca, &r1), members_of(&h.ca, &r0));
+    // Nobody left: both keys travel as broadcasts under the previous keys, and both members
+    // adopt them.
+    let rekeys = rekey_notices(&notices);
+    assert_eq!(rekeys.len(), 2);
+    assert!(notices.iter().all(|n| n.device_id.is_empty()));
+    let now = h.now();
+    for (ring, creds, q) in [
+        (&mut ring_s, &s1, &after.q_p),
+        (&mut ring_p, &p1, &after.q_s),
+    ] {
+        let adopted = rekeys
+            .iter()
+            .filter(|(_, n)| ring.apply_notice(creds.key(), n, now).is_ok())
+            .count();
+        assert_eq!(adopted, 1);
+        assert_eq!(ring.epoch().0, e0 + 1);
+        assert_eq!(ring.current_key().public(), q);
+    }
+    let kinds = h.audit_kinds().await;
+    assert_eq!(kinds.iter().filter(|(k, _)| k == "group.rekey").count(), 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_leaves_its_groups() {
+    let mut h = Harness::start_with(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        batch_window_ms: 30,
+        sweep_interval_ms: 20,
+        cert_validity_secs: 100,
+        ..Config::default()
+    })
+    .await;
+    h.create_group(G, false, 0).await;
+    let old = h.enrolled("old").await;
+    h.clock.advance(50_000);
+    let young = h.enrolled("young").await;
+    for (id, c) in [("old", &old), ("young", &young)] {
+        h.permit(G, id, Role::Subscriber, true).await;
+        h.join(c, G, Role::Subscriber).await.unwrap();
+    }
+    let (mut ring, e0) = keyring(&mut h, &young, Role::Subscriber).await;
+    let (mut old_ring, _) = keyring(&mut h, &old, Role::Subscriber).await;
+    let last = last_notice_seq(&mut h).await;
+
+    // 120 s after the first enrollment: "old" has expired, "young" has not.
+    h.clock.advance(70_000);
+    let notices = notices_until(&mut h, last + 1, |n| {
+        n.kind == pb::NoticeKind::GroupUpdated as i32 && n.group == G
+    })
+    .await;
+    let (r, info) = group_info(&mut h, G).await;
+    assert_eq!(info.epoch.0, e0 + 1);
+    assert_eq!(info.n_sub, 1);
+    let members = members_of(&h.ca, &r);
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].id.as_str(), "young");
+    // A departed holder of d_P: the new one goes to the remaining subscriber alone.
+    let now = h.now();
+    let rekeys = rekey_notices(&notices);
+    assert!(notices.iter().all(|n| n.device_id != "old"));
+    assert!(
+        rekeys
+            .iter()
+            .all(|(_, n)| old_ring.apply_notice(old.key(), n, now).is_err())
+    );
+    let adopted = rekeys
+        .iter()
+        .filter(|(_, n)| ring.apply_notice(young.key(), n, now).is_ok())
+        .count();
+    assert_eq!(adopted, 1);
+    assert_eq!(ring.current_key().public(), &info.q_p);
+    // The expired device cannot get keys again; its permission stays for a renewed
+    // certificate.
+    let refused = h.join(&old, G, Role::Subscriber).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    let shown = h
+        .admin
+        .show_group(pb::ShowGroupRequest { id: G.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let old_row = shown.members.iter().find(|m| m.device == "old").unwrap();
+    assert!(!old_row.joined);
+    let kinds = h.audit_kinds().await;
+    assert!(kinds.iter().any(|(k, _)| k == "group.rekey"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_joiner_cannot_open_notices_of_earlier_epochs() {
+    let mut h = Harness::start().await;
+    let s1 = h.enrolled("s1").await;
+    let p1 = h.enrolled("p1").await;
+    let late = h.enrolled("late").await;
+    h.create_group(G, false, 0).await;
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.permit(G, "p1", Role::Publisher, true).await;
+    h.join(&s1, G, Role::Subscriber).await.unwrap();
+    h.join(&p1, G, Role::Publisher).await.unwrap();
+    // Two more epochs before the late joiner arrives: broadcasts under the old keys.
+    for _ in 0..2 {
+        h.admin
+            .rekey_group(pb::RekeyGroupRequest { id: G.into() })
+            .await
+            .unwrap();
+    }
+    let mut earlier_keys = Vec::new();
+    let (_, info) = group_info(&mut h, G).await;
+    earlier_keys.push(info.q_p);
+    h.permit(G, "late", Role::Subscriber, true).await;
+    let joined = h.join(&late, G, Role::Subscriber).await.unwrap();
+    let join_epoch = joined.epoch().0;
+    assert!(join_epoch > info.epoch.0);
+
+    let notices = notices_until(&mut h, 1, |n| {
+        n.kind == pb::NoticeKind::GroupUpdated as i32 && n.epoch == join_epoch
+    })
+    .await;
+    let earlier: Vec<(u32, RekeyNotice)> = rekey_notices(&notices)
+        .into_iter()
+        .filter(|(e, _)| *e < join_epoch)
+        .collect();
+    assert!(earlier.len() >= 4);
+    let gid = GroupId::new(G).unwrap();
+    let (mut ring, _) = keyring(&mut h, &late, Role::Subscriber).await;
+    let now = h.now();
+    for (_, n) in &earlier {
+        assert!(ring.apply_notice(late.key(), n, now).is_err());
+        assert!(
+            Keyring::from_notice(
+                VerifyingKey(h.ca),
+                &gid,
+                Role::Subscriber,
+                late.key(),
+                n,
+                DEFAULT_GRACE_MS
+            )
+            .is_err()
+        );
+    }
+    assert_eq!(ring.epoch().0, join_epoch);
+    // The joiner's key is new: none of the subscribers' earlier keys.
+    assert!(!earlier_keys.contains(ring.current_key().public()));
     h.stop().await;
 }
