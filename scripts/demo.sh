@@ -72,9 +72,17 @@ step "Create the CA and start it" \
   "quva-ca init makes the data directory: the CA key, the admin token and the bridge token." \
   "quva-ca serve keeps devices, groups and keys in RocksDB and serves gRPC."
 show quva-ca init --data ca
-CA_PORT=$(free_port)
-spawn_daemon quva-ca quva-ca serve --data ca --listen "127.0.0.1:$CA_PORT" --batch-window-ms 50
-wait_port "$SPAWNED_PID" "$CA_PORT" quva-ca || fail "quva-ca exited (see logs/quva-ca.err)"
+for _ in 1 2 3; do
+  CA_PORT=$(free_port)
+  spawn quva-ca quva-ca serve --data ca --listen "127.0.0.1:$CA_PORT" --batch-window-ms 50
+  if wait_port "$SPAWNED_PID" "$CA_PORT" quva-ca; then
+    daemon quva-ca "$SPAWNED_PID"
+    break
+  fi
+  forget "$SPAWNED_PID"
+  CA_PORT=""   # the port was taken in between: try another
+done
+[ -n "$CA_PORT" ] || fail "quva-ca did not start (see logs/quva-ca.err)"
 echo "  \$ quva-ca serve --data ca --listen 127.0.0.1:$CA_PORT --batch-window-ms 50 &"
 export QUVA_CA_SERVER="http://127.0.0.1:$CA_PORT" QUVA_CA_DATA=ca
 echo "  (admin commands below reach it through QUVA_CA_SERVER=$QUVA_CA_SERVER and QUVA_CA_DATA=ca)"
@@ -83,8 +91,9 @@ echo "  (admin commands below reach it through QUVA_CA_SERVER=$QUVA_CA_SERVER an
 step "Start the bridge in front of Mosquitto" \
   "Devices connect here. Topics under plant/ are protected: the bridge relays enrollment and" \
   "group-key requests to the CA and drops any PUBLISH whose signature, epoch or time is wrong."
-BRIDGE_PORT=$(free_port)
-cat >bridge.toml <<EOF
+for _ in 1 2 3; do
+  BRIDGE_PORT=$(free_port)
+  cat >bridge.toml <<EOF
 listen = "127.0.0.1:$BRIDGE_PORT"
 [upstream]
 address = "127.0.0.1:$BROKER_PORT"
@@ -94,9 +103,16 @@ token_file = "ca/bridge.token"
 [topics]
 protected = ["plant/#"]
 EOF
+  spawn quva-bridge env RUST_LOG=info quva-bridge --config bridge.toml
+  if wait_port "$SPAWNED_PID" "$BRIDGE_PORT" quva-bridge; then
+    daemon quva-bridge "$SPAWNED_PID"
+    break
+  fi
+  forget "$SPAWNED_PID"
+  BRIDGE_PORT=""   # the port was taken in between: try another
+done
+[ -n "$BRIDGE_PORT" ] || fail "quva-bridge did not start (see logs/quva-bridge.err)"
 sed 's/^/    /' bridge.toml
-spawn_daemon quva-bridge env RUST_LOG=info quva-bridge --config bridge.toml
-wait_port "$SPAWNED_PID" "$BRIDGE_PORT" quva-bridge || fail "quva-bridge exited (see logs/quva-bridge.err)"
 echo "  \$ quva-bridge --config bridge.toml &        listening on 127.0.0.1:$BRIDGE_PORT"
 
 # ---------------------------------------------------------------------------------------------

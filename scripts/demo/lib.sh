@@ -43,7 +43,7 @@ forget() {
 }
 
 # spawn NAME CMD...: starts CMD in the background, output in logs/NAME.out and logs/NAME.err;
-# sets SPAWNED_PID. spawn_daemon: the same for the broker, the CA and the bridge.
+# sets SPAWNED_PID.
 spawn() {
   local name=$1
   shift
@@ -51,11 +51,6 @@ spawn() {
   SPAWNED_PID=$!
   DEMO_PIDS+=("$SPAWNED_PID")
 }
-spawn_daemon() {
-  spawn "$@"
-  daemon "$1" "$SPAWNED_PID"
-}
-
 # daemon NAME PID: marks a started process as one the demo cannot go on without.
 daemon() {
   DEMO_DAEMON_NAMES+=("$1")
