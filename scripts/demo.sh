@@ -8,7 +8,6 @@
 #   scripts/demo.sh --offline  the protocol in one process, no network (client-lib/examples/walkthrough.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 
 DEMO_KEEP=0
 OFFLINE=0
