@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) dir: BridgeDirectory,
     pub(crate) replay: Mutex<ReplayCache>,
     nonces: Mutex<ReplayCache<[u8; 16]>>,
+    /// Batches of signature checks running on the blocking pool at once (one per CPU).
+    pub(crate) verifiers: Semaphore,
     pub(crate) upstream_password: Option<String>,
     pub(crate) stop: CancellationToken,
     sessions: Mutex<HashMap<DeviceId, Vec<CancellationToken>>>,
@@ -229,6 +231,9 @@ impl Bridge {
             dir: BridgeDirectory::new(cfg.windows.epoch_grace_ms),
             replay: Mutex::new(ReplayCache::new(window, cfg.windows.replay_capacity)),
             nonces: Mutex::new(ReplayCache::new(window, cfg.windows.replay_capacity)),
+            verifiers: Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
             policy,
             metrics: Metrics::new(),
             ca,

@@ -32,6 +32,7 @@
 mod bridge;
 mod notices;
 mod session;
+mod verify;
 
 // The public interface is these modules and the re-exports below.
 pub mod ca;

@@ -4,8 +4,10 @@
 //! retained, QoS 1, on its key topic; at every epoch the group's member certificate list is
 //! published retained on `quva/c/<group>`; a revocation ends the device's sessions. After any
 //! disconnect (CA or broker) the bridge resumes from the sequence number after the last notice it
-//! finished.
+//! finished, and after a broker reconnect it first publishes again the latest retained message of
+//! every topic it published (a broker without persistence forgets them).
 
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU16;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +84,19 @@ impl Publisher {
         }
     }
 
+    /// Resolves when the broker closes the connection (or sends something that ends it). Only
+    /// called while no PUBLISH is in flight.
+    pub(crate) async fn closed(&mut self) {
+        loop {
+            match self.reader.next().await {
+                Some(Ok((MqttPacket::V5(v5::Packet::Disconnect(_)), _))) | Some(Err(_)) | None => {
+                    return;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+
     /// Publishes retained at QoS 1 and waits for the broker's PUBACK.
     pub(crate) async fn publish_retained(
         &mut self,
@@ -122,69 +137,182 @@ impl Publisher {
     }
 }
 
+/// What the broker should hold retained: the latest payload the bridge published on each
+/// `quva/` topic (rekey notices and certificate lists), and the epoch of each group's published
+/// certificate list.
+///
+/// A broker without persistence forgets retained messages when it restarts; the bridge publishes
+/// this set again on every new broker connection, so nothing it published is lost. The set holds
+/// one entry per topic.
+#[derive(Debug, Default)]
+pub(crate) struct Retained {
+    topics: BTreeMap<String, Vec<u8>>,
+    lists: HashMap<GroupId, u32>,
+}
+
+impl Retained {
+    /// Publishes everything again (after a broker reconnect).
+    async fn republish(&self, publisher: &mut Publisher) -> Result<(), PublishError> {
+        for (topic, payload) in &self.topics {
+            publisher.publish_retained(topic, payload.clone()).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes on `topic` and remembers it.
+    async fn publish(
+        &mut self,
+        publisher: &mut Publisher,
+        topic: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), PublishError> {
+        publisher.publish_retained(topic, payload.clone()).await?;
+        self.topics.insert(topic.to_owned(), payload);
+        Ok(())
+    }
+}
+
+/// The position in the CA's notice log, what was published from it, and the broker connection.
+struct Follower {
+    /// The sequence number of the next notice to apply.
+    next_seq: u64,
+    retained: Retained,
+    /// Kept across CA interruptions; replaced (and the retained set published again) only when
+    /// the broker side failed.
+    publisher: Option<Publisher>,
+}
+
+/// Which side interrupted the notices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Interrupted {
+    /// The CA (stream, call or timeout).
+    Ca(&'static str),
+    /// The broker connection.
+    Broker(&'static str),
+}
+
+impl Interrupted {
+    fn reason(self) -> &'static str {
+        match self {
+            Interrupted::Ca(r) | Interrupted::Broker(r) => r,
+        }
+    }
+}
+
 /// Follows the CA's notices until the bridge stops.
+///
+/// The position is kept in memory only: a restarted bridge reads the log from its start (every
+/// notice is idempotent: retained publishes end at the latest per topic, group refreshes fetch the
+/// current data, revocations are sets), which also rebuilds its revocation set.
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut next_seq = 1u64;
-    let mut backoff = Duration::from_millis(100);
+    let mut follower = Follower {
+        next_seq: 1,
+        retained: Retained::default(),
+        publisher: None,
+    };
+    let mut backoff = MIN_BACKOFF;
     loop {
         if shared.stop.is_cancelled() {
             return;
         }
+        let mut connected = false;
         let outcome = tokio::select! {
             () = shared.stop.cancelled() => return,
-            r = follow(&shared, &mut next_seq) => r,
+            r = follow(&shared, &mut follower, &mut connected) => r,
         };
         if let Err(e) = outcome {
-            tracing::warn!(error = e, next_seq, "notice stream interrupted; resuming");
+            if matches!(e, Interrupted::Broker(_)) {
+                follower.publisher = None;
+            }
+            tracing::warn!(
+                error = e.reason(),
+                next_seq = follower.next_seq,
+                "notice stream interrupted; resuming"
+            );
+        }
+        if connected {
+            backoff = MIN_BACKOFF;
         }
         tokio::select! {
             () = shared.stop.cancelled() => return,
             () = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One session of following: connect to the broker and the CA, then apply notices in order.
-async fn follow(shared: &Shared, next_seq: &mut u64) -> Result<(), &'static str> {
-    let ca = shared.ca.as_ref().ok_or("no CA")?;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// One session of following: connect to the broker if needed (publishing the retained set again
+/// on a new connection), open the CA's stream after the last applied notice, then apply notices
+/// in order until either side fails. `connected` is set once both sides answered.
+async fn follow(
+    shared: &Shared,
+    follower: &mut Follower,
+    connected: &mut bool,
+) -> Result<(), Interrupted> {
+    let ca = shared.ca.as_ref().ok_or(Interrupted::Ca("no CA"))?;
     shared
         .ca_public()
         .await
-        .ok_or("CA public key unavailable")?;
-    let mut publisher = Publisher::connect(shared)
-        .await
-        .map_err(|_| "broker unavailable")?;
+        .ok_or(Interrupted::Ca("CA public key unavailable"))?;
+    let Follower {
+        next_seq,
+        retained,
+        publisher,
+    } = follower;
+    let publisher = match publisher {
+        Some(p) => p,
+        None => {
+            let mut p = Publisher::connect(shared)
+                .await
+                .map_err(|_| Interrupted::Broker("broker unavailable"))?;
+            retained
+                .republish(&mut p)
+                .await
+                .map_err(|_| Interrupted::Broker("publishing the retained set failed"))?;
+            publisher.insert(p)
+        }
+    };
     let mut stream = shared
         .ca_call("watch_notices", ca.watch_notices(*next_seq))
         .await
-        .map_err(|_| "CA unavailable")?;
-    while let Some(item) = stream.next().await {
-        let notice = item.map_err(|_| "CA stream failed")?;
+        .map_err(|_| Interrupted::Ca("CA unavailable"))?;
+    *connected = true;
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            () = publisher.closed() => return Err(Interrupted::Broker("broker connection lost")),
+        };
+        let Some(item) = item else {
+            return Err(Interrupted::Ca("CA stream ended"));
+        };
+        let notice = item.map_err(|_| Interrupted::Ca("CA stream failed"))?;
         if notice.seq < *next_seq {
             continue;
         }
-        apply(shared, &mut publisher, &notice).await?;
+        apply(shared, publisher, retained, &notice).await?;
         *next_seq = notice.seq + 1;
     }
-    Err("CA stream ended")
 }
 
 async fn apply(
     shared: &Shared,
     publisher: &mut Publisher,
+    retained: &mut Retained,
     notice: &Notice,
-) -> Result<(), &'static str> {
+) -> Result<(), Interrupted> {
     match &notice.action {
         NoticeAction::Rekey { topic, payload } => {
             if !topic.starts_with(crate::topics::RESERVED_PREFIX) {
                 tracing::warn!(seq = notice.seq, "rekey notice for a non-key topic skipped");
                 return Ok(());
             }
-            publisher
-                .publish_retained(topic, payload.clone())
+            retained
+                .publish(publisher, topic, payload.clone())
                 .await
-                .map_err(|_| "publishing a notice failed")?;
+                .map_err(|_| Interrupted::Broker("publishing a notice failed"))?;
             shared.metrics.notice_published();
             tracing::debug!(seq = notice.seq, topic = %topic, "rekey notice published");
         }
@@ -192,16 +320,27 @@ async fn apply(
             let Ok(group) = GroupId::new(&notice.group) else {
                 return Ok(());
             };
+            if retained
+                .lists
+                .get(&group)
+                .is_some_and(|e| *e >= notice.epoch)
+            {
+                // Already published at this epoch or later (a replay of the log).
+                return Ok(());
+            }
             match shared.refresh_group(&group).await {
                 Ok(()) => {}
-                Err(crate::ca::CaError::Unavailable) => return Err("CA unavailable"),
+                Err(crate::ca::CaError::Unavailable) => {
+                    return Err(Interrupted::Ca("CA unavailable"));
+                }
                 Err(_) => return Ok(()),
             }
             if let Some((epoch, list)) = shared.dir.certificate_list(&group) {
-                publisher
-                    .publish_retained(&certificates_topic(&group), list)
+                retained
+                    .publish(publisher, &certificates_topic(&group), list)
                     .await
-                    .map_err(|_| "publishing a certificate list failed")?;
+                    .map_err(|_| Interrupted::Broker("publishing a certificate list failed"))?;
+                retained.lists.insert(group.clone(), epoch.0);
                 shared.metrics.notice_published();
                 tracing::debug!(group = %group, epoch = epoch.0, "certificate list published");
             }

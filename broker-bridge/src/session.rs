@@ -24,11 +24,7 @@ use quva_client::enrollment::{
 };
 use quva_client::group::{GK_PROPERTY, GroupKeyRequest, Privacy};
 use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::message::{
-    BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
-    verify_batch_at_bridge,
-};
-use quva_client::rng::SystemRng;
+use quva_client::message::{ConnectionIdentity, Direction};
 use quva_client::schnorr::VerifyingKey;
 use rmqtt_codec::types::Publish;
 use rmqtt_codec::v5::{
@@ -45,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bridge::{Shared, now_ms};
 use crate::ca::{connack_reason, suback_reason};
 use crate::topics::{TopicKind, unshare, valid_filter};
+use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
 /// Drop reasons besides [`Rejection::LABELS`].
 pub const EXTRA_DROP_REASONS: [&str; 4] = [
@@ -613,26 +610,6 @@ struct Candidate {
     target: Target,
 }
 
-/// A drop decision: the counter label and the PUBACK/PUBREC reason code.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Dropped {
-    label: &'static str,
-    code: u8,
-}
-
-impl Dropped {
-    fn from_rejection(r: &Rejection) -> Self {
-        Dropped {
-            label: r.label(),
-            code: r.puback_reason_code(),
-        }
-    }
-
-    const fn not_authorized(label: &'static str) -> Self {
-        Dropped { label, code: 0x87 }
-    }
-}
-
 impl V5Session {
     async fn device_to_upstream(
         &mut self,
@@ -832,8 +809,10 @@ impl V5Session {
         Ok(())
     }
 
+    /// The verdict of each PUBLISH of a batch, in order. Protected ones are checked off the
+    /// async workers ([`crate::verify`]).
     async fn verify(&mut self, batch: &[Candidate]) -> Vec<Verdict> {
-        // Fetch unknown groups first (the only await).
+        // Fetch unknown groups first.
         let mut fetched: Vec<&GroupId> = Vec::new();
         for c in batch {
             if let Target::Group(g, _) = &c.target
@@ -843,93 +822,35 @@ impl V5Session {
                 let _ = self.shared.ensure_group(g).await;
             }
         }
-        let started = Instant::now();
-        let now = now_ms();
-        let shared = &self.shared;
-        let policy = Policy {
-            max_payload: shared.cfg.limits.max_payload,
-            window_ms: shared.cfg.windows.timestamp_ms,
-        };
         let connection = self.identity.connection();
         let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(batch.len());
-        let mut messages: Vec<(usize, UnverifiedMessage)> = Vec::new();
+        let mut protected = Vec::new();
         for (i, c) in batch.iter().enumerate() {
-            let (group, direction) = match &c.target {
-                Target::Unprotected => {
-                    verdicts.push(Some(Verdict::Relay));
-                    continue;
+            verdicts.push(match &c.target {
+                Target::Unprotected => Some(Verdict::Relay),
+                Target::Reserved => Some(Verdict::Drop(Dropped::not_authorized("reserved_topic"))),
+                Target::Group(..) if connection.is_none() => {
+                    Some(Verdict::Drop(Dropped::not_authorized("unauthenticated")))
                 }
-                Target::Reserved => {
-                    verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
-                        "reserved_topic",
-                    ))));
-                    continue;
-                }
-                Target::Group(g, d) => (g, *d),
-            };
-            if connection.is_none() {
-                verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
-                    "unauthenticated",
-                ))));
-                continue;
-            }
-            match UnverifiedMessage::decode_with_limit(&c.publish.payload, policy.max_payload) {
-                Ok(m) => {
-                    let h = m.header();
-                    if h.group != *group || h.direction != direction {
-                        verdicts.push(Some(Verdict::Drop(Dropped::not_authorized(
-                            "topic_mismatch",
-                        ))));
-                    } else {
-                        verdicts.push(None);
-                        messages.push((i, m));
-                    }
-                }
-                Err(r) => verdicts.push(Some(Verdict::Drop(Dropped::from_rejection(&r)))),
-            }
-        }
-        if !messages.is_empty()
-            && let Some(connection) = connection
-        {
-            let view = shared.dir.view(now);
-            let mut replay = lock(&shared.replay);
-            let mut checks: Vec<(usize, BridgeCheck<'_>)> = Vec::new();
-            for (i, m) in &messages {
-                match m.check_at_bridge(&view, &connection, &policy, &replay, now) {
-                    // Topic access control after the cheap checks, before any signature.
-                    Ok(check) if self.may_publish(&m.header().group, m.header().direction) => {
-                        checks.push((*i, check));
-                    }
-                    Ok(_) => {
-                        if let Some(v) = verdicts.get_mut(*i) {
-                            *v = Some(Verdict::Drop(Dropped::not_authorized("not_authorized")));
-                        }
-                    }
-                    Err(r) => {
-                        if let Some(v) = verdicts.get_mut(*i) {
-                            *v = Some(Verdict::Drop(Dropped::from_rejection(&r)));
-                        }
-                    }
-                }
-            }
-            let (idx, checks): (Vec<usize>, Vec<BridgeCheck<'_>>) = checks.into_iter().unzip();
-            let results = if checks.len() == 1 {
-                checks
-                    .into_iter()
-                    .map(|c| c.verify(&mut replay, now))
-                    .collect()
-            } else {
-                verify_batch_at_bridge(checks, &mut replay, now, &mut SystemRng::new())
-            };
-            for (i, r) in idx.into_iter().zip(results) {
-                if let Some(v) = verdicts.get_mut(i) {
-                    *v = Some(match r {
-                        Ok(_) => Verdict::Accept,
-                        Err(r) => Verdict::Drop(Dropped::from_rejection(&r)),
+                Target::Group(group, direction) => {
+                    protected.push(Protected {
+                        index: i,
+                        payload: c.publish.payload.clone(),
+                        group: group.clone(),
+                        direction: *direction,
                     });
+                    None
+                }
+            });
+        }
+        if let Some(connection) = connection
+            && !protected.is_empty()
+        {
+            for (i, v) in check_batch(&self.shared, &connection, protected).await {
+                if let Some(slot) = verdicts.get_mut(i) {
+                    *slot = Some(v);
                 }
             }
-            shared.metrics.verify_time(started.elapsed());
         }
         verdicts
             .into_iter()
@@ -937,23 +858,11 @@ impl V5Session {
             .collect()
     }
 
-    /// Topic access control from CA membership: publishers publish data, subscribers queries.
-    fn may_publish(&self, group: &GroupId, direction: Direction) -> bool {
-        let role = direction.sender_role();
-        match &self.identity {
-            Identity::Anonymous => false,
-            Identity::Device(id) => self.shared.dir.is_current_member(group, id, role),
-            Identity::Group(g, r) => g == group && *r == role,
-        }
-    }
-
     /// Whether this connection may subscribe to a group's traffic as `role`.
     fn is_role(&self, group: &GroupId, role: Role) -> bool {
-        match &self.identity {
-            Identity::Anonymous => false,
-            Identity::Device(id) => self.shared.dir.is_current_member(group, id, role),
-            Identity::Group(g, r) => g == group && *r == role,
-        }
+        self.identity
+            .connection()
+            .is_some_and(|c| has_role(&c, &self.shared.dir, group, role))
     }
 
     async fn subscribe(&mut self, mut s: v5::Subscribe) -> Result<(), ()> {
@@ -1082,17 +991,6 @@ impl V5Session {
         let _ = self.shared.refresh_group(group).await;
         Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(delivery))
     }
-}
-
-/// What happens to one PUBLISH of a batch.
-#[derive(Clone, Copy, Debug)]
-enum Verdict {
-    /// Not protected: relay.
-    Relay,
-    /// Protected and verified: relay and count.
-    Accept,
-    /// Drop with this reason.
-    Drop(Dropped),
 }
 
 // ------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
 
 #[path = "support/broker.rs"]
 mod broker;
+#[path = "support/devices.rs"]
+mod devices;
 #[path = "support/test_ca.rs"]
 mod test_ca;
 
@@ -12,114 +14,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use broker::{Mosquitto, Raw, config, start_bridge};
+use devices::{cert_proof, connect, enroll, puback, sealer};
 use quva_bridge::now_ms;
-use quva_client::codec::{Decode, Encode};
-use quva_client::curve::KeyPair;
-use quva_client::enrollment::{
-    CertConnectProof, Credentials, EnrollResponse, METHOD_CERT, METHOD_ENROLL, PendingEnrollment,
-};
-use quva_client::group::{
-    AcceptedGroupKey, GK_PROPERTY, GroupKeyDelivery, GroupKeyRequest, Privacy,
-};
-use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-use quva_client::message::{Direction, Sealer};
+use quva_client::enrollment::{Credentials, METHOD_CERT};
+use quva_client::group::{AcceptedGroupKey, Privacy};
+use quva_client::ids::{Epoch, GroupId, Role};
 use quva_client::rng::SystemRng;
 use rmqtt_codec::v5;
 use test_ca::TestCa;
 
 const GROUP: &str = "plant/a";
-
-async fn enroll(addr: std::net::SocketAddr, ca: &TestCa, id: &str) -> Credentials {
-    let secret = ca.register(id);
-    let pending =
-        PendingEnrollment::new(DeviceId::new(id).unwrap(), now_ms(), &mut SystemRng::new());
-    let data = pending.enroll_request(&secret).to_bytes();
-    let (_raw, ack) = Raw::connect(addr, id, Some((METHOD_ENROLL, data))).await;
-    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
-    assert_eq!(ack.auth_method.as_deref(), Some(METHOD_ENROLL));
-    let resp = EnrollResponse::from_bytes(&ack.auth_data.unwrap()).unwrap();
-    pending.accept(&resp, ca.key.public()).unwrap()
-}
-
-fn cert_proof(creds: &Credentials, client_id: &str) -> Vec<u8> {
-    CertConnectProof::new(creds, now_ms(), client_id, &mut SystemRng::new())
-        .unwrap()
-        .to_bytes()
-}
-
-async fn connect(addr: std::net::SocketAddr, creds: &Credentials, client_id: &str) -> Raw {
-    let (raw, ack) = Raw::connect(
-        addr,
-        client_id,
-        Some((METHOD_CERT, cert_proof(creds, client_id))),
-    )
-    .await;
-    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
-    raw
-}
-
-async fn join(
-    raw: &mut Raw,
-    ca: &TestCa,
-    creds: &Credentials,
-    role: Role,
-    pid: u16,
-) -> AcceptedGroupKey {
-    let group = GroupId::new(GROUP).unwrap();
-    let req = GroupKeyRequest::new(
-        creds.id(),
-        &group,
-        role,
-        now_ms(),
-        creds.key(),
-        creds.group_secret(),
-        ca.key.public(),
-        &mut SystemRng::new(),
-    )
-    .unwrap();
-    let topic = format!("quva/k/{GROUP}/{}", role.topic_segment());
-    let ack = raw
-        .subscribe(pid, &topic, vec![(GK_PROPERTY.into(), req.to_property())])
-        .await;
-    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
-    let value = ack
-        .properties
-        .iter()
-        .find(|(k, _)| k == GK_PROPERTY)
-        .map(|(_, v)| v.to_string())
-        .expect("quva-gk on the SUBACK");
-    GroupKeyDelivery::from_property(&value)
-        .unwrap()
-        .accept(&ca.key.verifying_key(), creds.key(), &group, role)
-        .unwrap()
-}
-
-fn sealer<'a>(
-    group: &'a GroupId,
-    epoch: Epoch,
-    sender: &'a DeviceId,
-    key: &'a KeyPair,
-) -> Sealer<'a> {
-    Sealer {
-        group,
-        epoch,
-        direction: Direction::Forward,
-        sender,
-        key,
-    }
-}
-
-async fn puback(raw: &mut Raw, id: u16) -> u8 {
-    loop {
-        match raw.recv().await {
-            Some(v5::Packet::PublishAck(a)) if a.packet_id.get() == id => {
-                return a.reason_code.into();
-            }
-            Some(_) => {}
-            None => panic!("no PUBACK for {id}"),
-        }
-    }
-}
 
 struct World {
     broker: Mosquitto,
@@ -151,15 +55,15 @@ async fn world() -> World {
     let subscriber = enroll(addr, &ca, "sub-1").await;
     let outsider = enroll(addr, &ca, "other").await;
     let mut sub_raw = connect(addr, &subscriber, "sub-1-c").await;
-    let d_p = join(&mut sub_raw, &ca, &subscriber, Role::Subscriber, 1).await;
+    let d_p = devices::join(&mut sub_raw, &ca, &subscriber, GROUP, Role::Subscriber, 1).await;
     let mut pub_raw = connect(addr, &publisher, "pub-1-c").await;
-    let d_s = join(&mut pub_raw, &ca, &publisher, Role::Publisher, 1).await;
+    let d_s = devices::join(&mut pub_raw, &ca, &publisher, GROUP, Role::Publisher, 1).await;
     // The subscriber's current key after the publisher joined (epoch 2).
     let d_p = {
         let keys = ca.keys(GROUP);
         assert_eq!(keys.group_info().epoch, Epoch(2));
         let _ = d_p;
-        join(&mut sub_raw, &ca, &subscriber, Role::Subscriber, 2).await
+        devices::join(&mut sub_raw, &ca, &subscriber, GROUP, Role::Subscriber, 2).await
     };
     let ack = sub_raw.subscribe(3, GROUP, vec![]).await;
     assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);

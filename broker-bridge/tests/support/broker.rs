@@ -28,7 +28,22 @@ use tokio_util::codec::Framed;
 pub struct Mosquitto {
     child: Child,
     pub addr: SocketAddr,
+    conf: std::path::PathBuf,
     _dir: tempfile::TempDir,
+}
+
+fn spawn_mosquitto(conf: &std::path::Path) -> Child {
+    let exe = ["/usr/sbin/mosquitto", "mosquitto"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("mosquitto");
+    Command::new(exe)
+        .arg("-c")
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto must be installed")
 }
 
 fn free_port() -> u16 {
@@ -53,17 +68,7 @@ impl Mosquitto {
                 format!("listener {port} 127.0.0.1\npersistence false\n{extra}"),
             )
             .unwrap();
-            let exe = ["/usr/sbin/mosquitto", "mosquitto"]
-                .into_iter()
-                .find(|p| std::path::Path::new(p).exists())
-                .unwrap_or("mosquitto");
-            let mut child = Command::new(exe)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("mosquitto must be installed");
+            let mut child = spawn_mosquitto(&conf);
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             for _ in 0..100 {
                 if TcpStream::connect(addr).await.is_ok() {
@@ -75,6 +80,7 @@ impl Mosquitto {
                     return Mosquitto {
                         child,
                         addr,
+                        conf,
                         _dir: dir,
                     };
                 }
@@ -87,6 +93,35 @@ impl Mosquitto {
             let _ = child.wait();
         }
         panic!("mosquitto did not start");
+    }
+}
+
+impl Mosquitto {
+    /// Kills the broker (SIGKILL): without persistence it forgets every retained message.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the broker again on the same port.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            self.child = spawn_mosquitto(&self.conf);
+            for _ in 0..40 {
+                if TcpStream::connect(self.addr).await.is_ok() {
+                    return;
+                }
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The port may still be held for a moment: try again.
+            self.kill();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("mosquitto did not restart on {}", self.addr);
     }
 }
 

@@ -1,0 +1,196 @@
+//! PUBLISH checks off the async workers: the cheap checks and the signatures of one batch run on
+//! tokio's blocking pool, at most one batch per CPU at a time.
+//!
+//! Implements the bridge's checks of PROTOCOL.md §6 for the protected PUBLISHes of a batch:
+//! decoding, group/epoch/window/replay lookup and membership ([`UnverifiedMessage::check_at_bridge`])
+//! under a short hold of the replay cache, then the signatures with no lock held (one batch
+//! verification, or a single verification for a batch of one), then the replay cache again to
+//! record the accepted messages in order (a duplicate inside the batch, or one accepted meanwhile
+//! by another connection, is a replay). Verdicts come back in batch order, so acknowledgements
+//! keep PUBLISH order.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use quva_client::ids::{GroupId, Role};
+use quva_client::message::{
+    BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
+};
+use quva_client::replay::{ReplayCache, ReplayError};
+use quva_client::rng::SystemRng;
+use quva_client::schnorr::{BatchItem, verify_batch};
+
+use crate::bridge::{Shared, now_ms};
+use crate::directory::BridgeDirectory;
+
+/// A drop decision: the counter label and the PUBACK/PUBREC reason code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Dropped {
+    pub(crate) label: &'static str,
+    pub(crate) code: u8,
+}
+
+impl Dropped {
+    pub(crate) fn from_rejection(r: &Rejection) -> Self {
+        Dropped {
+            label: r.label(),
+            code: r.puback_reason_code(),
+        }
+    }
+
+    pub(crate) const fn not_authorized(label: &'static str) -> Self {
+        Dropped { label, code: 0x87 }
+    }
+}
+
+/// What happens to one PUBLISH of a batch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Verdict {
+    /// Not protected: relay.
+    Relay,
+    /// Protected and verified: relay and count.
+    Accept,
+    /// Drop with this reason.
+    Drop(Dropped),
+}
+
+/// Whether `connection` is a current member of `group` in `role`.
+pub(crate) fn has_role(
+    connection: &ConnectionIdentity,
+    dir: &BridgeDirectory,
+    group: &GroupId,
+    role: Role,
+) -> bool {
+    match connection {
+        ConnectionIdentity::Device(id) => dir.is_current_member(group, id, role),
+        ConnectionIdentity::Group { group: g, role: r } => g == group && *r == role,
+    }
+}
+
+/// A protected PUBLISH waiting for its checks.
+#[derive(Debug)]
+pub(crate) struct Protected {
+    /// Its position in the batch.
+    pub(crate) index: usize,
+    /// The PUBLISH payload (the Quva message).
+    pub(crate) payload: Bytes,
+    /// The group its topic names.
+    pub(crate) group: GroupId,
+    /// Data or query topic.
+    pub(crate) direction: Direction,
+}
+
+/// Checks the protected PUBLISHes of one batch on the blocking pool; returns `(index, verdict)`
+/// for each. A PUBLISH whose check could not run is missing from the answer (the caller drops
+/// it as not authorized).
+pub(crate) async fn check_batch(
+    shared: &Arc<Shared>,
+    connection: &ConnectionIdentity,
+    items: Vec<Protected>,
+) -> Vec<(usize, Verdict)> {
+    let Ok(_permit) = shared.verifiers.acquire().await else {
+        return Vec::new();
+    };
+    let shared = shared.clone();
+    let connection = connection.clone();
+    tokio::task::spawn_blocking(move || check_now(&shared, &connection, items))
+        .await
+        .unwrap_or_default()
+}
+
+/// The synchronous checks of [`check_batch`].
+fn check_now(
+    shared: &Shared,
+    connection: &ConnectionIdentity,
+    items: Vec<Protected>,
+) -> Vec<(usize, Verdict)> {
+    let started = Instant::now();
+    let now = now_ms();
+    let policy = Policy {
+        max_payload: shared.cfg.limits.max_payload,
+        window_ms: shared.cfg.windows.timestamp_ms,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    let mut messages: Vec<(usize, UnverifiedMessage)> = Vec::with_capacity(items.len());
+    for p in items {
+        match UnverifiedMessage::decode_with_limit(&p.payload, policy.max_payload) {
+            Ok(m) => {
+                let h = m.header();
+                if h.group != p.group || h.direction != p.direction {
+                    out.push((
+                        p.index,
+                        Verdict::Drop(Dropped::not_authorized("topic_mismatch")),
+                    ));
+                } else {
+                    messages.push((p.index, m));
+                }
+            }
+            Err(r) => out.push((p.index, Verdict::Drop(Dropped::from_rejection(&r)))),
+        }
+    }
+    let mut checks: Vec<(usize, BridgeCheck<'_>)> = Vec::with_capacity(messages.len());
+    {
+        let view = shared.dir.view(now);
+        let replay = lock(&shared.replay);
+        for (i, m) in &messages {
+            let h = m.header();
+            match m.check_at_bridge(&view, connection, &policy, &replay, now) {
+                // Topic access control after the cheap checks, before any signature.
+                Ok(check)
+                    if has_role(connection, &shared.dir, &h.group, h.direction.sender_role()) =>
+                {
+                    checks.push((*i, check));
+                }
+                Ok(_) => out.push((*i, Verdict::Drop(Dropped::not_authorized("not_authorized")))),
+                Err(r) => out.push((*i, Verdict::Drop(Dropped::from_rejection(&r)))),
+            }
+        }
+    }
+    if checks.is_empty() {
+        return out;
+    }
+    // The signatures, with no lock held.
+    let good = signatures_valid(&checks);
+    let mut replay = lock(&shared.replay);
+    for ((i, check), ok) in checks.iter().zip(good) {
+        let verdict = if !ok {
+            Verdict::Drop(Dropped::from_rejection(&Rejection::BadSignature))
+        } else {
+            match record(&mut replay, check.message(), now) {
+                Ok(()) => Verdict::Accept,
+                Err(r) => Verdict::Drop(Dropped::from_rejection(&r)),
+            }
+        };
+        out.push((*i, verdict));
+    }
+    drop(replay);
+    shared.metrics.verify_time(started.elapsed());
+    out
+}
+
+/// One flag per check: a single verification for one message, a batch verification for more.
+fn signatures_valid(checks: &[(usize, BridgeCheck<'_>)]) -> Vec<bool> {
+    if let [(_, check)] = checks {
+        let it = check.batch_item();
+        return vec![it.key.verify(it.tag, it.body, it.signature).is_ok()];
+    }
+    let items: Vec<BatchItem<'_>> = checks.iter().map(|(_, c)| c.batch_item()).collect();
+    verify_batch(&items, &mut SystemRng::new())
+}
+
+/// Records an accepted message in the replay cache (PROTOCOL.md §6).
+fn record(replay: &mut ReplayCache, msg: &UnverifiedMessage, now: u64) -> Result<(), Rejection> {
+    let t_ms = msg.header().t_ms;
+    replay
+        .check_and_insert(*msg.hash(), t_ms, now)
+        .map_err(|e| match e {
+            ReplayError::OutsideWindow if t_ms < now => Rejection::StaleTimestamp,
+            ReplayError::OutsideWindow => Rejection::FutureTimestamp,
+            _ => Rejection::Replayed,
+        })
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
