@@ -49,8 +49,12 @@ impl Binaries {
     /// one is missing.
     pub fn locate() -> Self {
         let exe = std::env::current_exe().unwrap();
-        // target/<profile>/deps/e2e-<hash>
-        let dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        // target/<profile>/deps/e2e-<hash>, or target/<profile>/<binary> for a program
+        // (quva-bench) that uses this harness.
+        let mut dir = exe.parent().unwrap().to_path_buf();
+        if dir.file_name().and_then(|n| n.to_str()) == Some("deps") {
+            dir.pop();
+        }
         let bins = Binaries {
             ca: dir.join("quva-ca"),
             bridge: dir.join("quva-bridge"),
