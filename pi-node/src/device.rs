@@ -1262,11 +1262,14 @@ impl Directory for DeviceView<'_> {
             .find_map(|l| l.key_of(id, self.now_ms))
     }
 
+    /// Listed in `role` at `epoch` and in every later list held: a member denied or revoked in
+    /// a later epoch still holds the keys of `epoch` during the grace period, and its messages
+    /// are refused from the first list that no longer names it.
     fn is_member(&self, group: &GroupId, epoch: Epoch, id: &DeviceId, role: Role) -> bool {
-        self.groups
-            .get(group)
-            .and_then(|s| s.lists.get(&epoch))
-            .is_some_and(|l| l.contains(id, role))
+        self.groups.get(group).is_some_and(|s| {
+            s.lists.contains_key(&epoch)
+                && s.lists.range(epoch..).all(|(_, l)| l.contains(id, role))
+        })
     }
 }
 
