@@ -345,6 +345,9 @@ impl AuditSink for EngineHandle {
 }
 
 /// A waiting caller of an open window.
+// A window holds a few waiters for a few hundred milliseconds; boxing the member would only add
+// an allocation per join.
+#[allow(clippy::large_enum_variant)]
 enum Waiter {
     Join {
         member: Member,
@@ -1788,6 +1791,8 @@ fn sync_blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
+// Lives for one request only.
+#[allow(clippy::large_enum_variant)]
 enum JoinStep {
     Ready(JoinReply),
     Stage {

@@ -181,13 +181,21 @@ impl Server {
             .build_v1()?;
         let (stop, stopped) = oneshot::channel::<()>();
         tracing::info!(%addr, ca_public = %hex::encode(ca_public.to_bytes()), "serving");
+        // Replies go out at once: without TCP_NODELAY a reply written in two parts waits for the
+        // peer's delayed ACK (about 40 ms).
+        let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
+            if let Ok(s) = &s {
+                let _ = s.set_nodelay(true);
+            }
+            s
+        });
         let task = tokio::spawn(async move {
             let served = tonic::transport::Server::builder()
                 .add_service(health_svc)
                 .add_service(reflection)
                 .add_service(device)
                 .add_service(admin)
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming, async move {
                     let _ = stopped.await;
                     tracing::info!("shutting down");
                     let _ = stopping_tx.send(true);

@@ -166,6 +166,9 @@ fn member_ids(m: &MemberRecord) -> Result<(DeviceId, Role), StoreError> {
     Ok((device, role))
 }
 
+/// One stored row: key bytes and value bytes.
+pub type Row = (Vec<u8>, Vec<u8>);
+
 /// The raw key-value store: reads, ordered scans and atomic synced commits.
 pub trait CaStore: Send + Sync + 'static {
     /// Reads one value.
@@ -179,18 +182,14 @@ pub trait CaStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`StoreError`] from the backend.
-    fn scan(
-        &self,
-        prefix: &Key,
-        start: Option<&Key>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, prefix: &Key, start: Option<&Key>, limit: usize)
+    -> Result<Vec<Row>, StoreError>;
 
     /// The last row (highest key) starting with `prefix`.
     ///
     /// # Errors
     /// [`StoreError`] from the backend.
-    fn last(&self, prefix: &Key) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn last(&self, prefix: &Key) -> Result<Option<Row>, StoreError>;
 
     /// Applies every operation of `batch` atomically and durably (synced) before returning.
     ///

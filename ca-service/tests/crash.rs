@@ -400,7 +400,7 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         );
     }
 
-    let logs = logs.lock().unwrap();
+    let logs = logs.lock().unwrap().drain().collect::<HashMap<_, _>>();
     for g in GROUPS {
         let r = device
             .get_group(pb::GetGroupRequest { group: g.into() })
@@ -442,8 +442,7 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         // The last notice of the group matches the state.
         let last = notices
             .iter()
-            .filter(|n| n.group == g && n.kind == pb::NoticeKind::GroupUpdated as i32)
-            .next_back()
+            .rfind(|n| n.group == g && n.kind == pb::NoticeKind::GroupUpdated as i32)
             .unwrap();
         assert_eq!(
             last.epoch, info.epoch.0,

@@ -319,12 +319,9 @@ async fn rejections_have_the_right_status_and_change_nothing() {
             .iter()
             .any(|(k, o)| k == "device.enroll" && o == "unknown device")
     );
-    assert!(
-        kinds
-            .iter()
-            .any(|(k, o)| k == "device.enroll" && o == "replayed nonce"
-                || k == "device.enroll" && o == "no enrollment secret")
-    );
+    assert!(kinds.iter().any(
+        |(k, o)| k == "device.enroll" && (o == "replayed nonce" || o == "no enrollment secret")
+    ));
     assert!(
         kinds
             .iter()

@@ -5,10 +5,13 @@ use std::sync::Mutex;
 
 use super::{Batch, CaStore, Key, StoreError, keys::ALL_CFS};
 
+/// Rows by key, per column family.
+type Cfs = BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>;
+
 /// A [`CaStore`] that keeps everything in memory.
 #[derive(Default)]
 pub struct MemoryStore {
-    cfs: Mutex<BTreeMap<&'static str, BTreeMap<Vec<u8>, Vec<u8>>>>,
+    cfs: Mutex<Cfs>,
 }
 
 impl MemoryStore {
