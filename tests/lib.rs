@@ -156,9 +156,9 @@ impl Proc {
         fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 
-    /// Standard error so far.
+    /// Standard error so far, without terminal color codes.
     pub fn err(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
+        strip_ansi(&fs::read_to_string(&self.stderr).unwrap_or_default())
     }
 
     /// Waits until standard error contains `needle` (a log line), or fails.
@@ -181,6 +181,85 @@ impl Proc {
         panic!(
             "{} did not log {needle:?}\nstderr:\n{}",
             self.name,
+            self.err()
+        );
+    }
+
+    /// Waits until standard error contains `needle` at least `n` times, or fails.
+    pub fn wait_stderr_count(&mut self, needle: &str, n: usize) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.err().matches(needle).count() >= n {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before logging {needle:?} {n} times\nstderr:\n{}",
+                    self.name,
+                    self.err()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not log {needle:?} {n} times\nstderr:\n{}",
+            self.name,
+            self.err()
+        );
+    }
+
+    /// Whether this `quva-node` process logged a rekey (or a join) to `epoch`.
+    pub fn holds_epoch(&self, epoch: u64) -> bool {
+        let token = format!("epoch={epoch}");
+        self.err().lines().any(|l| {
+            (l.contains("rekeyed") || l.contains("joined") || l.contains("group key adopted"))
+                && l.split_whitespace().any(|w| w == token)
+        })
+    }
+
+    /// Waits until this `quva-node` process holds the key of `epoch` (see
+    /// [`Proc::holds_epoch`]), or fails.
+    pub fn wait_epoch(&mut self, epoch: u64) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while !self.holds_epoch(epoch) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before reaching epoch {epoch}\nstderr:\n{}",
+                    self.name,
+                    self.err()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not reach epoch {epoch}\nstderr:\n{}",
+                self.name,
+                self.err()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until standard output contains `needle`, or fails.
+    pub fn wait_stdout(&mut self, needle: &str) {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.out().contains(needle) {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before printing {needle:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.name,
+                    self.out(),
+                    self.err()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "{} did not print {needle:?}\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            self.out(),
             self.err()
         );
     }
@@ -486,6 +565,19 @@ impl Cluster {
         self.bridge_proc.err()
     }
 
+    /// Waits until the group's epoch is later than `epoch`; returns the new one.
+    pub fn wait_epoch_after(&self, group: &str, epoch: u64) -> u64 {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let e = self.epoch(group);
+            if e > epoch {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "{group} stayed at epoch {e}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// The current epoch of a group, from `quva-ca group show`.
     pub fn epoch(&self, group: &str) -> u64 {
         let v = self.admin(&["group", "show", group]);
@@ -567,6 +659,24 @@ fn start_mosquitto(dir: &Path, logs: &Path) -> (Proc, SocketAddr, PathBuf) {
         }
     }
     panic!("mosquitto did not start (is it installed at /usr/sbin/mosquitto?)");
+}
+
+/// `text` without ANSI escape sequences (`ESC [ ... letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Runs a command to completion.

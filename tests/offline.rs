@@ -16,7 +16,8 @@ use quva_client::curve::{KeyPair, Point};
 use quva_client::enrollment::Credentials;
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{
-    Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Rejection, UnverifiedMessage,
+    Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Rejection, Sealer,
+    UnverifiedMessage,
 };
 use quva_client::rekey::{device_key_topic, key_topic};
 use quva_client::replay::ReplayCache;
@@ -261,4 +262,38 @@ pub fn feed_device(store: &Path, group: &str, role: Role, captured: &[Captured])
     let outs = device.tick(quva_node::now_ms() + WINDOW_MS + 1, &mut rng);
     collect(outs, &mut out);
     out
+}
+
+/// Seals a forward message as the holder of `creds` can, with any claimed sender, epoch and
+/// timestamp: option 1 or 2 signed with d_i, option 3 encrypted to `q_p` and signed outside
+/// with `d_grp` (the group key the forger holds, or any key).
+#[allow(clippy::too_many_arguments)]
+pub fn forge(
+    creds: &Credentials,
+    sender: &str,
+    group: &str,
+    epoch: u32,
+    t_ms: u64,
+    option: u8,
+    q_p: &Point,
+    d_grp: &KeyPair,
+    text: &str,
+) -> Vec<u8> {
+    let group = GroupId::new(group).unwrap();
+    let sender = DeviceId::new(sender).unwrap();
+    let sealer = Sealer {
+        group: &group,
+        epoch: Epoch(epoch),
+        direction: Direction::Forward,
+        sender: &sender,
+        key: creds.key(),
+    };
+    let mut rng = SystemRng::new();
+    let m = text.as_bytes();
+    match option {
+        1 => sealer.option1(t_ms, m, &mut rng),
+        2 => sealer.option2(t_ms, q_p, m, &mut rng),
+        _ => sealer.option3(t_ms, d_grp, q_p, m, &mut rng),
+    }
+    .unwrap()
 }

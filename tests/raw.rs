@@ -109,6 +109,19 @@ impl RawMqtt {
     /// Connects to `addr` as `client_id`, with an Authentication Method and Data if given, and
     /// waits for a successful CONNACK.
     pub fn connect_as(addr: SocketAddr, client_id: &str, auth: Option<(&str, Vec<u8>)>) -> Self {
+        Self::try_connect_as(addr, client_id, auth)
+            .unwrap_or_else(|e| panic!("raw MQTT connection to {addr} refused: {e}"))
+    }
+
+    /// As [`RawMqtt::connect_as`], returning a refusal (or a closed connection) as an error.
+    ///
+    /// # Errors
+    /// The CONNACK's refusal or the connection error, as text.
+    pub fn try_connect_as(
+        addr: SocketAddr,
+        client_id: &str,
+        auth: Option<(&str, Vec<u8>)>,
+    ) -> Result<Self, String> {
         let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_start(true);
@@ -167,23 +180,36 @@ impl RawMqtt {
             log,
             thread: Some(thread),
         };
-        raw.wait("CONNACK", |l| l.connack.is_some());
-        let connack = raw.log.lock().unwrap().connack.clone();
-        if let Some(Err(e)) = connack {
-            panic!("raw MQTT connection to {addr} refused: {e}");
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            let connack = raw.log.lock().unwrap().connack.clone();
+            match connack {
+                Some(Ok(())) => return Ok(raw),
+                Some(Err(e)) => return Err(e),
+                None if Instant::now() > deadline => return Err("no CONNACK".to_owned()),
+                None => std::thread::sleep(Duration::from_millis(20)),
+            }
         }
-        raw
     }
 
     /// Connects to the bridge at `addr` as the enrolled device whose key store is `store`,
     /// with a fresh `quva-cert-v1` proof (as `quva-node` does).
     pub fn connect_device(addr: SocketAddr, store: &Path) -> Self {
+        Self::try_connect_device(addr, store)
+            .unwrap_or_else(|e| panic!("device connection to {addr} refused: {e}"))
+    }
+
+    /// As [`RawMqtt::connect_device`], returning a refusal as an error.
+    ///
+    /// # Errors
+    /// The CONNACK's refusal or the connection error, as text.
+    pub fn try_connect_device(addr: SocketAddr, store: &Path) -> Result<Self, String> {
         let creds = crate::offline::credentials(store);
         let id = fresh_client_id(creds.id().as_str());
         let mut rng = quva_client::rng::SystemRng::new();
         let auth = quva_node::cert_connect_auth(&creds, &id, quva_node::now_ms(), &mut rng)
             .expect("a certificate proof");
-        Self::connect_as(addr, &id, Some((auth.method, auth.data)))
+        Self::try_connect_as(addr, &id, Some((auth.method, auth.data)))
     }
 
     /// Connects to `addr` and subscribes to `#` (everything but `$SYS`), retained messages

@@ -70,13 +70,20 @@ fn broker_sees_no_plaintext_of_options_two_and_three_and_no_sender_in_option_thr
         .iter()
         .flat_map(Captured::all_bytes)
         .collect();
-    let by_option = |n: u8| -> Vec<u8> {
-        data.iter()
-            .filter(|c| option_of(c) == n)
-            .flat_map(Captured::all_bytes)
-            .collect()
-    };
-    let (one, two, three) = (by_option(1), by_option(2), by_option(3));
+    // The publisher sent them one at a time, in option order.
+    assert_eq!(data.len(), 3);
+    for (i, c) in data.iter().enumerate() {
+        assert_eq!(
+            usize::from(option_of(c)),
+            i + 1,
+            "sent with the option asked for"
+        );
+    }
+    let (one, two, three) = (
+        data[0].all_bytes(),
+        data[1].all_bytes(),
+        data[2].all_bytes(),
+    );
 
     // The raw subscriber does see what the broker carries: option 1 is signed, not encrypted.
     assert!(contains(&one, texts[0].as_bytes()));
