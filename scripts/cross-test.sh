@@ -4,8 +4,8 @@
 # target, then the end-to-end test tests/device_targets.rs, in which an emulated aarch64
 # quva-node enrolls, joins and exchanges option 2 and 3 messages with host quva-node devices
 # through Mosquitto, quva-ca and quva-bridge on loopback. Emulated timings say nothing about a Raspberry Pi's speed.
-# Everything is built in release mode: that is what runs on a Pi, the emulated tests run several
-# times faster than unoptimized ones, and the host daemons come from the release build.
+# The device side is built in release mode (what runs on a Pi; emulated tests run several times
+# faster optimized); the host side of the end-to-end test uses the debug build of scripts/test.sh.
 #
 # Usage: scripts/cross-test.sh [TARGET...]   (default: aarch64 and armv7; the end-to-end test
 #        runs when aarch64-unknown-linux-gnu is among them)
@@ -39,6 +39,6 @@ for t in "${targets[@]}"; do
   chmod +x "$wrapper"
   "$wrapper" --version >/dev/null
   echo "==> end-to-end: emulated $t quva-node against host devices"
-  cargo build --release --locked -p quva-ca -p quva-bridge -p quva-node --bin quva-ca --bin quva-bridge --bin quva-node
-  QUVA_DEVICE_NODE="$wrapper" cargo test --release --locked -p quva-tests --test device_targets -- --nocapture
+  cargo build --locked -p quva-ca -p quva-bridge -p quva-node --bin quva-ca --bin quva-bridge --bin quva-node
+  QUVA_DEVICE_NODE="$wrapper" cargo test --locked -p quva-tests --test device_targets -- --nocapture
 done
