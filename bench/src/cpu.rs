@@ -390,3 +390,17 @@ pub fn times(n: usize) -> anyhow::Result<Vec<CpuTime>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn every_client_operation_completes() {
+        for op in Op::ALL {
+            let times = run(op, 2).unwrap();
+            assert_eq!(times.len(), 2, "{}", op.name());
+        }
+    }
+}

@@ -175,13 +175,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     results.load.push(uptime());
 
+    // The tables go to standard output first, so that a full disk loses no measurement.
+    let md = report::markdown(&results);
+    println!("{md}");
     std::fs::write(
         args.out.join("results.json"),
         serde_json::to_string_pretty(&results)?,
     )?;
-    let md = report::markdown(&results);
     std::fs::write(args.out.join("results.md"), &md)?;
-    println!("{md}");
     if let Err(e) = report::plots(&results, &args.out) {
         eprintln!("warning: no plots: {e:#}");
     }

@@ -280,3 +280,38 @@ pub fn suback_codes(ack: &SubAck) -> Vec<u8> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn counts_both_directions_and_decodes_packets() {
+        let (a, b) = tokio::io::duplex(4096);
+        let c = Counters::default();
+        let (r, w) = tokio::io::split(Counted::new(a, c.clone()));
+        let mut writer = Writer::new(w);
+        writer.send(&connect("dev-1", None)).await.unwrap();
+        let sent = c.written();
+        assert!(sent > 10);
+
+        let (peer_r, peer_w) = tokio::io::split(b);
+        let mut peer = Reader::new(peer_r);
+        assert!(matches!(
+            peer.next().await.unwrap(),
+            Some(Packet::Connect(..))
+        ));
+        let mut peer_w = Writer::new(peer_w);
+        peer_w.send(&puback(7)).await.unwrap();
+        peer_w.send(&puback(8)).await.unwrap();
+
+        let mut reader = Reader::new(r);
+        let first = reader.next().await.unwrap();
+        assert!(matches!(first, Some(Packet::PubAck(ref a)) if a.pkid == 7));
+        // Whatever was read past the first PUBACK is still buffered, not lost.
+        assert_eq!(c.read() - reader.buffered(), 4);
+        assert!(matches!(reader.next().await.unwrap(), Some(Packet::PubAck(ref a)) if a.pkid == 8));
+        assert_eq!(c.written(), sent);
+    }
+}
