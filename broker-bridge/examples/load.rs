@@ -46,6 +46,8 @@ use test_ca::TestCa;
 use tokio::sync::Semaphore;
 
 const GROUP: &str = "plant/load";
+/// The topic of the direct runs (not seen by the bridge's devices).
+const DIRECT: &str = "direct/load";
 
 #[derive(Debug, Parser)]
 #[command(about = "Load generator for quva-bridge")]
@@ -200,7 +202,7 @@ fn seal_many(creds: &Credentials, epoch: Epoch, n: usize) -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn publish_packet(payload: Vec<u8>, qos1_id: Option<u16>) -> v5::Packet {
+fn publish_packet(topic: &str, payload: Vec<u8>, qos1_id: Option<u16>) -> v5::Packet {
     v5::Packet::Publish(Box::new(Publish {
         dup: false,
         retain: false,
@@ -209,7 +211,7 @@ fn publish_packet(payload: Vec<u8>, qos1_id: Option<u16>) -> v5::Packet {
         } else {
             QoS::AtMostOnce
         },
-        topic: ByteString::from(GROUP),
+        topic: ByteString::from(topic),
         packet_id: qos1_id.and_then(std::num::NonZeroU16::new),
         payload: Bytes::from(payload),
         properties: Some(v5::PublishProperties::default()),
@@ -261,9 +263,13 @@ async fn throughput(
                     while acked + refused < messages {
                         match stream.next().await {
                             Some(Ok((MqttPacket::V5(v5::Packet::PublishAck(a)), _))) => {
-                                if u8::from(a.reason_code) == 0 {
+                                let code = u8::from(a.reason_code);
+                                if code < 0x80 {
                                     acked += 1;
                                 } else {
+                                    if refused == 0 {
+                                        eprintln!("first refusal: PUBACK {code:#x}");
+                                    }
                                     refused += 1;
                                 }
                                 window.add_permits(1);
@@ -278,7 +284,7 @@ async fn throughput(
             for (i, p) in payloads.into_iter().enumerate() {
                 window.acquire().await.unwrap().forget();
                 let id = u16::try_from(i % 65_535 + 1).unwrap();
-                sink.send(MqttPacket::V5(publish_packet(p, Some(id))))
+                sink.send(MqttPacket::V5(publish_packet(GROUP, p, Some(id))))
                     .await
                     .unwrap();
             }
@@ -305,6 +311,7 @@ async fn throughput(
 async fn time_deliveries(
     publ: &mut Raw,
     sub: &mut Raw,
+    topic: &str,
     payloads: Vec<Vec<u8>>,
     qos1: bool,
 ) -> Vec<Duration> {
@@ -312,7 +319,7 @@ async fn time_deliveries(
     for (i, p) in payloads.into_iter().enumerate() {
         let id = qos1.then(|| u16::try_from(i % 65_535 + 1).unwrap());
         let started = Instant::now();
-        publ.send(publish_packet(p, id)).await;
+        publ.send(publish_packet(topic, p, id)).await;
         loop {
             match sub.recv().await {
                 Some(v5::Packet::Publish(m)) => {
@@ -363,27 +370,30 @@ async fn latency(bin: &PathBuf, messages: usize) {
     assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
     let (mut pub_direct, _) = Raw::connect(w.broker.addr, "direct-pub", None).await;
     let (mut sub_direct, _) = Raw::connect(w.broker.addr, "direct-sub", None).await;
-    sub_direct.subscribe(1, GROUP, vec![]).await;
+    sub_direct.subscribe(1, DIRECT, vec![]).await;
     let epoch = Epoch(w.ca.keys(GROUP).group_info().epoch.0);
     println!("load average before: {}", load_average());
     for qos1 in [false, true] {
         let qos = if qos1 { 1 } else { 0 };
         // Warm-up (group fetch, connections), then the measured runs.
         let warm = seal_many(&pub_creds, epoch, 50);
-        time_deliveries(&mut pub_bridge, &mut sub_bridge, warm, qos1).await;
+        time_deliveries(&mut pub_bridge, &mut sub_bridge, GROUP, warm, qos1).await;
         let via = seal_many(&pub_creds, epoch, messages);
         let size = via[0].len();
-        let via = percentiles(time_deliveries(&mut pub_bridge, &mut sub_bridge, via, qos1).await);
+        let via =
+            percentiles(time_deliveries(&mut pub_bridge, &mut sub_bridge, GROUP, via, qos1).await);
         let direct = seal_many(&pub_creds, epoch, messages);
         time_deliveries(
             &mut pub_direct,
             &mut sub_direct,
+            DIRECT,
             direct[..50].to_vec(),
             qos1,
         )
         .await;
-        let direct =
-            percentiles(time_deliveries(&mut pub_direct, &mut sub_direct, direct, qos1).await);
+        let direct = percentiles(
+            time_deliveries(&mut pub_direct, &mut sub_direct, DIRECT, direct, qos1).await,
+        );
         println!(
             "latency QoS {qos}, option 1, {size} B, {messages} messages: \
              direct p50 {:.0} µs p99 {:.0} µs; via bridge p50 {:.0} µs p99 {:.0} µs; \
