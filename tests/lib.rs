@@ -46,8 +46,16 @@ pub struct Binaries {
 
 impl Binaries {
     /// Finds the binaries next to the running test (target/<profile>/), building them first if
-    /// one is missing.
+    /// one is missing. `QUVA_BIN_DIR` names another directory holding all three.
     pub fn locate() -> Self {
+        if let Some(dir) = std::env::var_os("QUVA_BIN_DIR") {
+            let dir = PathBuf::from(dir);
+            return Binaries {
+                ca: dir.join("quva-ca"),
+                bridge: dir.join("quva-bridge"),
+                node: dir.join("quva-node"),
+            };
+        }
         let exe = std::env::current_exe().unwrap();
         // target/<profile>/deps/e2e-<hash>, or target/<profile>/<binary> for a program
         // (quva-bench) that uses this harness.
