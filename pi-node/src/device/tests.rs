@@ -543,3 +543,34 @@ fn a_later_member_list_without_a_notice_leads_to_a_new_request() {
     s.w.now += 10 * s.s2.dev.config().rerequest_interval_ms;
     assert!(s.s2.dev.tick(s.w.now, &mut s.w.rng).is_empty());
 }
+
+#[test]
+fn a_removed_publisher_is_refused_in_the_grace_period_of_its_old_epoch() {
+    let mut s = setup(11);
+    let before = s.w.state(&s.g).epoch();
+    // Sealed while still a member: accepted.
+    let (topic, early) = s.send(Direction::Forward, Protection::Confidential, b"early");
+    let outs = s.publish(&topic, &early);
+    assert_eq!(messages(&outs[1]).len(), 1);
+
+    s.w.leave(&s.g, "pub-1", Role::Publisher);
+    let outs = s.flush();
+    assert_eq!(
+        adopted(&outs[1]),
+        vec![(Role::Subscriber, before.next().unwrap(), KeySource::Notice)]
+    );
+    // The removed publisher still holds the old epoch's keys, and that epoch is within its
+    // grace period at the subscribers; the newer member list no longer names it.
+    for option in OPTIONS {
+        let (topic, bytes) = s.send(Direction::Forward, option, b"after removal");
+        let outs = s.publish(&topic, &bytes);
+        for out in &outs[1..] {
+            assert!(messages(out).is_empty(), "{option:?}: {out:?}");
+            assert_eq!(
+                rejections(out),
+                vec![DropReason::Message(Rejection::NotMember)],
+                "{option:?}"
+            );
+        }
+    }
+}
