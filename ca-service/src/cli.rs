@@ -513,6 +513,24 @@ fn render(json_out: bool, value: Value, text: String) -> String {
     }
 }
 
+/// Renders a list: a JSON array, or one line of text per item.
+fn render_list<T>(
+    json_out: bool,
+    items: &[T],
+    to_json: fn(&T) -> Value,
+    to_text: fn(&T) -> String,
+) -> String {
+    if json_out {
+        render(
+            true,
+            Value::Array(items.iter().map(to_json).collect()),
+            String::new(),
+        )
+    } else {
+        items.iter().map(to_text).collect::<Vec<_>>().join("\n")
+    }
+}
+
 /// Runs an admin command against the server and returns what to print.
 ///
 /// # Errors
@@ -567,14 +585,7 @@ pub async fn run_admin(cmd: Command) -> Result<String, ClientError> {
                 })
                 .await?
                 .into_inner();
-            let v = Value::Array(r.entries.iter().map(audit_json).collect());
-            let t = r
-                .entries
-                .iter()
-                .map(audit_text)
-                .collect::<Vec<_>>()
-                .join("\n");
-            Ok(render(client.json, v, t))
+            Ok(render_list(client.json, &r.entries, audit_json, audit_text))
         }
         Command::Init { .. } | Command::Serve(_) => Ok(String::new()),
     }
@@ -609,14 +620,12 @@ async fn run_device(cmd: DeviceCmd) -> Result<String, ClientError> {
                 .list_devices(pb::ListDevicesRequest {})
                 .await?
                 .into_inner();
-            let v = Value::Array(r.devices.iter().map(device_json).collect());
-            let t = r
-                .devices
-                .iter()
-                .map(device_text)
-                .collect::<Vec<_>>()
-                .join("\n");
-            Ok(render(client.json, v, t))
+            Ok(render_list(
+                client.json,
+                &r.devices,
+                device_json,
+                device_text,
+            ))
         }
         DeviceCmd::Show { id, client } => {
             let d = client
@@ -702,14 +711,7 @@ async fn run_group(cmd: GroupCmd) -> Result<String, ClientError> {
                 .list_groups(pb::ListGroupsRequest {})
                 .await?
                 .into_inner();
-            let v = Value::Array(r.groups.iter().map(group_json).collect());
-            let t = r
-                .groups
-                .iter()
-                .map(group_text)
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Ok(render(client.json, v, t));
+            return Ok(render_list(client.json, &r.groups, group_json, group_text));
         }
         GroupCmd::Rekey { id, client } => {
             let g = client
