@@ -25,3 +25,6 @@ export PATH="$PATH:/usr/sbin"
 # dependencies (RocksDB's C++ alone takes ~10 minutes on 2 cores the first time).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/quva/target}"
 mkdir -p "$CARGO_TARGET_DIR"
+# No incremental caches: they add gigabytes per build variant to the shared directory, and the
+# scripts rebuild the workspace crates from scratch often enough that they rarely pay off.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"

@@ -39,12 +39,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quva_client::codec::{Decode, DecodeError, Encode};
-use quva_client::curve::{KeyPair, Point};
+use quva_client::curve::{KeyPair, Point, SecretScalar};
 use quva_client::enrollment::{
     EnrollError, EnrollRequest, EnrollmentSecret, ImplicitCert, REASON_PACKET_TOO_LARGE,
     REASON_PAYLOAD_FORMAT_INVALID, RenewRequest, VerifiedRequest,
 };
-use quva_client::group::{GroupError, GroupKeyRequest, MAX_PROPERTY_LEN, Member, Privacy};
+use quva_client::group::{
+    GroupError, GroupKeyRequest, JoinedMember, MAX_PROPERTY_LEN, Member, Privacy,
+};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 use quva_client::rekey::{Change, GroupState, Plan, RekeyError};
 use quva_client::rng::SystemRng;
@@ -61,7 +63,7 @@ use crate::store::records::EpochMember;
 use crate::store::records::device_state;
 use crate::store::{
     Batch, CaStore, CertRecord, DeviceRecord, EpochRecord, GroupRecord, Key, MemberRecord,
-    MetaRecord, NonceScope, Staged, Tables,
+    MetaRecord, NonceScope, Staged, Tables, member_ids,
 };
 
 /// Largest accepted enrollment or renewal request (`req || proof`), bytes.
@@ -400,17 +402,6 @@ struct JoinedCert {
 }
 
 impl JoinedCert {
-    /// Reads the member's row and certificate (0 and expired when missing).
-    fn load(
-        store: &dyn CaStore,
-        group: &GroupId,
-        role: Role,
-        device: &DeviceId,
-    ) -> Result<JoinedCert, CaError> {
-        let serial = store.member(group, role, device)?.map_or(0, |r| r.serial);
-        JoinedCert::of_serial(store, serial)
-    }
-
     fn of_serial(store: &dyn CaStore, serial: u64) -> Result<JoinedCert, CaError> {
         let not_after_ms = store.cert(serial)?.map_or(0, |c| c.not_after_ms);
         Ok(JoinedCert {
@@ -1089,11 +1080,10 @@ impl Engine {
                 epoch,
             }));
         }
-        let row = MemberRecord {
-            serial: dev.serial,
-            joined_ms: now,
-            ..row
-        };
+        let mut row = row;
+        row.serial = dev.serial;
+        row.joined_ms = now;
+        row.share = joined.share().to_bytes().to_vec();
         Ok(JoinStep::Stage {
             member,
             change: Change::Join(joined),
@@ -1238,7 +1228,7 @@ impl Engine {
             created_ms: now,
             epoch: 0,
             epoch_started_ms: now,
-            state: state.to_record().to_vec(),
+            state: state.to_record(),
         };
         let mut tx = self.begin();
         tx.batch.put_group(&rec)?;
@@ -1254,7 +1244,8 @@ impl Engine {
                 epoch: 0,
                 started_ms: now,
                 signed_ginfo: state.signed_info().to_bytes(),
-                members: Vec::new(),
+                joined: Vec::new(),
+                departed: Vec::new(),
                 reason: "create".into(),
                 last_notice_seq: seq,
             },
@@ -1354,12 +1345,11 @@ impl Engine {
             if row.is_some() {
                 return Ok(Some(epoch));
             }
-            let rec = MemberRecord {
-                device: device.as_str().to_owned(),
-                role: u32::from(role.to_u8()),
-                allowed_ms: self.clock.now_ms(),
-                ..Default::default()
-            };
+            let rec = MemberRecord::allowed(
+                device.as_str(),
+                u32::from(role.to_u8()),
+                self.clock.now_ms(),
+            );
             if staged_member {
                 // A window is open: keep the rows in order with it.
                 if let Some(p) = self.open_window(gid) {
@@ -1537,7 +1527,7 @@ impl Engine {
         let mut rec = live.settings.clone();
         rec.epoch = epoch;
         rec.epoch_started_ms = now;
-        rec.state = staged.state_record().to_vec();
+        rec.state = staged.state_record();
         tx.batch.put_group(&rec)?;
         for n in staged.notices() {
             tx.notice(Notice {
@@ -1560,27 +1550,36 @@ impl Engine {
             epoch,
             ..Default::default()
         });
-        let mut members = Vec::new();
-        for m in staged.state().members() {
-            let pm = m.member();
-            let key = (pm.role, pm.id.clone());
-            let serial = match p.rows.get(&key) {
-                Some(Some(r)) => r.serial,
-                _ => live.joined.get(&key).map_or(0, |c| c.serial),
-            };
-            members.push(EpochMember {
-                device: pm.id.as_str().to_owned(),
-                role: u32::from(pm.role.to_u8()),
-                serial,
-            });
-        }
+        let listed = |m: &Member, serial: u64| EpochMember {
+            device: m.id.as_str().to_owned(),
+            role: u32::from(m.role.to_u8()),
+            serial,
+        };
+        let joined_serial = |m: &Member| match p.rows.get(&(m.role, m.id.clone())) {
+            Some(Some(r)) => r.serial,
+            _ => 0,
+        };
+        let departed_serial = |m: &Member| {
+            live.joined
+                .get(&(m.role, m.id.clone()))
+                .map_or(0, |c| c.serial)
+        };
         tx.batch.put_epoch(
             gid,
             &EpochRecord {
                 epoch,
                 started_ms: now,
                 signed_ginfo: staged.signed_info().to_bytes(),
-                members,
+                joined: staged
+                    .joined()
+                    .iter()
+                    .map(|m| listed(m, joined_serial(m)))
+                    .collect(),
+                departed: staged
+                    .departed()
+                    .iter()
+                    .map(|m| listed(m, departed_serial(m)))
+                    .collect(),
                 reason: reasons.clone(),
                 last_notice_seq: last_seq,
             },
@@ -1601,13 +1600,9 @@ impl Engine {
         tx.meta.rekeys += 1;
         let mut joined_certs = Vec::new();
         for m in staged.joined() {
-            let serial = match p.rows.get(&(m.role, m.id.clone())) {
-                Some(Some(r)) => r.serial,
-                _ => 0,
-            };
             joined_certs.push((
                 (m.role, m.id.clone()),
-                JoinedCert::of_serial(self.store.as_ref(), serial)?,
+                JoinedCert::of_serial(self.store.as_ref(), joined_serial(m))?,
             ));
         }
         self.commit(tx)?;
@@ -1696,14 +1691,7 @@ impl Engine {
                         role,
                     });
                     // Keep the permission, forget the expired share.
-                    p.rows.insert(
-                        (role, id),
-                        row.map(|r| MemberRecord {
-                            serial: 0,
-                            joined_ms: 0,
-                            ..r
-                        }),
-                    );
+                    p.rows.insert((role, id), row.as_ref().map(MemberRecord::left));
                 }
                 if periodic {
                     p.changes.push(Change::Periodic);
@@ -1754,18 +1742,45 @@ fn load(
     let mut groups = BTreeMap::new();
     for rec in store.groups()? {
         let id = GroupId::new(&rec.id).map_err(|_| CaError::Crypto("stored group id"))?;
-        let state = GroupState::from_record(ca, &rec.state).map_err(|e| {
+        let mut members = Vec::new();
+        let mut joined = BTreeMap::new();
+        for row in store.members(&id)? {
+            if !row.joined() {
+                continue;
+            }
+            let (device, role) = member_ids(&row)?;
+            let cert = store
+                .cert(row.serial)?
+                .ok_or(CaError::Crypto("member certificate missing"))?;
+            let member = Member {
+                id: device.clone(),
+                role,
+                q: Point::from_bytes(&cert.public_key).ok_or(CaError::Crypto("stored Q_i"))?,
+                g: Point::from_bytes(&cert.share_point).ok_or(CaError::Crypto("stored G_i"))?,
+            };
+            let share = <[u8; 32]>::try_from(row.share.as_slice())
+                .ok()
+                .and_then(|b| SecretScalar::from_bytes(&b).ok())
+                .ok_or(CaError::Crypto("stored share"))?;
+            let share = JoinedMember::new(member, share).map_err(|_| {
+                tracing::error!(group = %id, device = %device, "stored share does not match");
+                CaError::Crypto("stored share")
+            })?;
+            members.push(share);
+            joined.insert(
+                (role, device),
+                JoinedCert {
+                    serial: row.serial,
+                    not_after_ms: cert.not_after_ms,
+                },
+            );
+        }
+        let state = GroupState::from_record(ca, &rec.state, members).map_err(|e| {
             tracing::error!(group = %id, error = %e, "stored group state does not verify");
             CaError::Crypto("stored group state")
         })?;
         let mut settings = rec;
         settings.state = Vec::new();
-        let mut joined = BTreeMap::new();
-        for m in state.members() {
-            let pm = m.member();
-            let cert = JoinedCert::load(store, &id, pm.role, &pm.id)?;
-            joined.insert((pm.role, pm.id.clone()), cert);
-        }
         groups.insert(
             id,
             Live {

@@ -44,6 +44,16 @@ fn role(v: u32) -> Result<Role, Status> {
         .ok_or_else(|| Status::invalid_argument("role must be 1 (publisher) or 2 (subscriber)"))
 }
 
+/// Reads of a group's member list that may meet a concurrent epoch change before giving up.
+const GET_GROUP_ATTEMPTS: usize = 8;
+
+fn group_record(store: &dyn CaStore, gid: &GroupId) -> Result<GroupRecord, Status> {
+    store
+        .group(gid)
+        .map_err(store_err)?
+        .ok_or_else(|| Status::not_found("group not found"))
+}
+
 fn store_err(e: crate::store::StoreError) -> Status {
     CaError::from(e).into()
 }
@@ -118,36 +128,41 @@ impl DeviceService for DeviceApi {
         req: Request<pb::GetGroupRequest>,
     ) -> Result<Response<pb::GetGroupResponse>, Status> {
         let gid = group_id(&req.into_inner().group)?;
-        let g = self
-            .store
-            .group(&gid)
-            .map_err(store_err)?
-            .ok_or_else(|| Status::not_found("group not found"))?;
-        let e = self
-            .store
-            .epoch(&gid, g.epoch)
-            .map_err(store_err)?
-            .ok_or_else(|| Status::internal("epoch record missing"))?;
-        let mut members = Vec::with_capacity(e.members.len());
-        for m in &e.members {
-            let c = self
+        // An epoch change writes the group record and the member rows in one batch. Read the
+        // rows between two reads of the epoch: if it did not move, they are that epoch's.
+        for _ in 0..GET_GROUP_ATTEMPTS {
+            let g = group_record(self.store.as_ref(), &gid)?;
+            let rows = self.store.members(&gid).map_err(store_err)?;
+            if group_record(self.store.as_ref(), &gid)?.epoch != g.epoch {
+                continue;
+            }
+            let e = self
                 .store
-                .cert(m.serial)
+                .epoch(&gid, g.epoch)
                 .map_err(store_err)?
-                .ok_or_else(|| Status::internal("member certificate missing"))?;
-            members.push(pb::MemberCertificate {
-                role: m.role,
-                cert: c.cert,
-                share_point: c.share_point,
-            });
+                .ok_or_else(|| Status::internal("epoch record missing"))?;
+            let mut members = Vec::new();
+            for m in rows.iter().filter(|m| m.joined()) {
+                let c = self
+                    .store
+                    .cert(m.serial)
+                    .map_err(store_err)?
+                    .ok_or_else(|| Status::internal("member certificate missing"))?;
+                members.push(pb::MemberCertificate {
+                    role: m.role,
+                    cert: c.cert,
+                    share_point: c.share_point,
+                });
+            }
+            return Ok(Response::new(pb::GetGroupResponse {
+                group: g.id.clone(),
+                epoch: e.epoch,
+                privacy: g.privacy,
+                signed_ginfo: e.signed_ginfo,
+                members,
+            }));
         }
-        Ok(Response::new(pb::GetGroupResponse {
-            group: g.id.clone(),
-            epoch: e.epoch,
-            privacy: g.privacy,
-            signed_ginfo: e.signed_ginfo,
-            members,
-        }))
+        Err(Status::unavailable("group is rekeying; retry"))
     }
 
     async fn get_certificate(
@@ -346,12 +361,7 @@ impl AdminApi {
     }
 
     fn load_group(&self, gid: &GroupId) -> Result<pb::Group, Status> {
-        let g = self
-            .store
-            .group(gid)
-            .map_err(store_err)?
-            .ok_or_else(|| Status::not_found("group not found"))?;
-        self.group_view(&g)
+        self.group_view(&group_record(self.store.as_ref(), gid)?)
     }
 }
 

@@ -157,7 +157,11 @@ impl Batch {
     }
 }
 
-fn member_ids(m: &MemberRecord) -> Result<(DeviceId, Role), StoreError> {
+/// The device and role a member row is about.
+///
+/// # Errors
+/// [`StoreError::Corrupt`] for an invalid stored ID or role.
+pub fn member_ids(m: &MemberRecord) -> Result<(DeviceId, Role), StoreError> {
     let device = DeviceId::new(&m.device).map_err(|_| StoreError::Corrupt("member device"))?;
     let role = u8::try_from(m.role)
         .ok()

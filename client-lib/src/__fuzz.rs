@@ -257,7 +257,8 @@ pub fn rekey_notice(data: &[u8]) {
 /// matching shares, keys that re-derive) re-encodes to the same bytes.
 pub fn group_record(data: &[u8]) {
     let f = fixture();
-    if let Ok(state) = GroupState::from_record(&f.ca, data) {
+    let members = f.members.iter().map(|(_, j)| j.clone());
+    if let Ok(state) = GroupState::from_record(&f.ca, data, members) {
         assert!(
             state.to_record()[..] == *data,
             "group record does not re-encode"
@@ -815,7 +816,7 @@ impl Fixture {
             .iter()
             .map(|(_, j)| crate::rekey::Change::Join(j.clone()));
         match ok(state.stage(&self.ca, changes, self.now, &mut rng), "stage") {
-            Plan::Rekey(staged) => staged.state_record().to_vec(),
+            Plan::Rekey(staged) => staged.state_record(),
             Plan::Unchanged => Vec::new(),
         }
     }
@@ -945,7 +946,8 @@ mod tests {
                 Ok(Epoch(8))
             );
         }
-        let state = GroupState::from_record(&f.ca, &f.record()).unwrap();
+        let members = f.members.iter().map(|(_, j)| j.clone());
+        let state = GroupState::from_record(&f.ca, &f.record(), members).unwrap();
         assert_eq!(state.epoch(), Epoch(7));
         assert_eq!(state.members().count(), 2);
     }

@@ -67,18 +67,21 @@ use std::collections::BTreeSet;
 use k256::elliptic_curve::ops::Reduce;
 use k256::{Scalar, U256};
 use rand_core::CryptoRngCore;
+use sha2::{Digest, Sha256};
 
 use crate::codec::{Decode, DecodeError, Encode, Reader, put_point, put_str, put_u8, put_u32};
-use crate::curve::{CurveError, KeyPair, Point, SecretScalar, sha256};
+use crate::curve::{CurveError, KeyPair, Point, SecretScalar};
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::schnorr::{Signature, VerifyingKey};
-use crate::symmetric::{VerifyError, hmac_sha256};
+use crate::symmetric::{HmacSha256, VerifyError};
 
 mod delivery;
 mod request;
+mod roster;
 
 pub use delivery::{AcceptedGroupKey, GroupKeyDelivery, SEALED_KEY_LEN};
 pub use request::{GroupKeyRequest, POP_CIPHERTEXT_LEN};
+pub(crate) use roster::{Roster, RosterDiff};
 
 /// The MQTT user property that carries the request (SUBSCRIBE) and the delivery (SUBACK).
 pub const GK_PROPERTY: &str = "quva-gk";
@@ -264,25 +267,78 @@ pub fn derive_cag_secret(
     publishers: &[&DeviceId],
     subscribers: &[&DeviceId],
 ) -> Result<SecretScalar, GroupError> {
-    let mut msg = Vec::new();
-    msg.extend_from_slice(b"quva/v1/group");
-    put_u8(&mut msg, kind.to_u8());
-    group.encode(&mut msg);
-    put_u32(&mut msg, epoch.0);
-    for ids in [publishers, subscribers] {
-        let sorted: BTreeSet<&DeviceId> = ids.iter().copied().collect();
-        if sorted.len() != ids.len() {
-            return Err(GroupError::DuplicateMember("group key derivation"));
-        }
-        put_u32(&mut msg, count(ids.len())?);
-        for id in sorted {
-            id.encode(&mut msg);
+    let mut sorted = BTreeSet::new();
+    for (role, ids) in [(Role::Publisher, publishers), (Role::Subscriber, subscribers)] {
+        for id in ids {
+            if !sorted.insert((role, *id)) {
+                return Err(GroupError::DuplicateMember("group key derivation"));
+            }
         }
     }
+    let [p, s] = cag_secrets(
+        ca,
+        group,
+        epoch,
+        (publishers.len(), subscribers.len()),
+        sorted.into_iter(),
+    )?;
+    Ok(match kind {
+        GroupKeyKind::P => p,
+        GroupKeyKind::S => s,
+    })
+}
+
+/// `[d_CAg,P, d_CAg,S]` in one pass over the IDs, which must come sorted by (role, ID) and
+/// match the counts `(n_pub, n_sub)`.
+fn cag_secrets<'a>(
+    ca: &KeyPair,
+    group: &GroupId,
+    epoch: Epoch,
+    (n_pub, n_sub): (usize, usize),
+    ids: impl Iterator<Item = (Role, &'a DeviceId)>,
+) -> Result<[SecretScalar; 2], GroupError> {
     let d_ca = ca.secret().to_bytes();
-    let mac = zeroize::Zeroizing::new(hmac_sha256(&d_ca[..], &[&msg]));
-    let k = <Scalar as Reduce<U256>>::reduce_bytes(&(*mac).into());
-    Ok(SecretScalar::new(k)?)
+    let mut macs = [GroupKeyKind::P, GroupKeyKind::S].map(|kind| {
+        let mut prefix = Vec::with_capacity(64);
+        prefix.extend_from_slice(b"quva/v1/group");
+        put_u8(&mut prefix, kind.to_u8());
+        group.encode(&mut prefix);
+        put_u32(&mut prefix, epoch.0);
+        let mut mac = HmacSha256::new(&d_ca[..]);
+        mac.update(&prefix);
+        mac
+    });
+    let mut buf = Vec::with_capacity(80);
+    put_u32(&mut buf, count(n_pub)?);
+    let mut subscribers_started = false;
+    let mut seen = (0usize, 0usize);
+    for (role, id) in ids {
+        if role == Role::Subscriber && !subscribers_started {
+            put_u32(&mut buf, count(n_sub)?);
+            subscribers_started = true;
+        }
+        match role {
+            Role::Publisher => seen.0 += 1,
+            Role::Subscriber => seen.1 += 1,
+        }
+        id.encode(&mut buf);
+        for mac in &mut macs {
+            mac.update(&buf);
+        }
+        buf.clear();
+    }
+    debug_assert_eq!(seen, (n_pub, n_sub), "IDs and counts disagree");
+    if !subscribers_started {
+        put_u32(&mut buf, count(n_sub)?);
+        for mac in &mut macs {
+            mac.update(&buf);
+        }
+    }
+    let [p, s] = macs.map(|mac| {
+        let tag = zeroize::Zeroizing::new(mac.finalize());
+        SecretScalar::new(<Scalar as Reduce<U256>>::reduce_bytes(&(*tag).into()))
+    });
+    Ok([p?, s?])
 }
 
 fn count(n: usize) -> Result<u32, GroupError> {
@@ -294,8 +350,16 @@ fn count(n: usize) -> Result<u32, GroupError> {
 pub fn members_digest<'a>(members: impl IntoIterator<Item = &'a Member>) -> [u8; 32] {
     let mut entries: Vec<Vec<u8>> = members.into_iter().map(Member::digest_entry).collect();
     entries.sort();
-    let parts: Vec<&[u8]> = entries.iter().map(Vec::as_slice).collect();
-    sha256(&parts)
+    digest_sorted(entries.iter().map(Vec::as_slice))
+}
+
+/// `members_digest` of entries already sorted as byte strings.
+fn digest_sorted<'a>(entries: impl Iterator<Item = &'a [u8]>) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for e in entries {
+        h.update(e);
+    }
+    h.finalize().into()
 }
 
 /// (Q_P, Q_S): Q_P = Σ (Q_p + G_p) + Q_CAg,P over publishers, Q_S = Σ (Q_s + G_s) + Q_CAg,S over
@@ -524,28 +588,28 @@ impl GroupKeys {
         privacy: Privacy,
         members: impl IntoIterator<Item = &'a JoinedMember>,
     ) -> Result<Self, GroupError> {
-        let members: Vec<&JoinedMember> = members.into_iter().collect();
-        check_unique(members.iter().map(|m| &m.member))?;
-        let ids = |role: Role| -> Vec<&DeviceId> {
-            members
-                .iter()
-                .filter(|m| m.member.role == role)
-                .map(|m| &m.member.id)
-                .collect()
-        };
-        let (pubs, subs) = (ids(Role::Publisher), ids(Role::Subscriber));
-        let d_cag_p = derive_cag_secret(ca, GroupKeyKind::P, group, epoch, &pubs, &subs)?;
-        let d_cag_s = derive_cag_secret(ca, GroupKeyKind::S, group, epoch, &pubs, &subs)?;
-        let mut sum_p = *d_cag_p.as_scalar();
-        let mut sum_s = *d_cag_s.as_scalar();
-        for m in &members {
-            match m.member.role {
-                Role::Publisher => sum_p += m.share.as_scalar(),
-                Role::Subscriber => sum_s += m.share.as_scalar(),
-            }
-        }
-        let d_p = KeyPair::from_secret(SecretScalar::new(sum_p)?);
-        let d_s = KeyPair::from_secret(SecretScalar::new(sum_s)?);
+        let roster = Roster::from_members(members.into_iter().cloned())?;
+        roster.derive_keys(&roster.diff([]), ca, group, epoch, privacy)
+    }
+
+    /// Derives the keys from the membership in sorted form: the share sums and counts per role,
+    /// the IDs in (role, ID) order and the `members_digest` entries in byte order.
+    fn derive_sorted<'a>(
+        ca: &KeyPair,
+        group: &GroupId,
+        epoch: Epoch,
+        privacy: Privacy,
+        sums: &roster::RoleSums,
+        ids: impl Iterator<Item = (Role, &'a DeviceId)>,
+        entries: impl Iterator<Item = &'a [u8]>,
+    ) -> Result<Self, GroupError> {
+        let [d_cag_p, d_cag_s] = cag_secrets(ca, group, epoch, (sums.n_pub, sums.n_sub), ids)?;
+        let d_p = KeyPair::from_secret(SecretScalar::new(
+            *sums.publishers + d_cag_p.as_scalar(),
+        )?);
+        let d_s = KeyPair::from_secret(SecretScalar::new(
+            *sums.subscribers + d_cag_s.as_scalar(),
+        )?);
         let info = GroupInfo {
             group: group.clone(),
             epoch,
@@ -554,9 +618,9 @@ impl GroupKeys {
             q_p: *d_p.public(),
             q_s: *d_s.public(),
             privacy,
-            n_pub: count(pubs.len())?,
-            n_sub: count(subs.len())?,
-            members_digest: members_digest(members.iter().map(|m| &m.member)),
+            n_pub: count(sums.n_pub)?,
+            n_sub: count(sums.n_sub)?,
+            members_digest: digest_sorted(entries),
         };
         Ok(GroupKeys {
             info,
@@ -654,6 +718,8 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::TestDevice;
     use super::*;
+    use crate::curve::sha256;
+    use crate::symmetric::hmac_sha256;
     use k256::ProjectivePoint;
     use k256::elliptic_curve::ops::MulByGenerator;
     use proptest::prelude::*;

@@ -65,15 +65,13 @@
 //! assert_eq!(ring.current_key().public(), &state.signed_info().info_unverified().q_p);
 //! ```
 
-use std::collections::BTreeMap;
-
 use rand_core::CryptoRngCore;
-use zeroize::Zeroizing;
 
-use crate::codec::{Decode, DecodeError, Encode, Reader, put_point, put_u8, put_u32, put_u64};
+use crate::codec::{Decode, DecodeError, Encode, Reader, put_u8, put_u64};
 use crate::curve::{CurveError, KeyPair};
 use crate::group::{
-    GroupError, GroupKeyDelivery, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
+    GroupError, GroupKeyDelivery, GroupKeys, JoinedMember, Member, Privacy, Roster, RosterDiff,
+    SignedGroupInfo,
 };
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::symmetric::VerifyError;
@@ -190,11 +188,15 @@ impl OutgoingNotice {
     }
 }
 
-/// A planned epoch E → E+1: the next state and its notices, to persist and then commit.
+/// A planned epoch E → E+1: the membership change, the new keys and their notices, to persist
+/// and then commit.
 #[derive(Debug)]
 pub struct StagedRekey {
     base: crate::group::GroupInfo,
-    next: GroupState,
+    keys: GroupKeys,
+    signed: SignedGroupInfo,
+    diff: RosterDiff,
+    rekeyed_at_ms: u64,
     notices: Vec<OutgoingNotice>,
     joined: Vec<Member>,
     departed: Vec<Member>,
@@ -208,17 +210,12 @@ impl StagedRekey {
 
     /// The new epoch.
     pub fn epoch(&self) -> Epoch {
-        self.next.epoch()
-    }
-
-    /// The next state (as it will be after commit).
-    pub fn state(&self) -> &GroupState {
-        &self.next
+        self.keys.group_info().epoch
     }
 
     /// The signed group info of the new epoch (for the bridge and the certificate list).
     pub fn signed_info(&self) -> &SignedGroupInfo {
-        self.next.signed_info()
+        &self.signed
     }
 
     /// The notices to publish, d_P's first.
@@ -237,19 +234,24 @@ impl StagedRekey {
         &self.departed
     }
 
-    /// The record of the next state, to write atomically before committing.
-    pub fn state_record(&self) -> Zeroizing<Vec<u8>> {
-        self.next.to_record()
+    /// The record of the new epoch ([`GroupState::to_record`]), to write atomically with the
+    /// members' shares before committing.
+    pub fn state_record(&self) -> Vec<u8> {
+        state_record(&self.signed, self.rekeyed_at_ms)
     }
 }
 
 /// The CA's state of one group: epoch, privacy, joined members with their shares, and the keys
 /// and signed info of the current epoch.
+///
+/// An epoch change costs O(k log n) for k changed members plus one streaming pass over the
+/// sorted member IDs and `members_digest` entries (both fixed by PROTOCOL.md §4); the membership
+/// is never copied.
 #[derive(Clone, Debug)]
 pub struct GroupState {
     keys: GroupKeys,
     signed: SignedGroupInfo,
-    members: BTreeMap<(Role, DeviceId), JoinedMember>,
+    roster: Roster,
     rekeyed_at_ms: u64,
 }
 
@@ -267,24 +269,13 @@ impl GroupState {
         now_ms: u64,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Self, RekeyError> {
-        Self::build(ca, &group, privacy, epoch, BTreeMap::new(), now_ms, rng)
-    }
-
-    fn build(
-        ca: &KeyPair,
-        group: &GroupId,
-        privacy: Privacy,
-        epoch: Epoch,
-        members: BTreeMap<(Role, DeviceId), JoinedMember>,
-        now_ms: u64,
-        rng: &mut impl CryptoRngCore,
-    ) -> Result<Self, RekeyError> {
-        let keys = GroupKeys::derive(ca, group, epoch, privacy, members.values())?;
+        let roster = Roster::default();
+        let keys = roster.derive_keys(&roster.diff([]), ca, &group, epoch, privacy)?;
         let signed = SignedGroupInfo::sign(ca, keys.group_info().clone(), rng)?;
         Ok(GroupState {
             keys,
             signed,
-            members,
+            roster,
             rekeyed_at_ms: now_ms,
         })
     }
@@ -321,12 +312,12 @@ impl GroupState {
 
     /// The joined members, ordered by (role, ID).
     pub fn members(&self) -> impl Iterator<Item = &JoinedMember> {
-        self.members.values()
+        self.roster.members()
     }
 
     /// The joined member `id` in `role`.
     pub fn member(&self, id: &DeviceId, role: Role) -> Option<&JoinedMember> {
-        self.members.get(&(role, id.clone()))
+        self.roster.get(id, role)
     }
 
     /// The SUBACK delivery of the current key to a joined member.
@@ -406,54 +397,47 @@ impl GroupState {
         now_ms: u64,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Plan, RekeyError> {
-        let mut members = self.members.clone();
+        let mut settings = Vec::new();
         let mut periodic = false;
         for change in changes {
             match change {
                 Change::Join(j) => {
-                    let key = (j.member().role, j.member().id.clone());
-                    members.insert(key, j);
+                    settings.push(((j.member().role, j.member().id.clone()), Some(j)));
                 }
-                Change::Leave { id, role } => {
-                    members.remove(&(role, id));
-                }
+                Change::Leave { id, role } => settings.push(((role, id), None)),
                 Change::Remove(id) => {
-                    members.retain(|(_, m), _| *m != id);
+                    for role in [Role::Publisher, Role::Subscriber] {
+                        settings.push(((role, id.clone()), None));
+                    }
                 }
                 Change::Periodic => periodic = true,
             }
         }
-        let departed: Vec<Member> = self
-            .members
-            .iter()
-            .filter(|(k, m)| members.get(k) != Some(m))
-            .map(|(_, m)| m.member().clone())
-            .collect();
-        let joined: Vec<Member> = members
-            .iter()
-            .filter(|(k, m)| self.members.get(k) != Some(m))
-            .map(|(_, m)| m.member().clone())
-            .collect();
-        if departed.is_empty() && joined.is_empty() && !periodic {
+        let diff = self.roster.diff(settings);
+        if diff.is_empty() && !periodic {
             return Ok(Plan::Unchanged);
         }
         let epoch = self.epoch().next().ok_or(RekeyError::EpochExhausted)?;
-        let next = Self::build(
-            ca,
-            self.group(),
-            self.privacy(),
-            epoch,
-            members,
-            now_ms,
-            rng,
-        )?;
+        let keys = self
+            .roster
+            .derive_keys(&diff, ca, self.group(), epoch, self.privacy())?;
+        let signed = SignedGroupInfo::sign(ca, keys.group_info().clone(), rng)?;
         let mut notices = Vec::new();
         for kind in [GroupKeyKind::P, GroupKeyKind::S] {
-            self.plan_key(kind, &next, &departed, &joined, &mut notices, rng)?;
+            self.plan_key(kind, &keys, &signed, &diff, &mut notices, rng)?;
         }
+        let departed = self
+            .roster
+            .departing(&diff)
+            .map(|m| m.member().clone())
+            .collect();
+        let joined = diff.joined().map(|m| m.member().clone()).collect();
         Ok(Plan::Rekey(Box::new(StagedRekey {
             base: self.keys.group_info().clone(),
-            next,
+            keys,
+            signed,
+            diff,
+            rekeyed_at_ms: now_ms,
             notices,
             joined,
             departed,
@@ -464,43 +448,42 @@ impl GroupState {
     fn plan_key(
         &self,
         kind: GroupKeyKind,
-        next: &GroupState,
-        departed: &[Member],
-        joined: &[Member],
+        keys: &GroupKeys,
+        signed: &SignedGroupInfo,
+        diff: &RosterDiff,
         out: &mut Vec<OutgoingNotice>,
         rng: &mut impl CryptoRngCore,
     ) -> Result<(), RekeyError> {
         let role = kind.holder_role();
-        let group = next.group();
-        let new = next.keys.key(kind).secret();
-        let holders: Vec<&Member> = next
-            .members
-            .values()
-            .map(JoinedMember::member)
-            .filter(|m| m.role == role)
-            .collect();
-        let departing_holder = departed.iter().any(|m| m.role == role);
+        let group = self.group();
+        let new = keys.key(kind).secret();
         let individual = |m: &Member, rng: &mut _| OutgoingNotice {
             recipient: Some(m.id.clone()),
             role,
             topic: device_key_topic(group, role, &m.id),
-            notice: RekeyNotice::individual(&next.signed, role, &m.q, new, rng),
+            notice: RekeyNotice::individual(signed, role, &m.q, new, rng),
         };
-        if departing_holder {
-            for m in holders {
-                out.push(individual(m, rng));
+        if self.roster.departing(diff).any(|m| m.member().role == role) {
+            for m in self.roster.members_after(diff) {
+                if m.member().role == role {
+                    out.push(individual(m.member(), rng));
+                }
             }
             return Ok(());
         }
-        let (fresh, remaining): (Vec<&Member>, Vec<&Member>) =
-            holders.into_iter().partition(|m| joined.contains(*m));
-        if !remaining.is_empty() {
+        let fresh: Vec<&Member> = diff
+            .joined()
+            .map(JoinedMember::member)
+            .filter(|m| m.role == role)
+            .collect();
+        // No holder departed, so every holder before the change is still one.
+        if self.roster.count(role) > 0 {
             let old = self.keys.key(kind).secret();
             out.push(OutgoingNotice {
                 recipient: None,
                 role,
                 topic: key_topic(group, role),
-                notice: RekeyNotice::broadcast(&next.signed, role, old, new)?,
+                notice: RekeyNotice::broadcast(signed, role, old, new)?,
             });
         }
         for m in fresh {
@@ -518,85 +501,63 @@ impl GroupState {
         if &staged.base != self.keys.group_info() {
             return Err(RekeyError::Conflict);
         }
-        *self = staged.next;
+        self.roster.apply(staged.diff);
+        self.keys = staged.keys;
+        self.signed = staged.signed;
+        self.rekeyed_at_ms = staged.rekeyed_at_ms;
         Ok(())
     }
 
-    /// The storage record: `u8 1 || ginfo || sig || u64 rekeyed_at_ms || u32 count ||` each
-    /// member as `u8 role || str(id) || pt(Q_i) || pt(G_i) || sc(v_i)`. It holds the shares:
-    /// store it as a secret.
-    pub fn to_record(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(512 + 200 * self.members.len()));
-        put_u8(&mut out, 1);
-        self.signed.encode(&mut out);
-        put_u64(&mut out, self.rekeyed_at_ms);
-        // INVARIANT: the derivation refused more than u32::MAX members.
-        put_u32(
-            &mut out,
-            u32::try_from(self.members.len()).unwrap_or(u32::MAX),
-        );
-        for m in self.members.values() {
-            let pm = m.member();
-            put_u8(&mut out, pm.role.to_u8());
-            pm.id.encode(&mut out);
-            put_point(&mut out, &pm.q);
-            put_point(&mut out, &pm.g);
-            out.extend_from_slice(&m.share().to_bytes()[..]);
-        }
-        out
+    /// The storage record of the current epoch: `u8 1 || ginfo || sig || u64 rekeyed_at_ms`.
+    /// It holds no secret; the members' shares are stored apart, one row per member, and come
+    /// back through [`GroupState::from_record`].
+    pub fn to_record(&self) -> Vec<u8> {
+        state_record(&self.signed, self.rekeyed_at_ms)
     }
 
-    /// Restores a state from [`GroupState::to_record`]: checks the CA's signature, every share,
-    /// the members' order, and that the keys re-derive to the signed info.
+    /// Restores a state from [`GroupState::to_record`] and the joined members: checks the CA's
+    /// signature and that the keys re-derived from the members equal the signed info.
     ///
     /// # Errors
-    /// [`RekeyError::Decode`], [`RekeyError::Verify`], [`RekeyError::RecordMismatch`].
-    pub fn from_record(ca: &KeyPair, bytes: &[u8]) -> Result<Self, RekeyError> {
+    /// [`RekeyError::Decode`], [`RekeyError::Verify`], [`RekeyError::Group`] for a repeated
+    /// member, [`RekeyError::RecordMismatch`] if the members do not give the signed keys.
+    pub fn from_record(
+        ca: &KeyPair,
+        bytes: &[u8],
+        members: impl IntoIterator<Item = JoinedMember>,
+    ) -> Result<Self, RekeyError> {
         let mut r = Reader::new(bytes);
         r.version("group record")?;
         let signed = SignedGroupInfo::read(&mut r)?;
         let rekeyed_at_ms = r.u64("group record time")?;
-        let count = r.u32("group record count")?;
-        let mut members = BTreeMap::new();
-        for _ in 0..count {
-            let role = Role::read(&mut r, "group record role")?;
-            let id = DeviceId::read(&mut r, "group record id")?;
-            let q = r.point("group record Q_i")?;
-            let g = r.point("group record G_i")?;
-            let share = r.secret_scalar("group record v_i")?;
-            let member = Member { id, role, q, g };
-            let key = (role, member.id.clone());
-            // to_record writes members in key order; any other order would be a second encoding.
-            if members
-                .last_key_value()
-                .is_some_and(|(last, _)| *last > key)
-            {
-                return Err(DecodeError::InvalidValue("group record member order").into());
-            }
-            let joined =
-                JoinedMember::new(member, share).map_err(|_| RekeyError::RecordMismatch)?;
-            if members.insert(key, joined).is_some() {
-                return Err(RekeyError::RecordMismatch);
-            }
-        }
         r.finish("group record")?;
         let info = signed.verify(&ca.verifying_key())?;
-        let keys = GroupKeys::derive(ca, &info.group, info.epoch, info.privacy, members.values())?;
+        let roster = Roster::from_members(members)?;
+        let keys =
+            roster.derive_keys(&roster.diff([]), ca, &info.group, info.epoch, info.privacy)?;
         if keys.group_info() != info {
             return Err(RekeyError::RecordMismatch);
         }
         Ok(GroupState {
             keys,
             signed,
-            members,
+            roster,
             rekeyed_at_ms,
         })
     }
 }
 
+fn state_record(signed: &SignedGroupInfo, rekeyed_at_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    put_u8(&mut out, 1);
+    signed.encode(&mut out);
+    put_u64(&mut out, rekeyed_at_ms);
+    out
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
+    use std::collections::{BTreeMap, HashMap};
 
     use k256::Scalar;
     use proptest::prelude::*;
@@ -718,9 +679,14 @@ mod tests {
                 assert_eq!(RekeyNotice::from_bytes(&n.payload()).unwrap(), n.notice);
             }
             let record = staged.state_record();
-            let restored = GroupState::from_record(&self.ca, &record).unwrap();
-            assert_eq!(*restored.to_record(), *record);
             self.state.commit(staged).unwrap();
+            let restored =
+                GroupState::from_record(&self.ca, &record, self.state.members().cloned()).unwrap();
+            assert_eq!(restored.to_record(), record);
+            assert_eq!(
+                restored.keys().key(GroupKeyKind::S),
+                self.state.keys().key(GroupKeyKind::S)
+            );
             let epoch = self.state.epoch();
             let q_ca = self.ca.verifying_key();
             for dev in self.devs.values_mut().chain(self.ghosts.iter_mut()) {
@@ -1257,7 +1223,11 @@ mod tests {
         ];
         sim.run(changes);
         let record = sim.state.to_record();
-        let back = GroupState::from_record(&sim.ca, &record).unwrap();
+        let members: Vec<JoinedMember> = sim.state.members().cloned().collect();
+        let restore = |ca: &KeyPair, record: &[u8], members: &[JoinedMember]| {
+            GroupState::from_record(ca, record, members.iter().cloned())
+        };
+        let back = restore(&sim.ca, &record, &members).unwrap();
         assert_eq!(back.epoch(), sim.state.epoch());
         assert_eq!(back.privacy(), Privacy::Standard);
         assert_eq!(back.rekeyed_at_ms(), sim.now);
@@ -1267,20 +1237,57 @@ mod tests {
             sim.state.keys().key(GroupKeyKind::P)
         );
         let other_ca = KeyPair::random(&mut sim.rng);
-        assert!(GroupState::from_record(&other_ca, &record).is_err());
+        assert!(restore(&other_ca, &record, &members).is_err());
         let time_at = 1 + sim.state.signed_info().to_bytes().len();
         for i in 0..record.len() {
             if (time_at..time_at + 8).contains(&i) {
                 continue; // the timestamp is not authenticated: it only drives the timer
             }
-            let mut bad = record.to_vec();
+            let mut bad = record.clone();
             bad[i] ^= 0x01;
             assert!(
-                GroupState::from_record(&sim.ca, &bad).is_err(),
+                restore(&sim.ca, &bad, &members).is_err(),
                 "flipped byte {i} restored"
             );
         }
-        assert!(GroupState::from_record(&sim.ca, &record[..record.len() - 1]).is_err());
+        assert!(restore(&sim.ca, &record[..record.len() - 1], &members).is_err());
+        // The members must be exactly those the signed info was derived from.
+        assert_eq!(
+            restore(&sim.ca, &record, &members[..1]).err(),
+            Some(RekeyError::RecordMismatch)
+        );
+        let Change::Join(stranger) = sim.join("s2", Role::Subscriber) else {
+            unreachable!()
+        };
+        let mut extra = members.clone();
+        extra.push(stranger);
+        assert_eq!(
+            restore(&sim.ca, &record, &extra).err(),
+            Some(RekeyError::RecordMismatch)
+        );
+        let Change::Join(renewed) = sim.renew("s1", Role::Subscriber) else {
+            unreachable!()
+        };
+        let swapped: Vec<JoinedMember> = members
+            .iter()
+            .map(|m| {
+                if m.member().id == renewed.member().id {
+                    renewed.clone()
+                } else {
+                    m.clone()
+                }
+            })
+            .collect();
+        assert_eq!(
+            restore(&sim.ca, &record, &swapped).err(),
+            Some(RekeyError::RecordMismatch)
+        );
+        let mut twice = members.clone();
+        twice.push(members[0].clone());
+        assert!(matches!(
+            restore(&sim.ca, &record, &twice),
+            Err(RekeyError::Group(GroupError::DuplicateMember(_)))
+        ));
     }
 
     #[test]

@@ -104,6 +104,26 @@ pub fn hmac_sha256_verify(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> Result<(),
     mac.verify_slice(tag).map_err(|_| VerifyError)
 }
 
+/// HMAC-SHA256 fed in pieces, for inputs too large to gather first.
+pub(crate) struct HmacSha256(SimpleHmac<Sha256>);
+
+impl HmacSha256 {
+    /// A MAC under `key`.
+    pub(crate) fn new(key: &[u8]) -> Self {
+        HmacSha256(hmac_new(key))
+    }
+
+    /// Feeds `data`.
+    pub(crate) fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// The tag.
+    pub(crate) fn finalize(self) -> [u8; 32] {
+        self.0.finalize().into_bytes().into()
+    }
+}
+
 fn hmac_new(key: &[u8]) -> SimpleHmac<Sha256> {
     // INVARIANT: HMAC accepts keys of any length.
     #[allow(clippy::expect_used)]

@@ -145,21 +145,17 @@ pub struct GroupRecord {
     /// Start of the current epoch.
     #[prost(uint64, tag = "6")]
     pub epoch_started_ms: u64,
-    /// `GroupState::to_record` of quva-client: signed info and the joined members with their
-    /// shares v_i (secret).
+    /// `GroupState::to_record` of quva-client: the signed info of the current epoch and when it
+    /// began. Public; the shares are in the member rows, written in the same batch.
     #[prost(bytes = "vec", tag = "7")]
     pub state: Vec<u8>,
 }
 
-impl Drop for GroupRecord {
-    fn drop(&mut self) {
-        self.state.zeroize();
-    }
-}
-
-/// A device's permission in one role of a group, and whether it has joined.
+/// A device's permission in one role of a group and, once it has joined, its share.
 ///
-/// The member's share itself lives in the group's state record, written in the same batch.
+/// The rows with a share are the group's joined members: the CA rebuilds the group state from
+/// them and the group record, and checks the keys they give against the signed info. Every
+/// epoch change writes the rows it changes in the same batch as the group record.
 #[derive(Clone, PartialEq, Message)]
 pub struct MemberRecord {
     /// Device ID.
@@ -177,6 +173,9 @@ pub struct MemberRecord {
     /// When the permission was granted.
     #[prost(uint64, tag = "6")]
     pub allowed_ms: u64,
+    /// sc(v_i), the joined share (secret), empty if not joined.
+    #[prost(bytes = "vec", tag = "7")]
+    pub share: Vec<u8>,
 }
 
 impl MemberRecord {
@@ -184,9 +183,29 @@ impl MemberRecord {
     pub fn joined(&self) -> bool {
         self.serial != 0
     }
+
+    /// A permission granted at `allowed_ms`, not joined yet.
+    pub fn allowed(device: &str, role: u32, allowed_ms: u64) -> MemberRecord {
+        let mut m = MemberRecord::default();
+        m.device = device.to_owned();
+        m.role = role;
+        m.allowed_ms = allowed_ms;
+        m
+    }
+
+    /// The permission without the share: the member left but may join again.
+    pub fn left(&self) -> MemberRecord {
+        MemberRecord::allowed(&self.device, self.role, self.allowed_ms)
+    }
 }
 
-/// One joined member in an epoch record.
+impl Drop for MemberRecord {
+    fn drop(&mut self) {
+        self.share.zeroize();
+    }
+}
+
+/// A member that joined or left in an epoch.
 #[derive(Clone, PartialEq, Message)]
 pub struct EpochMember {
     /// Device ID.
@@ -212,9 +231,12 @@ pub struct EpochRecord {
     /// `ginfo || sig`.
     #[prost(bytes = "vec", tag = "3")]
     pub signed_ginfo: Vec<u8>,
-    /// The joined members, sorted.
-    #[prost(message, repeated, tag = "4")]
-    pub members: Vec<EpochMember>,
+    /// Members new in this epoch (first joins and new certificates), sorted.
+    #[prost(message, repeated, tag = "7")]
+    pub joined: Vec<EpochMember>,
+    /// Members gone in this epoch (including a renewed member's old certificate), sorted.
+    #[prost(message, repeated, tag = "8")]
+    pub departed: Vec<EpochMember>,
     /// Why the epoch began (`join`, `leave`, `periodic`, ...), comma-separated.
     #[prost(string, tag = "5")]
     pub reason: String,
