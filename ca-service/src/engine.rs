@@ -133,6 +133,8 @@ pub struct Stats {
     pub commit_failures: AtomicU64,
     /// Audit entries dropped because the engine queue was full.
     pub audit_dropped: AtomicU64,
+    /// Writer time spent staging and writing epoch changes (not the disk sync), microseconds.
+    pub rekey_micros: AtomicU64,
 }
 
 fn bump(c: &AtomicU64) {
@@ -1498,6 +1500,7 @@ impl Engine {
     }
 
     fn apply(&mut self, gid: &GroupId, live: &mut Live, p: &Pending) -> Result<u32, CaError> {
+        let started = Instant::now();
         let mut tx = self.begin();
         let now = tx.now;
         let plan = live
@@ -1614,6 +1617,8 @@ impl Engine {
         live.settings.epoch = epoch;
         live.settings.epoch_started_ms = now;
         bump(&self.stats.rekeys);
+        let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.stats.rekey_micros.fetch_add(micros, Ordering::Relaxed);
         tracing::info!(group = %gid, epoch, reasons = %reasons, "rekeyed");
         Ok(epoch)
     }

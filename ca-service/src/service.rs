@@ -505,6 +505,7 @@ impl AdminService for AdminApi {
             rekeys: meta.rekeys,
             pending_changes: stats.pending_changes.load(Ordering::Relaxed),
             commits: stats.commits.load(Ordering::Relaxed),
+            rekey_micros: stats.rekey_micros.load(Ordering::Relaxed),
         }))
     }
 

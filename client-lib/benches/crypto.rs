@@ -15,6 +15,7 @@ use quva_client::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Sealer,
     UnverifiedMessage,
 };
+use quva_client::rekey::{Change, GroupState, Plan};
 use quva_client::replay::ReplayCache;
 use quva_client::schnorr::{BatchItem, Signature, VerifyingKey, verify_batch};
 use rand_chacha::ChaCha20Rng;
@@ -256,6 +257,46 @@ fn group_key_derivation(c: &mut Criterion) {
     g.finish();
 }
 
+/// The CA's compute for one join into a group of n members: the net change, the new keys over
+/// the sorted membership, the ginfo signature, the broadcast and the joiner's ECIES.
+fn ca_join(c: &mut Criterion) {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let ca = KeyPair::random(&mut rng);
+    let group = GroupId::new("fleet/eu/temp").unwrap();
+    let member = |i: usize, rng: &mut ChaCha20Rng| {
+        let role = if i % 10 == 0 {
+            Role::Publisher
+        } else {
+            Role::Subscriber
+        };
+        let d = SecretScalar::random(rng);
+        let gi = SecretScalar::random(rng);
+        JoinedMember::from_keys(DeviceId::new(&format!("dev-{i}")).unwrap(), role, &d, &gi)
+            .unwrap()
+    };
+    let mut g = c.benchmark_group("ca_join");
+    g.sample_size(20);
+    for n in [10usize, 1_000, 10_000] {
+        let mut state =
+            GroupState::create(&ca, group.clone(), Privacy::Standard, Epoch(0), 0, &mut rng)
+                .unwrap();
+        let joins: Vec<Change> = (0..n).map(|i| Change::Join(member(i, &mut rng))).collect();
+        let Plan::Rekey(staged) = state.stage(&ca, joins, 0, &mut rng).unwrap() else {
+            unreachable!("joins change the membership")
+        };
+        state.commit(*staged).unwrap();
+        let newcomer = member(n + 1, &mut rng);
+        g.bench_function(BenchmarkId::from_parameter(n), |b| {
+            b.iter(|| {
+                state
+                    .stage_join(&ca, newcomer.clone(), 1, &mut rng)
+                    .unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group!(
     benches,
     schnorr,
@@ -263,6 +304,7 @@ criterion_group!(
     ecies_bench,
     ecqv,
     messages,
-    group_key_derivation
+    group_key_derivation,
+    ca_join
 );
 criterion_main!(benches);

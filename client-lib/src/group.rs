@@ -69,7 +69,9 @@ use k256::{Scalar, U256};
 use rand_core::CryptoRngCore;
 use sha2::{Digest, Sha256};
 
-use crate::codec::{Decode, DecodeError, Encode, Reader, put_point, put_str, put_u8, put_u32};
+use crate::codec::{
+    Decode, DecodeError, Encode, Reader, put_point, put_str, put_u8, put_u16, put_u32,
+};
 use crate::curve::{CurveError, KeyPair, Point, SecretScalar};
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::schnorr::{Signature, VerifyingKey};
@@ -280,7 +282,9 @@ pub fn derive_cag_secret(
         group,
         epoch,
         (publishers.len(), subscribers.len()),
-        sorted.into_iter(),
+        sorted
+            .into_iter()
+            .map(|(role, id)| (role, id.as_str().as_bytes())),
     )?;
     Ok(match kind {
         GroupKeyKind::P => p,
@@ -295,7 +299,7 @@ fn cag_secrets<'a>(
     group: &GroupId,
     epoch: Epoch,
     (n_pub, n_sub): (usize, usize),
-    ids: impl Iterator<Item = (Role, &'a DeviceId)>,
+    ids: impl Iterator<Item = (Role, &'a [u8])>,
 ) -> Result<[SecretScalar; 2], GroupError> {
     let d_ca = ca.secret().to_bytes();
     let mut macs = [GroupKeyKind::P, GroupKeyKind::S].map(|kind| {
@@ -321,7 +325,9 @@ fn cag_secrets<'a>(
             Role::Publisher => seen.0 += 1,
             Role::Subscriber => seen.1 += 1,
         }
-        id.encode(&mut buf);
+        // str(id): IDs are at most 64 bytes, so the length fits.
+        put_u16(&mut buf, u16::try_from(id.len()).unwrap_or(u16::MAX));
+        buf.extend_from_slice(id);
         for mac in &mut macs {
             mac.update(&buf);
         }
@@ -600,7 +606,7 @@ impl GroupKeys {
         epoch: Epoch,
         privacy: Privacy,
         sums: &roster::RoleSums,
-        ids: impl Iterator<Item = (Role, &'a DeviceId)>,
+        ids: impl Iterator<Item = (Role, &'a [u8])>,
         entries: impl Iterator<Item = &'a [u8]>,
     ) -> Result<Self, GroupError> {
         let [d_cag_p, d_cag_s] = cag_secrets(ca, group, epoch, (sums.n_pub, sums.n_sub), ids)?;

@@ -496,16 +496,30 @@ async fn membership(target: &Target, sizes: &[usize], rounds: usize) -> anyhow::
         run_parallel(members.to_vec(), 256, join).await?;
         let setup = setup.elapsed();
         let (mut hj, mut hl) = (histogram()?, histogram()?);
+        // The writer's own time per epoch (staging and writing, not the disk sync), from the
+        // server's counter.
+        let (mut wj, mut wl) = (histogram()?, histogram()?);
+        let writer_micros = || {
+            let mut admin = admin.clone();
+            async move {
+                let s = admin.get_status(pb::GetStatusRequest {}).await?.into_inner();
+                anyhow::Ok(s.rekey_micros)
+            }
+        };
         for _ in 0..rounds {
             allow(ids[0].clone(), true).await?;
             let request = join_request(churn, &group, &q_ca)?;
             let mut d = device.clone();
+            let w = writer_micros().await?;
             let t = Instant::now();
             d.join_group(pb::JoinGroupRequest { request }).await?;
             hj.record(micros(t.elapsed()))?;
+            wj.record((writer_micros().await? - w).max(1))?;
+            let w = writer_micros().await?;
             let t = Instant::now();
             allow(ids[0].clone(), false).await?;
             hl.record(micros(t.elapsed()))?;
+            wl.record((writer_micros().await? - w).max(1))?;
         }
         let info = admin
             .show_group(pb::ShowGroupRequest { id: group.clone() })
@@ -517,6 +531,11 @@ async fn membership(target: &Target, sizes: &[usize], rounds: usize) -> anyhow::
             info.epoch,
             latency_line(&hj),
             latency_line(&hl)
+        );
+        println!(
+            "members={size:>5} writer time per epoch: join {}; leave {}",
+            latency_line(&wj),
+            latency_line(&wl)
         );
     }
     Ok(())
