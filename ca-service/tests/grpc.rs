@@ -688,3 +688,65 @@ async fn a_joiner_cannot_open_notices_of_earlier_epochs() {
     assert!(!earlier_keys.contains(ring.current_key().public()));
     h.stop().await;
 }
+
+/// The group state comes back from the group record and the member rows after a restart, and a
+/// member row whose share does not match, or a missing row, stops the CA from serving.
+#[tokio::test]
+async fn restart_rebuilds_groups_from_member_rows() {
+    use quva_ca::store::{Batch, CaStore, Tables};
+    let mut h = Harness::start().await;
+    h.create_group(G, false, 0).await;
+    let mut creds = Vec::new();
+    for (id, role) in [
+        ("s1", Role::Subscriber),
+        ("s2", Role::Subscriber),
+        ("p1", Role::Publisher),
+    ] {
+        let c = h.enrolled(id).await;
+        h.permit(G, id, role, true).await;
+        h.join(&c, G, role).await.unwrap();
+        creds.push((c, role));
+    }
+    let (before, info) = group_info(&mut h, G).await;
+    assert_eq!((info.n_pub, info.n_sub), (1, 2));
+
+    h.restart().await.unwrap();
+    let (after, again) = group_info(&mut h, G).await;
+    assert_eq!(again, info);
+    assert_eq!(after.members, before.members);
+    // The restored shares are the members': a repeated join gets the same keys, no new epoch.
+    for (c, role) in &creds {
+        let key = h.join(c, G, *role).await.unwrap();
+        assert_eq!(key.info(), &info);
+    }
+
+    let gid = GroupId::new(G).unwrap();
+    let id = |s: &str| DeviceId::new(s).unwrap();
+    let s1 = h.store.member(&gid, Role::Subscriber, &id("s1")).unwrap().unwrap();
+    let s2 = h.store.member(&gid, Role::Subscriber, &id("s2")).unwrap().unwrap();
+    let p1 = h.store.member(&gid, Role::Publisher, &id("p1")).unwrap().unwrap();
+    let write = |h: &Harness, edit: &dyn Fn(&mut Batch)| {
+        let mut batch = Batch::new();
+        edit(&mut batch);
+        h.store.commit(batch).unwrap();
+    };
+    h.server.take().unwrap().stop().await.unwrap();
+
+    // Another member's (valid) share in s1's row.
+    let mut swapped = s1.clone();
+    swapped.share = s2.share.clone();
+    write(&h, &|b| b.put_member(&gid, &swapped).unwrap());
+    assert!(h.restart().await.is_err(), "served with a wrong share");
+
+    // A joined member's row gone: the keys no longer match the signed info.
+    write(&h, &|b| {
+        b.put_member(&gid, &s1).unwrap();
+        b.delete_member(&gid, Role::Publisher, &id("p1"));
+    });
+    assert!(h.restart().await.is_err(), "served without a member");
+
+    write(&h, &|b| b.put_member(&gid, &p1).unwrap());
+    h.restart().await.unwrap();
+    assert_eq!(group_info(&mut h, G).await.1, info);
+    h.stop().await;
+}

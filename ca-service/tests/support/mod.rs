@@ -40,6 +40,7 @@ pub struct Harness {
     pub ca: Point,
     pub admin_token: String,
     pub bridge_token: String,
+    pub cfg: Config,
 }
 
 pub fn system_now() -> u64 {
@@ -81,7 +82,23 @@ impl Harness {
             ca: init.ca_public,
             admin_token: init.admin_token.to_string(),
             bridge_token: init.bridge_token.to_string(),
+            cfg,
         }
+    }
+
+    /// Stops the server and starts a new one on the same store (new port, new clients).
+    pub async fn restart(&mut self) -> Result<(), quva_ca::server::ServeError> {
+        if let Some(s) = self.server.take() {
+            s.stop().await.unwrap();
+        }
+        let server =
+            Server::start_with_store(&self.data, &self.cfg, self.clock.clone(), self.store.clone())
+                .await?;
+        self.url = format!("http://{}", server.addr());
+        self.admin = connect(&self.url, &self.admin_token).await.unwrap();
+        self.device = device_client(&self.url, &self.bridge_token).await;
+        self.server = Some(server);
+        Ok(())
     }
 
     pub fn now(&self) -> u64 {
