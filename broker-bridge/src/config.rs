@@ -35,6 +35,9 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("invalid configuration value: {0}")]
     Invalid(&'static str),
+    /// The CA's TLS files are unusable.
+    #[error("CA TLS: {0}")]
+    Tls(#[from] quva_proto::tls::TlsError),
 }
 
 /// The whole configuration.
@@ -102,7 +105,8 @@ impl Default for Upstream {
     }
 }
 
-/// The CA endpoint and the bridge's bearer token.
+/// The CA endpoint and how the bridge authenticates: a bearer token, or a client certificate
+/// over mutual TLS.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Ca {
@@ -112,6 +116,14 @@ pub struct Ca {
     pub token: Option<String>,
     /// A file holding the token (first line), instead of `token`.
     pub token_file: Option<String>,
+    /// Root certificate (PEM) of the CA's TLS server; enables TLS (use an `https://` endpoint).
+    pub ca_cert: Option<String>,
+    /// The bridge's client certificate chain (PEM) for mutual TLS; the token may then be omitted.
+    pub cert: Option<String>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<String>,
+    /// The name in the CA's server certificate, if not the endpoint's host.
+    pub tls_domain: Option<String>,
     /// Timeout of one CA call in milliseconds.
     pub timeout_ms: u64,
     /// How long a group's data stays cached without a notice, in milliseconds.
@@ -124,6 +136,10 @@ impl Default for Ca {
             endpoint: String::new(),
             token: None,
             token_file: None,
+            ca_cert: None,
+            cert: None,
+            key: None,
+            tls_domain: None,
             timeout_ms: 3_000,
             group_ttl_ms: 60_000,
         }
@@ -262,6 +278,25 @@ impl Config {
         secret(&self.ca.token, &self.ca.token_file)
     }
 
+    /// The TLS settings of the CA connection, when `ca.ca_cert` is set.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for a client certificate or key without a `ca_cert`.
+    pub fn ca_tls(&self) -> Result<Option<quva_proto::tls::ClientTls>, ConfigError> {
+        let Some(ca_cert) = &self.ca.ca_cert else {
+            if self.ca.cert.is_some() || self.ca.key.is_some() {
+                return Err(ConfigError::Invalid("ca.cert and ca.key need ca.ca_cert"));
+            }
+            return Ok(None);
+        };
+        Ok(Some(quva_proto::tls::ClientTls {
+            ca_cert: ca_cert.into(),
+            cert: self.ca.cert.as_ref().map(Into::into),
+            key: self.ca.key.as_ref().map(Into::into),
+            domain: self.ca.tls_domain.clone(),
+        }))
+    }
+
     /// The CA call timeout.
     pub fn ca_timeout(&self) -> Duration {
         Duration::from_millis(self.ca.timeout_ms)
@@ -294,6 +329,25 @@ mod tests {
         assert_eq!(cfg.windows.epoch_grace_ms, 30_000);
         let cfg = Config::from_toml("[limits]\nmax_connections = 3\n").unwrap();
         assert_eq!(cfg.limits.max_connections, 3);
+    }
+
+    #[test]
+    fn ca_tls_settings() {
+        let cfg = Config::from_toml("[ca]\nendpoint = \"http://127.0.0.1:7443\"\n").unwrap();
+        assert_eq!(cfg.ca_tls().unwrap(), None);
+        let cfg = Config::from_toml(
+            "[ca]\nendpoint = \"https://ca:7443\"\nca_cert = \"/etc/quva/ca-root.pem\"\n\
+             cert = \"/etc/quva/bridge.pem\"\nkey = \"/etc/quva/bridge.key\"\n",
+        )
+        .unwrap();
+        let tls = cfg.ca_tls().unwrap().unwrap();
+        assert_eq!(
+            tls.ca_cert,
+            std::path::PathBuf::from("/etc/quva/ca-root.pem")
+        );
+        assert_eq!(tls.key, Some("/etc/quva/bridge.key".into()));
+        let cfg = Config::from_toml("[ca]\ncert = \"/etc/quva/bridge.pem\"\n").unwrap();
+        assert!(cfg.ca_tls().is_err());
     }
 
     #[test]

@@ -45,19 +45,17 @@ fn map_status(s: &Status) -> CaError {
 }
 
 impl GrpcCa {
-    /// A client for `endpoint` (e.g. `http://127.0.0.1:50051`) with the bridge's bearer token.
+    /// A client for `endpoint` (from [`quva_proto::tls::endpoint`], with or without TLS) with
+    /// the bridge's bearer token, if any.
     ///
     /// # Errors
-    /// [`CaError::InvalidResponse`] if the endpoint or token is not usable.
+    /// [`CaError::InvalidResponse`] if the token is not usable as metadata.
     pub fn new(
-        endpoint: &str,
+        endpoint: Endpoint,
         token: Option<&str>,
         connect_timeout: Duration,
     ) -> Result<Self, CaError> {
-        let channel = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|_| CaError::InvalidResponse)?
-            .connect_timeout(connect_timeout)
-            .connect_lazy();
+        let channel = endpoint.connect_timeout(connect_timeout).connect_lazy();
         let token = token
             .map(|t| format!("Bearer {t}").parse())
             .transpose()
@@ -281,7 +279,8 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_ca_is_unavailable() {
-        let ca = GrpcCa::new("http://127.0.0.1:1", Some("t"), Duration::from_millis(200)).unwrap();
+        let endpoint = Endpoint::from_static("http://127.0.0.1:1");
+        let ca = GrpcCa::new(endpoint, Some("t"), Duration::from_millis(200)).unwrap();
         assert_eq!(ca.ca_public_key().await, Err(CaError::Unavailable));
     }
 }

@@ -56,7 +56,10 @@ pub fn grpc_ca(cfg: &Config) -> Result<Option<std::sync::Arc<dyn ca::CaClient>>,
         return Ok(None);
     }
     let token = cfg.ca_token()?;
-    let ca = grpc::GrpcCa::new(&cfg.ca.endpoint, token.as_deref(), cfg.ca_timeout())
-        .map_err(|_| config::ConfigError::Invalid("ca.endpoint or ca.token"))?;
+    let tls = cfg.ca_tls()?;
+    let endpoint = quva_proto::tls::endpoint(&cfg.ca.endpoint, tls.as_ref())
+        .map_err(config::ConfigError::Tls)?;
+    let ca = grpc::GrpcCa::new(endpoint, token.as_deref(), cfg.ca_timeout())
+        .map_err(|_| config::ConfigError::Invalid("ca.token"))?;
     Ok(Some(std::sync::Arc::new(ca)))
 }

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
 use crate::config::Config;
@@ -100,6 +100,19 @@ pub struct ServeArgs {
     /// Most waiting commands written in one synced batch (default 1024; 1 syncs each alone).
     #[arg(long)]
     pub max_group_commit: Option<usize>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key (PEM, mode 0600).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Root certificate(s) of bridge client certificates (PEM): such a certificate replaces
+    /// the bridge token on the device path.
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse device-path calls without a bridge client certificate.
+    #[arg(long)]
+    pub require_bridge_cert: bool,
 }
 
 impl ServeArgs {
@@ -130,6 +143,19 @@ impl ServeArgs {
         if let Some(v) = self.max_group_commit {
             cfg.max_group_commit = v;
         }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            cfg.tls = Some(crate::config::TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                ..cfg.tls.unwrap_or_default()
+            });
+        }
+        if let Some(tls) = &mut cfg.tls {
+            if self.tls_client_ca.is_some() {
+                tls.client_ca = self.tls_client_ca.clone();
+            }
+            tls.require_bridge_cert |= self.require_bridge_cert;
+        }
         Ok(cfg)
     }
 }
@@ -137,7 +163,7 @@ impl ServeArgs {
 /// How admin subcommands reach the server.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Server URL.
+    /// Server URL (`https://` with --ca-cert).
     #[arg(
         long,
         env = "QUVA_CA_SERVER",
@@ -145,6 +171,12 @@ pub struct ClientArgs {
         global = true
     )]
     pub server: String,
+    /// Root certificate (PEM) of a TLS server; enables TLS.
+    #[arg(long, env = "QUVA_CA_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// The name in the server certificate, if not the URL's host.
+    #[arg(long, global = true, requires = "ca_cert")]
+    pub tls_domain: Option<String>,
     /// File holding the admin token (default: <data>/admin.token).
     #[arg(long, env = "QUVA_CA_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
@@ -292,6 +324,9 @@ pub enum ClientError {
     /// The server URL is invalid or unreachable.
     #[error("cannot connect to {0}: {1}")]
     Connect(String, tonic::transport::Error),
+    /// The TLS files are unusable.
+    #[error("{0}")]
+    Tls(quva_proto::tls::TlsError),
     /// The server refused or failed.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Rpc(#[from] tonic::Status),
@@ -346,8 +381,22 @@ pub type AdminClient = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 /// # Errors
 /// [`ClientError::Connect`].
 pub async fn connect(server: &str, token: &str) -> Result<AdminClient, ClientError> {
-    let endpoint = Endpoint::from_shared(server.to_owned())
-        .map_err(|e| ClientError::Connect(server.into(), e))?;
+    connect_with(server, token, None).await
+}
+
+/// Connects to `server` with the admin `token`, over TLS when `tls` is given.
+///
+/// # Errors
+/// [`ClientError::Connect`] or [`ClientError::Tls`].
+pub async fn connect_with(
+    server: &str,
+    token: &str,
+    tls: Option<&quva_proto::tls::ClientTls>,
+) -> Result<AdminClient, ClientError> {
+    let endpoint = quva_proto::tls::endpoint(server, tls).map_err(|e| match e {
+        quva_proto::tls::TlsError::Endpoint(t) => ClientError::Connect(server.into(), t),
+        other => ClientError::Tls(other),
+    })?;
     let channel = endpoint
         .connect()
         .await
@@ -373,7 +422,12 @@ impl ClientArgs {
     }
 
     async fn client(&self) -> Result<AdminClient, ClientError> {
-        connect(&self.server, &self.token()?).await
+        let tls = self.ca_cert.as_ref().map(|ca| quva_proto::tls::ClientTls {
+            ca_cert: ca.clone(),
+            domain: self.tls_domain.clone(),
+            ..Default::default()
+        });
+        connect_with(&self.server, &self.token()?, tls.as_ref()).await
     }
 }
 

@@ -8,7 +8,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +33,26 @@ pub struct Config {
     pub sweep_interval_ms: u64,
     /// Most waiting commands written in one synced batch (group commit); 1 syncs each alone.
     pub max_group_commit: usize,
+    /// TLS on the gRPC listener (`[tls]`); plain HTTP/2 when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[tls]`: the server's certificate and, optionally, the CA that signs bridges' client
+/// certificates (mutual TLS on the device path).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// The server's private key, PEM; must not be readable by group or others.
+    pub key: PathBuf,
+    /// Root certificate(s) of bridge client certificates, PEM. When set, a device-path call over
+    /// a connection with a client certificate that chains to it needs no bridge token.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// Refuse device-path calls without such a client certificate, even with the bridge token.
+    #[serde(default)]
+    pub require_bridge_cert: bool,
 }
 
 impl Default for Config {
@@ -45,6 +65,7 @@ impl Default for Config {
             cert_validity_secs: 30 * 24 * 3600,
             sweep_interval_ms: 1_000,
             max_group_commit: crate::engine::DEFAULT_MAX_GROUP_COMMIT,
+            tls: None,
         }
     }
 }
@@ -110,6 +131,20 @@ mod tests {
             toml::from_str("listen = \"0.0.0.0:9000\"\nsweep_interval_ms = 5").unwrap();
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.sweep_interval_ms, 5);
+    }
+
+    #[test]
+    fn tls_section() {
+        let cfg: Config = toml::from_str(
+            "[tls]\ncert = \"/etc/quva-ca/server.crt\"\nkey = \"/etc/quva-ca/server.key\"\n",
+        )
+        .unwrap();
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.key, PathBuf::from("/etc/quva-ca/server.key"));
+        assert_eq!(tls.client_ca, None);
+        assert!(!tls.require_bridge_cert);
+        assert!(toml::from_str::<Config>("[tls]\ncert = \"a\"\n").is_err());
+        assert!(toml::from_str::<Config>("[tls]\ncert = \"a\"\nkey = \"b\"\nextra = 1").is_err());
     }
 
     #[test]

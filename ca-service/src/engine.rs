@@ -1696,7 +1696,8 @@ impl Engine {
                         role,
                     });
                     // Keep the permission, forget the expired share.
-                    p.rows.insert((role, id), row.as_ref().map(MemberRecord::left));
+                    p.rows
+                        .insert((role, id), row.as_ref().map(MemberRecord::left));
                 }
                 if periodic {
                     p.changes.push(Change::Periodic);

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::auth::{AuditSink, Guard, Principal, Tokens};
+use crate::auth::{AuditSink, BridgeCerts, Guard, Principal, Tokens};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
@@ -62,6 +62,58 @@ pub enum ServeError {
     /// A task panicked.
     #[error("task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// A TLS file is missing, unreadable or too widely readable.
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The listener's TLS settings and what a client certificate means on the device path.
+fn tls_setup(
+    cfg: Option<&crate::config::TlsConfig>,
+) -> Result<(Option<tonic::transport::ServerTlsConfig>, BridgeCerts), ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let Some(cfg) = cfg else {
+        return Ok((None, BridgeCerts::Ignored));
+    };
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| ServeError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&cfg.key)
+            .map_err(|e| ServeError::Tls(format!("cannot read {}: {e}", cfg.key.display())))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(ServeError::Tls(format!(
+                "{} is readable by group or others (mode {:o}); chmod 600 it",
+                cfg.key.display(),
+                mode & 0o777
+            )));
+        }
+    }
+    let key = zeroize::Zeroizing::new(read(&cfg.key)?);
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(&cfg.cert)?, &*key));
+    let certs = match (&cfg.client_ca, cfg.require_bridge_cert) {
+        (Some(ca), required) => {
+            tls = tls
+                .client_ca_root(Certificate::from_pem(read(ca)?))
+                .client_auth_optional(true);
+            if required {
+                BridgeCerts::Required
+            } else {
+                BridgeCerts::Accepted
+            }
+        }
+        (None, true) => {
+            return Err(ServeError::Tls(
+                "require_bridge_cert needs client_ca".to_owned(),
+            ));
+        }
+        (None, false) => BridgeCerts::Ignored,
+    };
+    Ok((Some(tls), certs))
 }
 
 /// A started daemon.
@@ -146,6 +198,7 @@ impl Server {
         let ca = data.ca_key()?;
         let ca_public = *ca.public();
         let tokens = Arc::new(Tokens::new(&data.admin_token()?, &data.bridge_token()?));
+        let (tls, bridge_certs) = tls_setup(cfg.tls.as_ref())?;
         let (engine, engine_task) =
             Engine::spawn(store.clone(), ca, EngineConfig::from(cfg), clock)?;
         let listener = TcpListener::bind(cfg.listen)
@@ -166,11 +219,16 @@ impl Server {
         let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let device = DeviceServiceServer::with_interceptor(
             DeviceApi::new(engine.clone(), store.clone(), ca_public, stopping),
-            Guard::new(tokens.clone(), Principal::Bridge, sink.clone()),
+            Guard::new(
+                tokens.clone(),
+                Principal::Bridge,
+                bridge_certs,
+                sink.clone(),
+            ),
         );
         let admin = AdminServiceServer::with_interceptor(
             AdminApi::new(engine.clone(), store.clone(), ca_public),
-            Guard::new(tokens, Principal::Admin, sink),
+            Guard::new(tokens, Principal::Admin, bridge_certs, sink),
         );
         let (health, health_svc) = tonic_health::server::health_reporter();
         health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
@@ -180,7 +238,17 @@ impl Server {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let (stop, stopped) = oneshot::channel::<()>();
-        tracing::info!(%addr, ca_public = %hex::encode(ca_public.to_bytes()), "serving");
+        tracing::info!(
+            %addr,
+            tls = tls.is_some(),
+            bridge_certs = ?bridge_certs,
+            ca_public = %hex::encode(ca_public.to_bytes()),
+            "serving"
+        );
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = builder.tls_config(tls)?;
+        }
         // Replies go out at once: without TCP_NODELAY a reply written in two parts waits for the
         // peer's delayed ACK (about 40 ms).
         let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |s| {
@@ -190,7 +258,7 @@ impl Server {
             s
         });
         let task = tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = builder
                 .add_service(health_svc)
                 .add_service(reflection)
                 .add_service(device)

@@ -722,9 +722,21 @@ async fn restart_rebuilds_groups_from_member_rows() {
 
     let gid = GroupId::new(G).unwrap();
     let id = |s: &str| DeviceId::new(s).unwrap();
-    let s1 = h.store.member(&gid, Role::Subscriber, &id("s1")).unwrap().unwrap();
-    let s2 = h.store.member(&gid, Role::Subscriber, &id("s2")).unwrap().unwrap();
-    let p1 = h.store.member(&gid, Role::Publisher, &id("p1")).unwrap().unwrap();
+    let s1 = h
+        .store
+        .member(&gid, Role::Subscriber, &id("s1"))
+        .unwrap()
+        .unwrap();
+    let s2 = h
+        .store
+        .member(&gid, Role::Subscriber, &id("s2"))
+        .unwrap()
+        .unwrap();
+    let p1 = h
+        .store
+        .member(&gid, Role::Publisher, &id("p1"))
+        .unwrap()
+        .unwrap();
     let write = |h: &Harness, edit: &dyn Fn(&mut Batch)| {
         let mut batch = Batch::new();
         edit(&mut batch);

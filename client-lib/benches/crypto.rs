@@ -271,8 +271,7 @@ fn ca_join(c: &mut Criterion) {
         };
         let d = SecretScalar::random(rng);
         let gi = SecretScalar::random(rng);
-        JoinedMember::from_keys(DeviceId::new(&format!("dev-{i}")).unwrap(), role, &d, &gi)
-            .unwrap()
+        JoinedMember::from_keys(DeviceId::new(&format!("dev-{i}")).unwrap(), role, &d, &gi).unwrap()
     };
     let mut g = c.benchmark_group("ca_join");
     g.sample_size(20);

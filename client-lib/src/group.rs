@@ -270,7 +270,10 @@ pub fn derive_cag_secret(
     subscribers: &[&DeviceId],
 ) -> Result<SecretScalar, GroupError> {
     let mut sorted = BTreeSet::new();
-    for (role, ids) in [(Role::Publisher, publishers), (Role::Subscriber, subscribers)] {
+    for (role, ids) in [
+        (Role::Publisher, publishers),
+        (Role::Subscriber, subscribers),
+    ] {
         for id in ids {
             if !sorted.insert((role, *id)) {
                 return Err(GroupError::DuplicateMember("group key derivation"));
@@ -610,12 +613,8 @@ impl GroupKeys {
         entries: impl Iterator<Item = &'a [u8]>,
     ) -> Result<Self, GroupError> {
         let [d_cag_p, d_cag_s] = cag_secrets(ca, group, epoch, (sums.n_pub, sums.n_sub), ids)?;
-        let d_p = KeyPair::from_secret(SecretScalar::new(
-            *sums.publishers + d_cag_p.as_scalar(),
-        )?);
-        let d_s = KeyPair::from_secret(SecretScalar::new(
-            *sums.subscribers + d_cag_s.as_scalar(),
-        )?);
+        let d_p = KeyPair::from_secret(SecretScalar::new(*sums.publishers + d_cag_p.as_scalar())?);
+        let d_s = KeyPair::from_secret(SecretScalar::new(*sums.subscribers + d_cag_s.as_scalar())?);
         let info = GroupInfo {
             group: group.clone(),
             epoch,

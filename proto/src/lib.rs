@@ -19,6 +19,8 @@ pub mod v1 {
     tonic::include_proto!("quva.ca.v1");
 }
 
+pub mod tls;
+
 /// The encoded file descriptor set of `quva.ca.v1`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/quva_ca_v1_descriptor.bin"));

@@ -502,7 +502,10 @@ async fn membership(target: &Target, sizes: &[usize], rounds: usize) -> anyhow::
         let writer_micros = || {
             let mut admin = admin.clone();
             async move {
-                let s = admin.get_status(pb::GetStatusRequest {}).await?.into_inner();
+                let s = admin
+                    .get_status(pb::GetStatusRequest {})
+                    .await?
+                    .into_inner();
                 anyhow::Ok(s.rekey_micros)
             }
         };

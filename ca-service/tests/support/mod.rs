@@ -91,9 +91,13 @@ impl Harness {
         if let Some(s) = self.server.take() {
             s.stop().await.unwrap();
         }
-        let server =
-            Server::start_with_store(&self.data, &self.cfg, self.clock.clone(), self.store.clone())
-                .await?;
+        let server = Server::start_with_store(
+            &self.data,
+            &self.cfg,
+            self.clock.clone(),
+            self.store.clone(),
+        )
+        .await?;
         self.url = format!("http://{}", server.addr());
         self.admin = connect(&self.url, &self.admin_token).await.unwrap();
         self.device = device_client(&self.url, &self.bridge_token).await;

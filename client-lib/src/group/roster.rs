@@ -287,7 +287,9 @@ impl Roster {
         let ids = self.walk_after(diff).map(|(k, _)| (k.role, k.id()));
         let entries = Overlay::new(
             self.entries.iter().map(|e| (e, e)),
-            diff.entries.iter().map(|(e, added)| (e, added.then_some(e))),
+            diff.entries
+                .iter()
+                .map(|(e, added)| (e, added.then_some(e))),
         )
         .map(|(e, _)| e.as_slice());
         GroupKeys::derive_sorted(ca, group, epoch, privacy, &diff.sums, ids, entries)
