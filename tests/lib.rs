@@ -375,6 +375,8 @@ pub struct Cluster {
     ca: Proc,
     ca_listen: SocketAddr,
     ca_flags: Vec<String>,
+    /// The root of the CA's TLS certificate, when the CA serves TLS.
+    ca_tls_root: Option<PathBuf>,
     bridge_conf: PathBuf,
     bridge_proc: Proc,
 }
@@ -387,6 +389,72 @@ pub struct Options {
     /// Extra TOML appended to the bridge configuration after its `[topics]` table (e.g. a
     /// `[windows]` table).
     pub bridge_toml: String,
+    /// The CA serves TLS and requires a bridge client certificate (no bridge token is used).
+    pub mutual_tls: bool,
+}
+
+/// TLS files for a CA that requires bridge client certificates: `--tls-*` flags for
+/// `quva-ca serve`, the `[ca]` TLS lines for the bridge, and the server root for admin commands.
+fn mutual_tls_files(dir: &Path) -> (Vec<String>, String, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    };
+    let dir = dir.join("tls");
+    fs::create_dir_all(&dir).unwrap();
+    let root = |name: &str| {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{name}.pem"));
+        fs::write(&path, cert.pem()).unwrap();
+        (cert, key, path)
+    };
+    let leaf = |name: &str, issuer: &(rcgen::Certificate, KeyPair, PathBuf), server: bool| {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        if server {
+            params
+                .subject_alt_names
+                .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        }
+        let cert = params.signed_by(&key, &issuer.0, &issuer.1).unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        fs::write(&cert_path, cert.pem()).unwrap();
+        fs::write(&key_path, key.serialize_pem()).unwrap();
+        fs::set_permissions(
+            &key_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        (cert_path, key_path)
+    };
+    let server_root = root("server-root");
+    let bridge_root = root("bridge-root");
+    let (server_cert, server_key) = leaf("server", &server_root, true);
+    let (bridge_cert, bridge_key) = leaf("bridge", &bridge_root, false);
+    let path = |p: &Path| p.display().to_string();
+    let flags = vec![
+        "--tls-cert".to_owned(),
+        path(&server_cert),
+        "--tls-key".to_owned(),
+        path(&server_key),
+        "--tls-client-ca".to_owned(),
+        path(&bridge_root.2),
+        "--require-bridge-cert".to_owned(),
+    ];
+    let bridge_toml = format!(
+        "ca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        path(&server_root.2),
+        path(&bridge_cert),
+        path(&bridge_key)
+    );
+    (flags, bridge_toml, server_root.2)
 }
 
 impl Cluster {
@@ -419,10 +487,21 @@ impl Cluster {
             .trim()
             .to_owned();
 
+        let mut ca_flags = options.ca_flags.clone();
+        // How the bridge authenticates to the CA: the bridge token, or a client certificate.
+        let (ca_auth, ca_tls_root) = if options.mutual_tls {
+            let (flags, bridge_toml, root) = mutual_tls_files(dir.path());
+            ca_flags.extend(flags);
+            (bridge_toml, Some(root))
+        } else {
+            let token = ca_data.join("bridge.token");
+            (format!("token_file = \"{}\"\n", token.display()), None)
+        };
         let ca_port = free_port();
         let ca_addr: SocketAddr = format!("127.0.0.1:{ca_port}").parse().unwrap();
-        let ca = spawn_ca(&bins, &ca_data, ca_addr, &options.ca_flags, &logs);
-        let ca_url = format!("http://{ca_addr}");
+        let ca = spawn_ca(&bins, &ca_data, ca_addr, &ca_flags, &logs);
+        let scheme = if options.mutual_tls { "https" } else { "http" };
+        let ca_url = format!("{scheme}://{ca_addr}");
 
         let bridge_port = free_port();
         let bridge: SocketAddr = format!("127.0.0.1:{bridge_port}").parse().unwrap();
@@ -433,9 +512,8 @@ impl Cluster {
             format!(
                 "listen = \"{bridge}\"\n\
                  [upstream]\naddress = \"{broker}\"\n\
-                 [ca]\nendpoint = \"{ca_url}\"\ntoken_file = \"{}\"\n\
+                 [ca]\nendpoint = \"{ca_url}\"\n{ca_auth}\
                  [topics]\nprotected = [{}]\n{}\n",
-                ca_data.join("bridge.token").display(),
                 filters.join(", "),
                 options.bridge_toml,
             ),
@@ -454,7 +532,8 @@ impl Cluster {
             mosquitto_conf,
             ca,
             ca_listen: ca_addr,
-            ca_flags: options.ca_flags.clone(),
+            ca_flags,
+            ca_tls_root,
             bridge_conf: conf,
             bridge_proc,
             dir,
@@ -472,6 +551,9 @@ impl Cluster {
         cmd.args(args)
             .args(["--server", &self.ca_url, "--json", "--data"])
             .arg(&self.ca_data);
+        if let Some(root) = &self.ca_tls_root {
+            cmd.arg("--ca-cert").arg(root);
+        }
         let out = run(
             &mut cmd,
             &format!("quva-ca {}", args.join(" ")),
