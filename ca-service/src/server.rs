@@ -288,7 +288,7 @@ impl Server {
 pub fn render_metrics(stats: &Stats, store: &dyn CaStore) -> String {
     let meta = store.meta().unwrap_or_default();
     let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 15] = [
+    let rows: [(&str, &str, &str, u64); 16] = [
         (
             "quva_ca_enrollments_total",
             "counter",
@@ -378,6 +378,12 @@ pub fn render_metrics(stats: &Stats, store: &dyn CaStore) -> String {
             "counter",
             "Epochs committed over the store's lifetime.",
             meta.rekeys,
+        ),
+        (
+            "quva_ca_rekey_writer_microseconds_total",
+            "counter",
+            "Writer time spent staging and writing epochs since start, without the disk sync.",
+            g(&stats.rekey_micros),
         ),
     ];
     let mut out = String::new();

@@ -762,3 +762,45 @@ async fn restart_rebuilds_groups_from_member_rows() {
     assert_eq!(group_info(&mut h, G).await.1, info);
     h.stop().await;
 }
+
+/// The Prometheus endpoint reports the epochs and the writer time they took.
+#[tokio::test]
+async fn metrics_report_epochs_and_writer_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut h = Harness::start_with(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        batch_window_ms: 30,
+        sweep_interval_ms: 20,
+        ..Config::default()
+    })
+    .await;
+    let metrics = h.server.as_ref().unwrap().metrics_addr().unwrap();
+    let scrape = || async move {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        let value = |name: &str| -> u64 {
+            body.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or_else(|| panic!("{name} missing in {body}"))
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        (
+            value("quva_ca_rekeys_total"),
+            value("quva_ca_rekey_writer_microseconds_total"),
+        )
+    };
+    assert_eq!(scrape().await, (0, 0));
+    h.create_group(G, false, 0).await;
+    let c = h.enrolled("s1").await;
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.join(&c, G, Role::Subscriber).await.unwrap();
+    let (rekeys, micros) = scrape().await;
+    assert_eq!(rekeys, 1);
+    assert!(micros > 0);
+    h.stop().await;
+}
