@@ -15,6 +15,7 @@ use std::path::Path;
 use quva_client::curve::{KeyPair, Point};
 use quva_client::enrollment::Credentials;
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
+use quva_client::members::MemberList;
 use quva_client::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Rejection, Sealer,
     UnverifiedMessage,
@@ -23,7 +24,7 @@ use quva_client::rekey::{device_key_topic, key_topic};
 use quva_client::replay::ReplayCache;
 use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
-use quva_node::{Device, DeviceConfig, KeyStore, MemberList, Output, StoredGroupKey};
+use quva_node::{Device, DeviceConfig, KeyStore, Output, StoredGroupKey};
 
 use crate::raw::Captured;
 
@@ -93,7 +94,7 @@ impl Observed {
     /// Collects the verified member lists of `group` on `quva/c/<group>`.
     pub fn from_captured(captured: &[Captured], group: &str, q_ca: &Point) -> Self {
         let gid = GroupId::new(group).unwrap();
-        let topic = quva_node::certificates_topic(&gid);
+        let topic = quva_client::members::topic(&gid);
         let mut obs = Observed::default();
         for c in captured.iter().filter(|c| c.topic == topic) {
             let Ok(list) = MemberList::verify(&c.payload, q_ca, &gid) else {

@@ -83,22 +83,6 @@ pub struct BridgeDirectory {
     state: RwLock<State>,
 }
 
-/// What the bridge republishes on `quva/c/<group>`:
-/// `u8 1 || blob(ginfo || sig) || u32 n || n × (u8 role || blob(cert) || pt(G_i))`.
-pub fn encode_certificate_list(signed_ginfo: &[u8], certs: &[(Role, Vec<u8>, Point)]) -> Vec<u8> {
-    use quva_client::codec::{put_blob, put_point, put_u8, put_u32};
-    let mut out = Vec::new();
-    put_u8(&mut out, 1);
-    put_blob(&mut out, signed_ginfo);
-    put_u32(&mut out, u32::try_from(certs.len()).unwrap_or(u32::MAX));
-    for (role, cert, g) in certs {
-        put_u8(&mut out, role.to_u8());
-        put_blob(&mut out, cert);
-        put_point(&mut out, g);
-    }
-    out
-}
-
 impl BridgeDirectory {
     /// An empty cache keeping the previous epoch for `grace_ms` after a rekey.
     pub fn new(grace_ms: u64) -> Self {
@@ -184,7 +168,13 @@ impl BridgeDirectory {
         let g = s.groups.get(group)?;
         Some((
             g.current.info.epoch,
-            encode_certificate_list(&g.current.signed_ginfo, &g.current.certs),
+            quva_client::members::encode(
+                &g.current.signed_ginfo,
+                g.current
+                    .certs
+                    .iter()
+                    .map(|(role, cert, gi)| (*role, cert.as_slice(), gi)),
+            ),
         ))
     }
 

@@ -25,7 +25,6 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::bridge::Shared;
 use crate::ca::{Notice, NoticeAction};
-use crate::topics::certificates_topic;
 
 /// The bridge's own MQTT 5 connection to the broker, used to publish retained notices.
 pub(crate) struct Publisher {
@@ -337,7 +336,7 @@ async fn apply(
             }
             if let Some((epoch, list)) = shared.dir.certificate_list(&group) {
                 retained
-                    .publish(publisher, &certificates_topic(&group), list)
+                    .publish(publisher, &quva_client::members::topic(&group), list)
                     .await
                     .map_err(|_| Interrupted::Broker("publishing a certificate list failed"))?;
                 retained.lists.insert(group.clone(), epoch.0);

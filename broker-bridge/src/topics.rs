@@ -159,16 +159,6 @@ fn classify_reserved(rest: &str) -> TopicKind {
     TopicKind::Reserved
 }
 
-/// The key topic of a group and role: `quva/k/<group>/<pub|sub>`.
-pub fn key_topic(group: &GroupId, role: Role) -> String {
-    format!("quva/k/{}/{}", group.as_str(), role.topic_segment())
-}
-
-/// The member-certificate topic of a group: `quva/c/<group>`.
-pub fn certificates_topic(group: &GroupId) -> String {
-    format!("quva/c/{}", group.as_str())
-}
-
 /// Whether `f` is a syntactically valid MQTT topic filter (MQTT 5 §4.7.1).
 pub fn valid_filter(f: &str) -> bool {
     if f.is_empty() || f.contains('\0') {

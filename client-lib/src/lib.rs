@@ -7,7 +7,7 @@
 //!
 //! Layers, bottom up: [`codec`] (the one wire codec), [`curve`] and [`symmetric`] (primitives),
 //! [`schnorr`] and [`ecies`], then the protocol: [`ecqv`] and [`enrollment`] (§3), [`group`] (§4),
-//! [`rekey`] (§5) and [`message`] (§6).
+//! [`rekey`] (§5), [`message`] (§6) and [`members`] (the member certificate lists of §8).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
@@ -19,6 +19,7 @@ pub mod ecqv;
 pub mod enrollment;
 pub mod group;
 pub mod ids;
+pub mod members;
 pub mod message;
 pub mod rekey;
 pub mod replay;

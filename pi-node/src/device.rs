@@ -70,7 +70,7 @@ use quva_client::replay::ReplayCache;
 use quva_client::schnorr::VerifyingKey;
 use rand_core::CryptoRngCore;
 
-use crate::members::{MemberList, MemberListError};
+use quva_client::members::{self, MemberList, MemberListError};
 
 /// The query-topic suffix (PROTOCOL.md §8).
 pub const QUERY_SUFFIX: &str = "/_q";
@@ -83,11 +83,6 @@ pub fn data_topic(group: &GroupId) -> String {
 /// The query topic `<group>/_q`.
 pub fn query_topic(group: &GroupId) -> String {
     format!("{}{QUERY_SUFFIX}", group.as_str())
-}
-
-/// The member certificate topic `quva/c/<group>`.
-pub fn certificates_topic(group: &GroupId) -> String {
-    format!("quva/c/{}", group.as_str())
 }
 
 /// Tunables of the device core.
@@ -542,7 +537,7 @@ impl Device {
         vec![
             key_topic(group, role),
             device_key_topic(group, role, self.creds.id()),
-            certificates_topic(group),
+            members::topic(group),
         ]
     }
 
@@ -765,7 +760,7 @@ impl Device {
             if topic == query_topic(g) {
                 return Some((g.clone(), Route::Query));
             }
-            if topic == certificates_topic(g) {
+            if topic == members::topic(g) {
                 return Some((g.clone(), Route::Members));
             }
             for role in s.roles.keys() {

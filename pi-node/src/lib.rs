@@ -3,7 +3,7 @@
 //!
 //! Layers, bottom up:
 //! - [`Device`]: the sans-IO protocol core over `quva-client` — no sockets, no clock, no global
-//!   RNG; events in, [`Output`]s out. [`MemberList`] verifies the bridge's member certificate
+//!   RNG; events in, [`Output`]s out. `quva_client::members::MemberList` verifies the bridge's member certificate
 //!   lists; [`Enrollment`] builds the CONNECT authentication of PROTOCOL.md §3.
 //! - [`KeyStore`]: credentials and group keys on disk (0700/0600, atomic writes, checksums).
 //! - [`Link`]: the MQTT 5 connection to the bridge (rumqttc), reconnecting with fresh proofs.
@@ -18,7 +18,6 @@ mod config;
 mod device;
 mod enroll;
 mod error;
-mod members;
 mod net;
 mod store;
 #[cfg(test)]
@@ -29,12 +28,11 @@ pub use app::run;
 pub use config::{Config, ConfigError, DEFAULT_CONFIG_FILE};
 pub use device::{
     Device, DeviceConfig, DeviceView, DropReason, GroupSummary, JoinError, KeySource, Output,
-    Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, certificates_topic, data_topic,
-    query_topic, receive_topic, suback_meaning,
+    Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, data_topic, query_topic,
+    receive_topic, suback_meaning,
 };
 pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
 pub use error::{CLOCK_FLOOR_MS, NodeError, connack_meaning, puback_meaning, rfc3339};
-pub use members::{ListedMember, MemberList, MemberListError};
 pub use net::{
     Link, LinkConfig, LinkEvent, MAX_INCOMING_PACKET, check_clock, exchange, now_ms, parse_address,
 };

@@ -12,9 +12,9 @@ use quva_client::rekey::{Change, GroupState, Plan};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-use crate::device::{Device, DeviceConfig, Output, Subscription, certificates_topic};
+use crate::device::{Device, DeviceConfig, Output, Subscription};
 use crate::enroll::Enrollment;
-use crate::members::MemberList;
+use quva_client::members::MemberList;
 
 pub(crate) const T0: u64 = 1_700_000_000_000;
 
@@ -151,7 +151,7 @@ impl World {
             .map(|n| (n.topic.clone(), n.payload()))
             .collect();
         self.states.get_mut(g).unwrap().commit(*staged).unwrap();
-        published.push((certificates_topic(g), self.member_list(g)));
+        published.push((quva_client::members::topic(g), self.member_list(g)));
         for (t, p) in &published {
             self.retained.insert(t.clone(), p.clone());
         }

@@ -574,3 +574,65 @@ fn a_removed_publisher_is_refused_in_the_grace_period_of_its_old_epoch() {
         }
     }
 }
+
+/// The member list format through the device's test world.
+mod member_lists {
+    use super::*;
+    use quva_client::members::MemberListError;
+
+    #[test]
+    fn verifies_the_bridge_format_and_rejects_tampering() {
+        let mut w = World::new(1);
+        let g = w.group("plant/a");
+        w.register("pub-1", &g, Role::Publisher);
+        w.register("sub-1", &g, Role::Subscriber);
+        let mut p = Node::new(w.enroll("pub-1"));
+        let mut s = Node::new(w.enroll("sub-1"));
+        w.join_node(&mut p, &g, Role::Publisher, false);
+        w.join_node(&mut s, &g, Role::Subscriber, true);
+        let bytes = w.member_list(&g);
+        let list = MemberList::verify(&bytes, w.ca.public(), &g).unwrap();
+        assert_eq!(list.members().len(), 2);
+        assert!(list.contains(&DeviceId::new("pub-1").unwrap(), Role::Publisher));
+        assert!(!list.contains(&DeviceId::new("pub-1").unwrap(), Role::Subscriber));
+        let now = w.now;
+        assert!(list.key_of(&DeviceId::new("sub-1").unwrap(), now).is_some());
+        assert!(
+            list.key_of(&DeviceId::new("sub-1").unwrap(), u64::MAX)
+                .is_none()
+        );
+
+        let other = GroupId::new("plant/b").unwrap();
+        assert_eq!(
+            MemberList::verify(&bytes, w.ca.public(), &other).unwrap_err(),
+            MemberListError::WrongGroup
+        );
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x01;
+            assert!(
+                MemberList::verify(&bad, w.ca.public(), &g).is_err(),
+                "byte {i}"
+            );
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(MemberList::verify(&longer, w.ca.public(), &g).is_err());
+        assert!(MemberList::verify(&bytes[..bytes.len() - 1], w.ca.public(), &g).is_err());
+    }
+
+    #[test]
+    fn a_list_missing_a_member_does_not_match() {
+        let mut w = World::new(2);
+        let g = w.group("plant/a");
+        w.register("pub-1", &g, Role::Publisher);
+        let mut p = Node::new(w.enroll("pub-1"));
+        w.join_node(&mut p, &g, Role::Publisher, false);
+        let signed = w.state(&g).signed_info().clone();
+        let bytes = MemberList::encode(&signed, &[]);
+        assert_eq!(
+            MemberList::verify(&bytes, w.ca.public(), &g).unwrap_err(),
+            MemberListError::MembersMismatch
+        );
+    }
+}

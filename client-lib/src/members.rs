@@ -1,7 +1,9 @@
-//! The member certificate list of one group epoch, as the bridge publishes it on `quva/c/<group>`.
+//! The member certificate list of one group epoch, published retained on `quva/c/<group>`
+//! ([`topic`]).
 //!
 //! PROTOCOL.md §6 (receivers check that a sender is a member of the right role) and §8 (one
-//! retained list per group, republished at every epoch). Wire format, as the bridge writes it:
+//! retained list per group, republished at every epoch). Wire format (docs/protocol.md), written
+//! by the bridge from the CA's group data ([`encode`]) and read by devices ([`MemberList`]):
 //! `u8 1 || blob(ginfo || sig) || u32 n || n × (u8 role || blob(cert) || pt(G_i))`.
 //!
 //! A device trusts nothing in the list until [`MemberList::verify`] has checked the CA's signature
@@ -14,7 +16,7 @@
 //! use quva_client::group::{GroupKeys, Privacy, SignedGroupInfo};
 //! use quva_client::ids::{Epoch, GroupId};
 //! use quva_client::rng::SystemRng;
-//! use quva_node::MemberList;
+//! use quva_client::members::MemberList;
 //!
 //! let mut rng = SystemRng::new();
 //! let ca = KeyPair::random(&mut rng);
@@ -27,14 +29,38 @@
 //! assert!(list.members().is_empty());
 //! ```
 
-use quva_client::codec::{
-    Decode, DecodeError, Encode, Reader, put_blob, put_point, put_u8, put_u32,
-};
-use quva_client::curve::Point;
-use quva_client::enrollment::ImplicitCert;
-use quva_client::group::{GroupInfo, Member, SignedGroupInfo};
-use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-use quva_client::schnorr::VerifyingKey;
+use crate::codec::{Decode, DecodeError, Encode, Reader, put_blob, put_point, put_u8, put_u32};
+use crate::curve::Point;
+use crate::enrollment::ImplicitCert;
+use crate::group::{GroupInfo, Member, SignedGroupInfo};
+use crate::ids::{DeviceId, Epoch, GroupId, Role};
+use crate::schnorr::VerifyingKey;
+
+/// The list's format version byte.
+pub const VERSION: u8 = 1;
+
+/// The member certificate topic of a group: `quva/c/<group>`.
+pub fn topic(group: &GroupId) -> String {
+    format!("quva/c/{}", group.as_str())
+}
+
+/// Encodes a list from encoded parts: `ginfo || sig`, and each member's role, encoded
+/// certificate and G_i.
+pub fn encode<'a>(
+    signed_ginfo: &[u8],
+    certs: impl ExactSizeIterator<Item = (Role, &'a [u8], &'a Point)>,
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    put_u8(&mut out, VERSION);
+    put_blob(&mut out, signed_ginfo);
+    put_u32(&mut out, u32::try_from(certs.len()).unwrap_or(u32::MAX));
+    for (role, cert, g) in certs {
+        put_u8(&mut out, role.to_u8());
+        put_blob(&mut out, cert);
+        put_point(&mut out, g);
+    }
+    out
+}
 
 /// Why a member certificate list was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -78,22 +104,16 @@ pub struct MemberList {
 }
 
 impl MemberList {
-    /// The list's format version byte.
-    pub const VERSION: u8 = 1;
-
-    /// Encodes a list in the bridge's format (used by tests and simulations; the bridge
-    /// publishes the real one).
+    /// Encodes a list of certificates ([`encode`] from decoded parts; for tests and simulations).
     pub fn encode(signed: &SignedGroupInfo, certs: &[(Role, &ImplicitCert)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        put_u8(&mut out, Self::VERSION);
-        put_blob(&mut out, &signed.to_bytes());
-        put_u32(&mut out, u32::try_from(certs.len()).unwrap_or(u32::MAX));
-        for (role, cert) in certs {
-            put_u8(&mut out, role.to_u8());
-            put_blob(&mut out, &cert.to_bytes());
-            put_point(&mut out, cert.group_base());
-        }
-        out
+        let encoded: Vec<(Role, Vec<u8>)> = certs.iter().map(|(r, c)| (*r, c.to_bytes())).collect();
+        encode(
+            &signed.to_bytes(),
+            encoded
+                .iter()
+                .zip(certs)
+                .map(|((r, bytes), (_, c))| (*r, bytes.as_slice(), c.group_base())),
+        )
     }
 
     /// Parses and verifies a list received on `quva/c/<group>`.
@@ -171,67 +191,5 @@ impl MemberList {
             .iter()
             .find(|m| &m.member.id == id && m.not_before <= now_ms && now_ms <= m.not_after)
             .map(|m| VerifyingKey(m.member.q))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testkit::{Node, World};
-
-    #[test]
-    fn verifies_the_bridge_format_and_rejects_tampering() {
-        let mut w = World::new(1);
-        let g = w.group("plant/a");
-        w.register("pub-1", &g, Role::Publisher);
-        w.register("sub-1", &g, Role::Subscriber);
-        let mut p = Node::new(w.enroll("pub-1"));
-        let mut s = Node::new(w.enroll("sub-1"));
-        w.join_node(&mut p, &g, Role::Publisher, false);
-        w.join_node(&mut s, &g, Role::Subscriber, true);
-        let bytes = w.member_list(&g);
-        let list = MemberList::verify(&bytes, w.ca.public(), &g).unwrap();
-        assert_eq!(list.members().len(), 2);
-        assert!(list.contains(&DeviceId::new("pub-1").unwrap(), Role::Publisher));
-        assert!(!list.contains(&DeviceId::new("pub-1").unwrap(), Role::Subscriber));
-        let now = w.now;
-        assert!(list.key_of(&DeviceId::new("sub-1").unwrap(), now).is_some());
-        assert!(
-            list.key_of(&DeviceId::new("sub-1").unwrap(), u64::MAX)
-                .is_none()
-        );
-
-        let other = GroupId::new("plant/b").unwrap();
-        assert_eq!(
-            MemberList::verify(&bytes, w.ca.public(), &other).unwrap_err(),
-            MemberListError::WrongGroup
-        );
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x01;
-            assert!(
-                MemberList::verify(&bad, w.ca.public(), &g).is_err(),
-                "byte {i}"
-            );
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(MemberList::verify(&longer, w.ca.public(), &g).is_err());
-        assert!(MemberList::verify(&bytes[..bytes.len() - 1], w.ca.public(), &g).is_err());
-    }
-
-    #[test]
-    fn a_list_missing_a_member_does_not_match() {
-        let mut w = World::new(2);
-        let g = w.group("plant/a");
-        w.register("pub-1", &g, Role::Publisher);
-        let mut p = Node::new(w.enroll("pub-1"));
-        w.join_node(&mut p, &g, Role::Publisher, false);
-        let signed = w.state(&g).signed_info().clone();
-        let bytes = MemberList::encode(&signed, &[]);
-        assert_eq!(
-            MemberList::verify(&bytes, w.ca.public(), &g).unwrap_err(),
-            MemberListError::MembersMismatch
-        );
     }
 }
