@@ -1764,10 +1764,12 @@ fn load(
                 q: Point::from_bytes(&cert.public_key).ok_or(CaError::Crypto("stored Q_i"))?,
                 g: Point::from_bytes(&cert.share_point).ok_or(CaError::Crypto("stored G_i"))?,
             };
-            let share = <[u8; 32]>::try_from(row.share.as_slice())
-                .ok()
-                .and_then(|b| SecretScalar::from_bytes(&b).ok())
-                .ok_or(CaError::Crypto("stored share"))?;
+            let bytes = Zeroizing::new(
+                <[u8; 32]>::try_from(row.share.as_slice())
+                    .map_err(|_| CaError::Crypto("stored share"))?,
+            );
+            let share =
+                SecretScalar::from_bytes(&bytes).map_err(|_| CaError::Crypto("stored share"))?;
             let share = JoinedMember::new(member, share).map_err(|_| {
                 tracing::error!(group = %id, device = %device, "stored share does not match");
                 CaError::Crypto("stored share")
