@@ -165,3 +165,22 @@ fn options_one_to_three_end_to_end() {
     );
     done.success();
 }
+
+#[test]
+fn a_denied_subscriber_stops_with_a_clear_error() {
+    let cluster = Cluster::start(&["plant/#"]);
+    cluster.create_group(GROUP);
+    let subscriber = cluster.enrolled("sub-1", &[(GROUP, "sub")]);
+    let _other = cluster.enrolled("sub-2", &[(GROUP, "sub")]);
+    let mut sub = subscriber.spawn(&["subscribe", "--group", GROUP]);
+    ready(&mut sub);
+    cluster.admin(&["group", "deny", GROUP, "sub-1", "--role", "sub"]);
+    // The member list of the next epoch no longer names it: `subscribe` ends with an error
+    // instead of waiting for keys that will not come.
+    let err = sub.wait().failure();
+    assert!(
+        err.contains(&format!("removed from {GROUP} as subscriber")),
+        "{err}\n{}",
+        cluster.daemon_logs()
+    );
+}

@@ -548,9 +548,20 @@ async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> 
             ev = link.next() => {
                 let ev = ev?;
                 log_event(&ev);
-                if let LinkEvent::Message(m) = ev {
-                    print_line(&render(&m, args.json))?;
-                    seen += 1;
+                match ev {
+                    LinkEvent::Message(m) => {
+                        print_line(&render(&m, args.json))?;
+                        seen += 1;
+                    }
+                    LinkEvent::Removed { group, role: Role::Subscriber, epoch } => {
+                        link.disconnect().await;
+                        return Err(NodeError::Removed {
+                            group: group.to_string(),
+                            role: "subscriber",
+                            epoch: epoch.0,
+                        });
+                    }
+                    _ => {}
                 }
             }
             () = &mut shutdown => break,

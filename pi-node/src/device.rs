@@ -213,6 +213,16 @@ pub enum Output {
         /// The number of members.
         members: usize,
     },
+    /// A verified member list of a later epoch no longer names this device in `role`: it was
+    /// denied, revoked or its certificate expired, and gets no further keys for that role.
+    Removed {
+        /// The group.
+        group: GroupId,
+        /// The role it lost.
+        role: Role,
+        /// The first epoch without it.
+        epoch: Epoch,
+    },
     /// The CA could not answer a group-key request; the stored key of this epoch stays in use.
     KeyRequestDeferred {
         /// The group.
@@ -939,12 +949,19 @@ impl Device {
             return;
         };
         // A later epoch that still lists this device means a notice was missed: unless one
-        // arrives soon, ask again (see `rerequest`).
+        // arrives soon, ask again (see `rerequest`). One that does not list it means it was
+        // removed from that role.
         for (role, ring) in &session.rings {
-            if epoch > ring.epoch()
-                && list.contains(&id, *role)
-                && let Some(state) = session.roles.get_mut(role)
-            {
+            if epoch <= ring.epoch() {
+                continue;
+            }
+            if !list.contains(&id, *role) {
+                out.push(Output::Removed {
+                    group: group.clone(),
+                    role: *role,
+                    epoch,
+                });
+            } else if let Some(state) = session.roles.get_mut(role) {
                 state.behind_since.get_or_insert(now_ms);
             }
         }

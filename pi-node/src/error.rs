@@ -142,6 +142,19 @@ pub enum NodeError {
     /// Reading a sensor or running a command failed.
     #[error("{0}")]
     Reading(String),
+    /// The device was removed from a group role it uses.
+    #[error(
+        "removed from {group} as {role} at epoch {epoch} (denied, revoked or the certificate \
+         expired): ask the owner to allow it again (`quva-ca group allow`)"
+    )]
+    Removed {
+        /// The group.
+        group: String,
+        /// `publisher` or `subscriber`.
+        role: &'static str,
+        /// The first epoch without it.
+        epoch: u32,
+    },
     /// A protocol step that should not fail did.
     #[error("protocol error: {0}")]
     Protocol(String),

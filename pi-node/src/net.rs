@@ -349,6 +349,15 @@ pub enum LinkEvent {
         /// The PUBACK reason code.
         code: u8,
     },
+    /// A newer member list no longer names this device in `role` (denied, revoked or expired).
+    Removed {
+        /// The group.
+        group: GroupId,
+        /// The role it lost.
+        role: Role,
+        /// The first epoch without it.
+        epoch: Epoch,
+    },
     /// The connection was lost; the link reconnects after `retry_in`.
     Disconnected {
         /// Why.
@@ -718,6 +727,11 @@ impl Link {
                     members,
                 } => {
                     tracing::debug!(group = %group, epoch = epoch.0, members, "member list");
+                }
+                Output::Removed { group, role, epoch } => {
+                    tracing::warn!(group = %group, ?role, epoch = epoch.0, "removed from the group");
+                    self.events
+                        .push_back(LinkEvent::Removed { group, role, epoch });
                 }
                 Output::KeyRequestDeferred { group, role, code } => {
                     tracing::warn!(group = %group, ?role, code, "the CA is unavailable; using the stored key");

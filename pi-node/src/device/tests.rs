@@ -539,7 +539,19 @@ fn a_later_member_list_without_a_notice_leads_to_a_new_request() {
         .into_iter()
         .filter(|(t, _)| t.starts_with("quva/c/"))
         .collect();
-    s.w.deliver(&mut [&mut s.s2], &lists);
+    let outs = s.w.deliver(&mut [&mut s.s1, &mut s.s2], &lists);
+    let removed = |out: &[Output]| -> Vec<(Role, Epoch)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Removed { role, epoch, .. } => Some((*role, *epoch)),
+                _ => None,
+            })
+            .collect()
+    };
+    // The removed member learns it from the list; the one still listed does not.
+    let current = s.w.state(&s.g).epoch();
+    assert_eq!(removed(&outs[1]), vec![(Role::Subscriber, current)]);
+    assert!(removed(&outs[0]).is_empty());
     s.w.now += 10 * s.s2.dev.config().rerequest_interval_ms;
     assert!(s.s2.dev.tick(s.w.now, &mut s.w.rng).is_empty());
 }
