@@ -9,8 +9,8 @@
 //! applied ([`Roster::apply`]), so a failed write leaves the roster untouched.
 //!
 //! Keys and digest entries are stored inline (fixed-size arrays, no heap pointer per member), so
-//! the sorted walks read B-tree nodes in order instead of chasing one allocation per member: at
-//! 10,000 members that halves the time of an epoch change on a CA whose caches are busy.
+//! the sorted walks read B-tree nodes in order instead of chasing one allocation per member (on
+//! the CA, a join at 10,000 members went from 2.9 to 2.4 ms of writer time).
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
