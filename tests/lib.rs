@@ -45,7 +45,7 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// Finds the binaries next to the running test (target/<profile>/), building them first if
+    /// Finds the binaries next to the running test (`target/<profile>/`), building them first if
     /// one is missing. `QUVA_BIN_DIR` names another directory holding all three.
     pub fn locate() -> Self {
         if let Some(dir) = std::env::var_os("QUVA_BIN_DIR") {

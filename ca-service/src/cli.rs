@@ -79,7 +79,7 @@ pub struct ServeArgs {
     /// The data directory made by `init`.
     #[arg(long, env = "QUVA_CA_DATA")]
     pub data: PathBuf,
-    /// Config file (default: <data>/ca.toml if present).
+    /// Config file (default: ca.toml in the data directory, if present).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// gRPC listen address (default 127.0.0.1:7443).
@@ -177,7 +177,7 @@ pub struct ClientArgs {
     /// The name in the server certificate, if not the URL's host.
     #[arg(long, global = true, requires = "ca_cert")]
     pub tls_domain: Option<String>,
-    /// File holding the admin token (default: <data>/admin.token).
+    /// File holding the admin token (default: admin.token in the data directory).
     #[arg(long, env = "QUVA_CA_TOKEN_FILE", global = true)]
     pub token_file: Option<PathBuf>,
     /// Data directory to read admin.token from.
