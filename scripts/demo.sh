@@ -98,6 +98,7 @@ listen = "127.0.0.1:$BRIDGE_PORT"
 address = "127.0.0.1:$BROKER_PORT"
 [ca]
 endpoint = "http://127.0.0.1:$CA_PORT"
+public_key_file = "ca/ca.pub"      # pinned: the bridge never takes Q_CA from the CA link
 token_file = "ca/bridge.token"
 [topics]
 protected = ["plant/#"]

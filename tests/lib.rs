@@ -512,7 +512,7 @@ impl Cluster {
             format!(
                 "listen = \"{bridge}\"\n\
                  [upstream]\naddress = \"{broker}\"\n\
-                 [ca]\nendpoint = \"{ca_url}\"\n{ca_auth}\
+                 [ca]\nendpoint = \"{ca_url}\"\npublic_key = \"{ca_public}\"\n{ca_auth}\
                  [topics]\nprotected = [{}]\n{}\n",
                 filters.join(", "),
                 options.bridge_toml,

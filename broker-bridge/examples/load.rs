@@ -98,7 +98,13 @@ struct BridgeProcess {
 }
 
 impl BridgeProcess {
-    async fn start(bin: &PathBuf, broker: SocketAddr, ca: &str, batch: usize) -> Self {
+    async fn start(
+        bin: &PathBuf,
+        broker: SocketAddr,
+        ca: &str,
+        ca_public: &str,
+        batch: usize,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -112,7 +118,7 @@ impl BridgeProcess {
             format!(
                 "listen = \"{addr}\"\n\
                  [upstream]\naddress = \"{broker}\"\n\
-                 [ca]\nendpoint = \"{ca}\"\ntoken = \"load\"\n\
+                 [ca]\nendpoint = \"{ca}\"\npublic_key = \"{ca_public}\"\ntoken = \"load\"\n\
                  [topics]\nprotected = [\"plant/#\"]\n\
                  [limits]\nmax_batch = {batch}\n"
             ),
@@ -171,7 +177,13 @@ async fn world(bin: &PathBuf, batch: usize) -> World {
     let ca = TestCa::new();
     ca.create_group(GROUP, Privacy::Standard);
     let server = grpc_ca::GrpcCa::start(ca.clone()).await;
-    let bridge = BridgeProcess::start(bin, broker.addr, &server.endpoint(), batch).await;
+    let bridge = BridgeProcess::start(
+        bin,
+        broker.addr,
+        &server.endpoint(),
+        &hex::encode(ca.key.public().to_bytes()),
+        batch,
+    ).await;
     World {
         broker,
         ca,

@@ -1,19 +1,23 @@
-//! The bridge server: shared state, the accept loop, CA access with timeouts, and shutdown.
+//! The bridge server: the parts every connection uses, the accept loop and shutdown.
 //!
-//! Each accepted connection gets one task (see `session`); the state they share is the topic
-//! policy, the cache of CA data ([`BridgeDirectory`]), the replay caches of PROTOCOL.md §3 and §6,
-//! and the metrics. A separate task follows the CA's notices (PROTOCOL.md §5, `notices`).
+//! Each accepted connection gets one task (see `session`). What they share is split by job: the
+//! topic policy, the CA gateway ([`CaGateway`]: timeouts, negative cache), the cache of CA data
+//! ([`BridgeDirectory`], with Q_CA pinned from the configuration), the replay caches of
+//! PROTOCOL.md §3 and §6 partitioned per group and sender (§8), the session registry and the
+//! metrics. A separate task follows the CA's notices (PROTOCOL.md §5, `notices`).
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use quva_client::curve::Point;
 use quva_client::enrollment::REASON_NOT_AUTHORIZED;
 use quva_client::ids::{DeviceId, GroupId};
-use quva_client::replay::ReplayCache;
+use quva_client::message::BridgeReplay;
+use quva_client::replay::PartitionedReplay;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -22,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 use crate::ca::{CaClient, CaError};
 use crate::config::Config;
 use crate::directory::BridgeDirectory;
+use crate::gateway::CaGateway;
+use crate::identity::Identity;
 use crate::metrics::Metrics;
-use crate::session::Identity;
+use crate::registry::Registry;
 use crate::topics::TopicPolicy;
 
 /// The current time in Unix milliseconds (the bridge owns the clock; the protocol core does not).
@@ -45,30 +51,30 @@ pub enum StartError {
     Bind(#[from] std::io::Error),
 }
 
-/// State shared by every connection.
+/// The parts every connection uses.
 pub(crate) struct Shared {
     pub(crate) cfg: Config,
     pub(crate) policy: TopicPolicy,
     pub(crate) metrics: Metrics,
-    pub(crate) ca: Option<Arc<dyn CaClient>>,
+    pub(crate) ca: CaGateway,
     pub(crate) dir: BridgeDirectory,
-    pub(crate) replay: Mutex<ReplayCache>,
-    nonces: Mutex<ReplayCache<[u8; 16]>>,
+    /// Accepted messages, per group and sender (PROTOCOL.md §6, §8).
+    pub(crate) replay: Mutex<BridgeReplay>,
+    /// Connect-proof nonces, per identity (PROTOCOL.md §3, §8).
+    nonces: Mutex<PartitionedReplay<Identity, [u8; 16]>>,
     /// Batches of signature checks running on the blocking pool at once (one per CPU).
     pub(crate) verifiers: Semaphore,
     pub(crate) upstream_password: Option<String>,
     pub(crate) stop: CancellationToken,
-    sessions: Mutex<HashMap<DeviceId, Vec<CancellationToken>>>,
-    failed_fetch: Mutex<HashMap<GroupId, Instant>>,
+    pub(crate) sessions: Registry,
+    /// Whether the notice follower has read the CA's log to its end, so that the directory's
+    /// revocations are current; until then certificate connections ask the CA.
+    pub(crate) revocations_current: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
-
-/// How long a failed group fetch is not retried, so that traffic for an unknown group cannot
-/// flood the CA.
-const NEGATIVE_CACHE: Duration = Duration::from_secs(2);
 
 impl Shared {
     /// Runs one CA call with the configured timeout and records its latency.
@@ -77,28 +83,17 @@ impl Shared {
         name: &'static str,
         fut: impl Future<Output = Result<T, CaError>>,
     ) -> Result<T, CaError> {
-        let started = Instant::now();
-        let r = match tokio::time::timeout(self.cfg.ca_timeout(), fut).await {
-            Ok(r) => r,
-            Err(_) => Err(CaError::Unavailable),
-        };
-        self.metrics.ca_call(name, r.is_ok(), started.elapsed());
-        if let Err(e) = &r {
-            tracing::debug!(call = name, error = %e, "CA call failed");
-        }
-        r
+        self.ca.call(name, fut).await
     }
 
-    /// Q_CA from the cache, fetched from the CA on first use.
-    pub(crate) async fn ca_public(&self) -> Option<Point> {
-        if let Some(q) = self.dir.ca_public() {
-            return Some(q);
-        }
-        let ca = self.ca.as_ref()?;
-        let bytes = self.ca_call("ca_info", ca.ca_public_key()).await.ok()?;
-        let q = Point::from_bytes(&bytes)?;
-        self.dir.set_ca_public(q);
-        Some(q)
+    /// The CA client, if the bridge has one.
+    pub(crate) fn ca_client(&self) -> Option<&Arc<dyn CaClient>> {
+        self.ca.client()
+    }
+
+    /// Q_CA, pinned from the configuration (PROTOCOL.md §8): never taken from the CA link.
+    pub(crate) fn ca_public(&self) -> Option<Point> {
+        self.dir.ca_public()
     }
 
     /// Makes sure the group is cached and not older than the configured TTL.
@@ -107,87 +102,87 @@ impl Shared {
         if self.dir.is_fresh(group, now_ms().saturating_sub(ttl)) {
             return Ok(());
         }
-        if lock(&self.failed_fetch)
-            .get(group)
-            .is_some_and(|t| t.elapsed() < NEGATIVE_CACHE)
-        {
-            return if self.dir.current_epoch(group).is_some() {
+        let known = |dir: &BridgeDirectory| dir.current_epoch(group).is_some();
+        if self.ca.recently_failed(group) {
+            return if known(&self.dir) {
                 Ok(())
             } else {
                 Err(CaError::NotFound)
             };
         }
         let r = self.refresh_group(group).await;
-        if r.is_err() {
-            lock(&self.failed_fetch).insert(group.clone(), Instant::now());
-            if self.dir.current_epoch(group).is_some() {
-                // Stale data is better than none while the CA is away.
-                return Ok(());
-            }
-        } else {
-            lock(&self.failed_fetch).remove(group);
+        self.ca.fetched(group, r.is_ok());
+        if r.is_err() && known(&self.dir) {
+            // Stale data is better than none while the CA is away.
+            return Ok(());
         }
         r
     }
 
-    /// Fetches the group from the CA and applies it.
+    /// Fetches the group from the CA and applies it; ends the sessions of departed members.
     pub(crate) async fn refresh_group(&self, group: &GroupId) -> Result<(), CaError> {
-        let ca = self.ca.as_ref().ok_or(CaError::Unavailable)?;
-        if self.ca_public().await.is_none() {
+        let ca = self.ca_client().ok_or(CaError::Unavailable)?;
+        if self.ca_public().is_none() {
             return Err(CaError::Unavailable);
         }
-        let snap = self
-            .ca_call("get_group", ca.get_group(group.clone()))
-            .await?;
-        self.dir.apply_snapshot(&snap, now_ms()).map_err(|e| {
+        let snap = self.ca_call("get_group", ca.get_group(group.clone())).await?;
+        let departed = self.dir.apply_snapshot(&snap, now_ms()).map_err(|e| {
             tracing::warn!(group = %group, error = %e, "group data from the CA rejected");
             CaError::InvalidResponse
-        })
+        })?;
+        self.end_departed(group, &departed);
+        Ok(())
     }
 
-    /// Records a CONNECT proof's nonce; `Err` (0x87) if it was seen inside the window.
-    pub(crate) fn check_nonce(&self, nonce: [u8; 16], t_ms: u64, now: u64) -> Result<(), u8> {
+    /// Ends the sessions of members that left a group (deny, removal, revocation), and the
+    /// group-level connections of the group, which hold its former keys (PROTOCOL.md §8).
+    fn end_departed(&self, group: &GroupId, departed: &[DeviceId]) {
+        if departed.is_empty() {
+            return;
+        }
+        for id in departed {
+            let n = self.sessions.end_device(id);
+            tracing::info!(group = %group, device = %id, sessions = n, "member left the group; sessions ended");
+        }
+        let n = self.sessions.end_group(group);
+        if n > 0 {
+            tracing::info!(group = %group, sessions = n, "group connections ended after a departure");
+        }
+    }
+
+    /// Whether a certificate is revoked: from the notices once they are current, else from the
+    /// CA. `Err` (0x88) if the CA must be asked and cannot answer.
+    pub(crate) async fn is_revoked(&self, serial: u64) -> Result<bool, u8> {
+        if self.dir.is_revoked(serial) {
+            return Ok(true);
+        }
+        if self.revocations_current.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let ca = self.ca_client().ok_or(0x88_u8)?;
+        self.ca_call("is_revoked", ca.is_revoked(serial))
+            .await
+            .map_err(|_| 0x88_u8)
+    }
+
+    /// Records a CONNECT proof's nonce in the identity's partition; `Err` (0x87) if it was seen
+    /// inside the window.
+    pub(crate) fn check_nonce(
+        &self,
+        identity: &Identity,
+        nonce: [u8; 16],
+        t_ms: u64,
+        now: u64,
+    ) -> Result<(), u8> {
         lock(&self.nonces)
-            .check_and_insert(nonce, t_ms, now)
+            .check_and_insert(identity.clone(), nonce, t_ms, now)
             .map_err(|_| REASON_NOT_AUTHORIZED)
     }
 
-    /// Registers a device session so that a revocation can end it; returns its kick token.
-    pub(crate) fn register(
-        &self,
-        identity: &Identity,
-        end: &CancellationToken,
-    ) -> CancellationToken {
-        let kick = end.child_token();
-        if let Identity::Device(id) = identity {
-            lock(&self.sessions)
-                .entry(id.clone())
-                .or_default()
-                .push(kick.clone());
-        }
-        kick
-    }
-
-    /// Forgets a session.
-    pub(crate) fn unregister(&self, identity: &Identity, _end: &CancellationToken) {
-        if let Identity::Device(id) = identity {
-            let mut s = lock(&self.sessions);
-            if let Some(v) = s.get_mut(id) {
-                v.retain(|t| !t.is_cancelled());
-                if v.is_empty() {
-                    s.remove(id);
-                }
-            }
-        }
-    }
-
-    /// Ends every session of a device (after a revocation).
-    pub(crate) fn kick(&self, id: &DeviceId) {
-        if let Some(tokens) = lock(&self.sessions).remove(id) {
-            for t in tokens {
-                t.cancel();
-            }
-        }
+    /// Forgets expired replay entries and idle partitions.
+    fn prune(&self, now: u64) {
+        lock(&self.replay).prune(now);
+        lock(&self.nonces).prune(now);
     }
 }
 
@@ -226,21 +221,33 @@ impl Bridge {
             Some(TcpListener::bind(&cfg.metrics_listen).await?)
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let pinned = cfg.ca_public_key()?;
+        if ca.is_some() && pinned.is_none() {
+            return Err(crate::config::ConfigError::Invalid(
+                "ca.public_key: pin the CA's public key (quva-ca status prints it)",
+            )
+            .into());
+        }
+        let dir = BridgeDirectory::new(cfg.windows.epoch_grace_ms);
+        if let Some(q) = pinned {
+            dir.set_ca_public(q);
+        }
         let window = cfg.windows.timestamp_ms;
+        let metrics = Metrics::new();
         let shared = Arc::new(Shared {
-            dir: BridgeDirectory::new(cfg.windows.epoch_grace_ms),
-            replay: Mutex::new(ReplayCache::new(window, cfg.windows.replay_capacity)),
-            nonces: Mutex::new(ReplayCache::new(window, cfg.windows.replay_capacity)),
+            dir,
+            replay: Mutex::new(BridgeReplay::new(window, cfg.windows.replay_capacity)),
+            nonces: Mutex::new(PartitionedReplay::new(window, cfg.windows.replay_capacity)),
             verifiers: Semaphore::new(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
             ),
             policy,
-            metrics: Metrics::new(),
-            ca,
+            ca: CaGateway::new(ca, cfg.ca_timeout(), metrics.clone()),
+            metrics,
             upstream_password,
             stop: CancellationToken::new(),
-            sessions: Mutex::default(),
-            failed_fetch: Mutex::default(),
+            sessions: Registry::default(),
+            revocations_current: AtomicBool::new(false),
             cfg,
         });
         let mut tasks = JoinSet::new();
@@ -248,9 +255,10 @@ impl Bridge {
         if let Some(l) = metrics_listener {
             tasks.spawn(shared.metrics.clone().serve(l, shared.stop.clone()));
         }
-        if shared.ca.is_some() {
+        if shared.ca_client().is_some() {
             tasks.spawn(crate::notices::run(shared.clone()));
         }
+        tasks.spawn(prune_loop(shared.clone()));
         tracing::info!(listen = %local_addr, upstream = %shared.cfg.upstream.address, "bridge started");
         Ok(Bridge {
             local_addr,
@@ -296,6 +304,17 @@ impl Bridge {
     pub async fn wait(self) {
         self.shared.stop.cancelled().await;
         self.shutdown().await;
+    }
+}
+
+/// Forgets expired replay entries every few seconds, so that idle partitions do not stay.
+async fn prune_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = shared.stop.cancelled() => return,
+            _ = tick.tick() => shared.prune(now_ms()),
+        }
     }
 }
 

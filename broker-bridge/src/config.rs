@@ -86,7 +86,8 @@ pub struct Upstream {
     pub password: Option<String>,
     /// A file holding the password (first line), instead of `password`.
     pub password_file: Option<String>,
-    /// Client identifier of the bridge's own connection (notices, certificate lists).
+    /// Client identifier of the bridge's own connection (notices, certificate lists); must
+    /// start with `qb-`, a prefix no device connection can reach (PROTOCOL.md §8).
     pub client_id: String,
     /// Connect timeout in milliseconds.
     pub connect_timeout_ms: u64,
@@ -99,7 +100,7 @@ impl Default for Upstream {
             username: None,
             password: None,
             password_file: None,
-            client_id: "quva-bridge".into(),
+            client_id: "qb-notices".into(),
             connect_timeout_ms: 5_000,
         }
     }
@@ -128,6 +129,14 @@ pub struct Ca {
     pub timeout_ms: u64,
     /// How long a group's data stays cached without a notice, in milliseconds.
     pub group_ttl_ms: u64,
+    /// The CA's public key pt(Q_CA) in hex, pinned: the bridge never trusts the CA link's answer
+    /// (PROTOCOL.md §8). Required with an endpoint.
+    pub public_key: Option<String>,
+    /// A file holding `public_key` (the CA's `ca.pub`), instead of `public_key`.
+    pub public_key_file: Option<String>,
+    /// Interval of HTTP/2 keepalive pings on the CA link, ms; a link that does not answer one
+    /// within the same time is closed and reconnected (0: no pings).
+    pub keepalive_ms: u64,
 }
 
 impl Default for Ca {
@@ -142,6 +151,9 @@ impl Default for Ca {
             tls_domain: None,
             timeout_ms: 3_000,
             group_ttl_ms: 60_000,
+            public_key: None,
+            public_key_file: None,
+            keepalive_ms: 10_000,
         }
     }
 }
@@ -172,7 +184,9 @@ pub struct Windows {
     pub timestamp_ms: u64,
     /// How long the previous epoch stays valid after a rekey, ms (default 30 s).
     pub epoch_grace_ms: u64,
-    /// Capacity of the replay cache (entries).
+    /// Capacity of each partition of the replay caches (entries): per group and sender for
+    /// messages, per identity for connect proofs (PROTOCOL.md §8). A sender that fills its
+    /// partition raises only its own floor.
     pub replay_capacity: usize,
 }
 
@@ -198,7 +212,9 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time a new connection has to send its CONNECT, ms.
     pub handshake_timeout_ms: u64,
-    /// Idle time after which a connection without keep-alive is closed, ms (0: never).
+    /// Idle time after which a connection without keep-alive is closed, ms (0: never). It also
+    /// caps the keep-alive of unauthenticated connections, through the CONNACK's Server Keep
+    /// Alive (default 300 s).
     pub idle_timeout_ms: u64,
     /// Most protected PUBLISHes verified in one batch.
     pub max_batch: usize,
@@ -213,7 +229,7 @@ impl Default for Limits {
             max_payload: 256 * 1024,
             max_connections: 10_000,
             handshake_timeout_ms: 10_000,
-            idle_timeout_ms: 0,
+            idle_timeout_ms: 300_000,
             max_batch: 64,
             shutdown_grace_ms: 5_000,
         }
@@ -256,6 +272,18 @@ impl Config {
         if self.limits.max_batch == 0 {
             return Err(ConfigError::Invalid("limits.max_batch"));
         }
+        if !self.upstream.client_id.starts_with(crate::identity::BRIDGE_PREFIX)
+            || self.upstream.client_id.len() > 23
+        {
+            return Err(ConfigError::Invalid(
+                "upstream.client_id must start with qb- and have at most 23 characters",
+            ));
+        }
+        if self.ca.public_key.is_some() && self.ca.public_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "ca.public_key and ca.public_key_file: give one",
+            ));
+        }
         if self.windows.replay_capacity == 0 {
             return Err(ConfigError::Invalid("windows.replay_capacity"));
         }
@@ -297,10 +325,34 @@ impl Config {
         }))
     }
 
+    /// The pinned Q_CA, from `ca.public_key` or `ca.public_key_file`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if the file cannot be read or the key is not a valid hex point.
+    pub fn ca_public_key(&self) -> Result<Option<quva_client::curve::Point>, ConfigError> {
+        let Some(text) = secret(&self.ca.public_key, &self.ca.public_key_file)? else {
+            return Ok(None);
+        };
+        let bytes = hex_decode(text.trim()).ok_or(ConfigError::Invalid("ca.public_key"))?;
+        quva_client::curve::Point::from_bytes(&bytes)
+            .map(Some)
+            .ok_or(ConfigError::Invalid("ca.public_key"))
+    }
+
     /// The CA call timeout.
     pub fn ca_timeout(&self) -> Duration {
         Duration::from_millis(self.ca.timeout_ms)
     }
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn secret(value: &Option<String>, file: &Option<String>) -> Result<Option<String>, ConfigError> {

@@ -122,6 +122,12 @@ impl BridgeDirectory {
         }
     }
 
+    /// Whether a newer certificate of the device is known (from a member list, so it was used):
+    /// the older one is superseded and never passes again (PROTOCOL.md §3).
+    pub fn is_superseded(&self, id: &DeviceId, serial: u64) -> bool {
+        self.read().devices.get(id).is_some_and(|e| e.serial > serial)
+    }
+
     /// Whether a certificate serial is known to be revoked.
     pub fn is_revoked(&self, serial: u64) -> bool {
         self.read().revoked.contains(&serial)
@@ -179,11 +185,17 @@ impl BridgeDirectory {
     }
 
     /// Verifies a snapshot from the CA and makes it the group's current epoch (the former current
-    /// epoch stays valid for the grace period when the epoch advanced).
+    /// epoch stays valid for the grace period when the epoch advanced). Returns the devices that
+    /// were members (in some role) of the former current epoch and are not in that role now: their
+    /// sessions must end (PROTOCOL.md §8).
     ///
     /// # Errors
     /// [`SnapshotError`]; the cache is left unchanged then.
-    pub fn apply_snapshot(&self, snap: &GroupSnapshot, now_ms: u64) -> Result<(), SnapshotError> {
+    pub fn apply_snapshot(
+        &self,
+        snap: &GroupSnapshot,
+        now_ms: u64,
+    ) -> Result<Vec<DeviceId>, SnapshotError> {
         let ca = self.ca_public().ok_or(SnapshotError::NoCaKey)?;
         let signed = SignedGroupInfo::from_bytes(&snap.signed_ginfo)
             .map_err(|_| SnapshotError::BadGroupInfo)?;
@@ -240,14 +252,21 @@ impl BridgeDirectory {
                 s.devices.insert(id, entry);
             }
         }
+        let mut departed = Vec::new();
         match s.groups.get_mut(&snap.group) {
-            Some(entry) if data.info.epoch > entry.current.info.epoch => {
-                let old = std::mem::replace(&mut entry.current, data);
-                entry.previous = Some((old, now_ms));
-                entry.fetched_ms = now_ms;
-            }
-            Some(entry) if data.info.epoch == entry.current.info.epoch => {
-                entry.current = data;
+            Some(entry) if data.info.epoch >= entry.current.info.epoch => {
+                for m in &entry.current.members {
+                    let stays = data.members.iter().any(|n| n.id == m.id && n.role == m.role);
+                    if !stays && !departed.contains(&m.id) {
+                        departed.push(m.id.clone());
+                    }
+                }
+                if data.info.epoch > entry.current.info.epoch {
+                    let old = std::mem::replace(&mut entry.current, data);
+                    entry.previous = Some((old, now_ms));
+                } else {
+                    entry.current = data;
+                }
                 entry.fetched_ms = now_ms;
             }
             Some(_) => {}
@@ -262,7 +281,7 @@ impl BridgeDirectory {
                 );
             }
         }
-        Ok(())
+        Ok(departed)
     }
 
     /// A [`Directory`] view at `now_ms` for the §6 checks.

@@ -30,7 +30,10 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod bridge;
+mod gateway;
+mod identity;
 mod notices;
+mod registry;
 mod session;
 mod verify;
 
@@ -57,8 +60,17 @@ pub fn grpc_ca(cfg: &Config) -> Result<Option<std::sync::Arc<dyn ca::CaClient>>,
     }
     let token = cfg.ca_token()?;
     let tls = cfg.ca_tls()?;
-    let endpoint = quva_proto::tls::endpoint(&cfg.ca.endpoint, tls.as_ref())
+    let mut endpoint = quva_proto::tls::endpoint(&cfg.ca.endpoint, tls.as_ref())
         .map_err(config::ConfigError::Tls)?;
+    if cfg.ca.keepalive_ms > 0 {
+        // A dead CA link (a silent middlebox, a frozen peer) fails the notice stream after one
+        // unanswered ping instead of silently stopping notices (PROTOCOL.md §8).
+        let every = std::time::Duration::from_millis(cfg.ca.keepalive_ms);
+        endpoint = endpoint
+            .http2_keep_alive_interval(every)
+            .keep_alive_timeout(every)
+            .keep_alive_while_idle(true);
+    }
     let ca = grpc::GrpcCa::new(endpoint, token.as_deref(), cfg.ca_timeout())
         .map_err(|_| config::ConfigError::Invalid("ca.token"))?;
     Ok(Some(std::sync::Arc::new(ca)))

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU16;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -241,6 +242,25 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// A notice stream quiet this long after it opened has delivered the log's backlog.
+const CAUGHT_UP: Duration = Duration::from_millis(300);
+
+/// Compares the CA link's Q_CA with the pinned one; a different key stops the notices (and says
+/// why) instead of being trusted (PROTOCOL.md §8).
+async fn check_pinned_key(shared: &Shared, ca: &dyn crate::ca::CaClient) -> Result<(), Interrupted> {
+    let pinned = shared
+        .ca_public()
+        .ok_or(Interrupted::Ca("no pinned CA public key"))?;
+    let answer = shared
+        .ca_call("ca_info", ca.ca_public_key())
+        .await
+        .map_err(|_| Interrupted::Ca("CA unavailable"))?;
+    if answer != pinned.to_bytes() {
+        tracing::error!("the CA link answers with another public key than ca.public_key; not following its notices");
+        return Err(Interrupted::Ca("CA public key differs from the pinned one"));
+    }
+    Ok(())
+}
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// One session of following: connect to the broker if needed (publishing the retained set again
@@ -251,11 +271,8 @@ async fn follow(
     follower: &mut Follower,
     connected: &mut bool,
 ) -> Result<(), Interrupted> {
-    let ca = shared.ca.as_ref().ok_or(Interrupted::Ca("no CA"))?;
-    shared
-        .ca_public()
-        .await
-        .ok_or(Interrupted::Ca("CA public key unavailable"))?;
+    let ca = shared.ca_client().ok_or(Interrupted::Ca("no CA"))?;
+    check_pinned_key(shared, ca.as_ref()).await?;
     let Follower {
         next_seq,
         retained,
@@ -283,6 +300,12 @@ async fn follow(
         let item = tokio::select! {
             item = stream.next() => item,
             () = publisher.closed() => return Err(Interrupted::Broker("broker connection lost")),
+            () = tokio::time::sleep(CAUGHT_UP), if !shared.revocations_current.load(Ordering::Acquire) => {
+                // The log was read to its end: the directory's revocations are current.
+                shared.revocations_current.store(true, Ordering::Release);
+                tracing::info!(next_seq = *next_seq, "notices caught up");
+                continue;
+            }
         };
         let Some(item) = item else {
             return Err(Interrupted::Ca("CA stream ended"));
@@ -348,8 +371,8 @@ async fn apply(
             let id = DeviceId::new(device).ok();
             shared.dir.revoke(*serial, id.as_ref());
             if let Some(id) = id {
-                shared.kick(&id);
-                tracing::info!(device = %id, serial, "certificate revoked; sessions closed");
+                let n = shared.sessions.end_device(&id);
+                tracing::info!(device = %id, serial, sessions = n, "certificate revoked; sessions closed");
             }
         }
         NoticeAction::Unknown => {}

@@ -23,8 +23,8 @@ use quva_client::enrollment::{
     REASON_PAYLOAD_FORMAT_INVALID,
 };
 use quva_client::group::{GK_PROPERTY, GroupKeyRequest, Privacy};
-use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::message::{ConnectionIdentity, Direction};
+use quva_client::ids::{GroupId, Role};
+use quva_client::message::Direction;
 use quva_client::schnorr::VerifyingKey;
 use rmqtt_codec::types::Publish;
 use rmqtt_codec::v5::{
@@ -39,52 +39,23 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::bridge::{Shared, now_ms};
+use crate::identity::Identity;
 use crate::ca::{connack_reason, suback_reason};
-use crate::topics::{TopicKind, unshare, valid_filter};
+use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
 /// Drop reasons besides [`Rejection::LABELS`].
-pub const EXTRA_DROP_REASONS: [&str; 4] = [
+pub const EXTRA_DROP_REASONS: [&str; 5] = [
     "reserved_topic",
     "unauthenticated",
     "not_authorized",
     "topic_mismatch",
+    "retained",
 ];
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
 type DeviceWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
 type Decoded = Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>;
-
-/// Who is on the other end of a connection.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) enum Identity {
-    /// No Quva method: unprotected topics only.
-    Anonymous,
-    /// A device, by certificate (`quva-cert-v1`) or a fresh enrollment or renewal.
-    Device(DeviceId),
-    /// A group-level connection of an anonymous group (`quva-group-v1`).
-    Group(GroupId, Role),
-}
-
-impl Identity {
-    fn connection(&self) -> Option<ConnectionIdentity> {
-        match self {
-            Identity::Anonymous => None,
-            Identity::Device(id) => Some(ConnectionIdentity::Device(id.clone())),
-            Identity::Group(group, role) => Some(ConnectionIdentity::Group {
-                group: group.clone(),
-                role: *role,
-            }),
-        }
-    }
-
-    fn device(&self) -> Option<&DeviceId> {
-        match self {
-            Identity::Device(id) => Some(id),
-            _ => None,
-        }
-    }
-}
 
 /// Serves one accepted TCP connection until it ends.
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
@@ -187,7 +158,7 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
     let echo = Some(method_name.clone());
     match method {
         AuthMethod::Enroll | AuthMethod::Renew => {
-            let ca = shared.ca.as_ref().ok_or(0x88_u8)?;
+            let ca = shared.ca_client().ok_or(0x88_u8)?;
             let call = match method {
                 AuthMethod::Enroll => ("enroll", ca.enroll(data)),
                 _ => ("renew", ca.renew(data)),
@@ -197,25 +168,29 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 .await
                 .map_err(|e| connack_reason(&e))?;
             let parsed = EnrollResponse::from_bytes(&response).map_err(|_| 0x88_u8)?;
+            let id = topic_device_id(parsed.cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
             Ok(Admission {
-                identity: Identity::Device(parsed.cert.id().clone()),
+                identity: Identity::Device(id),
                 method: echo,
                 data: Some(Bytes::from(response)),
             })
         }
         AuthMethod::Cert => {
-            let ca_key = shared.ca_public().await.ok_or(0x88_u8)?;
+            let ca_key = shared.ca_public().ok_or(0x88_u8)?;
             let proof = CertConnectProof::from_bytes(&data)
                 .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
             proof
                 .verify(&ca_key, &connect.client_id, now, window)
                 .map_err(|e| e.connack_reason())?;
-            if shared.dir.is_revoked(proof.cert.serial()) {
+            let cert = &proof.cert;
+            let id = topic_device_id(cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
+            if shared.dir.is_superseded(&id, cert.serial()) || shared.is_revoked(cert.serial()).await? {
                 return Err(REASON_NOT_AUTHORIZED);
             }
-            shared.check_nonce(proof.nonce, proof.t_ms, now)?;
+            let identity = Identity::Device(id);
+            shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
             Ok(Admission {
-                identity: Identity::Device(proof.cert.id().clone()),
+                identity,
                 method: echo,
                 data: None,
             })
@@ -244,9 +219,10 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                     window,
                 )
                 .map_err(|e| e.connack_reason())?;
-            shared.check_nonce(proof.nonce, proof.t_ms, now)?;
+            let identity = Identity::Group(proof.group.clone(), proof.role);
+            shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
             Ok(Admission {
-                identity: Identity::Group(proof.group.clone(), proof.role),
+                identity,
                 method: echo,
                 data: None,
             })
@@ -385,6 +361,16 @@ async fn run_v5(
     shared: Arc<Shared>,
 ) {
     let client_id = connect.client_id.clone();
+    if let Some(will) = &connect.last_will
+        && !shared.policy.will_allowed(&will.topic)
+    {
+        shared.metrics.refused("will");
+        tracing::info!(client_id = %client_id, topic = %will.topic, "CONNECT refused: Will on a protected or reserved topic");
+        let _ = writer
+            .send(MqttPacket::V5(connack(ConnectAckReason::NotAuthorized)))
+            .await;
+        return;
+    }
     let admission = match admit(&shared, &connect).await {
         Ok(a) => a,
         Err(code) => {
@@ -403,6 +389,16 @@ async fn run_v5(
     up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
     up_connect.password = shared.upstream_password.clone().map(Bytes::from);
     up_connect.topic_alias_max = 0;
+    // An empty client identifier gets one from the bridge (MQTT 5 §3.1.3.1), returned in the
+    // CONNACK; upstream every identifier is namespaced by the identity (PROTOCOL.md §8).
+    let assigned = client_id
+        .is_empty()
+        .then(assigned_client_id);
+    let effective_id = assigned.as_ref().unwrap_or(&client_id);
+    up_connect.client_id = ByteString::from(admission.identity.upstream_client_id(effective_id));
+    // Unauthenticated connections may not stay idle longer than the idle timeout: their
+    // keep-alive is capped through Server Keep Alive.
+    let keep_alive = keep_alive_for(&shared, &admission.identity, connect.keep_alive);
     let our_max = shared.cfg.limits.max_packet_size;
     up_connect.max_packet_size = Some(
         connect
@@ -450,13 +446,20 @@ async fn run_v5(
     }
     ack.topic_alias_max = 0;
     ack.max_packet_size = Some(ack.max_packet_size.map_or(our_max, |m| m.min(our_max)));
+    ack.assigned_client_id = assigned;
+    if keep_alive != connect.keep_alive {
+        ack.server_keepalive_sec = Some(
+            ack.server_keepalive_sec
+                .map_or(keep_alive, |k| k.min(keep_alive)),
+        );
+    }
     if writer.send(MqttPacket::V5(ack.into())).await.is_err() || !accepted {
         return;
     }
     tracing::debug!(client_id = %client_id, identity = ?admission.identity, "connected");
 
     let end = CancellationToken::new();
-    let kick = shared.register(&admission.identity, &end);
+    let kick = shared.sessions.register(&admission.identity);
     let (tx, rx) = mpsc::channel::<ToDevice>(256);
     let writer_task = tokio::spawn(device_writer(writer, rx));
     let subs: PendingSubs = Arc::default();
@@ -475,7 +478,6 @@ async fn run_v5(
         })
     };
 
-    let keep_alive = connect.keep_alive;
     let mut session = V5Session {
         shared: shared.clone(),
         identity: admission.identity.clone(),
@@ -495,10 +497,13 @@ async fn run_v5(
                 .to_device
                 .send(ToDevice::Packet(disconnect(code)))
                 .await;
+            // The bridge ended the connection, not the client: to the broker that is an
+            // abnormal end, so the client's Will is published as it would be without the bridge
+            // (MQTT 5 §3.1.2.5; a normal DISCONNECT would discard it).
             let _ = session
                 .up
                 .send(MqttPacket::V5(disconnect(
-                    DisconnectReasonCode::NormalDisconnection,
+                    DisconnectReasonCode::DisconnectWithWillMessage,
                 )))
                 .await;
         }
@@ -508,7 +513,28 @@ async fn run_v5(
     drop(session);
     let _ = up_task.await;
     let _ = writer_task.await;
-    shared.unregister(&admission.identity, &end);
+    shared.sessions.unregister(&admission.identity, &kick);
+}
+
+/// A fresh client identifier for a client that sent an empty one.
+fn assigned_client_id() -> ByteString {
+    let mut b = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut b);
+    ByteString::from(format!(
+        "qa-{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    ))
+}
+
+/// The keep-alive a connection gets: its own, except that an unauthenticated one may not stay
+/// idle longer than `limits.idle_timeout_ms` (0 or a longer keep-alive is capped to it).
+fn keep_alive_for(shared: &Shared, identity: &Identity, asked: u16) -> u16 {
+    let cap = shared.cfg.limits.idle_timeout_ms / 1000;
+    if identity.is_authenticated() || cap == 0 {
+        return asked;
+    }
+    let cap = u16::try_from(cap).unwrap_or(u16::MAX).max(1);
+    if asked == 0 { cap } else { asked.min(cap) }
 }
 
 async fn device_writer(mut writer: DeviceWriter, mut rx: mpsc::Receiver<ToDevice>) {
@@ -598,8 +624,11 @@ fn merge_suback(ack: &mut v5::SubscribeAck, pending: PendingSub) {
 enum Target {
     /// Not protected: relayed unchanged.
     Unprotected,
-    /// A reserved topic (`quva/…`, `$…`): no device may publish there.
+    /// A reserved topic (`quva/…`, `$…`, OTA and direct topics until the bridge checks them): no
+    /// device may publish there.
     Reserved,
+    /// A retained PUBLISH on a group's data or query topic.
+    Retained,
     /// A protected group's data (forward) or query topic.
     Group(GroupId, Direction),
 }
@@ -786,6 +815,8 @@ impl V5Session {
         }
         let target = match self.shared.policy.classify(&p.topic) {
             TopicKind::Unprotected => Target::Unprotected,
+            // Retained messages on a group's topics would outlive every check (PROTOCOL.md §8).
+            TopicKind::Data(_) | TopicKind::Query(_) if p.retain => Target::Retained,
             TopicKind::Data(g) => Target::Group(g, Direction::Forward),
             TopicKind::Query(g) => Target::Group(g, Direction::Query),
             _ => Target::Reserved,
@@ -812,23 +843,26 @@ impl V5Session {
     /// The verdict of each PUBLISH of a batch, in order. Protected ones are checked off the
     /// async workers ([`crate::verify`]).
     async fn verify(&mut self, batch: &[Candidate]) -> Vec<Verdict> {
-        // Fetch unknown groups first.
+        let connection = self.identity.connection();
+        // Fetch unknown groups first; never for an unauthenticated connection, whose protected
+        // PUBLISHes are dropped anyway (no CA lookup on its behalf).
         let mut fetched: Vec<&GroupId> = Vec::new();
         for c in batch {
             if let Target::Group(g, _) = &c.target
+                && connection.is_some()
                 && !fetched.contains(&g)
             {
                 fetched.push(g);
                 let _ = self.shared.ensure_group(g).await;
             }
         }
-        let connection = self.identity.connection();
         let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(batch.len());
         let mut protected = Vec::new();
         for (i, c) in batch.iter().enumerate() {
             verdicts.push(match &c.target {
                 Target::Unprotected => Some(Verdict::Relay),
                 Target::Reserved => Some(Verdict::Drop(Dropped::not_authorized("reserved_topic"))),
+                Target::Retained => Some(Verdict::Drop(Dropped::not_authorized("retained"))),
                 Target::Group(..) if connection.is_none() => {
                     Some(Verdict::Drop(Dropped::not_authorized("unauthenticated")))
                 }
@@ -939,36 +973,30 @@ impl V5Session {
         match policy.classify(inner) {
             TopicKind::Unprotected => Ok(None),
             TopicKind::Reserved => Err(0x87),
-            TopicKind::Data(g) => {
-                let _ = self.shared.ensure_group(&g).await;
-                self.is_role(&g, Role::Subscriber)
+            // Nothing protected is looked up or granted for an unauthenticated connection.
+            _ if !self.identity.is_authenticated() => Err(0x87),
+            TopicKind::Data(g) | TopicKind::Ota(g) => self.member_of(&g, Role::Subscriber).await,
+            TopicKind::Query(g) => self.member_of(&g, Role::Publisher).await,
+            TopicKind::Certificates(_) => Ok(None),
+            TopicKind::Individual(_, _, device) | TopicKind::Direct(device) => {
+                (self.identity.device() == Some(&device))
                     .then_some(None)
                     .ok_or(0x87)
             }
-            TopicKind::Query(g) => {
-                let _ = self.shared.ensure_group(&g).await;
-                self.is_role(&g, Role::Publisher)
-                    .then_some(None)
-                    .ok_or(0x87)
-            }
-            TopicKind::Certificates(_) => match self.identity {
-                Identity::Anonymous => Err(0x87),
-                _ => Ok(None),
-            },
-            TopicKind::Individual(_, _, device) => (self.identity.device() == Some(&device))
-                .then_some(None)
-                .ok_or(0x87),
             TopicKind::Key(g, role) => match gk_request {
                 Some(text) if !*gk_used => {
                     *gk_used = true;
                     self.join(&g, role, text).await.map(Some)
                 }
-                _ => {
-                    let _ = self.shared.ensure_group(&g).await;
-                    self.is_role(&g, role).then_some(None).ok_or(0x87)
-                }
+                _ => self.member_of(&g, role).await,
             },
         }
+    }
+
+    /// `Ok(None)` if this connection is a current member of `group` in `role`, else 0x87.
+    async fn member_of(&mut self, group: &GroupId, role: Role) -> Result<Option<String>, u8> {
+        let _ = self.shared.ensure_group(group).await;
+        self.is_role(group, role).then_some(None).ok_or(0x87)
     }
 
     /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into
@@ -981,7 +1009,7 @@ impl V5Session {
         if req.id() != id || req.group() != group || req.role() != role {
             return Err(0x87);
         }
-        let ca = self.shared.ca.as_ref().ok_or(0x80_u8)?;
+        let ca = self.shared.ca_client().ok_or(0x80_u8)?;
         let (delivery, _epoch) = self
             .shared
             .ca_call("join_group", ca.join_group(req.to_bytes()))
@@ -1004,8 +1032,12 @@ async fn run_v3(
     shared: Arc<Shared>,
 ) {
     use v3::ConnectAckReason as R;
-    if !shared.cfg.topics.unauthenticated_allowed() {
-        shared.metrics.refused("auth");
+    let bad_will = connect
+        .last_will
+        .as_ref()
+        .is_some_and(|w| !shared.policy.will_allowed(&w.topic));
+    if bad_will || !shared.cfg.topics.unauthenticated_allowed() {
+        shared.metrics.refused(if bad_will { "will" } else { "auth" });
         let ack = v3::ConnectAck {
             return_code: R::NotAuthorized,
             session_present: false,
@@ -1018,6 +1050,12 @@ async fn run_v3(
     let mut up_connect = (*connect).clone();
     up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
     up_connect.password = shared.upstream_password.clone().map(Bytes::from);
+    let own_id = if connect.client_id.is_empty() {
+        assigned_client_id()
+    } else {
+        connect.client_id.clone()
+    };
+    up_connect.client_id = ByteString::from(Identity::Anonymous.upstream_client_id(&own_id));
     let Some(stream) = dial_upstream(&shared).await else {
         shared.metrics.refused("upstream_unavailable");
         let ack = v3::ConnectAck {
@@ -1094,8 +1132,8 @@ async fn run_v3(
             end.cancel();
         })
     };
-    let idle = (connect.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let keep_alive = keep_alive_for(&shared, &Identity::Anonymous, connect.keep_alive);
+    let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     loop {
         let read = async {
             match idle {

@@ -1,10 +1,16 @@
 //! Topic policy: which topics are protected Quva groups, and what a topic or filter names.
 //!
 //! Implements the default topic layout of PROTOCOL.md §8: data on `<group>`, queries on
-//! `<group>/_q`, key topics `quva/k/<group>/<pub|sub>`, individual notices
-//! `quva/k/<group>/<pub|sub>/<device>` and member certificates `quva/c/<group>`. The bridge's
-//! configuration names the protected groups with MQTT topic filters (MQTT 5 §4.7); every topic a
-//! protected filter matches is a group, everything else is relayed unchanged.
+//! `<group>/_q`, OTA under `<group>/_ota/`, key topics `quva/k/<group>/<pub|sub>`, individual
+//! notices `quva/k/<group>/<pub|sub>/<device>`, member certificates `quva/c/<group>` and direct
+//! messages `quva/d/<device>`. The bridge's configuration names the protected groups with MQTT
+//! topic filters (MQTT 5 §4.7); every topic a protected filter matches is a group, everything else
+//! is relayed unchanged.
+//!
+//! No topic has two meanings: a group ID with a level that starts with `_` is refused (those
+//! levels are reserved for `_q` and `_ota`), and the device IDs `pub` and `sub` are refused (so
+//! that `quva/k/<a>/sub/pub` can only be the key topic of the group `<a>/sub`, never device
+//! `pub`'s individual topic in group `<a>`).
 //!
 //! # Usage
 //! ```
@@ -21,6 +27,8 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 
 /// The query-topic suffix of PROTOCOL.md §8.
 pub const QUERY_SUFFIX: &str = "/_q";
+/// The level that starts a group's OTA topics (PROTOCOL.md §7.2, §8).
+pub const OTA_LEVEL: &str = "/_ota/";
 /// The prefix of every topic the bridge reserves for itself.
 pub const RESERVED_PREFIX: &str = "quva/";
 
@@ -44,6 +52,10 @@ pub enum TopicKind {
     Individual(GroupId, Role, DeviceId),
     /// The member certificate list `quva/c/<group>`.
     Certificates(GroupId),
+    /// A group's OTA topic `<group>/_ota/…` (PROTOCOL.md §7.2).
+    Ota(GroupId),
+    /// The direct-message topic `quva/d/<device>` (PROTOCOL.md §7.1).
+    Direct(DeviceId),
     /// Anything else under `quva/`, or a `$` topic: no device may use it.
     Reserved,
 }
@@ -97,18 +109,24 @@ impl TopicPolicy {
         if let Some(group) = topic.strip_suffix(QUERY_SUFFIX)
             && self.is_protected_group(group)
         {
-            return match GroupId::new(group) {
-                Ok(g) => TopicKind::Query(g),
-                Err(_) => TopicKind::Reserved,
-            };
+            return group_id(group).map_or(TopicKind::Reserved, TopicKind::Query);
+        }
+        if let Some((group, _)) = topic.split_once(OTA_LEVEL)
+            && self.is_protected_group(group)
+        {
+            return group_id(group).map_or(TopicKind::Reserved, TopicKind::Ota);
         }
         if self.is_protected_group(topic) {
-            return match GroupId::new(topic) {
-                Ok(g) => TopicKind::Data(g),
-                Err(_) => TopicKind::Reserved,
-            };
+            return group_id(topic).map_or(TopicKind::Reserved, TopicKind::Data);
         }
         TopicKind::Unprotected
+    }
+
+    /// Whether a Will Message may name `topic` (PROTOCOL.md §8): only unprotected topics. A Will
+    /// is published by the broker under the bridge's credentials after the client is gone, so
+    /// nothing could check it then.
+    pub fn will_allowed(&self, topic: &str) -> bool {
+        self.classify(topic) == TopicKind::Unprotected
     }
 
     /// Whether a subscription filter with wildcards could match any protected or reserved topic.
@@ -118,40 +136,60 @@ impl TopicPolicy {
             return true;
         }
         self.protected.iter().any(|p| {
-            filters_intersect(filter, p) || {
-                let q = format!("{p}{QUERY_SUFFIX}");
-                filters_intersect(filter, &q)
-            }
+            filters_intersect(filter, p)
+                || filters_intersect(filter, &format!("{p}{QUERY_SUFFIX}"))
+                || filters_intersect(filter, &format!("{p}{OTA_LEVEL}#"))
         })
+    }
+}
+
+/// A group ID as the bridge accepts it: a valid [`GroupId`] with no topic level that starts
+/// with `_` (PROTOCOL.md §8).
+fn group_id(s: &str) -> Option<GroupId> {
+    if s.split('/').any(|level| level.starts_with('_')) {
+        return None;
+    }
+    GroupId::new(s).ok()
+}
+
+/// A device ID as topics may name it: valid, and neither `pub` nor `sub`.
+pub fn topic_device_id(s: &str) -> Option<DeviceId> {
+    if role_of(s).is_some() {
+        return None;
+    }
+    DeviceId::new(s).ok()
+}
+
+fn role_of(s: &str) -> Option<Role> {
+    match s {
+        "pub" => Some(Role::Publisher),
+        "sub" => Some(Role::Subscriber),
+        _ => None,
     }
 }
 
 fn classify_reserved(rest: &str) -> TopicKind {
     if let Some(g) = rest.strip_prefix("c/") {
-        return GroupId::new(g).map_or(TopicKind::Reserved, TopicKind::Certificates);
+        return group_id(g).map_or(TopicKind::Reserved, TopicKind::Certificates);
+    }
+    if let Some(d) = rest.strip_prefix("d/") {
+        return topic_device_id(d).map_or(TopicKind::Reserved, TopicKind::Direct);
     }
     let Some(rest) = rest.strip_prefix("k/") else {
         return TopicKind::Reserved;
     };
     // quva/k/<group>/<pub|sub>[/<device>]; the group may contain '/', the device may not.
     let parts: Vec<&str> = rest.rsplitn(3, '/').collect();
-    let role_of = |s: &str| match s {
-        "pub" => Some(Role::Publisher),
-        "sub" => Some(Role::Subscriber),
-        _ => None,
-    };
     if let [last, prev, ..] = parts.as_slice() {
         if let Some(role) = role_of(last) {
             let group = &rest[..rest.len() - last.len() - 1];
-            if let Ok(g) = GroupId::new(group) {
+            if let Some(g) = group_id(group) {
                 return TopicKind::Key(g, role);
             }
         }
-        if let (Some(role), Ok(device)) = (role_of(prev), DeviceId::new(last)) {
+        if let (Some(role), Some(device)) = (role_of(prev), topic_device_id(last)) {
             let group_len = rest.len() - last.len() - prev.len() - 2;
-            if let Some(group) = rest.get(..group_len)
-                && let Ok(g) = GroupId::new(group)
-            {
+            if let Some(g) = rest.get(..group_len).and_then(group_id) {
                 return TopicKind::Individual(g, role, device);
             }
         }
@@ -250,6 +288,34 @@ mod tests {
         assert_eq!(p.classify("quva/x"), TopicKind::Reserved);
         assert_eq!(p.classify("quva/k/sub"), TopicKind::Reserved);
         assert_eq!(p.classify("$SYS/broker"), TopicKind::Reserved);
+    }
+
+    #[test]
+    fn no_topic_has_two_meanings() {
+        let p = policy();
+        let g = |s: &str| GroupId::new(s).unwrap();
+        // Group IDs with a level starting with `_` are reserved, wherever the level is.
+        for t in ["plant/_x", "plant/_q/b", "plant/a/_ota", "quva/c/plant/_q", "quva/k/plant/_a/sub"] {
+            assert_eq!(p.classify(t), TopicKind::Reserved, "{t}");
+        }
+        assert_eq!(p.classify("plant/a/_ota/s1/3/m"), TopicKind::Ota(g("plant/a")));
+        assert_eq!(p.classify("plant/a/_q"), TopicKind::Query(g("plant/a")));
+        // quva/k/<a>/sub/pub is the key topic of group <a>/sub, never device `pub`'s notices.
+        assert_eq!(
+            p.classify("quva/k/plant/a/sub/pub"),
+            TopicKind::Key(g("plant/a/sub"), Role::Publisher)
+        );
+        assert!(topic_device_id("pub").is_none() && topic_device_id("sub").is_none());
+        assert_eq!(
+            p.classify("quva/d/dev-1"),
+            TopicKind::Direct(DeviceId::new("dev-1").unwrap())
+        );
+        assert_eq!(p.classify("quva/d/a/b"), TopicKind::Reserved);
+        // Wills only on unprotected topics.
+        assert!(p.will_allowed("status/dev-1"));
+        for t in ["plant/a", "plant/a/_q", "quva/k/plant/a/sub", "quva/c/plant/a", "plant/a/_ota/s/1/m", "$SYS/x"] {
+            assert!(!p.will_allowed(t), "{t}");
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
 //! PUBLISH checks off the async workers: the cheap checks and the signatures of one batch run on
 //! tokio's blocking pool, at most one batch per CPU at a time.
 //!
-//! Implements the bridge's checks of PROTOCOL.md §6 for the protected PUBLISHes of a batch:
-//! decoding, group/epoch/window/replay lookup and membership ([`UnverifiedMessage::check_at_bridge`])
-//! under a short hold of the replay cache, then the signatures with no lock held (one batch
-//! verification, or a single verification for a batch of one), then the replay cache again to
-//! record the accepted messages in order (a duplicate inside the batch, or one accepted meanwhile
-//! by another connection, is a replay). Verdicts come back in batch order, so acknowledgements
-//! keep PUBLISH order.
+//! Implements the bridge's checks of PROTOCOL.md §6 for the protected PUBLISHes of a batch with
+//! quva-client's typed pipeline: decoding, group/epoch/window/replay lookup and membership
+//! ([`UnverifiedMessage::check_at_bridge`]) under a short hold of the replay cache, then the
+//! signatures with no lock held ([`verify_signatures`]: one batch verification, or a single
+//! verification for a batch of one), then the replay cache again to record the accepted messages
+//! in order in their group-and-sender partitions (PROTOCOL.md §8; a duplicate inside the batch, or
+//! one accepted meanwhile by another connection, is a replay). Verdicts come back in batch order,
+//! so acknowledgements keep PUBLISH order.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,10 +17,9 @@ use bytes::Bytes;
 use quva_client::ids::{GroupId, Role};
 use quva_client::message::{
     BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
+    verify_signatures,
 };
-use quva_client::replay::{ReplayCache, ReplayError};
-use quva_client::rng::SystemRng;
-use quva_client::schnorr::{BatchItem, verify_batch};
+use rand_core::OsRng;
 
 use crate::bridge::{Shared, now_ms};
 use crate::directory::BridgeDirectory;
@@ -129,7 +129,8 @@ fn check_now(
             Err(r) => out.push((p.index, Verdict::Drop(Dropped::from_rejection(&r)))),
         }
     }
-    let mut checks: Vec<(usize, BridgeCheck<'_>)> = Vec::with_capacity(messages.len());
+    let mut indices = Vec::with_capacity(messages.len());
+    let mut checks: Vec<BridgeCheck<'_>> = Vec::with_capacity(messages.len());
     {
         let view = shared.dir.view(now);
         let replay = lock(&shared.replay);
@@ -140,7 +141,8 @@ fn check_now(
                 Ok(check)
                     if has_role(connection, &shared.dir, &h.group, h.direction.sender_role()) =>
                 {
-                    checks.push((*i, check));
+                    indices.push(*i);
+                    checks.push(check);
                 }
                 Ok(_) => out.push((*i, Verdict::Drop(Dropped::not_authorized("not_authorized")))),
                 Err(r) => out.push((*i, Verdict::Drop(Dropped::from_rejection(&r)))),
@@ -150,45 +152,19 @@ fn check_now(
     if checks.is_empty() {
         return out;
     }
-    // The signatures, with no lock held.
-    let good = signatures_valid(&checks);
+    // The signatures, with no lock held; then the replay partitions, in batch order.
+    let signed = verify_signatures(checks, &mut OsRng);
     let mut replay = lock(&shared.replay);
-    for ((i, check), ok) in checks.iter().zip(good) {
-        let verdict = if !ok {
-            Verdict::Drop(Dropped::from_rejection(&Rejection::BadSignature))
-        } else {
-            match record(&mut replay, check.message(), now) {
-                Ok(()) => Verdict::Accept,
-                Err(r) => Verdict::Drop(Dropped::from_rejection(&r)),
-            }
+    for (i, r) in indices.into_iter().zip(signed) {
+        let verdict = match r.and_then(|s| s.accept(&mut replay, now)) {
+            Ok(_) => Verdict::Accept,
+            Err(r) => Verdict::Drop(Dropped::from_rejection(&r)),
         };
-        out.push((*i, verdict));
+        out.push((i, verdict));
     }
     drop(replay);
     shared.metrics.verify_time(started.elapsed());
     out
-}
-
-/// One flag per check: a single verification for one message, a batch verification for more.
-fn signatures_valid(checks: &[(usize, BridgeCheck<'_>)]) -> Vec<bool> {
-    if let [(_, check)] = checks {
-        let it = check.batch_item();
-        return vec![it.key.verify(it.tag, it.body, it.signature).is_ok()];
-    }
-    let items: Vec<BatchItem<'_>> = checks.iter().map(|(_, c)| c.batch_item()).collect();
-    verify_batch(&items, &mut SystemRng::new())
-}
-
-/// Records an accepted message in the replay cache (PROTOCOL.md §6).
-fn record(replay: &mut ReplayCache, msg: &UnverifiedMessage, now: u64) -> Result<(), Rejection> {
-    let t_ms = msg.header().t_ms;
-    replay
-        .check_and_insert(*msg.hash(), t_ms, now)
-        .map_err(|e| match e {
-            ReplayError::OutsideWindow if t_ms < now => Rejection::StaleTimestamp,
-            ReplayError::OutsideWindow => Rejection::FutureTimestamp,
-            _ => Rejection::Replayed,
-        })
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -13,7 +13,7 @@ mod test_ca;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::{Mosquitto, Raw, config, start_bridge};
+use broker::{Mosquitto, Raw, config, pinned, start_bridge};
 use devices::{cert_proof, connect, enroll, puback, sealer};
 use quva_bridge::now_ms;
 use quva_client::enrollment::{Credentials, METHOD_CERT};
@@ -46,7 +46,7 @@ async fn world() -> World {
     ca.allow(GROUP, "pub-1", Role::Publisher);
     ca.allow(GROUP, "sub-1", Role::Subscriber);
     let bridge = start_bridge(
-        config(broker.addr),
+        pinned(config(broker.addr), ca.key.public()),
         Some(Arc::new(test_ca::Client(ca.clone()))),
     )
     .await;

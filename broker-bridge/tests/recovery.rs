@@ -17,7 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::{Mosquitto, Raw, config, start_bridge};
+use broker::{Mosquitto, Raw, config, pinned, start_bridge};
 use devices::{connect, enroll, join, puback, sealer, try_connect, try_enroll};
 use grpc_ca::GrpcCa;
 use quva_bridge::ca::NoticeAction;
@@ -94,7 +94,7 @@ async fn ca_crash_refuses_with_0x88_then_resumes_notices_without_loss() {
     let broker = Mosquitto::start().await;
     let ca = ca_with_group();
     let mut server = GrpcCa::start(ca.clone()).await;
-    let mut cfg = config(broker.addr);
+    let mut cfg = pinned(config(broker.addr), ca.key.public());
     cfg.ca.endpoint = server.endpoint();
     cfg.ca.token = Some("bridge-token".into());
     let client = quva_bridge::grpc_ca(&cfg).unwrap();
@@ -162,7 +162,7 @@ async fn broker_restart_keeps_the_bridge_and_republishes_retained_notices() {
     let mut broker = Mosquitto::start().await;
     let ca = ca_with_group();
     let bridge = start_bridge(
-        config(broker.addr),
+        pinned(config(broker.addr), ca.key.public()),
         Some(Arc::new(test_ca::Client(ca.clone()))),
     )
     .await;

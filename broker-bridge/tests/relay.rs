@@ -11,7 +11,7 @@ mod test_ca;
 use std::sync::Arc;
 use std::time::Duration;
 
-use broker::{Mosquitto, Raw, config, start_bridge};
+use broker::{Mosquitto, Raw, config, pinned, start_bridge};
 use rmqtt_codec::v5;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -207,7 +207,7 @@ async fn authentication_methods_and_ca_failures_map_to_connack_codes() {
     let broker = Mosquitto::start().await;
     let ca = test_ca::TestCa::new();
     let bridge = start_bridge(
-        config(broker.addr),
+        pinned(config(broker.addr), ca.key.public()),
         Some(Arc::new(test_ca::Client(ca.clone()))),
     )
     .await;

@@ -98,7 +98,25 @@ mod paper;
 mod testkit;
 
 pub use seal::{MAX_SEAL_PAYLOAD, SealError, Sealer};
-pub use verify::{BridgeCheck, BridgeVerified, VerifiedMessage, verify_batch_at_bridge};
+pub use verify::{
+    BridgeCheck, BridgeVerified, SignedCheck, VerifiedMessage, verify_batch_at_bridge,
+    verify_signatures,
+};
+
+/// The partition of the bridge's replay cache a message falls in (PROTOCOL.md §8 v1.1): its
+/// group and its claimed sender, or for option 3 (no sender visible) the group's anonymous
+/// senders of that direction. Every copy of a message falls in the same partition, whoever
+/// sends it, so per-partition floors never reopen a replay.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum ReplayPartition {
+    /// Option 1/2: the sender named in the message (the signer).
+    Sender(GroupId, DeviceId),
+    /// Option 3: every anonymous sender of the group in this direction.
+    Anonymous(GroupId, Direction),
+}
+
+/// The bridge's replay cache: one partition per group and sender, each with its own quota.
+pub type BridgeReplay = crate::replay::PartitionedReplay<ReplayPartition>;
 
 /// Default maximum PUBLISH payload: 256 KiB (PROTOCOL.md §6 limits).
 pub const DEFAULT_MAX_PAYLOAD: usize = 256 * 1024;
@@ -313,6 +331,15 @@ impl UnverifiedMessage {
     /// replay.
     pub fn hash(&self) -> &[u8; 32] {
         &self.hash
+    }
+
+    /// The bridge's replay partition for this message ([`ReplayPartition`]).
+    pub fn replay_partition(&self) -> ReplayPartition {
+        let group = self.header.group.clone();
+        match self.claimed_sender() {
+            Some(sender) => ReplayPartition::Sender(group, sender.clone()),
+            None => ReplayPartition::Anonymous(group, self.header.direction),
+        }
     }
 
     /// The claimed sender of an option-1/2 message; `None` for option 3, whose sender is hidden.

@@ -30,7 +30,7 @@
 //! assert!(cache.is_empty());
 //! ```
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 
 /// Default timestamp window: 60 s (PROTOCOL.md §6).
@@ -105,6 +105,11 @@ impl<K: Eq + Hash + Ord + Clone> ReplayCache<K> {
         self.seen.contains(key)
     }
 
+    /// Whether a capacity eviction left a floor that still guards part of the window.
+    pub fn has_floor(&self) -> bool {
+        self.floor.is_some()
+    }
+
     /// Forgets every entry whose timestamp is more than the window before `now_ms`.
     pub fn evict_expired(&mut self, now_ms: u64) {
         let Some(oldest_allowed) = now_ms.checked_sub(self.window_ms) else {
@@ -156,6 +161,107 @@ impl<K: Eq + Hash + Ord + Clone> ReplayCache<K> {
         self.seen.insert(key.clone());
         self.by_time.insert((t_ms, key));
         Ok(())
+    }
+}
+
+/// Replay caches partitioned by a key that the checked item itself determines (PROTOCOL.md §8
+/// v1.1: per group, per sender, with quotas).
+///
+/// Each partition is a [`ReplayCache`] with its own capacity (the *quota*) and its own floor, so
+/// a sender that floods its partition raises only its own floor: nobody else's messages are
+/// refused because of it. This is sound only if every copy of an item falls in the same
+/// partition, whoever presents it: the partition must be a function of the signed item (the
+/// group and claimed sender of a message, the identity a connect proof names), never of the
+/// connection that carries it.
+///
+/// # Usage
+/// ```
+/// use quva_client::replay::{PartitionedReplay, ReplayError};
+/// let mut c: PartitionedReplay<&str> = PartitionedReplay::new(60_000, 2);
+/// let now = 100_000;
+/// // A flood from "a" fills and floors only a's partition…
+/// for i in 0..3u8 {
+///     let _ = c.check_and_insert("a", [i; 32], now + 60_000, now);
+/// }
+/// assert_eq!(c.check_and_insert("a", [9; 32], now, now), Err(ReplayError::BelowFloor));
+/// // …while "b" is unaffected.
+/// assert_eq!(c.check_and_insert("b", [9; 32], now, now), Ok(()));
+/// ```
+#[derive(Debug, Clone)]
+pub struct PartitionedReplay<P, K = [u8; 32]> {
+    window_ms: u64,
+    quota: usize,
+    parts: HashMap<P, ReplayCache<K>>,
+}
+
+impl<P: Eq + Hash, K: Eq + Hash + Ord + Clone> PartitionedReplay<P, K> {
+    /// Empty caches with the given window (ms) and per-partition capacity (at least 1).
+    pub fn new(window_ms: u64, quota: usize) -> Self {
+        Self {
+            window_ms,
+            quota: quota.max(1),
+            parts: HashMap::new(),
+        }
+    }
+
+    /// The per-partition capacity.
+    pub fn quota(&self) -> usize {
+        self.quota
+    }
+
+    /// Whether `key` is remembered in `part` (a cheap pre-check; see
+    /// [`ReplayCache::contains`]).
+    pub fn contains(&self, part: &P, key: &K) -> bool {
+        self.parts.get(part).is_some_and(|c| c.contains(key))
+    }
+
+    /// [`ReplayCache::check_and_insert`] in the partition `part`.
+    ///
+    /// # Errors
+    /// As [`ReplayCache::check_and_insert`], for this partition only.
+    pub fn check_and_insert(
+        &mut self,
+        part: P,
+        key: K,
+        t_ms: u64,
+        now_ms: u64,
+    ) -> Result<(), ReplayError> {
+        let (window, quota) = (self.window_ms, self.quota);
+        self.parts
+            .entry(part)
+            .or_insert_with(|| ReplayCache::new(window, quota))
+            .check_and_insert(key, t_ms, now_ms)
+    }
+
+    /// Forgets expired entries everywhere and drops the partitions left empty with no floor
+    /// (a partition with a floor still guards the window and stays).
+    pub fn prune(&mut self, now_ms: u64) {
+        self.parts.retain(|_, c| {
+            c.evict_expired(now_ms);
+            !c.is_empty() || c.has_floor()
+        });
+    }
+
+    /// Partitions currently held.
+    pub fn partitions(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Entries remembered across all partitions.
+    pub fn len(&self) -> usize {
+        self.parts.values().map(ReplayCache::len).sum()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.parts.values().all(ReplayCache::is_empty)
+    }
+}
+
+impl<P: Eq + Hash, K: Eq + Hash + Ord + Clone> Default for PartitionedReplay<P, K> {
+    /// [`DEFAULT_WINDOW_MS`] and [`DEFAULT_CAPACITY`] per partition.
+    fn default() -> Self {
+        Self::new(DEFAULT_WINDOW_MS, DEFAULT_CAPACITY)
     }
 }
 
@@ -270,6 +376,43 @@ mod tests {
         assert_eq!(c.check_and_insert(n, 5, 6), Err(ReplayError::Replayed));
         let other = ("dev-2".to_owned(), [3u8; 16]);
         assert_eq!(c.check_and_insert(other, 5, 6), Ok(()));
+    }
+
+    #[test]
+    fn a_flooding_partition_floors_only_itself() {
+        let mut c: PartitionedReplay<u8> = PartitionedReplay::new(60_000, 4);
+        let now = 1_000_000;
+        // Partition 1 fills with messages dated at the future edge of the window, then more.
+        for i in 0..8u64 {
+            let _ = c.check_and_insert(1, key(i), now + 60_000, now);
+        }
+        assert_eq!(
+            c.check_and_insert(1, key(100), now, now),
+            Err(ReplayError::BelowFloor)
+        );
+        // Partition 2 accepts honest traffic at `now`, and still refuses its own replays.
+        assert_eq!(c.check_and_insert(2, key(100), now, now), Ok(()));
+        assert_eq!(
+            c.check_and_insert(2, key(100), now, now + 1),
+            Err(ReplayError::Replayed)
+        );
+        assert!(c.contains(&2, &key(100)) && !c.contains(&1, &key(100)));
+        assert_eq!(c.len(), 5);
+    }
+
+    #[test]
+    fn prune_drops_idle_partitions_but_keeps_floors() {
+        let mut c: PartitionedReplay<u8> = PartitionedReplay::new(1_000, 1);
+        c.check_and_insert(1, key(1), 10_000, 10_000).unwrap();
+        c.check_and_insert(2, key(1), 10_000, 10_000).unwrap();
+        // Partition 2 evicts for capacity: its floor is 10 000.
+        c.check_and_insert(2, key(2), 10_500, 10_500).unwrap();
+        c.prune(11_200);
+        // Partition 1's only entry expired: dropped. Partition 2 still holds key 2.
+        assert_eq!(c.partitions(), 1);
+        c.prune(11_501);
+        assert_eq!(c.partitions(), 0);
+        assert!(c.is_empty());
     }
 
     proptest! {

@@ -145,6 +145,12 @@ pub fn config(broker: SocketAddr) -> Config {
     cfg
 }
 
+/// `cfg` with Q_CA pinned (PROTOCOL.md §8).
+pub fn pinned(mut cfg: Config, ca_public: &quva_client::curve::Point) -> Config {
+    cfg.ca.public_key = Some(hex::encode(ca_public.to_bytes()));
+    cfg
+}
+
 pub async fn start_bridge(cfg: Config, ca: Option<Arc<dyn CaClient>>) -> Bridge {
     Bridge::start(cfg, ca).await.unwrap()
 }

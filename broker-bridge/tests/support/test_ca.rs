@@ -10,7 +10,7 @@
 )]
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quva_bridge::ca::{
@@ -51,6 +51,8 @@ pub struct TestCa {
     pub state: Mutex<State>,
     pub up: AtomicBool,
     pub hang: AtomicBool,
+    /// `GetGroup` calls answered or refused.
+    pub get_group_calls: AtomicUsize,
     notify: Notify,
 }
 
@@ -61,6 +63,7 @@ impl TestCa {
             state: Mutex::default(),
             up: AtomicBool::new(true),
             hang: AtomicBool::new(false),
+            get_group_calls: AtomicUsize::new(0),
             notify: Notify::new(),
         })
     }
@@ -119,9 +122,24 @@ impl TestCa {
 
     /// Moves a group to a new epoch without membership change (a periodic rekey).
     pub fn rekey(&self, group: &str) {
+        self.rekey_with(group, |_| {});
+    }
+
+    /// Denies a joined member: it leaves the group in a new epoch.
+    pub fn remove(&self, group: &str, id: &str, role: Role) {
+        let id = DeviceId::new(id).unwrap();
+        self.rekey_with(group, |g| {
+            g.allowed.retain(|(d, r)| !(d == &id && *r == role));
+            g.joined
+                .retain(|j| !(j.member().id == id && j.member().role == role));
+        });
+    }
+
+    fn rekey_with(&self, group: &str, change: impl FnOnce(&mut GroupState)) {
         let gid = GroupId::new(group).unwrap();
         let mut s = self.state.lock().unwrap();
         let g = s.groups.get_mut(&gid).unwrap();
+        change(g);
         g.epoch += 1;
         let keys =
             GroupKeys::derive(&self.key, &gid, Epoch(g.epoch), g.privacy, &g.joined).unwrap();
@@ -304,6 +322,7 @@ impl CaClient for Client {
 
     fn get_group(&self, group: GroupId) -> BoxFuture<'_, Result<GroupSnapshot, CaError>> {
         Box::pin(async move {
+            self.0.get_group_calls.fetch_add(1, Ordering::SeqCst);
             self.0.gate().await?;
             self.0.snapshot(&group)
         })

@@ -63,7 +63,7 @@ fn paper_option1_challenge_is_forgeable_and_ours_is_not() {
     let conn = super::ConnectionIdentity::Device(w.publisher.clone());
     let policy = super::Policy::default();
     assert_eq!(
-        msg.verify_at_bridge(&w, &conn, &policy, &mut replay, t),
+        msg.verify_at_bridge(&w, &conn, &policy, &mut Default::default(), t),
         Err(Rejection::BadSignature)
     );
     assert_eq!(
@@ -90,7 +90,7 @@ fn paper_option1_challenge_is_forgeable_and_ours_is_not() {
     attempt.encode(&mut wire2);
     let msg2 = UnverifiedMessage::decode(&wire2).unwrap();
     assert_eq!(
-        msg2.verify_at_bridge(&w, &conn, &policy, &mut ReplayCache::default(), t),
+        msg2.verify_at_bridge(&w, &conn, &policy, &mut crate::message::BridgeReplay::default(), t),
         Err(Rejection::BadSignature)
     );
 }

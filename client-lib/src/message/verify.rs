@@ -19,6 +19,8 @@ use crate::codec::{Decode, put_blob};
 use crate::curve::xdh;
 use crate::ids::{DeviceId, Epoch, GroupId};
 use crate::replay::{ReplayCache, ReplayError};
+
+use super::BridgeReplay;
 use crate::schnorr::{BatchItem, VerifyingKey, verify_batch};
 use crate::symmetric::{aead_open, kdf};
 
@@ -28,7 +30,7 @@ impl UnverifiedMessage {
         &self,
         dir: &impl Directory,
         policy: &Policy,
-        replay: &ReplayCache,
+        seen: impl FnOnce(&[u8; 32]) -> bool,
         now_ms: u64,
     ) -> Result<GroupPublicKeys, Rejection> {
         if self.raw.len() > policy.max_payload {
@@ -42,7 +44,7 @@ impl UnverifiedMessage {
                 GroupLookupError::WrongEpoch => Rejection::WrongEpoch,
             })?;
         check_time(h.t_ms, now_ms, policy.window_ms)?;
-        if replay.contains(&self.hash) {
+        if seen(&self.hash) {
             return Err(Rejection::Replayed);
         }
         Ok(keys)
@@ -60,10 +62,11 @@ impl UnverifiedMessage {
         dir: &impl Directory,
         connection: &ConnectionIdentity,
         policy: &Policy,
-        replay: &ReplayCache,
+        replay: &BridgeReplay,
         now_ms: u64,
     ) -> Result<BridgeCheck<'_>, Rejection> {
-        let keys = self.check_envelope(dir, policy, replay, now_ms)?;
+        let part = self.replay_partition();
+        let keys = self.check_envelope(dir, policy, |h| replay.contains(&part, h), now_ms)?;
         let h = &self.header;
         let key = match &self.content {
             Content::Authenticated { sender, .. } | Content::Confidential { sender, .. } => {
@@ -97,7 +100,7 @@ impl UnverifiedMessage {
         dir: &impl Directory,
         connection: &ConnectionIdentity,
         policy: &Policy,
-        replay: &mut ReplayCache,
+        replay: &mut BridgeReplay,
         now_ms: u64,
     ) -> Result<BridgeVerified, Rejection> {
         self.check_at_bridge(dir, connection, policy, replay, now_ms)?
@@ -118,7 +121,7 @@ impl UnverifiedMessage {
         replay: &mut ReplayCache,
         now_ms: u64,
     ) -> Result<VerifiedMessage, Rejection> {
-        let keys = self.check_envelope(dir, policy, replay, now_ms)?;
+        let keys = self.check_envelope(dir, policy, |h| replay.contains(h), now_ms)?;
         let h = &self.header;
         let (sender, payload) = match &self.content {
             Content::Authenticated {
@@ -213,14 +216,23 @@ fn insert_replay(
     msg: &UnverifiedMessage,
     now_ms: u64,
 ) -> Result<(), Rejection> {
-    let t_ms = msg.header.t_ms;
-    replay
-        .check_and_insert(msg.hash, t_ms, now_ms)
-        .map_err(|e| match e {
-            ReplayError::Replayed | ReplayError::BelowFloor => Rejection::Replayed,
-            ReplayError::OutsideWindow if t_ms < now_ms => Rejection::StaleTimestamp,
-            ReplayError::OutsideWindow => Rejection::FutureTimestamp,
-        })
+    replay_rejection(
+        replay.check_and_insert(msg.hash, msg.header.t_ms, now_ms),
+        msg.header.t_ms,
+        now_ms,
+    )
+}
+
+fn replay_rejection(
+    r: Result<(), ReplayError>,
+    t_ms: u64,
+    now_ms: u64,
+) -> Result<(), Rejection> {
+    r.map_err(|e| match e {
+        ReplayError::Replayed | ReplayError::BelowFloor => Rejection::Replayed,
+        ReplayError::OutsideWindow if t_ms < now_ms => Rejection::StaleTimestamp,
+        ReplayError::OutsideWindow => Rejection::FutureTimestamp,
+    })
 }
 
 /// A message that passed the bridge's checks except its signature, bound to the key that must
@@ -253,15 +265,39 @@ impl<'m> BridgeCheck<'m> {
     /// [`Rejection::BadSignature`] or a replay-cache [`Rejection`].
     pub fn verify(
         self,
-        replay: &mut ReplayCache,
+        replay: &mut BridgeReplay,
         now_ms: u64,
     ) -> Result<BridgeVerified, Rejection> {
-        self.msg.check_signature(&self.key)?;
-        self.accept(replay, now_ms)
+        self.verify_signature()?.accept(replay, now_ms)
     }
 
-    fn accept(self, replay: &mut ReplayCache, now_ms: u64) -> Result<BridgeVerified, Rejection> {
-        insert_replay(replay, self.msg, now_ms)?;
+    /// Verifies the signature alone; the replay cache is left to [`SignedCheck::accept`], so
+    /// that no lock on it need be held while signatures are checked.
+    ///
+    /// # Errors
+    /// [`Rejection::BadSignature`].
+    pub fn verify_signature(self) -> Result<SignedCheck<'m>, Rejection> {
+        self.msg.check_signature(&self.key)?;
+        Ok(SignedCheck { msg: self.msg })
+    }
+}
+
+/// A message whose bridge checks and signature passed; only the replay cache is left.
+#[derive(Debug)]
+pub struct SignedCheck<'m> {
+    msg: &'m UnverifiedMessage,
+}
+
+impl SignedCheck<'_> {
+    /// Records the message in its replay partition (PROTOCOL.md §6, §8): the last step, so a
+    /// duplicate accepted meanwhile (also inside the same batch) is refused here.
+    ///
+    /// # Errors
+    /// [`Rejection::Replayed`], [`Rejection::StaleTimestamp`] or [`Rejection::FutureTimestamp`].
+    pub fn accept(self, replay: &mut BridgeReplay, now_ms: u64) -> Result<BridgeVerified, Rejection> {
+        let t_ms = self.msg.header.t_ms;
+        let r = replay.check_and_insert(self.msg.replay_partition(), self.msg.hash, t_ms, now_ms);
+        replay_rejection(r, t_ms, now_ms)?;
         Ok(BridgeVerified {
             header: self.msg.header.clone(),
             sender: self.msg.claimed_sender().cloned(),
@@ -270,15 +306,16 @@ impl<'m> BridgeCheck<'m> {
     }
 }
 
-/// Verifies the signatures of many [`BridgeCheck`]s in one batch ([`verify_batch`]), then
-/// records the good ones in the replay cache in order (so a duplicate inside the batch is a
-/// replay). Returns one result per check, in order.
-pub fn verify_batch_at_bridge(
-    checks: Vec<BridgeCheck<'_>>,
-    replay: &mut ReplayCache,
-    now_ms: u64,
+/// Verifies the signatures of many [`BridgeCheck`]s in one batch ([`verify_batch`]); one result
+/// per check, in order. No replay cache is touched: accept the good ones in order with
+/// [`SignedCheck::accept`].
+pub fn verify_signatures<'m>(
+    checks: Vec<BridgeCheck<'m>>,
     rng: &mut impl CryptoRngCore,
-) -> Vec<Result<BridgeVerified, Rejection>> {
+) -> Vec<Result<SignedCheck<'m>, Rejection>> {
+    if checks.len() == 1 {
+        return checks.into_iter().map(BridgeCheck::verify_signature).collect();
+    }
     let verdicts = {
         let items: Vec<BatchItem<'_>> = checks.iter().map(BridgeCheck::batch_item).collect();
         verify_batch(&items, rng)
@@ -288,11 +325,25 @@ pub fn verify_batch_at_bridge(
         .zip(verdicts)
         .map(|(check, ok)| {
             if ok {
-                check.accept(replay, now_ms)
+                Ok(SignedCheck { msg: check.msg })
             } else {
                 Err(Rejection::BadSignature)
             }
         })
+        .collect()
+}
+
+/// [`verify_signatures`], then [`SignedCheck::accept`] for each good one in order (so a
+/// duplicate inside the batch is a replay). Returns one result per check, in order.
+pub fn verify_batch_at_bridge(
+    checks: Vec<BridgeCheck<'_>>,
+    replay: &mut BridgeReplay,
+    now_ms: u64,
+    rng: &mut impl CryptoRngCore,
+) -> Vec<Result<BridgeVerified, Rejection>> {
+    verify_signatures(checks, rng)
+        .into_iter()
+        .map(|r| r.and_then(|signed| signed.accept(replay, now_ms)))
         .collect()
 }
 
@@ -474,7 +525,7 @@ mod tests {
         now: u64,
     ) -> Result<BridgeVerified, Rejection> {
         let msg = UnverifiedMessage::decode(wire)?;
-        let mut replay = ReplayCache::default();
+        let mut replay = BridgeReplay::default();
         msg.verify_at_bridge(w, &conn(w, d), &Policy::default(), &mut replay, now)
     }
 
@@ -664,7 +715,7 @@ mod tests {
                 let wire = w.seal(p, d, b"m", w.now);
                 let msg = UnverifiedMessage::decode(&wire).unwrap();
                 let policy = Policy::default();
-                let mut replay = ReplayCache::default();
+                let mut replay = BridgeReplay::default();
                 let c = conn(&w, d);
                 assert!(
                     msg.verify_at_bridge(&w, &c, &policy, &mut replay, w.now)
@@ -716,7 +767,7 @@ mod tests {
                 .err(),
             Some(Rejection::Replayed)
         );
-        let mut replay = ReplayCache::default();
+        let mut replay = BridgeReplay::default();
         let c = conn(&w, d);
         assert!(
             msg.verify_at_bridge(&w, &c, &policy, &mut replay, w.now)
@@ -751,7 +802,7 @@ mod tests {
                 };
                 let wire = w.seal_as(s, p, b"m", w.now);
                 let msg = UnverifiedMessage::decode(&wire).unwrap();
-                let mut replay = ReplayCache::default();
+                let mut replay = BridgeReplay::default();
                 assert_eq!(
                     msg.verify_at_bridge(
                         &w,
@@ -801,7 +852,7 @@ mod tests {
                 let wire = w.seal_as(s, p, b"m", w.now);
                 if p != Protection::Anonymous {
                     let msg = UnverifiedMessage::decode(&wire).unwrap();
-                    let mut replay = ReplayCache::default();
+                    let mut replay = BridgeReplay::default();
                     assert_eq!(
                         msg.verify_at_bridge(
                             &w,
@@ -875,13 +926,13 @@ mod tests {
                 );
                 // Decoded under a laxer limit, the policy still refuses it first.
                 let msg = UnverifiedMessage::decode(&wire).unwrap();
-                let mut replay = ReplayCache::default();
+                let mut replay = BridgeReplay::default();
                 assert_eq!(
                     msg.verify_at_bridge(&Untouchable, &conn(&w, d), &policy, &mut replay, w.now),
                     Err(Rejection::TooLarge)
                 );
                 assert_eq!(
-                    msg.verify(&Untouchable, &w.receiver(d), &policy, &mut replay, w.now)
+                    msg.verify(&Untouchable, &w.receiver(d), &policy, &mut ReplayCache::default(), w.now)
                         .err(),
                     Some(Rejection::TooLarge)
                 );
@@ -903,7 +954,7 @@ mod tests {
                         role: d.sender_role(),
                     },
                 ] {
-                    let mut replay = ReplayCache::default();
+                    let mut replay = BridgeReplay::default();
                     assert_eq!(
                         msg.verify_at_bridge(&w, &c, &Policy::default(), &mut replay, w.now),
                         Err(Rejection::SenderMismatch),
@@ -923,7 +974,7 @@ mod tests {
             let wire = w.seal(Protection::Anonymous, d, b"m", w.now);
             let msg = UnverifiedMessage::decode(&wire).unwrap();
             let check = |c: ConnectionIdentity| {
-                let mut replay = ReplayCache::default();
+                let mut replay = BridgeReplay::default();
                 msg.verify_at_bridge(&w, &c, &Policy::default(), &mut replay, w.now)
             };
             let role = d.sender_role();
@@ -1007,7 +1058,7 @@ mod tests {
                 let secret_payload = b"reading: 21.5 C";
                 let wire = w.seal(p, d, secret_payload, w.now);
                 let msg = UnverifiedMessage::decode(&wire).unwrap();
-                let mut replay = ReplayCache::default();
+                let mut replay = BridgeReplay::default();
                 let v = msg
                     .verify_at_bridge(
                         &public,
@@ -1055,7 +1106,7 @@ mod tests {
             .iter()
             .map(|(d, b, _)| (*d, UnverifiedMessage::decode(b).unwrap()))
             .collect();
-        let mut replay = ReplayCache::default();
+        let mut replay = BridgeReplay::default();
         let checks: Vec<BridgeCheck<'_>> = msgs
             .iter()
             .map(|(d, m)| {

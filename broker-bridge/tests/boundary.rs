@@ -1,0 +1,391 @@
+//! The bridge as a security boundary (PROTOCOL.md §8): each test is an attack a client could try
+//! against a real Mosquitto behind the bridge, and checks that it fails while honest clients are
+//! unaffected.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+#[path = "support/broker.rs"]
+mod broker;
+#[path = "support/devices.rs"]
+mod devices;
+#[path = "support/test_ca.rs"]
+mod test_ca;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use broker::{Mosquitto, Raw, config, pinned, start_bridge};
+use bytes::Bytes;
+use bytestring::ByteString;
+use devices::{cert_proof, connect, enroll, puback, sealer};
+use quva_bridge::{Bridge, Config, now_ms};
+use quva_client::curve::KeyPair;
+use quva_client::enrollment::{Credentials, METHOD_CERT};
+use quva_client::group::Privacy;
+use quva_client::ids::{Epoch, GroupId, Role};
+use quva_client::rng::SystemRng;
+use rmqtt_codec::types::QoS;
+use rmqtt_codec::v5;
+use test_ca::TestCa;
+
+const A: &str = "plant/a";
+const B: &str = "plant/b";
+
+/// Mosquitto, a CA with groups `plant/a` (pub-1, pub-3 publish; sub-1 subscribes) and
+/// `plant/b` (pub-2 publishes), and a bridge with `cfg` changed by `tune`.
+async fn setup(tune: impl FnOnce(&mut Config)) -> (Mosquitto, Bridge, Arc<TestCa>) {
+    let broker = Mosquitto::start().await;
+    let ca = TestCa::new();
+    ca.create_group(A, Privacy::Standard);
+    ca.create_group(B, Privacy::Standard);
+    for (g, id, role) in [
+        (A, "pub-1", Role::Publisher),
+        (A, "pub-3", Role::Publisher),
+        (A, "sub-1", Role::Subscriber),
+        (B, "pub-2", Role::Publisher),
+    ] {
+        ca.allow(g, id, role);
+    }
+    let mut cfg = pinned(config(broker.addr), ca.key.public());
+    tune(&mut cfg);
+    let bridge = start_bridge(cfg, Some(Arc::new(test_ca::Client(ca.clone())))).await;
+    (broker, bridge, ca)
+}
+
+/// A CONNECT with the given fields over a new connection; the CONNACK.
+async fn connect_with(addr: SocketAddr, c: v5::Connect) -> (Raw, Box<v5::ConnectAck>) {
+    let mut raw = Raw::tcp(addr).await;
+    raw.send(v5::Packet::Connect(Box::new(c))).await;
+    match raw.recv().await {
+        Some(v5::Packet::ConnectAck(a)) => (raw, a),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+fn plain(client_id: &str) -> v5::Connect {
+    v5::Connect {
+        clean_start: true,
+        keep_alive: 30,
+        client_id: ByteString::from(client_id),
+        ..Default::default()
+    }
+}
+
+fn with_cert(mut c: v5::Connect, creds: &Credentials) -> v5::Connect {
+    c.auth_method = Some(ByteString::from(METHOD_CERT));
+    c.auth_data = Some(Bytes::from(cert_proof(creds, &c.client_id)));
+    c
+}
+
+fn will(topic: &str) -> v5::LastWill {
+    v5::LastWill {
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: ByteString::from(topic),
+        message: Bytes::from_static(b"forged"),
+        will_delay_interval_sec: None,
+        correlation_data: None,
+        message_expiry_interval: None,
+        content_type: None,
+        user_properties: Vec::new(),
+        is_utf8_payload: None,
+        response_topic: None,
+    }
+}
+
+/// An observer straight on the broker, subscribed to `filter`.
+async fn observer(broker: &Mosquitto, filter: &str) -> Raw {
+    let (mut raw, _) = Raw::connect(broker.addr, "observer", None).await;
+    raw.subscribe(1, filter, vec![]).await;
+    raw
+}
+
+/// Joins `group` as `role` over a fresh certificate connection and returns it.
+async fn joined(bridge: &Bridge, ca: &TestCa, creds: &Credentials, group: &str, role: Role) -> Raw {
+    let client_id = format!("{}-c", creds.id());
+    let mut raw = connect(bridge.local_addr(), creds, &client_id).await;
+    let _ = devices::join(&mut raw, ca, creds, group, role, 1).await;
+    raw
+}
+
+/// An option-1 message of `creds` in `group` at the group's current epoch, dated `t_ms`.
+fn option1(ca: &TestCa, group: &str, creds: &Credentials, t_ms: u64, m: &[u8]) -> Vec<u8> {
+    let g = GroupId::new(group).unwrap();
+    let epoch: Epoch = ca.keys(group).group_info().epoch;
+    sealer(&g, epoch, creds.id(), creds.key())
+        .option1(t_ms, m, &mut SystemRng::new())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_on_protected_and_reserved_topics_are_refused() {
+    let (broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let sub = enroll(addr, &ca, "sub-1").await;
+    let mut watch = observer(&broker, "#").await;
+    for topic in [
+        "quva/k/plant/a/sub",
+        "quva/c/plant/a",
+        "quva/d/sub-1",
+        "plant/a",
+        "plant/a/_q",
+        "plant/a/_ota/pub-1/2/m",
+        "$SYS/broker/version",
+    ] {
+        // Unauthenticated, and as an authenticated member: refused before anything else.
+        let mut c = plain("w-anon");
+        c.last_will = Some(will(topic));
+        let (_, ack) = connect_with(addr, c).await;
+        assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized, "{topic}");
+        let mut c = plain("w-dev");
+        c.last_will = Some(will(topic));
+        let (_, ack) = connect_with(addr, with_cert(c, &sub)).await;
+        assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized, "{topic}");
+    }
+    // Nothing was published anywhere.
+    let seen = watch.drain_publishes(Duration::from_millis(500)).await;
+    assert!(seen.iter().all(|(_, p)| p != b"forged"), "{seen:?}");
+    assert!(bridge.metrics().render().contains("reason=\"will\"} 14"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wills_on_unprotected_topics_behave_as_at_the_broker() {
+    let (broker, bridge, _ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let mut watch = observer(&broker, "status/#").await;
+    // The socket drops: the broker publishes the Will.
+    let mut c = plain("dropper");
+    c.last_will = Some(will("status/dropper"));
+    let (raw, ack) = connect_with(addr, c).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    drop(raw);
+    let seen = watch.drain_publishes(Duration::from_secs(2)).await;
+    assert_eq!(seen, vec![("status/dropper".to_owned(), b"forged".to_vec())]);
+    // The keep-alive expires and the bridge closes the connection: to the broker that is an
+    // abnormal end too, so the Will is published (a normal DISCONNECT would discard it).
+    let mut c = plain("sleeper");
+    c.keep_alive = 1;
+    c.last_will = Some(will("status/sleeper"));
+    let (mut raw, _) = connect_with(addr, c).await;
+    match raw.recv().await {
+        Some(v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::KeepAliveTimeout);
+        }
+        other => panic!("expected DISCONNECT, got {other:?}"),
+    }
+    let seen = watch.drain_publishes(Duration::from_secs(2)).await;
+    assert_eq!(seen, vec![("status/sleeper".to_owned(), b"forged".to_vec())]);
+    // A normal DISCONNECT from the client stays normal: no Will.
+    let mut c = plain("leaver");
+    c.last_will = Some(will("status/leaver"));
+    let (mut raw, _) = connect_with(addr, c).await;
+    raw.send(v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: v5::DisconnectReasonCode::NormalDisconnection,
+        session_expiry_interval_secs: None,
+        server_reference: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+    }))
+    .await;
+    assert!(watch.drain_publishes(Duration::from_secs(1)).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_id_resumes_a_session_only_for_its_own_identity() {
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let sub = enroll(addr, &ca, "sub-1").await;
+    let publisher = enroll(addr, &ca, "pub-1").await;
+    drop(joined(&bridge, &ca, &sub, A, Role::Subscriber).await);
+    let mut pub_raw = joined(&bridge, &ca, &publisher, A, Role::Publisher).await;
+    // The subscriber keeps a persistent session with a subscription, then goes away.
+    let persistent = |id: &str| {
+        let mut c = plain(id);
+        c.clean_start = false;
+        c.session_expiry_interval_secs = 300;
+        c
+    };
+    let (mut raw, ack) = connect_with(addr, with_cert(persistent("sub-1-home"), &sub)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    let ack = raw.subscribe(2, A, vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    drop(raw);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = option1(&ca, A, &publisher, now_ms(), b"queued for sub-1");
+    pub_raw.publish(A, m.clone(), Some(7)).await;
+    assert!(puback(&mut pub_raw, 7).await < 0x80);
+    // Another client (unauthenticated, or another device) with the same client identifier
+    // and clean start off gets a new session: nothing of sub-1's.
+    let (mut thief, ack) = connect_with(addr, persistent("sub-1-home")).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    assert!(!ack.session_present);
+    assert!(thief.drain_publishes(Duration::from_millis(500)).await.is_empty());
+    let (mut thief, ack) = connect_with(addr, with_cert(persistent("sub-1-home"), &publisher)).await;
+    assert!(!ack.session_present);
+    assert!(thief.drain_publishes(Duration::from_millis(500)).await.is_empty());
+    // A client named like the bridge's own connection is just another client.
+    let (_spoof, ack) = connect_with(addr, plain("qb-notices")).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    // The owner resumes its session and gets what was queued.
+    let (mut raw, ack) = connect_with(addr, with_cert(persistent("sub-1-home"), &sub)).await;
+    assert!(ack.session_present);
+    let got = raw.drain_publishes(Duration::from_secs(1)).await;
+    assert_eq!(got, vec![(A.to_owned(), m)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sender_cannot_raise_the_replay_floor_for_others() {
+    let (_broker, bridge, ca) = setup(|c| c.windows.replay_capacity = 4).await;
+    let addr = bridge.local_addr();
+    let (p1, p2, p3) = (
+        enroll(addr, &ca, "pub-1").await,
+        enroll(addr, &ca, "pub-2").await,
+        enroll(addr, &ca, "pub-3").await,
+    );
+    let mut r1 = joined(&bridge, &ca, &p1, A, Role::Publisher).await;
+    let mut r3 = joined(&bridge, &ca, &p3, A, Role::Publisher).await;
+    let mut r2 = joined(&bridge, &ca, &p2, B, Role::Publisher).await;
+    // pub-1 floods its partition with valid messages dated at the future edge of the window.
+    let now = now_ms();
+    for i in 0..8u16 {
+        let m = option1(&ca, A, &p1, now + 55_000 + u64::from(i), b"flood");
+        r1.publish(A, m, Some(10 + i)).await;
+        assert!(puback(&mut r1, 10 + i).await < 0x80, "flood message {i}");
+    }
+    // Its own honest messages now fall under its own floor…
+    let m = option1(&ca, A, &p1, now_ms(), b"late");
+    r1.publish(A, m, Some(30)).await;
+    assert_eq!(puback(&mut r1, 30).await, 0x87);
+    // …but another sender of the same group and a sender of another group are unaffected.
+    let m = option1(&ca, A, &p3, now_ms(), b"same group");
+    r3.publish(A, m.clone(), Some(31)).await;
+    assert!(puback(&mut r3, 31).await < 0x80);
+    let m2 = option1(&ca, B, &p2, now_ms(), b"other group");
+    r2.publish(B, m2, Some(32)).await;
+    assert!(puback(&mut r2, 32).await < 0x80);
+    // Replays are still refused, in the sender's partition whoever carries them.
+    r1.publish(A, m, Some(33)).await;
+    assert_eq!(puback(&mut r1, 33).await, 0x87);
+    // A valid message published retained on the group topic is dropped: it would outlive its
+    // checks.
+    let m = option1(&ca, A, &p3, now_ms(), b"retained");
+    let p = rmqtt_codec::types::Publish {
+        dup: false,
+        retain: true,
+        qos: QoS::AtLeastOnce,
+        topic: ByteString::from(A),
+        packet_id: std::num::NonZeroU16::new(35),
+        payload: Bytes::from(m),
+        properties: Some(v5::PublishProperties::default()),
+    };
+    r3.send(v5::Packet::Publish(Box::new(p))).await;
+    assert_eq!(puback(&mut r3, 35).await, 0x87);
+    // A timestamp more than the window ahead is refused outright.
+    let m = option1(&ca, A, &p3, now_ms() + 61_000, b"too far");
+    r3.publish(A, m, Some(34)).await;
+    assert_eq!(puback(&mut r3, 34).await, 0x87);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_clients_cause_no_ca_lookups() {
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let (mut raw, _) = Raw::connect(bridge.local_addr(), "anon", None).await;
+    for i in 0..20u16 {
+        raw.publish(&format!("plant/random-{i}"), b"x".to_vec(), Some(i + 1))
+            .await;
+        assert_eq!(puback(&mut raw, i + 1).await, 0x87);
+    }
+    let ack = raw.subscribe(40, "plant/random-x", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::NotAuthorized]);
+    assert_eq!(ca.get_group_calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_cannot_stay_idle_forever() {
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    // By default an unauthenticated client without keep-alive (or a longer one) is told 300 s.
+    for asked in [0, 1_000] {
+        let mut c = plain("idle");
+        c.keep_alive = asked;
+        let (_, ack) = connect_with(addr, c).await;
+        assert_eq!(ack.server_keepalive_sec, Some(300), "asked {asked}");
+    }
+    let (_, ack) = connect_with(addr, plain("lively")).await;
+    assert_eq!(ack.server_keepalive_sec, None);
+    // An authenticated device keeps its own (Mosquitto itself answers 65535 for 0).
+    let dev = enroll(addr, &ca, "sub-1").await;
+    let mut c = plain("dev");
+    c.keep_alive = 0;
+    let (_, ack) = connect_with(addr, with_cert(c, &dev)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    assert_ne!(ack.server_keepalive_sec, Some(300));
+    // With a short idle timeout, a silent unauthenticated connection is closed.
+    let (_b2, bridge2, _ca2) = setup(|c| c.limits.idle_timeout_ms = 1_000).await;
+    let mut c = plain("silent");
+    c.keep_alive = 0;
+    let (mut raw, ack) = connect_with(bridge2.local_addr(), c).await;
+    assert_eq!(ack.server_keepalive_sec, Some(1));
+    assert!(raw.closed().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_from_a_group_ends_the_members_sessions() {
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let sub = enroll(addr, &ca, "sub-1").await;
+    let publisher = enroll(addr, &ca, "pub-1").await;
+    let mut sub_raw = joined(&bridge, &ca, &sub, A, Role::Subscriber).await;
+    let mut pub_raw = joined(&bridge, &ca, &publisher, A, Role::Publisher).await;
+    let ack = sub_raw.subscribe(2, A, vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    let _ = sub_raw.drain_publishes(Duration::from_millis(300)).await;
+    ca.remove(A, "sub-1", Role::Subscriber);
+    // The session ends at once, with a reason.
+    let ended = loop {
+        match sub_raw.recv().await {
+            Some(v5::Packet::Disconnect(d)) => break d.reason_code,
+            Some(_) => {}
+            None => panic!("the removed member's session did not end"),
+        }
+    };
+    assert_eq!(ended, v5::DisconnectReasonCode::NotAuthorized);
+    // The remaining member is unaffected.
+    pub_raw.send(v5::Packet::PingRequest).await;
+    loop {
+        match pub_raw.recv().await {
+            Some(v5::Packet::PingResponse) => break,
+            Some(_) => {}
+            None => panic!("the remaining member lost its connection"),
+        }
+    }
+    // The removed device may reconnect, but not subscribe to the group again.
+    let mut again = connect(addr, &sub, "sub-1-again").await;
+    let ack = again.subscribe(3, A, vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::NotAuthorized]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_trusts_only_the_pinned_ca_key() {
+    let broker = Mosquitto::start().await;
+    let ca = TestCa::new();
+    ca.create_group(A, Privacy::Standard);
+    let client = || -> Option<Arc<dyn quva_bridge::ca::CaClient>> {
+        Some(Arc::new(test_ca::Client(ca.clone())))
+    };
+    // A CA link without a pinned key is refused at start.
+    let err = Bridge::start(config(broker.addr), client()).await.unwrap_err();
+    assert!(err.to_string().contains("ca.public_key"), "{err}");
+    // Pinned to another key, the bridge accepts no certificate of the CA behind the link.
+    let other = KeyPair::random(&mut SystemRng::new());
+    let bridge = start_bridge(pinned(config(broker.addr), other.public()), client()).await;
+    let dev = enroll(bridge.local_addr(), &ca, "sub-1").await;
+    let (_, ack) = connect_with(bridge.local_addr(), with_cert(plain("c"), &dev)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized);
+    // Pinned to the right key, the same device connects.
+    let bridge = start_bridge(pinned(config(broker.addr), ca.key.public()), client()).await;
+    let (_, ack) = connect_with(bridge.local_addr(), with_cert(plain("c"), &dev)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+}
