@@ -162,22 +162,17 @@ impl Ca {
             .await
             .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
         let mut client = DeviceServiceClient::new(channel);
-        let mut req = Request::new(pb::GetCaInfoRequest {});
-        if token {
-            let value = format!("Bearer {}", self.bridge_token).parse().unwrap();
-            req.metadata_mut().insert("authorization", value);
-        }
+        let req = with_token(
+            pb::GetCaInfoRequest {},
+            token.then_some(&*self.bridge_token),
+        );
         client.get_ca_info(req).await.map(|_| ())
     }
 
     /// GetStatus on the admin path, with the admin token if `token`.
     async fn admin_call(&self, tls: Option<&ClientTls>, token: bool) -> Result<(), tonic::Status> {
         let mut client = AdminServiceClient::new(self.channel(tls).await.unwrap());
-        let mut req = Request::new(pb::GetStatusRequest {});
-        if token {
-            let value = format!("Bearer {}", self.admin_token).parse().unwrap();
-            req.metadata_mut().insert("authorization", value);
-        }
+        let req = with_token(pb::GetStatusRequest {}, token.then_some(&*self.admin_token));
         client.get_status(req).await.map(|_| ())
     }
 
@@ -192,6 +187,25 @@ impl Ca {
             .map(|e| format!("{}: {}", e.detail, e.outcome))
             .collect()
     }
+}
+
+/// A request with `authorization: Bearer <token>` when a token is given.
+fn with_token<T>(msg: T, token: Option<&str>) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Some(t) = token {
+        let value = format!("Bearer {t}").parse().unwrap();
+        req.metadata_mut().insert("authorization", value);
+    }
+    req
+}
+
+/// Why `start` refused `tls`.
+async fn refusal(tls: TlsConfig, what: &str) -> String {
+    start(Some(tls))
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("started {what}"))
+        .to_string()
 }
 
 fn client(p: &Pki, identity: Option<&(PathBuf, PathBuf)>) -> ClientTls {
@@ -302,34 +316,25 @@ async fn unusable_tls_settings_stop_the_start() {
     let loose = p.dir.path().join("loose.key");
     std::fs::copy(&p.tls.key, &loose).unwrap();
     std::fs::set_permissions(&loose, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
-    let err = start(Some(TlsConfig {
+    let tls = TlsConfig {
         key: loose,
         ..p.tls.clone()
-    }))
-    .await
-    .err()
-    .expect("started with a world-readable key");
-    assert!(
-        err.to_string().contains("readable by group or others"),
-        "{err}"
-    );
+    };
+    let err = refusal(tls, "with a world-readable key").await;
+    assert!(err.contains("readable by group or others"), "{err}");
     // A missing certificate file.
-    let err = start(Some(TlsConfig {
+    let tls = TlsConfig {
         cert: p.dir.path().join("absent.pem"),
         ..p.tls.clone()
-    }))
-    .await
-    .err()
-    .expect("started without a certificate");
-    assert!(err.to_string().contains("absent.pem"), "{err}");
+    };
+    let err = refusal(tls, "without a certificate").await;
+    assert!(err.contains("absent.pem"), "{err}");
     // Requiring bridge certificates without saying which CA signs them.
-    let err = start(Some(TlsConfig {
+    let tls = TlsConfig {
         client_ca: None,
         require_bridge_cert: true,
         ..p.tls.clone()
-    }))
-    .await
-    .err()
-    .expect("started without a client CA");
-    assert!(err.to_string().contains("client_ca"), "{err}");
+    };
+    let err = refusal(tls, "without a client CA").await;
+    assert!(err.contains("client_ca"), "{err}");
 }

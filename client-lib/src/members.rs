@@ -106,13 +106,15 @@ pub struct MemberList {
 impl MemberList {
     /// Encodes a list of certificates ([`encode`] from decoded parts; for tests and simulations).
     pub fn encode(signed: &SignedGroupInfo, certs: &[(Role, &ImplicitCert)]) -> Vec<u8> {
-        let encoded: Vec<(Role, Vec<u8>)> = certs.iter().map(|(r, c)| (*r, c.to_bytes())).collect();
+        let encoded: Vec<(Role, Vec<u8>, &Point)> = certs
+            .iter()
+            .map(|(r, c)| (*r, c.to_bytes(), c.group_base()))
+            .collect();
         encode(
             &signed.to_bytes(),
             encoded
                 .iter()
-                .zip(certs)
-                .map(|((r, bytes), (_, c))| (*r, bytes.as_slice(), c.group_base())),
+                .map(|(r, bytes, g)| (*r, bytes.as_slice(), *g)),
         )
     }
 
