@@ -35,6 +35,7 @@ mod identity;
 mod notices;
 mod registry;
 mod session;
+mod shared;
 mod verify;
 
 // The public interface is these modules and the re-exports below.
@@ -45,7 +46,8 @@ pub mod grpc;
 pub mod metrics;
 pub mod topics;
 
-pub use bridge::{Bridge, StartError, now_ms};
+pub use bridge::{Bridge, StartError};
+pub use shared::now_ms;
 pub use config::Config;
 pub use metrics::Metrics;
 

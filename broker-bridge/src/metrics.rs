@@ -37,6 +37,15 @@ struct Call {
     outcome: &'static str,
 }
 
+/// Drop reasons of the bridge's own, besides every [`quva_client::message::Rejection`] label.
+pub const EXTRA_DROP_REASONS: [&str; 5] = [
+    "reserved_topic",
+    "unauthenticated",
+    "not_authorized",
+    "topic_mismatch",
+    "retained",
+];
+
 /// The bridge's metrics. Cheap to clone (shared counters).
 #[derive(Clone)]
 pub struct Metrics {
@@ -120,7 +129,7 @@ impl Metrics {
         for reason in quva_client::message::Rejection::LABELS
             .iter()
             .copied()
-            .chain(crate::session::EXTRA_DROP_REASONS.iter().copied())
+            .chain(EXTRA_DROP_REASONS.iter().copied())
         {
             publishes_dropped.get_or_create(&Reason { reason }).get();
         }

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::bridge::Shared;
+use crate::shared::Shared;
 use crate::ca::{Notice, NoticeAction};
 
 /// The bridge's own MQTT 5 connection to the broker, used to publish retained notices.

@@ -38,20 +38,12 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::bridge::{Shared, now_ms};
+use crate::shared::{Shared, now_ms};
 use crate::identity::Identity;
 use crate::ca::{connack_reason, suback_reason};
 use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
-/// Drop reasons besides [`Rejection::LABELS`].
-pub const EXTRA_DROP_REASONS: [&str; 5] = [
-    "reserved_topic",
-    "unauthenticated",
-    "not_authorized",
-    "topic_mismatch",
-    "retained",
-];
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
 type DeviceWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;

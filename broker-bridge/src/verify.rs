@@ -21,7 +21,7 @@ use quva_client::message::{
 };
 use rand_core::OsRng;
 
-use crate::bridge::{Shared, now_ms};
+use crate::shared::{Shared, now_ms};
 use crate::directory::BridgeDirectory;
 
 /// A drop decision: the counter label and the PUBACK/PUBREC reason code.

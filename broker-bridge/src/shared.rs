@@ -1,0 +1,203 @@
+//! The parts every connection uses, each with one job: the configuration and topic policy, the
+//! CA gateway ([`CaGateway`]: timeouts, negative cache), the cache of CA data
+//! ([`BridgeDirectory`], with Q_CA pinned from the configuration), the replay caches of
+//! PROTOCOL.md §3 and §6 partitioned per group and sender (§8), the session registry and the
+//! metrics, and the few operations that combine them.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use quva_client::curve::Point;
+use quva_client::enrollment::REASON_NOT_AUTHORIZED;
+use quva_client::ids::{DeviceId, GroupId};
+use quva_client::message::BridgeReplay;
+use quva_client::replay::PartitionedReplay;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::ca::{CaClient, CaError};
+use crate::config::Config;
+use crate::directory::BridgeDirectory;
+use crate::gateway::CaGateway;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::topics::TopicPolicy;
+
+/// The current time in Unix milliseconds (the bridge owns the clock; the protocol core does not).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The parts every connection uses.
+pub(crate) struct Shared {
+    pub(crate) cfg: Config,
+    pub(crate) policy: TopicPolicy,
+    pub(crate) metrics: Metrics,
+    pub(crate) ca: CaGateway,
+    pub(crate) dir: BridgeDirectory,
+    /// Accepted messages, per group and sender (PROTOCOL.md §6, §8).
+    pub(crate) replay: Mutex<BridgeReplay>,
+    /// Connect-proof nonces, per identity (PROTOCOL.md §3, §8).
+    nonces: Mutex<PartitionedReplay<Identity, [u8; 16]>>,
+    /// Batches of signature checks running on the blocking pool at once (one per CPU).
+    pub(crate) verifiers: Semaphore,
+    pub(crate) upstream_password: Option<String>,
+    pub(crate) stop: CancellationToken,
+    pub(crate) sessions: Registry,
+    /// Whether the notice follower has read the CA's log to its end, so that the directory's
+    /// revocations are current; until then certificate connections ask the CA.
+    pub(crate) revocations_current: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    /// Runs one CA call with the configured timeout and records its latency.
+    pub(crate) async fn ca_call<T>(
+        &self,
+        name: &'static str,
+        fut: impl Future<Output = Result<T, CaError>>,
+    ) -> Result<T, CaError> {
+        self.ca.call(name, fut).await
+    }
+
+    /// The CA client, if the bridge has one.
+    pub(crate) fn ca_client(&self) -> Option<&Arc<dyn CaClient>> {
+        self.ca.client()
+    }
+
+    /// Q_CA, pinned from the configuration (PROTOCOL.md §8): never taken from the CA link.
+    pub(crate) fn ca_public(&self) -> Option<Point> {
+        self.dir.ca_public()
+    }
+
+    /// Makes sure the group is cached and not older than the configured TTL.
+    pub(crate) async fn ensure_group(&self, group: &GroupId) -> Result<(), CaError> {
+        let ttl = self.cfg.ca.group_ttl_ms;
+        if self.dir.is_fresh(group, now_ms().saturating_sub(ttl)) {
+            return Ok(());
+        }
+        let known = |dir: &BridgeDirectory| dir.current_epoch(group).is_some();
+        if self.ca.recently_failed(group) {
+            return if known(&self.dir) {
+                Ok(())
+            } else {
+                Err(CaError::NotFound)
+            };
+        }
+        let r = self.refresh_group(group).await;
+        self.ca.fetched(group, r.is_ok());
+        if r.is_err() && known(&self.dir) {
+            // Stale data is better than none while the CA is away.
+            return Ok(());
+        }
+        r
+    }
+
+    /// Fetches the group from the CA and applies it; ends the sessions of departed members.
+    pub(crate) async fn refresh_group(&self, group: &GroupId) -> Result<(), CaError> {
+        let ca = self.ca_client().ok_or(CaError::Unavailable)?;
+        if self.ca_public().is_none() {
+            return Err(CaError::Unavailable);
+        }
+        let snap = self.ca_call("get_group", ca.get_group(group.clone())).await?;
+        let departed = self.dir.apply_snapshot(&snap, now_ms()).map_err(|e| {
+            tracing::warn!(group = %group, error = %e, "group data from the CA rejected");
+            CaError::InvalidResponse
+        })?;
+        self.end_departed(group, &departed);
+        Ok(())
+    }
+
+    /// Ends the sessions of members that left a group (deny, removal, revocation), and the
+    /// group-level connections of the group, which hold its former keys (PROTOCOL.md §8).
+    fn end_departed(&self, group: &GroupId, departed: &[DeviceId]) {
+        if departed.is_empty() {
+            return;
+        }
+        for id in departed {
+            let n = self.sessions.end_device(id);
+            tracing::info!(group = %group, device = %id, sessions = n, "member left the group; sessions ended");
+        }
+        let n = self.sessions.end_group(group);
+        if n > 0 {
+            tracing::info!(group = %group, sessions = n, "group connections ended after a departure");
+        }
+    }
+
+    /// Whether a certificate is revoked: from the notices once they are current, else from the
+    /// CA. `Err` (0x88) if the CA must be asked and cannot answer.
+    pub(crate) async fn is_revoked(&self, serial: u64) -> Result<bool, u8> {
+        if self.dir.is_revoked(serial) {
+            return Ok(true);
+        }
+        if self.revocations_current.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let ca = self.ca_client().ok_or(0x88_u8)?;
+        self.ca_call("is_revoked", ca.is_revoked(serial))
+            .await
+            .map_err(|_| 0x88_u8)
+    }
+
+    /// Records a CONNECT proof's nonce in the identity's partition; `Err` (0x87) if it was seen
+    /// inside the window.
+    pub(crate) fn check_nonce(
+        &self,
+        identity: &Identity,
+        nonce: [u8; 16],
+        t_ms: u64,
+        now: u64,
+    ) -> Result<(), u8> {
+        lock(&self.nonces)
+            .check_and_insert(identity.clone(), nonce, t_ms, now)
+            .map_err(|_| REASON_NOT_AUTHORIZED)
+    }
+
+    /// Forgets expired replay entries and idle partitions.
+    pub(crate) fn prune(&self, now: u64) {
+        lock(&self.replay).prune(now);
+        lock(&self.nonces).prune(now);
+    }
+}
+
+
+impl Shared {
+    /// Builds the parts from a validated configuration; `pinned` is Q_CA.
+    pub(crate) fn new(
+        cfg: Config,
+        policy: TopicPolicy,
+        ca: Option<Arc<dyn CaClient>>,
+        pinned: Option<Point>,
+        upstream_password: Option<String>,
+    ) -> Self {
+        let dir = BridgeDirectory::new(cfg.windows.epoch_grace_ms);
+        if let Some(q) = pinned {
+            dir.set_ca_public(q);
+        }
+        let window = cfg.windows.timestamp_ms;
+        let metrics = Metrics::new();
+        Shared {
+            dir,
+            replay: Mutex::new(BridgeReplay::new(window, cfg.windows.replay_capacity)),
+            nonces: Mutex::new(PartitionedReplay::new(window, cfg.windows.replay_capacity)),
+            verifiers: Semaphore::new(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
+            policy,
+            ca: CaGateway::new(ca, cfg.ca_timeout(), metrics.clone()),
+            metrics,
+            upstream_password,
+            stop: CancellationToken::new(),
+            sessions: Registry::default(),
+            revocations_current: AtomicBool::new(false),
+            cfg,
+        }
+    }
+}
