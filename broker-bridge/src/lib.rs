@@ -30,6 +30,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 mod bridge;
+mod frames;
 mod gateway;
 mod identity;
 mod notices;

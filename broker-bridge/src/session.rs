@@ -39,6 +39,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::shared::{Shared, now_ms};
+use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
 use crate::ca::{connack_reason, suback_reason};
 use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
@@ -234,7 +235,7 @@ async fn dial_upstream(shared: &Shared) -> Option<TcpStream> {
     }
 }
 
-type UpReader = FramedRead<OwnedReadHalf, MqttCodec>;
+type UpReader = FramedRead<OwnedReadHalf, UpstreamCodec>;
 type UpWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
 
 /// Connects upstream and sends `connect`; returns the streams and the broker's CONNACK.
@@ -245,7 +246,7 @@ async fn connect_upstream_v5(
     let stream = dial_upstream(shared).await?;
     let (rd, wr) = stream.into_split();
     let max_in = shared.cfg.limits.max_packet_size;
-    let mut reader = FramedRead::new(rd, MqttCodec::V5(v5::Codec::new(max_in, 0)));
+    let mut reader = FramedRead::new(rd, UpstreamCodec::new(max_in));
     let mut writer = FramedWrite::new(wr, MqttCodec::V5(v5::Codec::new(0, 0)));
     writer
         .send(MqttPacket::V5(v5::Packet::Connect(Box::new(connect))))
@@ -253,9 +254,7 @@ async fn connect_upstream_v5(
         .ok()?;
     let t = Duration::from_millis(shared.cfg.upstream.connect_timeout_ms);
     match tokio::time::timeout(t, reader.next()).await {
-        Ok(Some(Ok((MqttPacket::V5(v5::Packet::ConnectAck(ack)), _)))) => {
-            Some((reader, writer, ack))
-        }
+        Ok(Some(Ok(Upstream::Packet(v5::Packet::ConnectAck(ack))))) => Some((reader, writer, ack)),
         _ => None,
     }
 }
@@ -265,6 +264,8 @@ async fn connect_upstream_v5(
 enum ToDevice {
     /// Relay as is.
     Packet(v5::Packet),
+    /// A delivery from the broker, relayed as the broker's bytes ([`crate::frames`]).
+    Raw(Bytes),
     /// A QoS > 0 PUBLISH with this id went upstream: its PUBACK/PUBREC is awaited.
     Expect(NonZeroU16),
     /// The broker's PUBACK/PUBREC for a device PUBLISH.
@@ -284,6 +285,8 @@ impl AckQueue {
     fn push(&mut self, ev: ToDevice) -> Vec<v5::Packet> {
         match ev {
             ToDevice::Packet(p) => return vec![p],
+            // INVARIANT: the device writer handles raw frames itself; never queued.
+            ToDevice::Raw(_) => return Vec::new(),
             ToDevice::Expect(id) => self.entries.push_back((id, None)),
             ToDevice::UpstreamAck(id, p) => {
                 match self
@@ -529,22 +532,45 @@ fn keep_alive_for(shared: &Shared, identity: &Identity, asked: u16) -> u16 {
     if asked == 0 { cap } else { asked.min(cap) }
 }
 
+/// Writes what reaches the device. Whatever is ready at once goes out in one write: raw
+/// deliveries are appended to the write buffer as they are, packets are encoded into it, and the
+/// buffer is flushed when nothing more is waiting (or it holds [`WRITE_BATCH`] bytes).
 async fn device_writer(mut writer: DeviceWriter, mut rx: mpsc::Receiver<ToDevice>) {
     let mut queue = AckQueue::default();
-    while let Some(ev) = rx.recv().await {
-        for p in queue.push(ev) {
-            let last = matches!(p, v5::Packet::Disconnect(_));
-            if writer.send(MqttPacket::V5(p)).await.is_err() {
-                return;
+    while let Some(mut ev) = rx.recv().await {
+        loop {
+            match ev {
+                ToDevice::Raw(frame) => writer.write_buffer_mut().extend_from_slice(&frame),
+                ev => {
+                    for p in queue.push(ev) {
+                        let last = matches!(p, v5::Packet::Disconnect(_));
+                        if writer.feed(MqttPacket::V5(p)).await.is_err() {
+                            return;
+                        }
+                        if last {
+                            let _ = writer.close().await;
+                            return;
+                        }
+                    }
+                }
             }
-            if last {
-                let _ = writer.close().await;
-                return;
+            if writer.write_buffer().len() >= WRITE_BATCH {
+                break;
             }
+            match rx.try_recv() {
+                Ok(next) => ev = next,
+                Err(_) => break,
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
         }
     }
     let _ = writer.close().await;
 }
+
+/// Bytes gathered for the device before a write even if more is waiting.
+const WRITE_BATCH: usize = 64 * 1024;
 
 async fn upstream_to_device(
     up: &mut UpReader,
@@ -558,10 +584,14 @@ async fn upstream_to_device(
             n = up.next() => n,
         };
         let packet = match next {
-            Some(Ok((MqttPacket::V5(p), _))) => p,
-            Some(Ok(_)) | Some(Err(_)) => {
-                return Stop::Tell(DisconnectReasonCode::UnspecifiedError);
+            Some(Ok(Upstream::Publish(frame))) => {
+                if tx.send(ToDevice::Raw(frame)).await.is_err() {
+                    return Stop::Quiet;
+                }
+                continue;
             }
+            Some(Ok(Upstream::Packet(p))) => p,
+            Some(Err(_)) => return Stop::Tell(DisconnectReasonCode::UnspecifiedError),
             None => return Stop::Tell(DisconnectReasonCode::ServerBusy),
         };
         let ev = match packet {
