@@ -389,3 +389,91 @@ async fn the_bridge_trusts_only_the_pinned_ca_key() {
     let (_, ack) = connect_with(bridge.local_addr(), with_cert(plain("c"), &dev)).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_packets_do_not_disturb_an_honest_device() {
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let publisher = enroll(addr, &ca, "pub-1").await;
+    let sub = enroll(addr, &ca, "sub-1").await;
+    let mut sub_raw = joined(&bridge, &ca, &sub, A, Role::Subscriber).await;
+    let mut pub_raw = joined(&bridge, &ca, &publisher, A, Role::Publisher).await;
+    let ack = sub_raw.subscribe(2, A, vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    let _ = sub_raw.drain_publishes(Duration::from_millis(300)).await;
+
+    // Attackers, all at once, while the honest device publishes.
+    let attack = tokio::spawn(async move {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut connect_frame = bytes::BytesMut::new();
+        tokio_util::codec::Encoder::encode(
+            &mut v5::Codec::new(0, 0),
+            v5::Packet::Connect(Box::new(plain("attacker"))),
+            &mut connect_frame,
+        )
+        .unwrap();
+        let attacks: Vec<Vec<u8>> = vec![
+            // Garbage instead of a CONNECT.
+            vec![0xFF; 64],
+            // A CONNECT, then a length that is not a variable byte integer.
+            [&connect_frame[..], &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..]].concat(),
+            // A CONNECT, then a PUBLISH announcing 200 MB.
+            [&connect_frame[..], &[0x30, 0x80, 0x80, 0x80, 0x60][..]].concat(),
+            // A CONNECT, then a PUBLISH whose topic length runs past the packet.
+            [&connect_frame[..], &[0x32, 0x04, 0xFF, 0xFF, 0x00, 0x01][..]].concat(),
+            // A CONNECT, then a SUBSCRIBE with no filter.
+            [&connect_frame[..], &[0x82, 0x03, 0x00, 0x01, 0x00][..]].concat(),
+        ];
+        for bytes in attacks {
+            let mut raw = Raw::tcp(addr).await;
+            raw.send_bytes(&bytes).await;
+            assert!(raw.closed().await, "the bridge kept a connection after {bytes:02x?}");
+        }
+        // Random bytes after a valid CONNECT.
+        for _ in 0..40 {
+            let mut junk = vec![0u8; 1 + (rng.next_u32() % 300) as usize];
+            rng.fill_bytes(&mut junk);
+            let mut raw = Raw::tcp(addr).await;
+            raw.send_bytes(&[&connect_frame[..], &junk[..]].concat()).await;
+            let _ = raw.recv_within(Duration::from_millis(50)).await;
+        }
+        // A protected PUBLISH just over the payload limit, from an unauthenticated client.
+        let (mut raw, _) = Raw::connect(addr, "big", None).await;
+        raw.publish(A, vec![0; 17 * 1024], Some(1)).await;
+        assert_eq!(puback(&mut raw, 1).await, 0x87);
+    });
+    let mut sent = Vec::new();
+    for i in 0..30u16 {
+        let m = option1(&ca, A, &publisher, now_ms(), format!("honest {i}").as_bytes());
+        pub_raw.publish(A, m.clone(), Some(100 + i)).await;
+        assert!(puback(&mut pub_raw, 100 + i).await < 0x80, "honest message {i}");
+        sent.push((A.to_owned(), m));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    attack.await.unwrap();
+    // The subscriber acknowledges what it gets (the broker keeps at most 20 in flight).
+    let mut got = Vec::new();
+    while let Some(p) = sub_raw.recv_within(Duration::from_secs(1)).await {
+        if let v5::Packet::Publish(p) = p {
+            if let Some(id) = p.packet_id {
+                sub_raw
+                    .send(v5::Packet::PublishAck(v5::PublishAck {
+                        packet_id: id,
+                        reason_code: v5::PublishAckReason::Success,
+                        properties: Vec::new(),
+                        reason_string: None,
+                    }))
+                    .await;
+            }
+            got.push((p.topic.to_string(), p.payload.to_vec()));
+        }
+    }
+    assert!(got == sent, "the subscriber got {} of {} honest messages, or out of order", got.len(), sent.len());
+    let metrics = bridge.metrics().render();
+    assert!(metrics.contains("reason=\"malformed"), "{metrics}");
+    // The bridge still serves new clients.
+    let (_c, ack) = Raw::connect(addr, "after", None).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+}
