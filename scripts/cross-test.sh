@@ -39,6 +39,8 @@ for t in "${targets[@]}"; do
   chmod +x "$wrapper"
   "$wrapper" --version >/dev/null
   echo "==> end-to-end: emulated $t quva-node against host devices"
-  cargo build --locked -p quva-ca -p quva-bridge -p quva-node --bin quva-ca --bin quva-bridge --bin quva-node
-  QUVA_DEVICE_NODE="$wrapper" cargo test --locked -p quva-tests --test device_targets -- --nocapture
+  # The same package selection as scripts/test.sh, so that the build is reused (another selection
+  # resolves other features for RocksDB's build dependencies and compiles RocksDB again).
+  cargo test --workspace --locked --all-targets --no-run
+  QUVA_DEVICE_NODE="$wrapper" cargo test --workspace --locked --test device_targets -- --nocapture
 done

@@ -33,8 +33,8 @@ if [ "$OFFLINE" = 1 ]; then
   exec "$CARGO_TARGET_DIR/debug/examples/walkthrough"
 fi
 
-echo "==> building quva-ca, quva-bridge and quva-node (build dir: $CARGO_TARGET_DIR)"
-cargo build --locked -p quva-ca -p quva-bridge -p quva-node
+echo "==> building the workspace as scripts/test.sh does, so the tests reuse it (build dir: $CARGO_TARGET_DIR)"
+cargo test --workspace --locked --all-targets --no-run
 export PATH="$CARGO_TARGET_DIR/debug:$PATH"
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
