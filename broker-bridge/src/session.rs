@@ -8,7 +8,9 @@
 //! own PUBACK/PUBREC for a dropped PUBLISH waits behind the acknowledgements still pending
 //! upstream, so that a device sees its QoS 1 acknowledgements in order (MQTT 5 §4.6).
 
-use std::collections::{HashMap, VecDeque};
+mod rules;
+
+use std::collections::HashMap;
 use std::num::NonZeroU16;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,7 +26,6 @@ use quva_client::enrollment::{
 };
 use quva_client::group::{GK_PROPERTY, GroupKeyRequest, Privacy};
 use quva_client::ids::{GroupId, Role};
-use quva_client::message::Direction;
 use quva_client::schnorr::VerifyingKey;
 use rmqtt_codec::types::Publish;
 use rmqtt_codec::v5::{
@@ -40,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::shared::{Shared, now_ms};
 use crate::frames::{Upstream, UpstreamCodec};
+use self::rules::{AckQueue, FilterPlan, PendingSub, Target, ToDevice, merge_suback};
 use crate::identity::Identity;
 use crate::ca::{connack_reason, suback_reason};
 use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
@@ -259,71 +261,6 @@ async fn connect_upstream_v5(
     }
 }
 
-/// A packet on its way to the device, with the ordering rules of the ack queue.
-#[derive(Debug)]
-enum ToDevice {
-    /// Relay as is.
-    Packet(v5::Packet),
-    /// A delivery from the broker, relayed as the broker's bytes ([`crate::frames`]).
-    Raw(Bytes),
-    /// A QoS > 0 PUBLISH with this id went upstream: its PUBACK/PUBREC is awaited.
-    Expect(NonZeroU16),
-    /// The broker's PUBACK/PUBREC for a device PUBLISH.
-    UpstreamAck(NonZeroU16, v5::Packet),
-    /// The bridge's own PUBACK/PUBREC for a dropped PUBLISH.
-    OwnAck(NonZeroU16, v5::Packet),
-}
-
-/// Device-bound acknowledgements in PUBLISH order (MQTT 5 §4.6).
-#[derive(Debug, Default)]
-pub(crate) struct AckQueue {
-    entries: VecDeque<(NonZeroU16, Option<v5::Packet>)>,
-}
-
-impl AckQueue {
-    /// Handles one event; returns the packets now ready to send, in order.
-    fn push(&mut self, ev: ToDevice) -> Vec<v5::Packet> {
-        match ev {
-            ToDevice::Packet(p) => return vec![p],
-            // INVARIANT: the device writer handles raw frames itself; never queued.
-            ToDevice::Raw(_) => return Vec::new(),
-            ToDevice::Expect(id) => self.entries.push_back((id, None)),
-            ToDevice::UpstreamAck(id, p) => {
-                match self
-                    .entries
-                    .iter_mut()
-                    .find(|(i, ack)| *i == id && ack.is_none())
-                {
-                    Some(slot) => slot.1 = Some(p),
-                    None => return vec![p],
-                }
-            }
-            ToDevice::OwnAck(id, p) => {
-                if self.entries.is_empty() {
-                    return vec![p];
-                }
-                self.entries.push_back((id, Some(p)));
-            }
-        }
-        let mut out = Vec::new();
-        while self.entries.front().is_some_and(|(_, a)| a.is_some()) {
-            if let Some((_, Some(p))) = self.entries.pop_front() {
-                out.push(p);
-            }
-        }
-        out
-    }
-}
-
-/// A SUBSCRIBE whose SUBACK is awaited from the broker.
-#[derive(Debug)]
-struct PendingSub {
-    /// Per filter: `Some` reason decided by the bridge, `None` forwarded upstream.
-    slots: Vec<Option<SubscribeAckReason>>,
-    /// The `quva-gk` property value for the SUBACK, and the index of its key-topic filter.
-    gk: Option<(usize, String)>,
-}
-
 type PendingSubs = Arc<Mutex<HashMap<NonZeroU16, PendingSub>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -332,6 +269,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// The per-connection relay state of an MQTT 5 device.
 struct V5Session {
+    aliases: rules::Aliases,
     shared: Arc<Shared>,
     identity: Identity,
     client_id: ByteString,
@@ -377,30 +315,21 @@ async fn run_v5(
             return;
         }
     };
-    // The device's own CONNECT, minus authentication, with the bridge's broker credentials.
-    let mut up_connect = (*connect).clone();
-    up_connect.auth_method = None;
-    up_connect.auth_data = None;
-    up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
-    up_connect.password = shared.upstream_password.clone().map(Bytes::from);
-    up_connect.topic_alias_max = 0;
     // An empty client identifier gets one from the bridge (MQTT 5 §3.1.3.1), returned in the
     // CONNACK; upstream every identifier is namespaced by the identity (PROTOCOL.md §8).
-    let assigned = client_id
-        .is_empty()
-        .then(assigned_client_id);
+    let assigned = client_id.is_empty().then(assigned_client_id);
     let effective_id = assigned.as_ref().unwrap_or(&client_id);
-    up_connect.client_id = ByteString::from(admission.identity.upstream_client_id(effective_id));
-    // Unauthenticated connections may not stay idle longer than the idle timeout: their
-    // keep-alive is capped through Server Keep Alive.
-    let keep_alive = keep_alive_for(&shared, &admission.identity, connect.keep_alive);
     let our_max = shared.cfg.limits.max_packet_size;
-    up_connect.max_packet_size = Some(
-        connect
-            .max_packet_size
-            .map_or(our_max, |m| m.get().min(our_max))
-            .try_into()
-            .unwrap_or(std::num::NonZeroU32::MIN),
+    let upstream = rules::Upstream {
+        username: shared.cfg.upstream.username.clone().map(ByteString::from),
+        password: shared.upstream_password.clone().map(Bytes::from),
+        max_packet_size: our_max,
+    };
+    let up_connect = rules::upstream_connect(&connect, &admission.identity, effective_id, &upstream);
+    let keep_alive = rules::keep_alive_for(
+        &admission.identity,
+        connect.keep_alive,
+        shared.cfg.limits.idle_timeout_ms,
     );
     if let Some(m) = connect.max_packet_size
         && let MqttCodec::V5(c) = writer.encoder_mut()
@@ -430,24 +359,15 @@ async fn run_v5(
         }
         return;
     };
-    let mut ack = *up_ack;
+    let grant = rules::Grant {
+        method: admission.method,
+        data: admission.data,
+        assigned,
+        asked_keep_alive: connect.keep_alive,
+        keep_alive,
+    };
+    let ack = rules::device_connack(*up_ack, grant, our_max);
     let accepted = ack.reason_code == ConnectAckReason::Success;
-    if accepted {
-        ack.auth_method = admission.method;
-        ack.auth_data = admission.data;
-    } else {
-        ack.auth_method = None;
-        ack.auth_data = None;
-    }
-    ack.topic_alias_max = 0;
-    ack.max_packet_size = Some(ack.max_packet_size.map_or(our_max, |m| m.min(our_max)));
-    ack.assigned_client_id = assigned;
-    if keep_alive != connect.keep_alive {
-        ack.server_keepalive_sec = Some(
-            ack.server_keepalive_sec
-                .map_or(keep_alive, |k| k.min(keep_alive)),
-        );
-    }
     if writer.send(MqttPacket::V5(ack.into())).await.is_err() || !accepted {
         return;
     }
@@ -474,6 +394,7 @@ async fn run_v5(
     };
 
     let mut session = V5Session {
+        aliases: rules::Aliases::default(),
         shared: shared.clone(),
         identity: admission.identity.clone(),
         client_id,
@@ -519,17 +440,6 @@ fn assigned_client_id() -> ByteString {
         "qa-{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
     ))
-}
-
-/// The keep-alive a connection gets: its own, except that an unauthenticated one may not stay
-/// idle longer than `limits.idle_timeout_ms` (0 or a longer keep-alive is capped to it).
-fn keep_alive_for(shared: &Shared, identity: &Identity, asked: u16) -> u16 {
-    let cap = shared.cfg.limits.idle_timeout_ms / 1000;
-    if identity.is_authenticated() || cap == 0 {
-        return asked;
-    }
-    let cap = u16::try_from(cap).unwrap_or(u16::MAX).max(1);
-    if asked == 0 { cap } else { asked.min(cap) }
 }
 
 /// Writes what reaches the device. Whatever is ready at once goes out in one write: raw
@@ -621,38 +531,6 @@ async fn upstream_to_device(
             return Stop::Quiet;
         }
     }
-}
-
-fn merge_suback(ack: &mut v5::SubscribeAck, pending: PendingSub) {
-    let mut upstream = std::mem::take(&mut ack.status).into_iter();
-    let mut status = Vec::with_capacity(pending.slots.len());
-    for slot in pending.slots {
-        status.push(match slot {
-            Some(own) => own,
-            None => upstream
-                .next()
-                .unwrap_or(SubscribeAckReason::UnspecifiedError),
-        });
-    }
-    if let Some((idx, value)) = pending.gk
-        && status.get(idx).is_some_and(|s| u8::from(*s) < 0x80)
-    {
-        ack.properties.push((GK_PROPERTY.into(), value.into()));
-    }
-    ack.status = status;
-}
-
-/// What a PUBLISH of a batch is.
-enum Target {
-    /// Not protected: relayed unchanged.
-    Unprotected,
-    /// A reserved topic (`quva/…`, `$…`, OTA and direct topics until the bridge checks them): no
-    /// device may publish there.
-    Reserved,
-    /// A retained PUBLISH on a group's data or query topic.
-    Retained,
-    /// A protected group's data (forward) or query topic.
-    Group(GroupId, Direction),
 }
 
 /// A PUBLISH waiting in a verification batch.
@@ -827,22 +705,9 @@ impl V5Session {
 
     /// Sorts a PUBLISH: unprotected ones are relayed at once, protected ones returned for the
     /// batch. `Err` stops the connection (protocol errors).
-    fn classify_publish(&mut self, p: Box<Publish>) -> Result<Option<Candidate>, Stop> {
-        if p.properties
-            .as_ref()
-            .is_some_and(|pr| pr.topic_alias.is_some())
-        {
-            // Topic Alias Maximum is 0 towards devices.
-            return Err(Stop::Tell(DisconnectReasonCode::TopicAliasInvalid));
-        }
-        let target = match self.shared.policy.classify(&p.topic) {
-            TopicKind::Unprotected => Target::Unprotected,
-            // Retained messages on a group's topics would outlive every check (PROTOCOL.md §8).
-            TopicKind::Data(_) | TopicKind::Query(_) if p.retain => Target::Retained,
-            TopicKind::Data(g) => Target::Group(g, Direction::Forward),
-            TopicKind::Query(g) => Target::Group(g, Direction::Query),
-            _ => Target::Reserved,
-        };
+    fn classify_publish(&mut self, mut p: Box<Publish>) -> Result<Option<Candidate>, Stop> {
+        self.aliases.resolve(&mut p).map_err(Stop::Tell)?;
+        let target = rules::target(&self.shared.policy, &p);
         Ok(Some(Candidate { publish: p, target }))
     }
 
@@ -972,53 +837,29 @@ impl V5Session {
         self.forward(v5::Packet::Subscribe(s)).await
     }
 
-    /// Decides one subscription filter. `Ok(Some(value))` carries a `quva-gk` delivery for the
-    /// SUBACK; `Err` is the SUBACK reason code.
+    /// Decides one subscription filter ([`rules::plan_filter`]), asking the CA what the plan
+    /// needs. `Ok(Some(value))` carries a `quva-gk` delivery for the SUBACK; `Err` is the SUBACK
+    /// reason code.
     async fn authorize_filter(
         &mut self,
         filter: &str,
         gk_request: Option<&str>,
         gk_used: &mut bool,
     ) -> Result<Option<String>, u8> {
-        let inner = unshare(filter);
-        if !valid_filter(inner) {
-            return Err(0x8F);
-        }
-        let policy = &self.shared.policy;
-        if inner.contains(['+', '#']) {
-            return if policy.filter_touches_protected(inner) {
-                Err(0x87)
-            } else {
-                Ok(None)
-            };
-        }
-        match policy.classify(inner) {
-            TopicKind::Unprotected => Ok(None),
-            TopicKind::Reserved => Err(0x87),
-            // Nothing protected is looked up or granted for an unauthenticated connection.
-            _ if !self.identity.is_authenticated() => Err(0x87),
-            TopicKind::Data(g) | TopicKind::Ota(g) => self.member_of(&g, Role::Subscriber).await,
-            TopicKind::Query(g) => self.member_of(&g, Role::Publisher).await,
-            TopicKind::Certificates(_) => Ok(None),
-            TopicKind::Individual(_, _, device) | TopicKind::Direct(device) => {
-                (self.identity.device() == Some(&device))
-                    .then_some(None)
-                    .ok_or(0x87)
+        let unused_gk = gk_request.filter(|_| !*gk_used);
+        match rules::plan_filter(&self.shared.policy, &self.identity, filter, unused_gk.is_some()) {
+            FilterPlan::Relay => Ok(None),
+            FilterPlan::Refuse(code) => Err(code),
+            FilterPlan::IfMember(g, role) => {
+                let _ = self.shared.ensure_group(&g).await;
+                self.is_role(&g, role).then_some(None).ok_or(0x87)
             }
-            TopicKind::Key(g, role) => match gk_request {
-                Some(text) if !*gk_used => {
-                    *gk_used = true;
-                    self.join(&g, role, text).await.map(Some)
-                }
-                _ => self.member_of(&g, role).await,
-            },
+            FilterPlan::Join(g, role) => {
+                *gk_used = true;
+                let text = unused_gk.unwrap_or_default();
+                self.join(&g, role, text).await.map(Some)
+            }
         }
-    }
-
-    /// `Ok(None)` if this connection is a current member of `group` in `role`, else 0x87.
-    async fn member_of(&mut self, group: &GroupId, role: Role) -> Result<Option<String>, u8> {
-        let _ = self.shared.ensure_group(group).await;
-        self.is_role(group, role).then_some(None).ok_or(0x87)
     }
 
     /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into
@@ -1154,7 +995,11 @@ async fn run_v3(
             end.cancel();
         })
     };
-    let keep_alive = keep_alive_for(&shared, &Identity::Anonymous, connect.keep_alive);
+    let keep_alive = rules::keep_alive_for(
+        &Identity::Anonymous,
+        connect.keep_alive,
+        shared.cfg.limits.idle_timeout_ms,
+    );
     let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     loop {
         let read = async {
@@ -1254,81 +1099,4 @@ async fn run_v3(
     drop(tx);
     let _ = up_task.await;
     let _ = writer_task.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ack(id: u16, code: PublishAckReason) -> (NonZeroU16, v5::Packet) {
-        let id = NonZeroU16::new(id).unwrap();
-        (
-            id,
-            v5::Packet::PublishAck(PublishAck {
-                packet_id: id,
-                reason_code: code,
-                properties: Vec::new(),
-                reason_string: None,
-            }),
-        )
-    }
-
-    fn ids(ps: &[v5::Packet]) -> Vec<u16> {
-        ps.iter()
-            .map(|p| match p {
-                v5::Packet::PublishAck(a) => a.packet_id.get(),
-                _ => 0,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn own_acks_wait_behind_pending_upstream_acks() {
-        let mut q = AckQueue::default();
-        let (id1, a1) = ack(1, PublishAckReason::Success);
-        let (id2, a2) = ack(2, PublishAckReason::NotAuthorized);
-        let (id3, a3) = ack(3, PublishAckReason::Success);
-        assert!(q.push(ToDevice::Expect(id1)).is_empty());
-        assert!(q.push(ToDevice::OwnAck(id2, a2)).is_empty());
-        assert!(q.push(ToDevice::Expect(id3)).is_empty());
-        assert!(q.push(ToDevice::UpstreamAck(id3, a3)).is_empty());
-        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id1, a1))), vec![1, 2, 3]);
-        let (id4, a4) = ack(4, PublishAckReason::NotAuthorized);
-        assert_eq!(ids(&q.push(ToDevice::OwnAck(id4, a4))), vec![4]);
-    }
-
-    #[test]
-    fn unexpected_upstream_acks_pass_through() {
-        let mut q = AckQueue::default();
-        let (id, a) = ack(9, PublishAckReason::Success);
-        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id, a))), vec![9]);
-    }
-
-    #[test]
-    fn suback_merges_bridge_and_broker_decisions() {
-        let id = NonZeroU16::new(5).unwrap();
-        let mut ack = v5::SubscribeAck {
-            packet_id: id,
-            properties: Vec::new(),
-            reason_string: None,
-            status: vec![
-                SubscribeAckReason::GrantedQos1,
-                SubscribeAckReason::GrantedQos0,
-            ],
-        };
-        let pending = PendingSub {
-            slots: vec![None, Some(SubscribeAckReason::NotAuthorized), None],
-            gk: Some((2, "abc".into())),
-        };
-        merge_suback(&mut ack, pending);
-        assert_eq!(
-            ack.status,
-            vec![
-                SubscribeAckReason::GrantedQos1,
-                SubscribeAckReason::NotAuthorized,
-                SubscribeAckReason::GrantedQos0
-            ]
-        );
-        assert_eq!(ack.properties, vec![(GK_PROPERTY.into(), "abc".into())]);
-    }
 }

@@ -167,22 +167,25 @@ async fn bad_clients_are_cut_off_alone() {
     let mut silent = Raw::tcp(addr).await;
     assert!(silent.closed().await, "half-open connection not closed");
 
-    // A topic alias from a device (Topic Alias Maximum is 0) is a protocol error.
+    // Topic aliases from a device resolve in the bridge (it must see the topic to classify a
+    // PUBLISH); an alias that was never set is a protocol error (MQTT 5 §3.3.4).
     let (mut alias, ack) = Raw::connect(addr, "alias", None).await;
-    assert_eq!(ack.topic_alias_max, 0);
-    let p = rmqtt_codec::types::Publish {
+    assert_eq!(ack.topic_alias_max, 32);
+    let aliased = |topic: &str, alias: u16, body: &'static [u8]| rmqtt_codec::types::Publish {
         dup: false,
         retain: false,
         qos: rmqtt_codec::types::QoS::AtMostOnce,
-        topic: "weather/x".into(),
+        topic: topic.into(),
         packet_id: None,
-        payload: bytes::Bytes::from_static(b"a"),
+        payload: bytes::Bytes::from_static(body),
         properties: Some(v5::PublishProperties {
-            topic_alias: std::num::NonZeroU16::new(1),
+            topic_alias: std::num::NonZeroU16::new(alias),
             ..Default::default()
         }),
     };
-    alias.send(v5::Packet::Publish(Box::new(p))).await;
+    alias.send(v5::Packet::Publish(Box::new(aliased("weather/x", 1, b"set")))).await;
+    alias.send(v5::Packet::Publish(Box::new(aliased("", 1, b"used")))).await;
+    alias.send(v5::Packet::Publish(Box::new(aliased("", 2, b"unset")))).await;
     match alias.recv().await {
         Some(v5::Packet::Disconnect(d)) => {
             assert_eq!(d.reason_code, v5::DisconnectReasonCode::TopicAliasInvalid);
@@ -198,7 +201,14 @@ async fn bad_clients_are_cut_off_alone() {
         other => panic!("{other:?}"),
     }
     let got = good.drain_publishes(Duration::from_millis(500)).await;
-    assert_eq!(got, vec![("weather/ok".to_string(), b"fine".to_vec())]);
+    assert_eq!(
+        got,
+        vec![
+            ("weather/x".to_string(), b"set".to_vec()),
+            ("weather/x".to_string(), b"used".to_vec()),
+            ("weather/ok".to_string(), b"fine".to_vec())
+        ]
+    );
     bridge.shutdown().await;
 }
 
