@@ -29,6 +29,9 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+#[cfg(any(fuzzing, test))]
+#[doc(hidden)]
+pub mod __fuzz;
 mod bridge;
 mod frames;
 mod gateway;

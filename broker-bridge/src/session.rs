@@ -8,7 +8,7 @@
 //! own PUBACK/PUBREC for a dropped PUBLISH waits behind the acknowledgements still pending
 //! upstream, so that a device sees its QoS 1 acknowledgements in order (MQTT 5 §4.6).
 
-mod rules;
+pub(crate) mod rules;
 
 use std::collections::HashMap;
 use std::num::NonZeroU16;

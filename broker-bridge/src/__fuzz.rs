@@ -1,0 +1,244 @@
+//! Fuzz entry points (hidden): the connection's decisions driven by arbitrary packet sequences,
+//! with no sockets. Used by `fuzz/fuzz_targets/bridge_session.rs` and by the unit test below on
+//! seeded random inputs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use bytes::BytesMut;
+use quva_client::ids::{DeviceId, GroupId, Role};
+use rmqtt_codec::v5;
+use tokio_util::codec::Decoder as _;
+
+use crate::frames::{Upstream, UpstreamCodec};
+use crate::identity::{DEVICE_PREFIX, Identity};
+use crate::session::rules::{
+    self, AckQueue, Aliases, FilterPlan, Target, ToDevice, TOPIC_ALIAS_MAX,
+};
+use crate::topics::{TopicKind, TopicPolicy, unshare};
+
+const MAX: u32 = 64 * 1024;
+
+/// Decodes `data[1..]` as the packets a device sends (the first byte picks the connection's
+/// identity) and runs every decision a session makes on them, asserting its invariants; the
+/// same bytes also go through the broker-side framing.
+pub fn session(data: &[u8]) {
+    let Some((&who, rest)) = data.split_first() else {
+        return;
+    };
+    let identity = match who % 3 {
+        0 => Identity::Anonymous,
+        1 => Identity::Device(DeviceId::new("dev-1").unwrap()),
+        _ => Identity::Group(GroupId::new("plant/a").unwrap(), Role::Publisher),
+    };
+    let policy = TopicPolicy::new(["plant/#", "hall/+/temp"]).unwrap();
+    upstream_frames(rest);
+
+    let mut codec = v5::Codec::new(MAX, 0);
+    let mut buf = BytesMut::from(rest);
+    let mut aliases = Aliases::default();
+    let mut acks = AckQueue::default();
+    let (mut awaited, mut released) = (0usize, 0usize);
+    while let Ok(Some((packet, _))) = codec.decode(&mut buf) {
+        match packet {
+            v5::Packet::Connect(c) => connect(&c, &identity, &policy),
+            v5::Packet::Subscribe(s) => {
+                for (filter, _) in &s.topic_filters {
+                    subscribe(&policy, &identity, filter);
+                }
+            }
+            v5::Packet::Publish(mut p) => {
+                let had_alias = p.properties.as_ref().is_some_and(|pr| pr.topic_alias.is_some());
+                if aliases.resolve(&mut p).is_err() {
+                    assert!(had_alias, "only an alias can be invalid");
+                    continue;
+                }
+                assert!(p.properties.as_ref().is_none_or(|pr| pr.topic_alias.is_none()));
+                let kind = policy.classify(&p.topic);
+                match rules::target(&policy, &p) {
+                    Target::Unprotected => assert_eq!(kind, TopicKind::Unprotected),
+                    Target::Group(g, _) => {
+                        assert!(!p.retain, "a retained group message is never checked");
+                        assert!(matches!(kind, TopicKind::Data(ref d) | TopicKind::Query(ref d) if *d == g));
+                    }
+                    Target::Retained => assert!(p.retain),
+                    Target::Reserved => assert!(!matches!(kind, TopicKind::Unprotected)),
+                }
+                if let Some(id) = p.packet_id {
+                    awaited += 1;
+                    released += acks.push(ToDevice::Expect(id)).len();
+                }
+            }
+            v5::Packet::PublishAck(a) => {
+                released += acks
+                    .push(ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishAck(a)))
+                    .len();
+                awaited += 1;
+            }
+            _ => {}
+        }
+    }
+    // The ack queue releases nothing it was not given.
+    assert!(released <= awaited);
+}
+
+fn connect(c: &v5::Connect, identity: &Identity, policy: &TopicPolicy) {
+    let up = rules::Upstream {
+        username: Some("bridge".into()),
+        password: None,
+        max_packet_size: MAX,
+    };
+    let u = rules::upstream_connect(c, identity, &c.client_id, &up);
+    assert!(u.auth_method.is_none() && u.auth_data.is_none());
+    assert!(u.client_id.starts_with(DEVICE_PREFIX) && u.client_id.len() == 25);
+    assert_eq!(u.username.as_deref(), Some("bridge"));
+    assert_eq!(u.topic_alias_max, 0);
+    assert!(u.max_packet_size.is_some_and(|m| m.get() <= MAX));
+    let k = rules::keep_alive_for(identity, c.keep_alive, 300_000);
+    if identity.is_authenticated() {
+        assert_eq!(k, c.keep_alive);
+    } else {
+        assert!((1..=300).contains(&k));
+    }
+    if let Some(w) = &c.last_will {
+        assert_eq!(
+            policy.will_allowed(&w.topic),
+            policy.classify(&w.topic) == TopicKind::Unprotected
+        );
+    }
+    let ack = rules::device_connack(v5::ConnectAck::default(), rules::Grant::default(), MAX);
+    assert_eq!(ack.topic_alias_max, TOPIC_ALIAS_MAX);
+}
+
+fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
+    let plan = rules::plan_filter(policy, identity, filter, true);
+    let inner = unshare(filter);
+    match &plan {
+        FilterPlan::Relay if inner.contains(['+', '#']) => {
+            assert!(!policy.filter_touches_protected(inner), "{filter}");
+        }
+        FilterPlan::Relay => assert!(
+            matches!(policy.classify(inner), TopicKind::Unprotected | TopicKind::Certificates(_))
+                || identity.device().is_some(),
+            "{filter}"
+        ),
+        FilterPlan::IfMember(..) | FilterPlan::Join(..) => assert!(identity.is_authenticated()),
+        FilterPlan::Refuse(code) => assert!(*code >= 0x80),
+    }
+    if !identity.is_authenticated() && plan == FilterPlan::Relay && !inner.contains(['+', '#']) {
+        assert_eq!(policy.classify(inner), TopicKind::Unprotected, "{filter}");
+    }
+}
+
+/// The broker-side framing never loses or invents bytes: the PUBLISH frames it passes on are
+/// exact slices of the input, and it stops at the first frame it cannot take.
+fn upstream_frames(data: &[u8]) {
+    let mut codec = UpstreamCodec::new(MAX);
+    let mut buf = BytesMut::from(data);
+    let mut offset = 0;
+    loop {
+        let before = buf.len();
+        match codec.decode(&mut buf) {
+            Ok(Some(frame)) => {
+                let used = before - buf.len();
+                if let Upstream::Publish(bytes) = frame {
+                    assert_eq!(&bytes[..], &data[offset..offset + used]);
+                }
+                offset += used;
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::{RngCore, SeedableRng};
+
+    /// Seeded random packet streams, and valid packets with random bytes flipped.
+    #[test]
+    fn session_decisions_hold_on_random_packet_streams() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let seeds = super::seeds();
+        for i in 0..20_000 {
+            let mut data = if i % 2 == 0 {
+                let mut d = vec![0u8; 1 + (rng.next_u32() % 200) as usize];
+                rng.fill_bytes(&mut d);
+                d
+            } else {
+                let mut d = seeds[i % seeds.len()].clone();
+                let n = d.len();
+                for _ in 0..1 + rng.next_u32() % 3 {
+                    let at = (rng.next_u32() as usize) % n;
+                    d[at] ^= 1 << (rng.next_u32() % 8);
+                }
+                d
+            };
+            data.truncate(1 + (rng.next_u32() as usize) % (data.len() + 1));
+            super::session(&data);
+        }
+        for s in &seeds {
+            super::session(s);
+        }
+    }
+}
+
+/// Valid inputs for [`session`]: a CONNECT with a Will, a SUBSCRIBE with several filters and
+/// PUBLISHes with aliases, for each identity.
+pub fn seeds() -> Vec<Vec<u8>> {
+    use bytestring::ByteString;
+    use rmqtt_codec::types::{Publish, QoS};
+    use tokio_util::codec::Encoder as _;
+    let mut stream = BytesMut::new();
+    let mut enc = v5::Codec::new(0, 0);
+    let connect = v5::Connect {
+        client_id: "dev-c".into(),
+        keep_alive: 0,
+        last_will: Some(v5::LastWill {
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: "quva/k/plant/a/sub".into(),
+            message: bytes::Bytes::from_static(b"x"),
+            will_delay_interval_sec: None,
+            correlation_data: None,
+            message_expiry_interval: None,
+            content_type: None,
+            user_properties: Vec::new(),
+            is_utf8_payload: None,
+            response_topic: None,
+        }),
+        ..Default::default()
+    };
+    enc.encode(v5::Packet::Connect(Box::new(connect)), &mut stream).unwrap();
+    let filters = ["plant/a", "+/+", "quva/k/plant/a/sub", "$share/g/weather/#", "quva/d/dev-1"];
+    let opts = v5::SubscriptionOptions {
+        qos: QoS::AtLeastOnce,
+        no_local: false,
+        retain_as_published: false,
+        retain_handling: v5::RetainHandling::AtSubscribe,
+    };
+    let sub = v5::Subscribe {
+        packet_id: std::num::NonZeroU16::MIN,
+        id: None,
+        user_properties: Vec::new(),
+        topic_filters: filters.iter().map(|f| (ByteString::from(*f), opts.clone())).collect(),
+    };
+    enc.encode(v5::Packet::Subscribe(sub), &mut stream).unwrap();
+    for (topic, alias, retain) in [("plant/a", 1, false), ("", 1, true), ("weather", 2, false)] {
+        let p = Publish {
+            dup: false,
+            retain,
+            qos: QoS::AtLeastOnce,
+            topic: topic.into(),
+            packet_id: std::num::NonZeroU16::new(7),
+            payload: bytes::Bytes::from_static(b"payload"),
+            properties: Some(v5::PublishProperties {
+                topic_alias: std::num::NonZeroU16::new(alias),
+                ..Default::default()
+            }),
+        };
+        enc.encode(v5::Packet::Publish(Box::new(p)), &mut stream).unwrap();
+    }
+    (0..3u8)
+        .map(|who| [&[who][..], &stream[..]].concat())
+        .collect()
+}
