@@ -75,6 +75,12 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(max_in, 0)),
         ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(max_in)),
     };
+    if version == ProtocolVersion::MQTT5
+        && let Some(at) = rules::empty_id_without_clean_start(reader.read_buffer())
+        && let Some(flags) = reader.read_buffer_mut().get_mut(at)
+    {
+        *flags |= 0x02;
+    }
     let first = tokio::time::timeout_at(deadline.into(), reader.next()).await;
     let writer_codec = match version {
         ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(0, 0)),
@@ -94,6 +100,15 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
                 let ack = connack(ConnectAckReason::PacketTooLarge);
                 let _ = writer.send(MqttPacket::V5(ack)).await;
             }
+        }
+        Ok(Some(Err(rmqtt_codec::error::DecodeError::InvalidClientId)))
+            if version == ProtocolVersion::MQTT5 =>
+        {
+            // An empty client identifier with Clean Start 0: there is no session to resume, and
+            // the broker would refuse it too (MQTT 5 §3.1.3.1).
+            shared.metrics.refused("client_id");
+            let ack = connack(ConnectAckReason::ClientIdentifierNotValid);
+            let _ = writer.send(MqttPacket::V5(ack)).await;
         }
         Err(_) => shared.metrics.refused("handshake_timeout"),
         _ => shared.metrics.refused("malformed_connect"),
@@ -797,6 +812,7 @@ impl V5Session {
         let mut forwarded = Vec::new();
         let mut gk: Option<(usize, String)> = None;
         let mut gk_used = false;
+        let mut reason = None;
         for (i, (filter, opts)) in std::mem::take(&mut s.topic_filters).into_iter().enumerate() {
             let decision = self
                 .authorize_filter(&filter, gk_request.as_deref(), &mut gk_used)
@@ -811,6 +827,7 @@ impl V5Session {
                 }
                 Err(code) => {
                     tracing::info!(client_id = %self.client_id, filter = %filter, code, "subscription refused");
+                    reason = reason.or_else(|| rules::refusal_reason(&self.shared.policy, &filter));
                     slots.push(Some(
                         SubscribeAckReason::try_from(code)
                             .unwrap_or(SubscribeAckReason::NotAuthorized),
@@ -823,7 +840,7 @@ impl V5Session {
             let ack = v5::SubscribeAck {
                 packet_id: id,
                 properties: Vec::new(),
-                reason_string: None,
+                reason_string: reason.map(ByteString::from_static),
                 status: slots.into_iter().flatten().collect(),
             };
             return self
@@ -832,7 +849,7 @@ impl V5Session {
                 .await
                 .map_err(|_| ());
         }
-        lock(&self.subs).insert(id, PendingSub { slots, gk });
+        lock(&self.subs).insert(id, PendingSub { slots, gk, reason });
         s.topic_filters = forwarded;
         self.forward(v5::Packet::Subscribe(s)).await
     }

@@ -272,3 +272,86 @@ async fn broker_down_is_server_unavailable_and_shutdown_says_goodbye() {
     assert_eq!(ack.reason_code, v5::ConnectAckReason::ServerUnavailable);
     bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_say_why_and_empty_client_ids_get_one_assigned_as_at_the_broker() {
+    let broker = Mosquitto::start().await;
+    let bridge = start_bridge(config(broker.addr), None).await;
+    let addr = bridge.local_addr();
+    // A broad wildcard that could match protected topics is refused with a reason, and the
+    // unprotected filters of the same SUBSCRIBE are granted.
+    let (mut c, _) = Raw::connect(addr, "broad", None).await;
+    let s = v5::Subscribe {
+        packet_id: std::num::NonZeroU16::new(3).unwrap(),
+        id: None,
+        user_properties: Vec::new(),
+        topic_filters: ["weather/#", "+/+"]
+            .into_iter()
+            .map(|f| {
+                (
+                    bytestring::ByteString::from(f),
+                    v5::SubscriptionOptions {
+                        qos: rmqtt_codec::types::QoS::AtLeastOnce,
+                        no_local: false,
+                        retain_as_published: false,
+                        retain_handling: v5::RetainHandling::AtSubscribe,
+                    },
+                )
+            })
+            .collect(),
+    };
+    c.send(v5::Packet::Subscribe(s)).await;
+    let ack = loop {
+        match c.recv().await {
+            Some(v5::Packet::SubscribeAck(a)) => break a,
+            Some(_) => {}
+            None => panic!("no SUBACK"),
+        }
+    };
+    assert_eq!(
+        ack.status,
+        vec![
+            v5::SubscribeAckReason::GrantedQos1,
+            v5::SubscribeAckReason::NotAuthorized
+        ]
+    );
+    let why = ack.reason_string.expect("a reason string");
+    assert!(why.contains("protected"), "{why}");
+    // Alone, the refused filter gets the same reason.
+    let ack = c.subscribe(4, "#", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::NotAuthorized]);
+    assert!(ack.reason_string.is_some());
+
+    // An empty client identifier with Clean Start 1 gets one assigned…
+    let mut raw = Raw::tcp(addr).await;
+    let connect = |clean_start| v5::Connect {
+        clean_start,
+        keep_alive: 30,
+        client_id: "".into(),
+        ..Default::default()
+    };
+    raw.send(v5::Packet::Connect(Box::new(connect(true)))).await;
+    match raw.recv().await {
+        Some(v5::Packet::ConnectAck(a)) => {
+            assert_eq!(a.reason_code, v5::ConnectAckReason::Success);
+            assert!(a.assigned_client_id.is_some_and(|id| id.starts_with("qa-")));
+        }
+        other => panic!("{other:?}"),
+    }
+    // …and with Clean Start 0 too, as Mosquitto does.
+    let mut answers = Vec::new();
+    for at in [broker.addr, addr] {
+        let mut raw = Raw::tcp(at).await;
+        raw.send(v5::Packet::Connect(Box::new(connect(false)))).await;
+        match raw.recv().await {
+            Some(v5::Packet::ConnectAck(a)) => {
+                assert!(a.assigned_client_id.is_some());
+                answers.push((a.reason_code, a.session_present));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(answers[0], answers[1]);
+    assert_eq!(answers[1], (v5::ConnectAckReason::Success, false));
+    bridge.shutdown().await;
+}

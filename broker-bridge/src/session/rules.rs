@@ -102,6 +102,42 @@ pub(crate) fn device_connack(mut ack: v5::ConnectAck, grant: Grant, our_max: u32
     ack
 }
 
+/// The offset of the Connect Flags byte of the MQTT 5 CONNECT at the start of `buf` if its client
+/// identifier is empty and its Clean Start is 0, and the whole packet is in `buf`.
+///
+/// MQTT 5 lets a server assign an identifier to such a client (§3.1.3.1), and Mosquitto does;
+/// rmqtt-codec refuses to decode it. For a freshly assigned identifier there is no session to
+/// resume, so setting Clean Start changes nothing but lets the packet decode.
+pub(crate) fn empty_id_without_clean_start(buf: &[u8]) -> Option<usize> {
+    fn varint(buf: &[u8], at: usize) -> Option<(usize, usize)> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let b = *buf.get(at + i)?;
+            value |= usize::from(b & 0x7F) << (7 * i);
+            if b & 0x80 == 0 {
+                return Some((value, i + 1));
+            }
+        }
+        None
+    }
+    fn u16_at(buf: &[u8], at: usize) -> Option<usize> {
+        Some(usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
+    }
+    if buf.first() != Some(&0x10) {
+        return None;
+    }
+    let (remaining, n) = varint(buf, 1)?;
+    if buf.len() < 1 + n + remaining {
+        return None;
+    }
+    let name = u16_at(buf, 1 + n)?;
+    let flags_at = 1 + n + 2 + name + 1;
+    let flags = *buf.get(flags_at)?;
+    let (props, m) = varint(buf, flags_at + 3)?;
+    let id_len = u16_at(buf, flags_at + 3 + m + props)?;
+    (id_len == 0 && flags & 0x02 == 0).then_some(flags_at)
+}
+
 /// What one subscription filter needs before its fate is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum FilterPlan {
@@ -278,7 +314,24 @@ pub(crate) struct PendingSub {
     pub(crate) slots: Vec<Option<SubscribeAckReason>>,
     /// The `quva-gk` property value for the SUBACK, and the index of its key-topic filter.
     pub(crate) gk: Option<(usize, String)>,
+    /// The Reason String for the SUBACK, when the bridge refused a filter for a reason worth
+    /// saying ([`refusal_reason`]).
+    pub(crate) reason: Option<&'static str>,
 }
+
+/// Why a wildcard filter was refused, for the SUBACK's Reason String: a filter that could match a
+/// protected or reserved topic is refused as a whole (PROTOCOL.md §8), so that the client knows
+/// to subscribe to its unprotected topics with a narrower filter instead of losing them silently.
+pub(crate) fn refusal_reason(policy: &TopicPolicy, filter: &str) -> Option<&'static str> {
+    let inner = unshare(filter);
+    (valid_filter(inner) && inner.contains(['+', '#']) && policy.filter_touches_protected(inner))
+        .then_some(WILDCARD_REFUSED)
+}
+
+/// The Reason String of [`refusal_reason`].
+pub(crate) const WILDCARD_REFUSED: &str = "a wildcard filter that can match protected Quva topics \
+     (groups, quva/, $) is refused; subscribe to unprotected topics with a narrower filter and to \
+     each group by its exact topic";
 
 /// Puts the bridge's own decisions and the `quva-gk` delivery into the broker's SUBACK.
 pub(crate) fn merge_suback(ack: &mut v5::SubscribeAck, pending: PendingSub) {
@@ -296,6 +349,9 @@ pub(crate) fn merge_suback(ack: &mut v5::SubscribeAck, pending: PendingSub) {
         && status.get(idx).is_some_and(|s| u8::from(*s) < 0x80)
     {
         ack.properties.push((GK_PROPERTY.into(), value.into()));
+    }
+    if let Some(reason) = pending.reason {
+        ack.reason_string = Some(ByteString::from_static(reason));
     }
     ack.status = status;
 }
@@ -346,6 +402,32 @@ mod tests {
         assert_eq!(u.topic_alias_max, 0);
         assert_eq!(u.max_packet_size, NonZeroU32::new(1000));
         assert_eq!(u.client_id, id.upstream_client_id("dev-c"));
+    }
+
+    #[test]
+    fn an_empty_client_id_without_clean_start_is_found_in_the_connect() {
+        use tokio_util::codec::Encoder as _;
+        let encode = |clean_start: bool, id: &str| {
+            let mut out = bytes::BytesMut::new();
+            let c = v5::Connect {
+                clean_start,
+                client_id: id.into(),
+                user_properties: vec![("k".into(), "v".into())],
+                ..Default::default()
+            };
+            v5::Codec::new(0, 0)
+                .encode(v5::Packet::Connect(Box::new(c)), &mut out)
+                .unwrap();
+            out
+        };
+        let mut resume = encode(false, "");
+        let at = empty_id_without_clean_start(&resume).expect("found");
+        resume[at] |= 0x02;
+        assert_eq!(resume, encode(true, ""));
+        assert_eq!(empty_id_without_clean_start(&encode(true, "")), None);
+        assert_eq!(empty_id_without_clean_start(&encode(false, "dev")), None);
+        // Not all there yet: no decision.
+        assert_eq!(empty_id_without_clean_start(&encode(false, "")[..10]), None);
     }
 
     #[test]
@@ -516,6 +598,7 @@ mod tests {
         let pending = PendingSub {
             slots: vec![None, Some(SubscribeAckReason::NotAuthorized), None],
             gk: Some((2, "abc".into())),
+            reason: refusal_reason(&policy(), "+/+"),
         };
         merge_suback(&mut ack, pending);
         assert_eq!(
@@ -527,5 +610,8 @@ mod tests {
             ]
         );
         assert_eq!(ack.properties, vec![(GK_PROPERTY.into(), "abc".into())]);
+        assert_eq!(ack.reason_string.as_deref(), Some(WILDCARD_REFUSED));
+        assert_eq!(refusal_reason(&policy(), "weather/#"), None);
+        assert_eq!(refusal_reason(&policy(), "plant/a"), None);
     }
 }
