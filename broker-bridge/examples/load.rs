@@ -11,6 +11,7 @@
 //! target/release/examples/load throughput --batch 1
 //! target/release/examples/load latency
 //! target/release/examples/load memory --idle 1000
+//! target/release/examples/load fanout --subscribers 50 --messages 2000
 //! ```
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -82,6 +83,16 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000)]
         messages: usize,
     },
+    /// The bridge's CPU time per message delivered to subscribers: `subscribers` connections
+    /// through the bridge receive `messages` PUBLISHes sent straight to the broker.
+    Fanout {
+        /// Subscribers, each on its own connection through the bridge.
+        #[arg(long, default_value_t = 50)]
+        subscribers: usize,
+        /// Messages published (QoS 0, 200-byte payloads).
+        #[arg(long, default_value_t = 2_000)]
+        messages: usize,
+    },
     /// Resident memory of the bridge with no and with `idle` connected devices.
     Memory {
         /// Idle devices to connect.
@@ -145,6 +156,21 @@ impl BridgeProcess {
         let _ = child.kill();
         let _ = child.wait();
         panic!("the bridge did not start");
+    }
+
+    /// User plus system CPU time of the bridge process so far, from /proc.
+    fn cpu_time(&self) -> Duration {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // Fields after the command name (which may hold spaces): utime is the 14th field of the
+        // line, stime the 15th, in clock ticks (100 per second on Linux).
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<u64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        Duration::from_millis((f[0] + f[1]) * 10)
     }
 
     /// VmRSS in KiB from /proc.
@@ -421,6 +447,67 @@ async fn latency(bin: &PathBuf, messages: usize) {
     println!("load average after: {}", load_average());
 }
 
+async fn fanout(bin: &PathBuf, subscribers: usize, messages: usize) {
+    let w = world(bin, 64).await;
+    let mut subs = Vec::with_capacity(subscribers);
+    for i in 0..subscribers {
+        let (mut raw, _) = Raw::connect(w.bridge.addr, &format!("fan-{i}"), None).await;
+        let s = v5::Subscribe {
+            packet_id: std::num::NonZeroU16::MIN,
+            id: None,
+            user_properties: Vec::new(),
+            topic_filters: vec![(
+                "fan/out".into(),
+                v5::SubscriptionOptions {
+                    qos: rmqtt_codec::types::QoS::AtMostOnce,
+                    no_local: false,
+                    retain_as_published: false,
+                    retain_handling: v5::RetainHandling::AtSubscribe,
+                },
+            )],
+        };
+        raw.send(v5::Packet::Subscribe(s)).await;
+        assert!(matches!(raw.recv().await, Some(v5::Packet::SubscribeAck(_))));
+        subs.push(raw);
+    }
+    let readers: Vec<_> = subs
+        .into_iter()
+        .map(|mut raw| {
+            tokio::spawn(async move {
+                let mut n = 0;
+                while n < messages {
+                    match raw.recv_within(Duration::from_secs(10)).await {
+                        Some(v5::Packet::Publish(_)) => n += 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                n
+            })
+        })
+        .collect();
+    let (mut publisher, _) = Raw::connect(w.broker.addr, "fan-pub", None).await;
+    let cpu_before = w.bridge.cpu_time();
+    let started = Instant::now();
+    for _ in 0..messages {
+        publisher.send(publish_packet("fan/out", vec![7; 200], None)).await;
+    }
+    let mut delivered = 0;
+    for r in readers {
+        delivered += r.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let cpu = w.bridge.cpu_time() - cpu_before;
+    println!(
+        "fanout: {subscribers} subscribers x {messages} messages: {delivered} deliveries in {:.2} s; \
+         bridge CPU {:.2} s = {:.2} us per delivery (load average {})",
+        elapsed.as_secs_f64(),
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / delivered.max(1) as f64,
+        load_average()
+    );
+}
+
 async fn memory(bin: &PathBuf, idle: usize) {
     let w = world(bin, 64).await;
     let creds = devices::enroll(w.bridge.addr, &w.ca, "idle").await;
@@ -460,6 +547,10 @@ async fn main() {
             window,
         } => throughput(&bin, batch, publishers, messages, window).await,
         Cmd::Latency { messages } => latency(&bin, messages).await,
+        Cmd::Fanout {
+            subscribers,
+            messages,
+        } => fanout(&bin, subscribers, messages).await,
         Cmd::Memory { idle } => memory(&bin, idle).await,
     }
 }
