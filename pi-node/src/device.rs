@@ -16,6 +16,16 @@
 //! A CA-signed member list of a later epoch that still names the device, with no notice
 //! following it, also leads to a new request: a notice was lost.
 //!
+//! Resumption (PROTOCOL.md §4, v1.1): after a reconnection or a restart, a role whose key is held
+//! (kept across the connection or restored from the key store) is subscribed again *without* a
+//! group-key request ([`Device::resume`], [`Purpose::Resume`]): no public-key work on the device
+//! or at the CA. The retained notices on the key topics bring the key up to date, and the
+//! retained member list confirms the epoch. Only when that fails — the bridge refuses the
+//! subscription (no longer a member), a newer notice cannot be opened (an epoch was missed and
+//! its notice overwritten), the member list names another certificate of the device, or no list
+//! confirms the epoch in time — does the device join again with `quva-gk`, once
+//! ([`Output::ResumeFailed`] says why).
+//!
 //! Messages that cannot be checked yet — an epoch the device has not adopted, or no member list
 //! for their epoch — wait (bounded) until the key or list arrives, or until the timestamp window
 //! has passed.
@@ -133,6 +143,14 @@ pub enum Purpose {
         /// The role.
         role: Role,
     },
+    /// The key topics, the individual notice topic and the member certificates without a
+    /// request, for a role whose key is held (resumption after a reconnection or a restart).
+    Resume {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+    },
     /// The traffic the role receives: data for a subscriber, queries for a publisher.
     Listen {
         /// The group.
@@ -162,6 +180,47 @@ pub enum KeySource {
     Notice,
     /// The key store.
     Restored,
+}
+
+/// Why a resumed role joins again with a group-key request (PROTOCOL.md §4, "Resumption").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResumeFailure {
+    /// The bridge refused the key topic without a request: no longer a joined member of the
+    /// role in its member list (0x87), or it could not tell.
+    #[error("the bridge refused the resumed subscription (reason 0x{code:02x}: {}); joining again",
+        suback_meaning(*code))]
+    Refused {
+        /// The SUBACK reason code.
+        code: u8,
+    },
+    /// A notice more than one epoch ahead of the held key: the notices in between were
+    /// overwritten.
+    #[error("cannot open the notice of epoch {} (the held key is of epoch {}: an epoch was \
+        missed); joining again", epoch.0, held.0)]
+    MissedEpoch {
+        /// The notice's epoch.
+        epoch: Epoch,
+        /// The held key's epoch.
+        held: Epoch,
+    },
+    /// A CA-signed notice newer than the held key that does not open with it.
+    #[error("cannot open the notice of epoch {}; joining again", epoch.0)]
+    Unopenable {
+        /// The notice's epoch.
+        epoch: Epoch,
+    },
+    /// The member list names this device with another certificate (it was renewed): the CA
+    /// must learn the new share.
+    #[error("the member list of epoch {} names another certificate of this device; joining \
+        again", epoch.0)]
+    OtherCertificate {
+        /// The list's epoch.
+        epoch: Epoch,
+    },
+    /// No member list confirmed the held epoch within the re-request interval.
+    #[error("no member list confirmed the held key's epoch in time; joining again")]
+    Unconfirmed,
 }
 
 /// What was dropped.
@@ -231,6 +290,26 @@ pub enum Output {
         role: Role,
         /// The SUBACK reason code.
         code: u8,
+    },
+    /// A held key's role was subscribed again without a group-key request; retained notices and
+    /// the member list follow.
+    Resumed {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+        /// The epoch of the held key.
+        epoch: Epoch,
+    },
+    /// A resumed role could not catch up and joins again (the `Subscribe` with the request
+    /// follows).
+    ResumeFailed {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+        /// Why.
+        reason: ResumeFailure,
     },
     /// A subscription filter was refused.
     SubscriptionRefused {
@@ -352,6 +431,12 @@ struct RoleState {
     last_request_ms: Option<u64>,
     /// Since when a CA-signed member list names this device in a later epoch than its key.
     behind_since: Option<u64>,
+    /// Subscribed without a request on this connection, with no join since: a failure to catch
+    /// up leads to one join.
+    resumed: bool,
+    /// Since when a resumed role waits for a member list that confirms its key's epoch (or,
+    /// after a failed resumption, for the join's SUBACK).
+    unconfirmed_since: Option<u64>,
 }
 
 struct Waiting {
@@ -532,6 +617,8 @@ impl Device {
         {
             state.requesting = true;
             state.last_request_ms = Some(now_ms);
+            state.resumed = false;
+            state.unconfirmed_since = None;
         }
         Ok(Subscription {
             filters: self.key_filters(group, role),
@@ -551,11 +638,48 @@ impl Device {
         ]
     }
 
-    /// The subscriptions to send again after a reconnection: a fresh join for every role.
+    /// Takes part in `group` as `role` again after a (re)connection: with a held key (kept or
+    /// restored from the key store) the key topics are subscribed without a group-key request
+    /// ([`Purpose::Resume`], PROTOCOL.md §4 "Resumption"); without one this is [`Device::join`].
+    /// With `receive`, the role's traffic is subscribed once the SUBACK has arrived.
+    ///
+    /// # Errors
+    /// [`JoinError::Request`] with probability 2⁻²⁵⁶ (joins only).
+    pub fn resume(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        receive: bool,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Subscription, JoinError> {
+        if self.keyring(group, role).is_none() {
+            return self.join(group, role, receive, now_ms, rng);
+        }
+        if let Some(state) = self.state_or_default(group, role) {
+            state.receive |= receive;
+            state.listening = false;
+            state.requesting = false;
+            state.resumed = false;
+            // Not known to be current until the SUBACK and a member list have arrived.
+            state.unconfirmed_since = Some(now_ms);
+        }
+        Ok(Subscription {
+            filters: self.key_filters(group, role),
+            group_key_request: None,
+            purpose: Purpose::Resume {
+                group: group.clone(),
+                role,
+            },
+        })
+    }
+
+    /// The subscriptions to send again after a reconnection, for every role taken part in:
+    /// [`Device::resume`] (a resumption where a key is held, else a join).
     ///
     /// # Errors
     /// [`JoinError::Request`] with probability 2⁻²⁵⁶.
-    pub fn rejoin_all(
+    pub fn resume_all(
         &mut self,
         now_ms: u64,
         rng: &mut impl CryptoRngCore,
@@ -567,13 +691,22 @@ impl Device {
             .collect();
         let mut out = Vec::new();
         for (g, r) in wanted {
-            if let Some(state) = self.groups.get_mut(&g).and_then(|s| s.roles.get_mut(&r)) {
-                state.listening = false;
-                state.requesting = false;
-            }
-            out.push(self.request(&g, r, now_ms, rng)?);
+            out.push(self.resume(&g, r, false, now_ms, rng)?);
         }
         Ok(out)
+    }
+
+    /// Whether the key of `role` in `group` is held and, after a resumption, confirmed current
+    /// by a member list (or renewed since).
+    pub fn is_current(&self, group: &GroupId, role: Role) -> bool {
+        let Some(session) = self.groups.get(group) else {
+            return false;
+        };
+        session.rings.contains_key(&role)
+            && session
+                .roles
+                .get(&role)
+                .is_none_or(|st| st.unconfirmed_since.is_none())
     }
 
     /// Handles the SUBACK of a [`Subscription`]: `codes` are its reason codes in filter order,
@@ -588,6 +721,7 @@ impl Device {
         codes: &[u8],
         group_key: Option<&str>,
         now_ms: u64,
+        rng: &mut impl CryptoRngCore,
     ) -> Result<Vec<Output>, JoinError> {
         let mut out = Vec::new();
         match purpose {
@@ -595,6 +729,7 @@ impl Device {
                 self.refused_extras(codes, &self.key_filters(group, *role), &mut out);
                 if let Some(state) = self.state_mut(group, *role) {
                     state.requesting = false;
+                    state.unconfirmed_since = None;
                 }
                 let code = codes.first().copied().unwrap_or(0x80);
                 if code >= 0x80 {
@@ -645,6 +780,10 @@ impl Device {
             Purpose::Watch { group, role } => {
                 self.refused_extras(codes, &[key_topic(group, *role)], &mut out);
             }
+            Purpose::Resume { group, role } => {
+                self.refused_extras(codes, &self.key_filters(group, *role), &mut out);
+                self.on_resumed(group, *role, codes, now_ms, rng, &mut out);
+            }
             Purpose::Listen { group, role } => {
                 let filter = receive_topic(group, *role);
                 match codes.first().copied() {
@@ -664,6 +803,72 @@ impl Device {
         Ok(out)
     }
 
+    /// The SUBACK of a resumption: accepted, the role waits for the retained notices and member
+    /// list; refused, it joins again.
+    fn on_resumed(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        codes: &[u8],
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+        out: &mut Vec<Output>,
+    ) {
+        let code = codes.first().copied().unwrap_or(0x80);
+        if code >= 0x80 {
+            let reason = ResumeFailure::Refused { code };
+            self.fall_back(group, role, reason, now_ms, rng, out);
+            return;
+        }
+        let epoch = self.keyring(group, role).map(Keyring::epoch);
+        if let Some(state) = self.state_mut(group, role) {
+            state.resumed = true;
+            state.unconfirmed_since = Some(now_ms);
+        }
+        if let Some(epoch) = epoch {
+            out.push(Output::Resumed {
+                group: group.clone(),
+                role,
+                epoch,
+            });
+        }
+        if let Some(listen) = self.listen(group, role) {
+            out.push(Output::Subscribe(listen));
+        }
+    }
+
+    /// Joins again after a failed resumption (once: the request ends the resumption).
+    fn fall_back(
+        &mut self,
+        group: &GroupId,
+        role: Role,
+        reason: ResumeFailure,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+        out: &mut Vec<Output>,
+    ) {
+        out.push(Output::ResumeFailed {
+            group: group.clone(),
+            role,
+            reason,
+        });
+        if let Ok(sub) = self.request(group, role, now_ms, rng) {
+            out.push(Output::Subscribe(sub));
+        }
+        // The held key may be outdated: not current until the join's SUBACK.
+        if let Some(state) = self.state_mut(group, role) {
+            state.unconfirmed_since = Some(now_ms);
+        }
+    }
+
+    /// Whether `role` in `group` was resumed and has not fallen back to a join since.
+    fn is_resumed(&self, group: &GroupId, role: Role) -> bool {
+        self.groups
+            .get(group)
+            .and_then(|s| s.roles.get(&role))
+            .is_some_and(|st| st.resumed)
+    }
+
     /// Reports refused filters after the first (the key topic is judged separately).
     fn refused_extras(&self, codes: &[u8], filters: &[String], out: &mut Vec<Output>) {
         for (code, filter) in codes.iter().zip(filters).skip(1) {
@@ -678,6 +883,11 @@ impl Device {
 
     fn state_mut(&mut self, group: &GroupId, role: Role) -> Option<&mut RoleState> {
         self.groups.get_mut(group)?.roles.get_mut(&role)
+    }
+
+    /// The role's state, created if the group is known.
+    fn state_or_default(&mut self, group: &GroupId, role: Role) -> Option<&mut RoleState> {
+        Some(self.groups.get_mut(group)?.roles.entry(role).or_default())
     }
 
     /// The subscription to the role's traffic, once, if wanted and a key is held.
@@ -752,8 +962,10 @@ impl Device {
             return out;
         };
         match route {
-            Route::Key(role) => self.on_notice(&group, role, topic, payload, now_ms, &mut out),
-            Route::Members => self.on_members(&group, topic, payload, now_ms, &mut out),
+            Route::Key(role) => {
+                self.on_notice(&group, role, topic, payload, now_ms, rng, &mut out);
+            }
+            Route::Members => self.on_members(&group, topic, payload, now_ms, rng, &mut out),
             Route::Data | Route::Query => {
                 self.on_message(&group, topic, payload.to_vec(), now_ms, &mut out);
             }
@@ -782,6 +994,7 @@ impl Device {
         None
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_notice(
         &mut self,
         group: &GroupId,
@@ -789,6 +1002,7 @@ impl Device {
         topic: &str,
         payload: &[u8],
         now_ms: u64,
+        rng: &mut impl CryptoRngCore,
         out: &mut Vec<Output>,
     ) {
         let notice = match RekeyNotice::from_bytes(payload) {
@@ -809,16 +1023,49 @@ impl Device {
             // An old retained notice: nothing to do.
             Ok(None) | Err(RekeyError::StaleEpoch) => {}
             Err(RekeyError::EpochGap) => {
+                let epoch = notice.signed_info().info_unverified().epoch;
                 self.wait_notice(group, role, notice, topic, out);
                 if let Some(state) = self.state_mut(group, role) {
                     state.needs_key = true;
                 }
+                if self.is_resumed(group, role)
+                    && let Some(held) = self.keyring(group, role).map(Keyring::epoch)
+                {
+                    let reason = ResumeFailure::MissedEpoch { epoch, held };
+                    self.fall_back(group, role, reason, now_ms, rng, out);
+                }
             }
-            Err(e) => out.push(Output::Dropped {
-                topic: topic.to_owned(),
-                reason: DropReason::Notice(e),
-            }),
+            Err(e) => {
+                out.push(Output::Dropped {
+                    topic: topic.to_owned(),
+                    reason: DropReason::Notice(e),
+                });
+                if let Some(epoch) = self.newer_signed_epoch(group, role, &notice) {
+                    let reason = ResumeFailure::Unopenable { epoch };
+                    self.fall_back(group, role, reason, now_ms, rng, out);
+                }
+            }
         }
+    }
+
+    /// The epoch of a notice that failed to open, if the role was resumed and the notice is
+    /// CA-signed, of this group and newer than the held key: the device cannot catch up from
+    /// it. A forged or foreign notice is only dropped.
+    fn newer_signed_epoch(
+        &self,
+        group: &GroupId,
+        role: Role,
+        notice: &RekeyNotice,
+    ) -> Option<Epoch> {
+        if !self.is_resumed(group, role) || notice.role() != role {
+            return None;
+        }
+        let held = self.keyring(group, role)?.epoch();
+        let info = notice
+            .signed_info()
+            .verify(&VerifyingKey(self.ca_public))
+            .ok()?;
+        (&info.group == group && info.epoch > held).then_some(info.epoch)
     }
 
     /// Applies a notice: to the keyring if one is held, else as the first key if it is
@@ -913,10 +1160,19 @@ impl Device {
         if let Some(session) = self.groups.get_mut(group) {
             let newest = session.lists.keys().next_back().copied();
             for (role, ring) in &session.rings {
-                if newest.is_none_or(|e| ring.epoch() >= e)
-                    && let Some(state) = session.roles.get_mut(role)
-                {
+                let Some(state) = session.roles.get_mut(role) else {
+                    continue;
+                };
+                if newest.is_none_or(|e| ring.epoch() >= e) {
                     state.behind_since = None;
+                }
+                // Caught up past the list: the resumed key is current.
+                if newest.is_some_and(|e| ring.epoch() >= e) {
+                    state.unconfirmed_since = None;
+                }
+                // No notice waits for an earlier key any more: the gap is closed.
+                if !session.notices.iter().any(|(r, _)| r == role) {
+                    state.needs_key = false;
                 }
             }
         }
@@ -930,6 +1186,7 @@ impl Device {
         topic: &str,
         payload: &[u8],
         now_ms: u64,
+        rng: &mut impl CryptoRngCore,
         out: &mut Vec<Output>,
     ) {
         let list = match MemberList::verify(payload, &self.ca_public, group) {
@@ -945,9 +1202,18 @@ impl Device {
         let epoch = list.epoch();
         let members = list.members().len();
         let id = self.creds.id().clone();
+        let stale = self.stale_certificate_roles(group, &list);
         let Some(session) = self.groups.get_mut(group) else {
             return;
         };
+        // After a resumption, a list not later than the held key confirms it is current.
+        for (role, ring) in &session.rings {
+            if epoch <= ring.epoch()
+                && let Some(state) = session.roles.get_mut(role)
+            {
+                state.unconfirmed_since = None;
+            }
+        }
         // A later epoch that still lists this device means a notice was missed: unless one
         // arrives soon, ask again (see `rerequest`). One that does not list it means it was
         // removed from that role.
@@ -971,8 +1237,28 @@ impl Device {
             epoch,
             members,
         });
+        for role in stale {
+            let reason = ResumeFailure::OtherCertificate { epoch };
+            self.fall_back(group, role, reason, now_ms, rng, out);
+        }
         self.prune_lists(group, now_ms);
         self.retry_waiting(group, now_ms, out);
+    }
+
+    /// The resumed roles in which `list` names this device with another public key than its
+    /// own: the CA holds the share of a previous certificate.
+    fn stale_certificate_roles(&self, group: &GroupId, list: &MemberList) -> Vec<Role> {
+        let own = self.creds.key().public();
+        let id = self.creds.id();
+        [Role::Publisher, Role::Subscriber]
+            .into_iter()
+            .filter(|role| self.is_resumed(group, *role))
+            .filter(|role| {
+                list.members()
+                    .iter()
+                    .any(|m| &m.member.id == id && m.member.role == *role && &m.member.q != own)
+            })
+            .collect()
     }
 
     /// Keeps the lists of the epochs still usable plus any later ones, at most
@@ -1105,6 +1391,21 @@ impl Device {
             if let Ok(sub) = self.request(&g, r, now_ms, rng) {
                 out.push(Output::Subscribe(sub));
             }
+        }
+        let unconfirmed: Vec<(GroupId, Role)> = self
+            .groups
+            .iter()
+            .flat_map(|(g, s)| {
+                s.roles.iter().filter_map(move |(r, st)| {
+                    let late = st
+                        .unconfirmed_since
+                        .is_some_and(|t| now_ms.saturating_sub(t) >= interval);
+                    (st.resumed && late && !st.requesting).then(|| (g.clone(), *r))
+                })
+            })
+            .collect();
+        for (g, r) in unconfirmed {
+            self.fall_back(&g, r, ResumeFailure::Unconfirmed, now_ms, rng, out);
         }
     }
 

@@ -39,7 +39,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
-use crate::device::{Device, DropReason, KeySource, Output, Purpose, Subscription};
+use crate::device::{Device, DropReason, KeySource, Output, Purpose, ResumeFailure, Subscription};
 use crate::enroll::{ConnectAuth, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::store::KeyStore;
@@ -377,6 +377,8 @@ pub struct Link {
     conn: Option<Conn>,
     wanted: Vec<(GroupId, Role, bool)>,
     ready: BTreeSet<(GroupId, Role)>,
+    /// Roles whose traffic subscription was granted on this connection.
+    listened: BTreeSet<(GroupId, Role)>,
     outbox: VecDeque<Pending>,
     next_id: u64,
     events: VecDeque<LinkEvent>,
@@ -412,6 +414,7 @@ impl Link {
             conn: None,
             wanted: Vec::new(),
             ready: BTreeSet::new(),
+            listened: BTreeSet::new(),
             outbox: VecDeque::new(),
             next_id: 1,
             events: VecDeque::new(),
@@ -549,6 +552,7 @@ impl Link {
         let was_connected = self.conn.as_ref().is_some_and(|c| c.connected);
         self.conn = None;
         self.ready.clear();
+        self.listened.clear();
         for p in &mut self.outbox {
             p.sent = false;
         }
@@ -590,9 +594,13 @@ impl Link {
                         .find(|(k, _)| k == GK_PROPERTY)
                         .map(|(_, v)| v.clone())
                 });
-                let outs = self
-                    .device
-                    .on_suback(&sub.purpose, &codes, gk.as_deref(), now_ms())?;
+                let outs = self.device.on_suback(
+                    &sub.purpose,
+                    &codes,
+                    gk.as_deref(),
+                    now_ms(),
+                    &mut self.rng,
+                )?;
                 self.after_suback(&sub.purpose, &codes);
                 self.handle_outputs(outs)?;
             }
@@ -636,38 +644,48 @@ impl Link {
         Ok(())
     }
 
-    /// After a SUBACK: the role is ready once its key is held and, if it receives, its traffic
-    /// is subscribed.
+    /// After a SUBACK: records a granted traffic subscription, then updates readiness.
     fn after_suback(&mut self, purpose: &Purpose, codes: &[u8]) {
-        let (group, role, listen_done) = match purpose {
-            Purpose::Join { group, role } | Purpose::Watch { group, role } => (group, *role, false),
-            Purpose::Listen { group, role } => {
-                (group, *role, codes.first().is_some_and(|c| *c < 0x80))
+        if let Purpose::Listen { group, role } = purpose
+            && codes.first().is_some_and(|c| *c < 0x80)
+        {
+            self.listened.insert((group.clone(), *role));
+        }
+        self.update_ready();
+    }
+
+    /// A role is ready once its key is held and current (after a resumption: confirmed by the
+    /// member list or renewed from a notice) and, if it receives, its traffic is subscribed.
+    fn update_ready(&mut self) {
+        for (group, role, receive) in &self.wanted {
+            let key = (group.clone(), *role);
+            if self.ready.contains(&key)
+                || !self.device.is_current(group, *role)
+                || (*receive && !self.listened.contains(&key))
+            {
+                continue;
             }
-        };
-        let receive = self
-            .wanted
-            .iter()
-            .any(|(g, r, rx)| g == group && *r == role && *rx);
-        let Some(ring) = self.device.keyring(group, role) else {
-            return;
-        };
-        let epoch = ring.epoch();
-        if (!receive || listen_done) && self.ready.insert((group.clone(), role)) {
+            let Some(ring) = self.device.keyring(group, *role) else {
+                continue;
+            };
+            let epoch = ring.epoch();
+            self.ready.insert(key);
             self.events.push_back(LinkEvent::Ready {
                 group: group.clone(),
-                role,
+                role: *role,
                 epoch,
             });
         }
         self.flush_outbox();
     }
 
+    /// Takes part in every wanted role: resumed without a group-key request where a key is held
+    /// (PROTOCOL.md §4 "Resumption"), joined otherwise.
     fn join_all(&mut self) -> Result<(), NodeError> {
         let now = now_ms();
         let mut subs = Vec::new();
         for (g, r, receive) in self.wanted.clone() {
-            subs.push(self.device.join(&g, r, receive, now, &mut self.rng)?);
+            subs.push(self.device.resume(&g, r, receive, now, &mut self.rng)?);
         }
         for s in subs {
             self.subscribe(s);
@@ -736,6 +754,19 @@ impl Link {
                 Output::KeyRequestDeferred { group, role, code } => {
                     tracing::warn!(group = %group, ?role, code, "the CA is unavailable; using the stored key");
                 }
+                Output::Resumed { group, role, epoch } => {
+                    tracing::info!(group = %group, ?role, epoch = epoch.0, "resumed with the held key, without a group-key request");
+                }
+                Output::ResumeFailed {
+                    group,
+                    role,
+                    reason,
+                } => match reason {
+                    ResumeFailure::Refused { .. } => {
+                        tracing::warn!(group = %group, ?role, "{reason}");
+                    }
+                    _ => tracing::info!(group = %group, ?role, "{reason}"),
+                },
                 Output::SubscriptionRefused { filter, code } => {
                     tracing::warn!(filter = %filter, code, "subscription refused");
                 }
@@ -751,6 +782,7 @@ impl Link {
                 }
             }
         }
+        self.update_ready();
         Ok(())
     }
 

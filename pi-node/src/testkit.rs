@@ -8,7 +8,7 @@ use quva_client::curve::KeyPair;
 use quva_client::enrollment::{EnrollRequest, EnrollmentSecret, ImplicitCert};
 use quva_client::group::{GroupKeyRequest, Member, Privacy};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-use quva_client::rekey::{Change, GroupState, Plan};
+use quva_client::rekey::{Change, GroupState, Plan, key_topic};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
@@ -38,6 +38,8 @@ pub(crate) struct World {
     pub ca_up: bool,
     /// Notices and lists published since the last [`World::flush`].
     pub outbox: Vec<(String, Vec<u8>)>,
+    /// Every group-key request the CA was asked (a `quva-gk` SUBSCRIBE that reached it).
+    pub requests: Vec<(DeviceId, GroupId, Role)>,
 }
 
 impl World {
@@ -56,6 +58,7 @@ impl World {
             serial: 0,
             ca_up: true,
             outbox: Vec::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -159,18 +162,53 @@ impl World {
         published
     }
 
+    /// Whether `device` is a joined member of `group` in `role` at the current epoch.
+    pub fn is_member(&self, g: &GroupId, device: &DeviceId, role: Role) -> bool {
+        self.states
+            .get(g)
+            .is_some_and(|s| s.member(device, role).is_some())
+    }
+
+    /// The bridge's rule for a filter without a request (PROTOCOL.md §4 "Resumption"): a key
+    /// topic to a joined member of its role, a data topic to a subscriber, a query topic to a
+    /// publisher; anything else is granted.
+    fn grant(&self, device: &DeviceId, filter: &str) -> u8 {
+        for g in self.states.keys() {
+            let needed = if filter == g.as_str() {
+                Some(Role::Subscriber)
+            } else if filter == crate::device::query_topic(g) {
+                Some(Role::Publisher)
+            } else {
+                [Role::Publisher, Role::Subscriber]
+                    .into_iter()
+                    .find(|r| filter == key_topic(g, *r))
+            };
+            if let Some(role) = needed {
+                return if self.is_member(g, device, role) {
+                    0
+                } else {
+                    0x87
+                };
+            }
+        }
+        0
+    }
+
     /// The bridge and CA answer a SUBSCRIBE: reason codes and the `quva-gk` property.
     fn answer(&mut self, device: &DeviceId, sub: &Subscription) -> (Vec<u8>, Option<String>) {
-        let mut codes = vec![0u8; sub.filters.len()];
         let Some(text) = &sub.group_key_request else {
+            let codes = sub.filters.iter().map(|f| self.grant(device, f)).collect();
             return (codes, None);
         };
+        let mut codes = vec![0u8; sub.filters.len()];
         if !self.ca_up {
             codes[0] = 0x80;
             return (codes, None);
         }
         let req = GroupKeyRequest::from_property(text).unwrap();
         assert_eq!(req.id(), device);
+        self.requests
+            .push((device.clone(), req.group().clone(), req.role()));
         let key = (req.group().clone(), device.clone(), req.role());
         if !self.allowed.contains(&key) {
             codes[0] = 0x87;
@@ -199,7 +237,7 @@ impl World {
                     let (codes, gk) = self.answer(&id, &sub);
                     let res = node
                         .dev
-                        .on_suback(&sub.purpose, &codes, gk.as_deref(), self.now)
+                        .on_suback(&sub.purpose, &codes, gk.as_deref(), self.now, &mut self.rng)
                         .unwrap();
                     queue.extend(res);
                     for (f, code) in sub.filters.iter().zip(&codes) {

@@ -364,13 +364,16 @@ fn catch_up_from_retained_notices_after_reconnecting() {
     let out = s.w.publish(&mut [&mut node], &topic, &bytes);
     assert_eq!(messages(&out[0]).len(), 1, "{:?}", out[0]);
 
-    // After a reconnection every role is asked for again, once the CA is back.
+    // After a reconnection the held key is resumed, without asking the CA again.
     s.w.ca_up = true;
-    let subs = node.dev.rejoin_all(s.w.now, &mut s.w.rng).unwrap();
+    let requests = s.w.requests.len();
+    node.subs.clear();
+    let subs = node.dev.resume_all(s.w.now, &mut s.w.rng).unwrap();
     assert_eq!(subs.len(), 1);
     let out =
         s.w.run(&mut node, subs.into_iter().map(Output::Subscribe).collect());
     assert!(adopted(&out).is_empty(), "same epoch: {out:?}");
+    assert_eq!(s.w.requests.len(), requests);
     assert!(node.subs.contains("plant/line-3/temp"));
 }
 
@@ -385,7 +388,7 @@ fn a_device_without_any_key_is_refused_clearly() {
         .join(&g, Role::Publisher, true, w.now, &mut w.rng)
         .unwrap();
     let err = dev
-        .on_suback(&sub.purpose, &[0x87, 0, 0], None, w.now)
+        .on_suback(&sub.purpose, &[0x87, 0, 0], None, w.now, &mut w.rng)
         .unwrap_err();
     assert!(matches!(err, JoinError::Refused { code: 0x87, .. }));
     assert!(err.to_string().contains("not authorized"), "{err}");
@@ -394,16 +397,22 @@ fn a_device_without_any_key_is_refused_clearly() {
         .join(&g, Role::Subscriber, true, w.now, &mut w.rng)
         .unwrap();
     let err = dev
-        .on_suback(&sub.purpose, &[0x80, 0, 0], None, w.now)
+        .on_suback(&sub.purpose, &[0x80, 0, 0], None, w.now, &mut w.rng)
         .unwrap_err();
     assert!(err.to_string().contains("CA is unavailable"), "{err}");
     // Accepted without a delivery: not a Quva bridge.
     let err = dev
-        .on_suback(&sub.purpose, &[0, 0, 0], None, w.now)
+        .on_suback(&sub.purpose, &[0, 0, 0], None, w.now, &mut w.rng)
         .unwrap_err();
     assert!(matches!(err, JoinError::NoDelivery(_)));
     let err = dev
-        .on_suback(&sub.purpose, &[0, 0, 0], Some("not-base64!"), w.now)
+        .on_suback(
+            &sub.purpose,
+            &[0, 0, 0],
+            Some("not-base64!"),
+            w.now,
+            &mut w.rng,
+        )
         .unwrap_err();
     assert!(matches!(err, JoinError::BadDelivery { .. }));
     // A refused data subscription.
@@ -411,7 +420,9 @@ fn a_device_without_any_key_is_refused_clearly() {
         group: g.clone(),
         role: Role::Subscriber,
     };
-    let err = dev.on_suback(&listen, &[0x87], None, w.now).unwrap_err();
+    let err = dev
+        .on_suback(&listen, &[0x87], None, w.now, &mut w.rng)
+        .unwrap_err();
     assert!(matches!(err, JoinError::ListenRefused { code: 0x87, .. }));
 }
 
@@ -646,5 +657,304 @@ mod member_lists {
             MemberList::verify(&bytes, w.ca.public(), &g).unwrap_err(),
             MemberListError::MembersMismatch
         );
+    }
+}
+
+/// Resumption (PROTOCOL.md §4 v1.1): reconnections and restarts with a held key.
+mod resumption {
+    use super::*;
+
+    fn failures(outs: &[Output]) -> Vec<ResumeFailure> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::ResumeFailed { reason, .. } => Some(*reason),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn resumed(outs: &[Output]) -> Vec<(Role, Epoch)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Output::Resumed { role, epoch, .. } => Some((*role, *epoch)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The requests of `id` the CA has seen.
+    fn requests_of(w: &World, id: &str) -> usize {
+        w.requests
+            .iter()
+            .filter(|(d, _, _)| d.as_str() == id)
+            .count()
+    }
+
+    /// sub-1 restarted from its key store (a new connection: the broker forgot its
+    /// subscriptions), taking part as a receiving subscriber again.
+    fn restart_sub1(s: &mut Setup) -> (Node, Vec<Output>) {
+        let stored = s.s1.dev.stored_keys();
+        let creds = s.s1.dev.credentials().clone();
+        let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
+        for k in &stored {
+            let out = dev.restore(k, s.w.now, &mut s.w.rng).unwrap();
+            assert!(matches!(
+                out,
+                Some(Output::KeyAdopted {
+                    source: KeySource::Restored,
+                    ..
+                })
+            ));
+        }
+        let sub = dev
+            .resume(&s.g, Role::Subscriber, true, s.w.now, &mut s.w.rng)
+            .unwrap();
+        assert!(matches!(sub.purpose, Purpose::Resume { .. }), "{sub:?}");
+        assert_eq!(sub.group_key_request, None);
+        assert!(
+            !dev.is_current(&s.g, Role::Subscriber),
+            "not before the SUBACK"
+        );
+        let mut node = Node::new(dev);
+        let out = s.w.run(&mut node, vec![Output::Subscribe(sub)]);
+        (node, out)
+    }
+
+    /// Only pub-1 and sub-2 hear what was published since the last flush.
+    fn sub1_offline(s: &mut Setup) {
+        let published = core::mem::take(&mut s.w.outbox);
+        s.w.deliver(&mut [&mut s.p, &mut s.s2], &published);
+    }
+
+    /// A forward message of the current epoch reaches `node`.
+    fn receives(s: &mut Setup, node: &mut Node) {
+        let (topic, bytes) = s.send(Direction::Forward, Protection::Confidential, b"still here");
+        let out = s.w.publish(&mut [node], &topic, &bytes);
+        let m = messages(&out[0]);
+        assert_eq!(m.len(), 1, "{:?}", out[0]);
+        assert_eq!(m[0].payload(), b"still here");
+    }
+
+    #[test]
+    fn a_reconnection_with_a_current_key_resumes_without_a_request() {
+        let mut s = setup(21);
+        let current = s.w.state(&s.g).epoch();
+        let before = s.w.requests.len();
+
+        // The same process reconnects: every role is resumed, none joined.
+        s.s1.subs.clear();
+        let subs = s.s1.dev.resume_all(s.w.now, &mut s.w.rng).unwrap();
+        assert_eq!(subs.len(), 1);
+        assert!(
+            subs.iter().all(|sub| sub.group_key_request.is_none()
+                && matches!(sub.purpose, Purpose::Resume { .. }))
+        );
+        assert_eq!(subs[0].filters[0], "quva/k/plant/line-3/temp/sub");
+        let out =
+            s.w.run(&mut s.s1, subs.into_iter().map(Output::Subscribe).collect());
+        assert_eq!(resumed(&out), vec![(Role::Subscriber, current)]);
+        assert!(failures(&out).is_empty(), "{out:?}");
+        assert!(adopted(&out).is_empty(), "{out:?}");
+        assert!(s.s1.dev.is_current(&s.g, Role::Subscriber));
+        assert!(s.s1.subs.contains("plant/line-3/temp"), "data resubscribed");
+
+        // A restart from the key store resumes too.
+        let (mut node, out) = restart_sub1(&mut s);
+        assert_eq!(resumed(&out), vec![(Role::Subscriber, current)]);
+        assert!(failures(&out).is_empty(), "{out:?}");
+        assert!(node.dev.is_current(&s.g, Role::Subscriber));
+        assert_eq!(
+            s.w.requests.len(),
+            before,
+            "no group-key request reached the CA"
+        );
+        receives(&mut s, &mut node);
+
+        // Nothing is asked later either.
+        s.w.now += 10 * node.dev.config().rerequest_interval_ms;
+        assert!(node.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+    }
+
+    #[test]
+    fn a_key_one_epoch_behind_catches_up_from_the_retained_notice() {
+        let mut s = setup(22);
+        s.w.periodic(&s.g);
+        sub1_offline(&mut s);
+        let current = s.w.state(&s.g).epoch();
+        let requests = requests_of(&s.w, "sub-1");
+
+        let (mut node, out) = restart_sub1(&mut s);
+        assert_eq!(
+            adopted(&out),
+            vec![(Role::Subscriber, current, KeySource::Notice)]
+        );
+        assert!(failures(&out).is_empty(), "{out:?}");
+        assert_eq!(requests_of(&s.w, "sub-1"), requests, "no join");
+        assert!(node.dev.is_current(&s.g, Role::Subscriber));
+        receives(&mut s, &mut node);
+        s.w.now += 10 * node.dev.config().rerequest_interval_ms;
+        assert!(node.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+    }
+
+    #[test]
+    fn a_missed_epoch_joins_again_once() {
+        let mut s = setup(23);
+        let held = s.w.state(&s.g).epoch();
+        // Two rekeys while offline: the retained broadcast follows an epoch sub-1 never had.
+        s.w.periodic(&s.g);
+        s.w.periodic(&s.g);
+        sub1_offline(&mut s);
+        let current = s.w.state(&s.g).epoch();
+        let requests = requests_of(&s.w, "sub-1");
+
+        let (mut node, out) = restart_sub1(&mut s);
+        let reasons = failures(&out);
+        assert_eq!(
+            reasons,
+            vec![ResumeFailure::MissedEpoch {
+                epoch: current,
+                held
+            }]
+        );
+        assert!(
+            reasons[0]
+                .to_string()
+                .starts_with(&format!("cannot open the notice of epoch {}", current.0)),
+            "{}",
+            reasons[0]
+        );
+        assert_eq!(
+            adopted(&out),
+            vec![(Role::Subscriber, current, KeySource::Delivery)]
+        );
+        assert_eq!(requests_of(&s.w, "sub-1"), requests + 1, "exactly one join");
+        assert!(node.dev.is_current(&s.g, Role::Subscriber));
+        receives(&mut s, &mut node);
+        s.w.now += 10 * node.dev.config().rerequest_interval_ms;
+        assert!(node.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+        assert_eq!(requests_of(&s.w, "sub-1"), requests + 1);
+    }
+
+    #[test]
+    fn a_notice_that_does_not_open_joins_again() {
+        let mut s = setup(24);
+        s.w.periodic(&s.g);
+        sub1_offline(&mut s);
+        let current = s.w.state(&s.g).epoch();
+        // The retained notice of the next epoch is CA-signed but its ciphertext does not open.
+        let t = "quva/k/plant/line-3/temp/sub".to_owned();
+        let notice = s.w.retained.get_mut(&t).unwrap();
+        let last = notice.len() - 1;
+        notice[last] ^= 1;
+        let requests = requests_of(&s.w, "sub-1");
+
+        let (node, out) = restart_sub1(&mut s);
+        assert_eq!(
+            failures(&out),
+            vec![ResumeFailure::Unopenable { epoch: current }]
+        );
+        assert_eq!(
+            adopted(&out),
+            vec![(Role::Subscriber, current, KeySource::Delivery)]
+        );
+        assert_eq!(requests_of(&s.w, "sub-1"), requests + 1);
+        assert!(node.dev.is_current(&s.g, Role::Subscriber));
+    }
+
+    #[test]
+    fn a_refused_resumption_joins_again_and_a_refused_join_is_reported() {
+        let mut s = setup(25);
+        // sub-2 is removed while offline.
+        s.w.leave(&s.g, "sub-2", Role::Subscriber);
+        s.w.outbox.clear();
+        let subs = s.s2.dev.resume_all(s.w.now, &mut s.w.rng).unwrap();
+        assert!(matches!(subs[0].purpose, Purpose::Resume { .. }));
+        let id = s.s2.dev.id().clone();
+        assert!(!s.w.is_member(&s.g, &id, Role::Subscriber));
+        // The bridge refuses the key topic (not a member); the device joins again, once.
+        let out =
+            s.s2.dev
+                .on_suback(&subs[0].purpose, &[0x87, 0, 0], None, s.w.now, &mut s.w.rng)
+                .unwrap();
+        assert_eq!(failures(&out), vec![ResumeFailure::Refused { code: 0x87 }]);
+        assert!(failures(&out)[0].to_string().contains("not authorized"));
+        let joins: Vec<&Subscription> = out
+            .iter()
+            .filter_map(|o| match o {
+                Output::Subscribe(sub) => Some(sub),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(joins.len(), 1, "{out:?}");
+        assert!(matches!(joins[0].purpose, Purpose::Join { .. }));
+        assert!(joins[0].group_key_request.is_some());
+        // The join is refused too: as before resumption, the stored key is kept and reported.
+        let out =
+            s.s2.dev
+                .on_suback(
+                    &joins[0].purpose,
+                    &[0x87, 0, 0],
+                    None,
+                    s.w.now,
+                    &mut s.w.rng,
+                )
+                .unwrap();
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::KeyRequestDeferred { code: 0x87, .. })),
+            "{out:?}"
+        );
+        assert!(failures(&out).is_empty(), "no second fallback: {out:?}");
+        let asks = |out: &[Output]| {
+            out.iter().any(|o| {
+                matches!(
+                    o,
+                    Output::Subscribe(Subscription {
+                        group_key_request: Some(_),
+                        ..
+                    })
+                )
+            })
+        };
+        assert!(!asks(&out), "{out:?}");
+        // …and not later either: no loop of requests.
+        for _ in 0..5 {
+            s.w.now += s.s2.dev.config().rerequest_interval_ms;
+            let out = s.s2.dev.tick(s.w.now, &mut s.w.rng);
+            assert!(!asks(&out), "{out:?}");
+        }
+
+        // A role without a key is joined, and a refusal is the error it always was.
+        let mut w = World::new(26);
+        let g = w.group("plant/a");
+        w.register("sub-1", &g, Role::Subscriber);
+        let mut dev = w.enroll("sub-1");
+        let sub = dev
+            .resume(&g, Role::Publisher, false, w.now, &mut w.rng)
+            .unwrap();
+        assert!(matches!(sub.purpose, Purpose::Join { .. }));
+        assert!(sub.group_key_request.is_some());
+        let err = dev
+            .on_suback(&sub.purpose, &[0x87, 0, 0], None, w.now, &mut w.rng)
+            .unwrap_err();
+        assert!(matches!(err, JoinError::Refused { code: 0x87, .. }));
+    }
+
+    #[test]
+    fn a_resumption_that_no_member_list_confirms_joins_after_the_interval() {
+        let mut s = setup(27);
+        s.w.retained.remove("quva/c/plant/line-3/temp");
+        let requests = requests_of(&s.w, "sub-1");
+        let (mut node, out) = restart_sub1(&mut s);
+        assert_eq!(resumed(&out).len(), 1);
+        // Not known to be current yet: a publisher would wait before sealing with it.
+        assert!(!node.dev.is_current(&s.g, Role::Subscriber));
+        assert!(node.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+        s.w.now += node.dev.config().rerequest_interval_ms;
+        let out = node.dev.tick(s.w.now, &mut s.w.rng);
+        assert_eq!(failures(&out), vec![ResumeFailure::Unconfirmed]);
+        s.w.run(&mut node, out);
+        assert_eq!(requests_of(&s.w, "sub-1"), requests + 1);
+        assert!(node.dev.is_current(&s.g, Role::Subscriber));
     }
 }
