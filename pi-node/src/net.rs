@@ -657,6 +657,10 @@ impl Link {
     /// A role is ready once its key is held and current (after a resumption: confirmed by the
     /// member list or renewed from a notice) and, if it receives, its traffic is subscribed.
     fn update_ready(&mut self) {
+        // Readiness is per connection: a key held from before is resumed first.
+        if !self.conn.as_ref().is_some_and(|c| c.connected) {
+            return;
+        }
         for (group, role, receive) in &self.wanted {
             let key = (group.clone(), *role);
             if self.ready.contains(&key)
