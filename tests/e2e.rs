@@ -152,14 +152,14 @@ fn options_one_to_three_end_to_end() {
     assert!(cluster.alive(), "{}", cluster.daemon_logs());
 
     // Without the CA: enrollment is refused with 0x88; a device with a stored group key keeps
-    // publishing under it.
+    // publishing under it (resumed: the CA is not asked).
     let spare_secret = cluster.register("spare-1");
     cluster.stop_ca();
     let err = cluster.node("spare-1").enroll(&spare_secret).failure();
     assert!(err.contains("0x88") && err.contains("CA"), "{err}");
     let done = publisher.run(&["publish", "--group", GROUP, "--option", "2", "no CA"]);
     assert!(
-        done.stderr.contains("using the stored key"),
+        done.stderr.contains("resumed with the held key"),
         "{}",
         done.stderr
     );
