@@ -9,8 +9,9 @@
 //! Quva's device key setup is the four steps of a first connection: build the enrollment
 //! request, accept the certificate (`cert || sc(a_i)`, ECQV reconstruction and check), build
 //! the group-key request (with its proof of possession of the certificate key) and open the
-//! group key from the SUBACK. A reconnection replaces the first two by the certificate proof of
-//! `quva-cert-v1`.
+//! group key from the SUBACK. A reconnection is resumption (PROTOCOL.md §4 v1.1): the
+//! certificate proof of `quva-cert-v1`, the key-topic SUBSCRIBE without a group-key request, its
+//! SUBACK, and the CA-signed member list that confirms the held key is current.
 
 use std::hint::black_box;
 use std::io::{Read as _, Write as _};
@@ -39,7 +40,7 @@ use crate::tls::{Auth, Pki, server_name};
 pub enum Op {
     /// Quva first connection: enrollment request, certificate, group-key request, group key.
     QuvaSetup,
-    /// Quva reconnection: certificate proof, group-key request, group key.
+    /// Quva reconnection (resumption): certificate proof, resumed subscription, member list.
     QuvaReconnect,
     /// rustls TLS 1.3 handshake, ECDSA P-256 server certificate, no client certificate.
     TlsServerOnly,
@@ -107,8 +108,13 @@ impl QuvaPeer {
         Ok(issued.to_bytes())
     }
 
-    /// Answers a group-key request with a fresh group (one join each, like the first member).
-    fn deliver(&mut self, device: &Device, sub: &Subscription) -> anyhow::Result<String> {
+    /// Answers a group-key request with a fresh group (one join each, like the first member);
+    /// also returns the group's member list (`quva/c/<group>`) after the join.
+    fn deliver(
+        &mut self,
+        device: &Device,
+        sub: &Subscription,
+    ) -> anyhow::Result<(String, Vec<u8>)> {
         let text = sub
             .group_key_request
             .as_deref()
@@ -142,10 +148,15 @@ impl QuvaPeer {
         {
             state.commit(*staged).map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        Ok(state
+        let delivery = state
             .delivery(&member, &mut self.rng)
             .map_err(|e| anyhow::anyhow!("{e}"))?
-            .to_property())
+            .to_property();
+        let list = quva_client::members::MemberList::encode(
+            state.signed_info(),
+            &[(Role::Subscriber, cert)],
+        );
+        Ok((delivery, list))
     }
 }
 
@@ -198,10 +209,11 @@ fn client_step_open_group_key(
     device: &mut Device,
     sub: &Subscription,
     delivery: &str,
+    rng: &mut ChaCha20Rng,
 ) -> anyhow::Result<Vec<Output>> {
     let codes = vec![1u8; sub.filters.len()];
     device
-        .on_suback(&sub.purpose, &codes, Some(delivery), NOW)
+        .on_suback(&sub.purpose, &codes, Some(delivery), NOW, rng)
         .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -215,40 +227,90 @@ fn quva_once(
     let id = DeviceId::new(&format!("cpu-{i}"))?;
     let secret = EnrollmentSecret::random(&mut peer.rng);
     let mut spent = Duration::ZERO;
-    // A reconnecting device enrolled earlier: its enrollment is not part of the count.
-    let mut device = if reconnect {
+    let group = peer.group.clone();
+    if reconnect {
+        // A device that enrolled and joined earlier: none of that is part of the count.
         let (e, auth) = Enrollment::start(id, &secret, *peer.ca.public(), NOW, rng);
         let answer = peer.issue(&secret, &auth.data)?;
         let creds = e
             .finish(Some(&answer))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let device = Device::new(creds, *peer.ca.public(), DeviceConfig::default());
+        let mut device = Device::new(creds, *peer.ca.public(), DeviceConfig::default());
+        let sub = client_step_group_key_request(&mut device, &group, rng)?;
+        let (delivery, list) = peer.deliver(&device, &sub)?;
+        client_step_open_group_key(&mut device, &sub, &delivery, rng)?;
+        // The reconnection.
         let t = Instant::now();
         black_box(client_step_certificate_proof(&device, rng)?);
+        let subs = client_step_resume(&mut device, rng)?;
         spent += t.elapsed();
-        device
-    } else {
+        let [sub] = subs.as_slice() else {
+            bail!("expected one resumed subscription");
+        };
+        if sub.group_key_request.is_some() {
+            bail!("the reconnection asked for a group key");
+        }
         let t = Instant::now();
-        let (e, auth) = client_step_enroll_request(&id, &secret, peer, rng);
+        black_box(client_step_resumed(&mut device, sub, &list, rng)?);
         spent += t.elapsed();
-        let answer = peer.issue(&secret, &auth.data)?;
-        let t = Instant::now();
-        let device = client_step_accept_certificate(e, &answer, peer)?;
-        spent += t.elapsed();
-        device
-    };
-    let group = peer.group.clone();
+        if !device.is_current(&group, Role::Subscriber) {
+            bail!("the member list did not confirm the held key");
+        }
+        return Ok(spent);
+    }
+    let t = Instant::now();
+    let (e, auth) = client_step_enroll_request(&id, &secret, peer, rng);
+    spent += t.elapsed();
+    let answer = peer.issue(&secret, &auth.data)?;
+    let t = Instant::now();
+    let mut device = client_step_accept_certificate(e, &answer, peer)?;
+    spent += t.elapsed();
     let t = Instant::now();
     let sub = client_step_group_key_request(&mut device, &group, rng)?;
     spent += t.elapsed();
-    let delivery = peer.deliver(&device, &sub)?;
+    let (delivery, _) = peer.deliver(&device, &sub)?;
     let t = Instant::now();
-    black_box(client_step_open_group_key(&mut device, &sub, &delivery)?);
+    black_box(client_step_open_group_key(&mut device, &sub, &delivery, rng)?);
     spent += t.elapsed();
     if device.keyring(&group, Role::Subscriber).is_none() {
         bail!("the device did not adopt the group key");
     }
     Ok(spent)
+}
+
+#[inline(never)]
+fn client_step_resume(
+    device: &mut Device,
+    rng: &mut ChaCha20Rng,
+) -> anyhow::Result<Vec<Subscription>> {
+    device.resume_all(NOW, rng).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The resumed subscription's SUBACK, then the retained member list on `quva/c/<group>`.
+#[inline(never)]
+fn client_step_resumed(
+    device: &mut Device,
+    sub: &Subscription,
+    list: &[u8],
+    rng: &mut ChaCha20Rng,
+) -> anyhow::Result<Vec<Output>> {
+    let codes = vec![1u8; sub.filters.len()];
+    let mut out = device
+        .on_suback(&sub.purpose, &codes, None, NOW, rng)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let topic = quva_client::members::topic(&sub_group(sub)?);
+    out.extend(device.on_publish(&topic, list, NOW, rng));
+    Ok(out)
+}
+
+fn sub_group(sub: &Subscription) -> anyhow::Result<GroupId> {
+    let key_topic = sub.filters.first().context("no filter")?;
+    let g = key_topic
+        .strip_prefix("quva/k/")
+        .and_then(|t| t.rsplit_once('/'))
+        .map(|(g, _)| g)
+        .context("not a key topic")?;
+    Ok(GroupId::new(g)?)
 }
 
 #[inline(never)]

@@ -206,7 +206,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
                 joined = matches!(sub.purpose, Purpose::Join { .. });
                 outs = self
                     .device
-                    .on_suback(&sub.purpose, &codes, gk.as_deref(), now_ms())
+                    .on_suback(&sub.purpose, &codes, gk.as_deref(), now_ms(), &mut self.rng)
                     .map_err(|e| anyhow::anyhow!("join refused: {e}"))?;
             }
             Packet::Publish(p) => {
