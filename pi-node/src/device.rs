@@ -450,6 +450,9 @@ struct GroupSession {
     rings: BTreeMap<Role, Keyring>,
     roles: BTreeMap<Role, RoleState>,
     lists: BTreeMap<Epoch, MemberList>,
+    /// SHA-256 of the bytes of the newest list verified, and its epoch: the same retained list
+    /// arriving again (every reconnection resubscribes to it) is not verified again.
+    verified_list: Option<([u8; 32], Epoch)>,
     notices: Vec<(Role, RekeyNotice)>,
     waiting: VecDeque<Waiting>,
 }
@@ -1189,7 +1192,16 @@ impl Device {
         rng: &mut impl CryptoRngCore,
         out: &mut Vec<Output>,
     ) {
-        let list = match MemberList::verify(payload, &self.ca_public, group) {
+        let hash = quva_client::curve::sha256(&[payload]);
+        let seen = self.groups.get(group).and_then(|s| match s.verified_list {
+            Some((h, epoch)) if h == hash => s.lists.get(&epoch).cloned(),
+            _ => None,
+        });
+        let verified = match seen {
+            Some(list) => Ok(list),
+            None => MemberList::verify(payload, &self.ca_public, group),
+        };
+        let list = match verified {
             Ok(l) => l,
             Err(e) => {
                 out.push(Output::Dropped {
@@ -1232,6 +1244,9 @@ impl Device {
             }
         }
         session.lists.insert(epoch, list);
+        if session.verified_list.is_none_or(|(_, e)| e <= epoch) {
+            session.verified_list = Some((hash, epoch));
+        }
         out.push(Output::MembersUpdated {
             group: group.clone(),
             epoch,
