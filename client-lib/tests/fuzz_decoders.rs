@@ -111,7 +111,8 @@ fn every_flip_and_truncation_of_every_seed() {
     }
 }
 
-/// Every target has a cargo-fuzz target file that calls it, and a seed; nothing else is there.
+/// Every target has a cargo-fuzz target file that calls it, and a seed; nothing else is there
+/// (besides the bridge's targets, which call `quva_bridge::__fuzz`).
 #[test]
 fn fuzz_directory_matches_the_targets() {
     let fuzz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
@@ -122,12 +123,16 @@ fn fuzz_directory_matches_the_targets() {
         let name = path.file_stem().unwrap().to_str().unwrap().to_owned();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
-            text.contains(&format!("quva_client::__fuzz::{name}(data)")),
-            "{name}.rs does not call __fuzz::{name}"
-        );
-        assert!(
             manifest.contains(&format!("path = \"fuzz_targets/{name}.rs\"")),
             "{name} is not a [[bin]] of fuzz/Cargo.toml"
+        );
+        if text.contains("quva_bridge::__fuzz::") {
+            // The bridge's targets are checked by quva-bridge's own tests.
+            continue;
+        }
+        assert!(
+            text.contains(&format!("quva_client::__fuzz::{name}(data)")),
+            "{name}.rs does not call __fuzz::{name}"
         );
         files.insert(name);
     }
