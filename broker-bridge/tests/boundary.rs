@@ -477,3 +477,33 @@ async fn malformed_and_oversized_packets_do_not_disturb_an_honest_device() {
     let (_c, ack) = Raw::connect(addr, "after", None).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_the_notices_are_read_certificate_connects_ask_the_ca_about_revocation() {
+    let broker = Mosquitto::start().await;
+    let ca = TestCa::new();
+    // The bridge has not read the CA's notice log (it never answers here), so the revocation
+    // below has not reached it as a notice.
+    ca.hold_notices.store(true, Ordering::SeqCst);
+    let bridge = start_bridge(
+        pinned(config(broker.addr), ca.key.public()),
+        Some(Arc::new(test_ca::Client(ca.clone()))),
+    )
+    .await;
+    let addr = bridge.local_addr();
+    let revoked = enroll(addr, &ca, "revoked-1").await;
+    let honest = enroll(addr, &ca, "honest-1").await;
+    {
+        let mut s = ca.state.lock().unwrap();
+        let serial = s.certs[revoked.id()].serial();
+        s.revoked.insert(serial);
+    }
+    let (_, ack) = connect_with(addr, with_cert(plain("r"), &revoked)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized);
+    let (_, ack) = connect_with(addr, with_cert(plain("h"), &honest)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    // With the CA away as well, a certificate cannot be checked: 0x88, not a silent pass.
+    ca.up.store(false, Ordering::SeqCst);
+    let (_, ack) = connect_with(addr, with_cert(plain("h2"), &honest)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::ServerUnavailable);
+}

@@ -44,6 +44,8 @@ pub struct State {
     pub groups: HashMap<GroupId, GroupState>,
     pub notices: Vec<Notice>,
     pub serial: u64,
+    /// Revoked serials, as `GetRevocationStatus` answers.
+    pub revoked: std::collections::HashSet<u64>,
 }
 
 pub struct TestCa {
@@ -53,6 +55,8 @@ pub struct TestCa {
     pub hang: AtomicBool,
     /// `GetGroup` calls answered or refused.
     pub get_group_calls: AtomicUsize,
+    /// `WatchNotices` never answers while set (a bridge that has not read the log yet).
+    pub hold_notices: AtomicBool,
     notify: Notify,
 }
 
@@ -64,6 +68,7 @@ impl TestCa {
             up: AtomicBool::new(true),
             hang: AtomicBool::new(false),
             get_group_calls: AtomicUsize::new(0),
+            hold_notices: AtomicBool::new(false),
             notify: Notify::new(),
         })
     }
@@ -335,10 +340,10 @@ impl CaClient for Client {
         })
     }
 
-    fn is_revoked(&self, _serial: u64) -> BoxFuture<'_, Result<bool, CaError>> {
+    fn is_revoked(&self, serial: u64) -> BoxFuture<'_, Result<bool, CaError>> {
         Box::pin(async move {
             self.0.gate().await?;
-            Ok(false)
+            Ok(self.0.state.lock().unwrap().revoked.contains(&serial))
         })
     }
 
@@ -348,6 +353,9 @@ impl CaClient for Client {
     ) -> BoxFuture<'_, Result<Box<dyn NoticeStream>, CaError>> {
         Box::pin(async move {
             self.0.gate().await?;
+            if self.0.hold_notices.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             Ok(Box::new(Notices {
                 ca: self.0.clone(),
                 next: from_seq,
