@@ -180,6 +180,13 @@ mod tests {
             super::session(s);
         }
     }
+
+    /// Inputs the fuzz target once crashed on.
+    #[test]
+    fn former_crashes() {
+        // `quva/k/sub/weatsub`: a role and a device with no group before them.
+        super::session(&[0, 16, 42, 0, 4, 77, 81, 84, 84, 5, 44, 0, 0, 0, 0, 5, 100, 101, 118, 45, 99, 0, 0, 18, 113, 113, 117, 118, 97, 47, 47, 112, 108, 97, 110, 116, 47, 97, 47, 115, 48, 98, 0, 1, 120, 130, 76, 0, 1, 0, 0, 7, 112, 108, 97, 110, 84, 47, 97, 1, 0, 3, 43, 47, 43, 1, 0, 18, 113, 117, 118, 97, 47, 107, 47, 115, 117, 98, 47, 119, 101, 97, 116, 115, 117, 98, 1, 0, 18, 36, 115, 104, 97, 114, 101, 47, 103, 47, 119, 101, 97, 116, 104, 101, 114, 47, 35, 1, 0, 12, 113, 117, 118, 97, 47, 99, 47, 100, 101, 118, 45, 48, 1]);
+    }
 }
 
 /// Valid inputs for [`session`]: a CONNECT with a Will, a SUBSCRIBE with several filters and

@@ -179,19 +179,16 @@ fn classify_reserved(rest: &str) -> TopicKind {
         return TopicKind::Reserved;
     };
     // quva/k/<group>/<pub|sub>[/<device>]; the group may contain '/', the device may not.
-    let parts: Vec<&str> = rest.rsplitn(3, '/').collect();
-    if let [last, prev, ..] = parts.as_slice() {
-        if let Some(role) = role_of(last) {
-            let group = &rest[..rest.len() - last.len() - 1];
-            if let Some(g) = group_id(group) {
-                return TopicKind::Key(g, role);
-            }
+    if let Some((group, last)) = rest.rsplit_once('/') {
+        if let (Some(role), Some(g)) = (role_of(last), group_id(group)) {
+            return TopicKind::Key(g, role);
         }
-        if let (Some(role), Some(device)) = (role_of(prev), topic_device_id(last)) {
-            let group_len = rest.len() - last.len() - prev.len() - 2;
-            if let Some(g) = rest.get(..group_len).and_then(group_id) {
-                return TopicKind::Individual(g, role, device);
-            }
+        // `quva/k/sub/<device>` has no group: `rsplit_once` finds none before the role.
+        if let Some((group, prev)) = group.rsplit_once('/')
+            && let (Some(role), Some(device)) = (role_of(prev), topic_device_id(last))
+            && let Some(g) = group_id(group)
+        {
+            return TopicKind::Individual(g, role, device);
         }
     }
     TopicKind::Reserved
@@ -311,6 +308,11 @@ mod tests {
             TopicKind::Direct(DeviceId::new("dev-1").unwrap())
         );
         assert_eq!(p.classify("quva/d/a/b"), TopicKind::Reserved);
+        // A role and a device with no group before them (found by the bridge_session fuzz
+        // target: the group length once went below zero).
+        for t in ["quva/k/sub/dev-1", "quva/k/pub", "quva/k//sub", "quva/k/sub/"] {
+            assert_eq!(p.classify(t), TopicKind::Reserved, "{t}");
+        }
         // Wills only on unprotected topics.
         assert!(p.will_allowed("status/dev-1"));
         for t in ["plant/a", "plant/a/_q", "quva/k/plant/a/sub", "quva/c/plant/a", "plant/a/_ota/s/1/m", "$SYS/x"] {
