@@ -279,7 +279,12 @@ fn quva_once(
     spent += t.elapsed();
     let (delivery, _) = peer.deliver(&device, &sub)?;
     let t = Instant::now();
-    black_box(client_step_open_group_key(&mut device, &sub, &delivery, rng)?);
+    black_box(client_step_open_group_key(
+        &mut device,
+        &sub,
+        &delivery,
+        rng,
+    )?);
     spent += t.elapsed();
     if device.keyring(&group, Role::Subscriber).is_none() {
         bail!("the device did not adopt the group key");
@@ -292,7 +297,9 @@ fn client_step_resume(
     device: &mut Device,
     rng: &mut ChaCha20Rng,
 ) -> anyhow::Result<Vec<Subscription>> {
-    device.resume_all(NOW, rng).map_err(|e| anyhow::anyhow!("{e}"))
+    device
+        .resume_all(NOW, rng)
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The resumed subscription's SUBACK, then the retained member list on `quva/c/<group>` (the same

@@ -209,7 +209,8 @@ async fn world(bin: &PathBuf, batch: usize) -> World {
         &server.endpoint(),
         &hex::encode(ca.key.public().to_bytes()),
         batch,
-    ).await;
+    )
+    .await;
     World {
         broker,
         ca,
@@ -467,7 +468,10 @@ async fn fanout(bin: &PathBuf, subscribers: usize, messages: usize) {
             )],
         };
         raw.send(v5::Packet::Subscribe(s)).await;
-        assert!(matches!(raw.recv().await, Some(v5::Packet::SubscribeAck(_))));
+        assert!(matches!(
+            raw.recv().await,
+            Some(v5::Packet::SubscribeAck(_))
+        ));
         subs.push(raw);
     }
     let readers: Vec<_> = subs
@@ -490,7 +494,9 @@ async fn fanout(bin: &PathBuf, subscribers: usize, messages: usize) {
     let cpu_before = w.bridge.cpu_time();
     let started = Instant::now();
     for _ in 0..messages {
-        publisher.send(publish_packet("fan/out", vec![7; 200], None)).await;
+        publisher
+            .send(publish_packet("fan/out", vec![7; 200], None))
+            .await;
     }
     let mut delivered = 0;
     for r in readers {

@@ -12,7 +12,7 @@ use tokio_util::codec::Decoder as _;
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
 use crate::session::rules::{
-    self, AckQueue, Aliases, FilterPlan, Target, ToDevice, TOPIC_ALIAS_MAX,
+    self, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target, ToDevice,
 };
 use crate::topics::{TopicKind, TopicPolicy, unshare};
 
@@ -47,18 +47,27 @@ pub fn session(data: &[u8]) {
                 }
             }
             v5::Packet::Publish(mut p) => {
-                let had_alias = p.properties.as_ref().is_some_and(|pr| pr.topic_alias.is_some());
+                let had_alias = p
+                    .properties
+                    .as_ref()
+                    .is_some_and(|pr| pr.topic_alias.is_some());
                 if aliases.resolve(&mut p).is_err() {
                     assert!(had_alias, "only an alias can be invalid");
                     continue;
                 }
-                assert!(p.properties.as_ref().is_none_or(|pr| pr.topic_alias.is_none()));
+                assert!(
+                    p.properties
+                        .as_ref()
+                        .is_none_or(|pr| pr.topic_alias.is_none())
+                );
                 let kind = policy.classify(&p.topic);
                 match rules::target(&policy, &p) {
                     Target::Unprotected => assert_eq!(kind, TopicKind::Unprotected),
                     Target::Group(g, _) => {
                         assert!(!p.retain, "a retained group message is never checked");
-                        assert!(matches!(kind, TopicKind::Data(ref d) | TopicKind::Query(ref d) if *d == g));
+                        assert!(
+                            matches!(kind, TopicKind::Data(ref d) | TopicKind::Query(ref d) if *d == g)
+                        );
                     }
                     Target::Retained => assert!(p.retain),
                     Target::Reserved => assert!(!matches!(kind, TopicKind::Unprotected)),
@@ -70,7 +79,10 @@ pub fn session(data: &[u8]) {
             }
             v5::Packet::PublishAck(a) => {
                 released += acks
-                    .push(ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishAck(a)))
+                    .push(ToDevice::UpstreamAck(
+                        a.packet_id,
+                        v5::Packet::PublishAck(a),
+                    ))
                     .len();
                 awaited += 1;
             }
@@ -117,8 +129,10 @@ fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
             assert!(!policy.filter_touches_protected(inner), "{filter}");
         }
         FilterPlan::Relay => assert!(
-            matches!(policy.classify(inner), TopicKind::Unprotected | TopicKind::Certificates(_))
-                || identity.device().is_some(),
+            matches!(
+                policy.classify(inner),
+                TopicKind::Unprotected | TopicKind::Certificates(_)
+            ) || identity.device().is_some(),
             "{filter}"
         ),
         FilterPlan::IfMember(..) | FilterPlan::Join(..) => assert!(identity.is_authenticated()),
@@ -185,7 +199,14 @@ mod tests {
     #[test]
     fn former_crashes() {
         // `quva/k/sub/weatsub`: a role and a device with no group before them.
-        super::session(&[0, 16, 42, 0, 4, 77, 81, 84, 84, 5, 44, 0, 0, 0, 0, 5, 100, 101, 118, 45, 99, 0, 0, 18, 113, 113, 117, 118, 97, 47, 47, 112, 108, 97, 110, 116, 47, 97, 47, 115, 48, 98, 0, 1, 120, 130, 76, 0, 1, 0, 0, 7, 112, 108, 97, 110, 84, 47, 97, 1, 0, 3, 43, 47, 43, 1, 0, 18, 113, 117, 118, 97, 47, 107, 47, 115, 117, 98, 47, 119, 101, 97, 116, 115, 117, 98, 1, 0, 18, 36, 115, 104, 97, 114, 101, 47, 103, 47, 119, 101, 97, 116, 104, 101, 114, 47, 35, 1, 0, 12, 113, 117, 118, 97, 47, 99, 47, 100, 101, 118, 45, 48, 1]);
+        super::session(&[
+            0, 16, 42, 0, 4, 77, 81, 84, 84, 5, 44, 0, 0, 0, 0, 5, 100, 101, 118, 45, 99, 0, 0, 18,
+            113, 113, 117, 118, 97, 47, 47, 112, 108, 97, 110, 116, 47, 97, 47, 115, 48, 98, 0, 1,
+            120, 130, 76, 0, 1, 0, 0, 7, 112, 108, 97, 110, 84, 47, 97, 1, 0, 3, 43, 47, 43, 1, 0,
+            18, 113, 117, 118, 97, 47, 107, 47, 115, 117, 98, 47, 119, 101, 97, 116, 115, 117, 98,
+            1, 0, 18, 36, 115, 104, 97, 114, 101, 47, 103, 47, 119, 101, 97, 116, 104, 101, 114,
+            47, 35, 1, 0, 12, 113, 117, 118, 97, 47, 99, 47, 100, 101, 118, 45, 48, 1,
+        ]);
     }
 }
 
@@ -215,8 +236,15 @@ pub fn seeds() -> Vec<Vec<u8>> {
         }),
         ..Default::default()
     };
-    enc.encode(v5::Packet::Connect(Box::new(connect)), &mut stream).unwrap();
-    let filters = ["plant/a", "+/+", "quva/k/plant/a/sub", "$share/g/weather/#", "quva/d/dev-1"];
+    enc.encode(v5::Packet::Connect(Box::new(connect)), &mut stream)
+        .unwrap();
+    let filters = [
+        "plant/a",
+        "+/+",
+        "quva/k/plant/a/sub",
+        "$share/g/weather/#",
+        "quva/d/dev-1",
+    ];
     let opts = v5::SubscriptionOptions {
         qos: QoS::AtLeastOnce,
         no_local: false,
@@ -227,7 +255,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
         packet_id: std::num::NonZeroU16::MIN,
         id: None,
         user_properties: Vec::new(),
-        topic_filters: filters.iter().map(|f| (ByteString::from(*f), opts.clone())).collect(),
+        topic_filters: filters
+            .iter()
+            .map(|f| (ByteString::from(*f), opts.clone()))
+            .collect(),
     };
     enc.encode(v5::Packet::Subscribe(sub), &mut stream).unwrap();
     for (topic, alias, retain) in [("plant/a", 1, false), ("", 1, true), ("weather", 2, false)] {
@@ -243,7 +274,8 @@ pub fn seeds() -> Vec<Vec<u8>> {
                 ..Default::default()
             }),
         };
-        enc.encode(v5::Packet::Publish(Box::new(p)), &mut stream).unwrap();
+        enc.encode(v5::Packet::Publish(Box::new(p)), &mut stream)
+            .unwrap();
     }
     (0..3u8)
         .map(|who| [&[who][..], &stream[..]].concat())

@@ -272,7 +272,10 @@ impl Config {
         if self.limits.max_batch == 0 {
             return Err(ConfigError::Invalid("limits.max_batch"));
         }
-        if !self.upstream.client_id.starts_with(crate::identity::BRIDGE_PREFIX)
+        if !self
+            .upstream
+            .client_id
+            .starts_with(crate::identity::BRIDGE_PREFIX)
             || self.upstream.client_id.len() > 23
         {
             return Err(ConfigError::Invalid(

@@ -125,7 +125,10 @@ impl BridgeDirectory {
     /// Whether a newer certificate of the device is known (from a member list, so it was used):
     /// the older one is superseded and never passes again (PROTOCOL.md §3).
     pub fn is_superseded(&self, id: &DeviceId, serial: u64) -> bool {
-        self.read().devices.get(id).is_some_and(|e| e.serial > serial)
+        self.read()
+            .devices
+            .get(id)
+            .is_some_and(|e| e.serial > serial)
     }
 
     /// Whether a certificate serial is known to be revoked.
@@ -256,7 +259,10 @@ impl BridgeDirectory {
         match s.groups.get_mut(&snap.group) {
             Some(entry) if data.info.epoch >= entry.current.info.epoch => {
                 for m in &entry.current.members {
-                    let stays = data.members.iter().any(|n| n.id == m.id && n.role == m.role);
+                    let stays = data
+                        .members
+                        .iter()
+                        .any(|n| n.id == m.id && n.role == m.role);
                     if !stays && !departed.contains(&m.id) {
                         departed.push(m.id.clone());
                     }

@@ -140,7 +140,10 @@ mod tests {
         assert!(fed.is_empty());
         assert_eq!(out.len(), 3);
         assert!(matches!(&out[0], Upstream::Publish(b) if b[..] == p1[..]));
-        assert!(matches!(&out[1], Upstream::Packet(v5::Packet::PingResponse)));
+        assert!(matches!(
+            &out[1],
+            Upstream::Packet(v5::Packet::PingResponse)
+        ));
         assert!(matches!(&out[2], Upstream::Publish(b) if b[..] == p2[..]));
     }
 

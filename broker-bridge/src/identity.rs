@@ -93,7 +93,10 @@ mod tests {
     fn upstream_ids_separate_identities_and_never_look_like_the_bridge() {
         let dev = |s: &str| Identity::Device(DeviceId::new(s).unwrap());
         let a = dev("sensor-1").upstream_client_id("c1");
-        assert!(a.starts_with(DEVICE_PREFIX) && a.len() == 3 + HASH_CHARS, "{a}");
+        assert!(
+            a.starts_with(DEVICE_PREFIX) && a.len() == 3 + HASH_CHARS,
+            "{a}"
+        );
         // Stable for the same identity and client id (persistent sessions resume)…
         assert_eq!(a, dev("sensor-1").upstream_client_id("c1"));
         // …and different for another device, an unauthenticated client or a group connection

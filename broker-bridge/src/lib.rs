@@ -51,9 +51,9 @@ pub mod metrics;
 pub mod topics;
 
 pub use bridge::{Bridge, StartError};
-pub use shared::now_ms;
 pub use config::Config;
 pub use metrics::Metrics;
+pub use shared::now_ms;
 
 /// The CA client named by `cfg.ca.endpoint` (gRPC, [`grpc::GrpcCa`]), or `None` without one
 /// (unprotected relaying only).

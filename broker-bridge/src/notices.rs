@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::shared::Shared;
 use crate::ca::{Notice, NoticeAction};
+use crate::shared::Shared;
 
 /// The bridge's own MQTT 5 connection to the broker, used to publish retained notices.
 pub(crate) struct Publisher {
@@ -247,7 +247,10 @@ const CAUGHT_UP: Duration = Duration::from_millis(300);
 
 /// Compares the CA link's Q_CA with the pinned one; a different key stops the notices (and says
 /// why) instead of being trusted (PROTOCOL.md §8).
-async fn check_pinned_key(shared: &Shared, ca: &dyn crate::ca::CaClient) -> Result<(), Interrupted> {
+async fn check_pinned_key(
+    shared: &Shared,
+    ca: &dyn crate::ca::CaClient,
+) -> Result<(), Interrupted> {
     let pinned = shared
         .ca_public()
         .ok_or(Interrupted::Ca("no pinned CA public key"))?;
@@ -256,7 +259,9 @@ async fn check_pinned_key(shared: &Shared, ca: &dyn crate::ca::CaClient) -> Resu
         .await
         .map_err(|_| Interrupted::Ca("CA unavailable"))?;
     if answer != pinned.to_bytes() {
-        tracing::error!("the CA link answers with another public key than ca.public_key; not following its notices");
+        tracing::error!(
+            "the CA link answers with another public key than ca.public_key; not following its notices"
+        );
         return Err(Interrupted::Ca("CA public key differs from the pinned one"));
     }
     Ok(())

@@ -94,7 +94,12 @@ mod tests {
         let b = Identity::Device(DeviceId::new("b").unwrap());
         let g = GroupId::new("plant/x").unwrap();
         let anon = Identity::Group(g.clone(), Role::Publisher);
-        let (ka1, ka2, kb, kg) = (r.register(&a), r.register(&a), r.register(&b), r.register(&anon));
+        let (ka1, ka2, kb, kg) = (
+            r.register(&a),
+            r.register(&a),
+            r.register(&b),
+            r.register(&anon),
+        );
         assert!(r.register(&Identity::Anonymous).is_cancelled() == false);
         assert_eq!(r.len(), 4);
         assert_eq!(r.end_device(&DeviceId::new("a").unwrap()), 2);

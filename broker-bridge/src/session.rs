@@ -39,14 +39,13 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::shared::{Shared, now_ms};
-use crate::frames::{Upstream, UpstreamCodec};
 use self::rules::{AckQueue, FilterPlan, PendingSub, Target, ToDevice, merge_suback};
-use crate::identity::Identity;
 use crate::ca::{connack_reason, suback_reason};
+use crate::frames::{Upstream, UpstreamCodec};
+use crate::identity::Identity;
+use crate::shared::{Shared, now_ms};
 use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
-
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
 type DeviceWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
@@ -194,7 +193,9 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 .map_err(|e| e.connack_reason())?;
             let cert = &proof.cert;
             let id = topic_device_id(cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
-            if shared.dir.is_superseded(&id, cert.serial()) || shared.is_revoked(cert.serial()).await? {
+            if shared.dir.is_superseded(&id, cert.serial())
+                || shared.is_revoked(cert.serial()).await?
+            {
                 return Err(REASON_NOT_AUTHORIZED);
             }
             let identity = Identity::Device(id);
@@ -340,7 +341,8 @@ async fn run_v5(
         password: shared.upstream_password.clone().map(Bytes::from),
         max_packet_size: our_max,
     };
-    let up_connect = rules::upstream_connect(&connect, &admission.identity, effective_id, &upstream);
+    let up_connect =
+        rules::upstream_connect(&connect, &admission.identity, effective_id, &upstream);
     let keep_alive = rules::keep_alive_for(
         &admission.identity,
         connect.keep_alive,
@@ -864,7 +866,12 @@ impl V5Session {
         gk_used: &mut bool,
     ) -> Result<Option<String>, u8> {
         let unused_gk = gk_request.filter(|_| !*gk_used);
-        match rules::plan_filter(&self.shared.policy, &self.identity, filter, unused_gk.is_some()) {
+        match rules::plan_filter(
+            &self.shared.policy,
+            &self.identity,
+            filter,
+            unused_gk.is_some(),
+        ) {
             FilterPlan::Relay => Ok(None),
             FilterPlan::Refuse(code) => Err(code),
             FilterPlan::IfMember(g, role) => {
@@ -917,7 +924,9 @@ async fn run_v3(
         .as_ref()
         .is_some_and(|w| !shared.policy.will_allowed(&w.topic));
     if bad_will || !shared.cfg.topics.unauthenticated_allowed() {
-        shared.metrics.refused(if bad_will { "will" } else { "auth" });
+        shared
+            .metrics
+            .refused(if bad_will { "will" } else { "auth" });
         let ack = v3::ConnectAck {
             return_code: R::NotAuthorized,
             session_present: false,

@@ -106,7 +106,9 @@ impl Shared {
         if self.ca_public().is_none() {
             return Err(CaError::Unavailable);
         }
-        let snap = self.ca_call("get_group", ca.get_group(group.clone())).await?;
+        let snap = self
+            .ca_call("get_group", ca.get_group(group.clone()))
+            .await?;
         let departed = self.dir.apply_snapshot(&snap, now_ms()).map_err(|e| {
             tracing::warn!(group = %group, error = %e, "group data from the CA rejected");
             CaError::InvalidResponse
@@ -166,7 +168,6 @@ impl Shared {
         lock(&self.nonces).prune(now);
     }
 }
-
 
 impl Shared {
     /// Builds the parts from a validated configuration; `pinned` is Q_CA.

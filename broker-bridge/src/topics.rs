@@ -292,10 +292,19 @@ mod tests {
         let p = policy();
         let g = |s: &str| GroupId::new(s).unwrap();
         // Group IDs with a level starting with `_` are reserved, wherever the level is.
-        for t in ["plant/_x", "plant/_q/b", "plant/a/_ota", "quva/c/plant/_q", "quva/k/plant/_a/sub"] {
+        for t in [
+            "plant/_x",
+            "plant/_q/b",
+            "plant/a/_ota",
+            "quva/c/plant/_q",
+            "quva/k/plant/_a/sub",
+        ] {
             assert_eq!(p.classify(t), TopicKind::Reserved, "{t}");
         }
-        assert_eq!(p.classify("plant/a/_ota/s1/3/m"), TopicKind::Ota(g("plant/a")));
+        assert_eq!(
+            p.classify("plant/a/_ota/s1/3/m"),
+            TopicKind::Ota(g("plant/a"))
+        );
         assert_eq!(p.classify("plant/a/_q"), TopicKind::Query(g("plant/a")));
         // quva/k/<a>/sub/pub is the key topic of group <a>/sub, never device `pub`'s notices.
         assert_eq!(
@@ -310,12 +319,24 @@ mod tests {
         assert_eq!(p.classify("quva/d/a/b"), TopicKind::Reserved);
         // A role and a device with no group before them (found by the bridge_session fuzz
         // target: the group length once went below zero).
-        for t in ["quva/k/sub/dev-1", "quva/k/pub", "quva/k//sub", "quva/k/sub/"] {
+        for t in [
+            "quva/k/sub/dev-1",
+            "quva/k/pub",
+            "quva/k//sub",
+            "quva/k/sub/",
+        ] {
             assert_eq!(p.classify(t), TopicKind::Reserved, "{t}");
         }
         // Wills only on unprotected topics.
         assert!(p.will_allowed("status/dev-1"));
-        for t in ["plant/a", "plant/a/_q", "quva/k/plant/a/sub", "quva/c/plant/a", "plant/a/_ota/s/1/m", "$SYS/x"] {
+        for t in [
+            "plant/a",
+            "plant/a/_q",
+            "quva/k/plant/a/sub",
+            "quva/c/plant/a",
+            "plant/a/_ota/s/1/m",
+            "$SYS/x",
+        ] {
             assert!(!p.will_allowed(t), "{t}");
         }
     }

@@ -21,8 +21,8 @@ use quva_client::message::{
 };
 use rand_core::OsRng;
 
-use crate::shared::{Shared, now_ms};
 use crate::directory::BridgeDirectory;
+use crate::shared::{Shared, now_ms};
 
 /// A drop decision: the counter label and the PUBACK/PUBREC reason code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -138,11 +138,19 @@ async fn wills_on_protected_and_reserved_topics_are_refused() {
         let mut c = plain("w-anon");
         c.last_will = Some(will(topic));
         let (_, ack) = connect_with(addr, c).await;
-        assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized, "{topic}");
+        assert_eq!(
+            ack.reason_code,
+            v5::ConnectAckReason::NotAuthorized,
+            "{topic}"
+        );
         let mut c = plain("w-dev");
         c.last_will = Some(will(topic));
         let (_, ack) = connect_with(addr, with_cert(c, &sub)).await;
-        assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized, "{topic}");
+        assert_eq!(
+            ack.reason_code,
+            v5::ConnectAckReason::NotAuthorized,
+            "{topic}"
+        );
     }
     // Nothing was published anywhere.
     let seen = watch.drain_publishes(Duration::from_millis(500)).await;
@@ -162,7 +170,10 @@ async fn wills_on_unprotected_topics_behave_as_at_the_broker() {
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
     drop(raw);
     let seen = watch.drain_publishes(Duration::from_secs(2)).await;
-    assert_eq!(seen, vec![("status/dropper".to_owned(), b"forged".to_vec())]);
+    assert_eq!(
+        seen,
+        vec![("status/dropper".to_owned(), b"forged".to_vec())]
+    );
     // The keep-alive expires and the bridge closes the connection: to the broker that is an
     // abnormal end too, so the Will is published (a normal DISCONNECT would discard it).
     let mut c = plain("sleeper");
@@ -176,7 +187,10 @@ async fn wills_on_unprotected_topics_behave_as_at_the_broker() {
         other => panic!("expected DISCONNECT, got {other:?}"),
     }
     let seen = watch.drain_publishes(Duration::from_secs(2)).await;
-    assert_eq!(seen, vec![("status/sleeper".to_owned(), b"forged".to_vec())]);
+    assert_eq!(
+        seen,
+        vec![("status/sleeper".to_owned(), b"forged".to_vec())]
+    );
     // A normal DISCONNECT from the client stays normal: no Will.
     let mut c = plain("leaver");
     c.last_will = Some(will("status/leaver"));
@@ -189,7 +203,12 @@ async fn wills_on_unprotected_topics_behave_as_at_the_broker() {
         user_properties: Vec::new(),
     }))
     .await;
-    assert!(watch.drain_publishes(Duration::from_secs(1)).await.is_empty());
+    assert!(
+        watch
+            .drain_publishes(Duration::from_secs(1))
+            .await
+            .is_empty()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,10 +240,21 @@ async fn a_client_id_resumes_a_session_only_for_its_own_identity() {
     let (mut thief, ack) = connect_with(addr, persistent("sub-1-home")).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
     assert!(!ack.session_present);
-    assert!(thief.drain_publishes(Duration::from_millis(500)).await.is_empty());
-    let (mut thief, ack) = connect_with(addr, with_cert(persistent("sub-1-home"), &publisher)).await;
+    assert!(
+        thief
+            .drain_publishes(Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
+    let (mut thief, ack) =
+        connect_with(addr, with_cert(persistent("sub-1-home"), &publisher)).await;
     assert!(!ack.session_present);
-    assert!(thief.drain_publishes(Duration::from_millis(500)).await.is_empty());
+    assert!(
+        thief
+            .drain_publishes(Duration::from_millis(500))
+            .await
+            .is_empty()
+    );
     // A client named like the bridge's own connection is just another client.
     let (_spoof, ack) = connect_with(addr, plain("qb-notices")).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
@@ -376,7 +406,9 @@ async fn the_bridge_trusts_only_the_pinned_ca_key() {
         Some(Arc::new(test_ca::Client(ca.clone())))
     };
     // A CA link without a pinned key is refused at start.
-    let err = Bridge::start(config(broker.addr), client()).await.unwrap_err();
+    let err = Bridge::start(config(broker.addr), client())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("ca.public_key"), "{err}");
     // Pinned to another key, the bridge accepts no certificate of the CA behind the link.
     let other = KeyPair::random(&mut SystemRng::new());
@@ -418,25 +450,37 @@ async fn malformed_and_oversized_packets_do_not_disturb_an_honest_device() {
             // Garbage instead of a CONNECT.
             vec![0xFF; 64],
             // A CONNECT, then a length that is not a variable byte integer.
-            [&connect_frame[..], &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..]].concat(),
+            [
+                &connect_frame[..],
+                &[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F][..],
+            ]
+            .concat(),
             // A CONNECT, then a PUBLISH announcing 200 MB.
             [&connect_frame[..], &[0x30, 0x80, 0x80, 0x80, 0x60][..]].concat(),
             // A CONNECT, then a PUBLISH whose topic length runs past the packet.
-            [&connect_frame[..], &[0x32, 0x04, 0xFF, 0xFF, 0x00, 0x01][..]].concat(),
+            [
+                &connect_frame[..],
+                &[0x32, 0x04, 0xFF, 0xFF, 0x00, 0x01][..],
+            ]
+            .concat(),
             // A CONNECT, then a SUBSCRIBE with no filter.
             [&connect_frame[..], &[0x82, 0x03, 0x00, 0x01, 0x00][..]].concat(),
         ];
         for bytes in attacks {
             let mut raw = Raw::tcp(addr).await;
             raw.send_bytes(&bytes).await;
-            assert!(raw.closed().await, "the bridge kept a connection after {bytes:02x?}");
+            assert!(
+                raw.closed().await,
+                "the bridge kept a connection after {bytes:02x?}"
+            );
         }
         // Random bytes after a valid CONNECT.
         for _ in 0..40 {
             let mut junk = vec![0u8; 1 + (rng.next_u32() % 300) as usize];
             rng.fill_bytes(&mut junk);
             let mut raw = Raw::tcp(addr).await;
-            raw.send_bytes(&[&connect_frame[..], &junk[..]].concat()).await;
+            raw.send_bytes(&[&connect_frame[..], &junk[..]].concat())
+                .await;
             let _ = raw.recv_within(Duration::from_millis(50)).await;
         }
         // A protected PUBLISH just over the payload limit, from an unauthenticated client.
@@ -446,9 +490,18 @@ async fn malformed_and_oversized_packets_do_not_disturb_an_honest_device() {
     });
     let mut sent = Vec::new();
     for i in 0..30u16 {
-        let m = option1(&ca, A, &publisher, now_ms(), format!("honest {i}").as_bytes());
+        let m = option1(
+            &ca,
+            A,
+            &publisher,
+            now_ms(),
+            format!("honest {i}").as_bytes(),
+        );
         pub_raw.publish(A, m.clone(), Some(100 + i)).await;
-        assert!(puback(&mut pub_raw, 100 + i).await < 0x80, "honest message {i}");
+        assert!(
+            puback(&mut pub_raw, 100 + i).await < 0x80,
+            "honest message {i}"
+        );
         sent.push((A.to_owned(), m));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -470,7 +523,12 @@ async fn malformed_and_oversized_packets_do_not_disturb_an_honest_device() {
             got.push((p.topic.to_string(), p.payload.to_vec()));
         }
     }
-    assert!(got == sent, "the subscriber got {} of {} honest messages, or out of order", got.len(), sent.len());
+    assert!(
+        got == sent,
+        "the subscriber got {} of {} honest messages, or out of order",
+        got.len(),
+        sent.len()
+    );
     let metrics = bridge.metrics().render();
     assert!(metrics.contains("reason=\"malformed"), "{metrics}");
     // The bridge still serves new clients.

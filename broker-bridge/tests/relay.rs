@@ -183,9 +183,19 @@ async fn bad_clients_are_cut_off_alone() {
             ..Default::default()
         }),
     };
-    alias.send(v5::Packet::Publish(Box::new(aliased("weather/x", 1, b"set")))).await;
-    alias.send(v5::Packet::Publish(Box::new(aliased("", 1, b"used")))).await;
-    alias.send(v5::Packet::Publish(Box::new(aliased("", 2, b"unset")))).await;
+    alias
+        .send(v5::Packet::Publish(Box::new(aliased(
+            "weather/x",
+            1,
+            b"set",
+        ))))
+        .await;
+    alias
+        .send(v5::Packet::Publish(Box::new(aliased("", 1, b"used"))))
+        .await;
+    alias
+        .send(v5::Packet::Publish(Box::new(aliased("", 2, b"unset"))))
+        .await;
     match alias.recv().await {
         Some(v5::Packet::Disconnect(d)) => {
             assert_eq!(d.reason_code, v5::DisconnectReasonCode::TopicAliasInvalid);
@@ -342,7 +352,8 @@ async fn refusals_say_why_and_empty_client_ids_get_one_assigned_as_at_the_broker
     let mut answers = Vec::new();
     for at in [broker.addr, addr] {
         let mut raw = Raw::tcp(at).await;
-        raw.send(v5::Packet::Connect(Box::new(connect(false)))).await;
+        raw.send(v5::Packet::Connect(Box::new(connect(false))))
+            .await;
         match raw.recv().await {
             Some(v5::Packet::ConnectAck(a)) => {
                 assert!(a.assigned_client_id.is_some());

@@ -853,7 +853,13 @@ fn verify_message(
             role: sender_role(msg),
         },
     };
-    let bridge = msg.verify_at_bridge(f, &connection, &policy, &mut crate::message::BridgeReplay::default(), f.now);
+    let bridge = msg.verify_at_bridge(
+        f,
+        &connection,
+        &policy,
+        &mut crate::message::BridgeReplay::default(),
+        f.now,
+    );
     let mut replay = ReplayCache::default();
     let device = msg.verify(f, f, &policy, &mut replay, f.now);
     if device.is_ok() {

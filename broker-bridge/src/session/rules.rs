@@ -82,7 +82,11 @@ pub(crate) struct Grant {
 
 /// The device's CONNACK from the broker's: authentication only on success, the bridge's topic
 /// alias and packet size limits, the assigned client identifier and the capped keep-alive.
-pub(crate) fn device_connack(mut ack: v5::ConnectAck, grant: Grant, our_max: u32) -> v5::ConnectAck {
+pub(crate) fn device_connack(
+    mut ack: v5::ConnectAck,
+    grant: Grant,
+    our_max: u32,
+) -> v5::ConnectAck {
     if ack.reason_code == v5::ConnectAckReason::Success {
         ack.auth_method = grant.method;
         ack.auth_data = grant.data;
@@ -121,7 +125,10 @@ pub(crate) fn empty_id_without_clean_start(buf: &[u8]) -> Option<usize> {
         None
     }
     fn u16_at(buf: &[u8], at: usize) -> Option<usize> {
-        Some(usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?])))
+        Some(usize::from(u16::from_be_bytes([
+            *buf.get(at)?,
+            *buf.get(at + 1)?,
+        ])))
     }
     if buf.first() != Some(&0x10) {
         return None;
@@ -476,16 +483,46 @@ mod tests {
             (&dev, "$SYS/x", false, FilterPlan::Refuse(0x87)),
             (&anon, "plant/a", false, FilterPlan::Refuse(0x87)),
             (&anon, "quva/c/plant/a", false, FilterPlan::Refuse(0x87)),
-            (&dev, "plant/a", false, FilterPlan::IfMember(g("plant/a"), Role::Subscriber)),
-            (&dev, "$share/s/plant/a", false, FilterPlan::IfMember(g("plant/a"), Role::Subscriber)),
-            (&dev, "plant/a/_q", false, FilterPlan::IfMember(g("plant/a"), Role::Publisher)),
+            (
+                &dev,
+                "plant/a",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
+            ),
+            (
+                &dev,
+                "$share/s/plant/a",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
+            ),
+            (
+                &dev,
+                "plant/a/_q",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Publisher),
+            ),
             (&dev, "quva/c/plant/a", false, FilterPlan::Relay),
             (&dev, "quva/k/plant/a/sub/dev-1", false, FilterPlan::Relay),
-            (&dev, "quva/k/plant/a/sub/dev-2", false, FilterPlan::Refuse(0x87)),
+            (
+                &dev,
+                "quva/k/plant/a/sub/dev-2",
+                false,
+                FilterPlan::Refuse(0x87),
+            ),
             (&dev, "quva/d/dev-1", false, FilterPlan::Relay),
             (&dev, "quva/d/dev-2", false, FilterPlan::Refuse(0x87)),
-            (&dev, "quva/k/plant/a/sub", true, FilterPlan::Join(g("plant/a"), Role::Subscriber)),
-            (&dev, "quva/k/plant/a/pub", false, FilterPlan::IfMember(g("plant/a"), Role::Publisher)),
+            (
+                &dev,
+                "quva/k/plant/a/sub",
+                true,
+                FilterPlan::Join(g("plant/a"), Role::Subscriber),
+            ),
+            (
+                &dev,
+                "quva/k/plant/a/pub",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Publisher),
+            ),
         ];
         for (id, filter, gk, want) in cases {
             assert_eq!(plan_filter(&p, id, filter, gk), want, "{filter}");
@@ -510,15 +547,30 @@ mod tests {
     #[test]
     fn publishes_are_classified_and_retained_group_messages_refused() {
         let p = policy();
-        assert_eq!(target(&p, &publish("weather", true, None)), Target::Unprotected);
-        assert_eq!(target(&p, &publish("plant/a", true, None)), Target::Retained);
-        assert_eq!(target(&p, &publish("plant/a/_q", true, None)), Target::Retained);
+        assert_eq!(
+            target(&p, &publish("weather", true, None)),
+            Target::Unprotected
+        );
+        assert_eq!(
+            target(&p, &publish("plant/a", true, None)),
+            Target::Retained
+        );
+        assert_eq!(
+            target(&p, &publish("plant/a/_q", true, None)),
+            Target::Retained
+        );
         assert_eq!(
             target(&p, &publish("plant/a", false, None)),
             Target::Group(g("plant/a"), Direction::Forward)
         );
-        assert_eq!(target(&p, &publish("quva/k/plant/a/sub", false, None)), Target::Reserved);
-        assert_eq!(target(&p, &publish("plant/a/_ota/s/1/m", true, None)), Target::Reserved);
+        assert_eq!(
+            target(&p, &publish("quva/k/plant/a/sub", false, None)),
+            Target::Reserved
+        );
+        assert_eq!(
+            target(&p, &publish("plant/a/_ota/s/1/m", true, None)),
+            Target::Reserved
+        );
     }
 
     #[test]
@@ -533,9 +585,15 @@ mod tests {
         a.resolve(&mut next).unwrap();
         assert_eq!(next.topic, "plant/a");
         // Unknown or out-of-range aliases end the connection.
-        for bad in [publish("", false, Some(4)), publish("x", false, Some(TOPIC_ALIAS_MAX + 1))] {
+        for bad in [
+            publish("", false, Some(4)),
+            publish("x", false, Some(TOPIC_ALIAS_MAX + 1)),
+        ] {
             let mut bad = bad;
-            assert_eq!(a.resolve(&mut bad), Err(DisconnectReasonCode::TopicAliasInvalid));
+            assert_eq!(
+                a.resolve(&mut bad),
+                Err(DisconnectReasonCode::TopicAliasInvalid)
+            );
         }
     }
 

@@ -90,7 +90,13 @@ fn paper_option1_challenge_is_forgeable_and_ours_is_not() {
     attempt.encode(&mut wire2);
     let msg2 = UnverifiedMessage::decode(&wire2).unwrap();
     assert_eq!(
-        msg2.verify_at_bridge(&w, &conn, &policy, &mut crate::message::BridgeReplay::default(), t),
+        msg2.verify_at_bridge(
+            &w,
+            &conn,
+            &policy,
+            &mut crate::message::BridgeReplay::default(),
+            t
+        ),
         Err(Rejection::BadSignature)
     );
 }

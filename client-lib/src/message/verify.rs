@@ -223,11 +223,7 @@ fn insert_replay(
     )
 }
 
-fn replay_rejection(
-    r: Result<(), ReplayError>,
-    t_ms: u64,
-    now_ms: u64,
-) -> Result<(), Rejection> {
+fn replay_rejection(r: Result<(), ReplayError>, t_ms: u64, now_ms: u64) -> Result<(), Rejection> {
     r.map_err(|e| match e {
         ReplayError::Replayed | ReplayError::BelowFloor => Rejection::Replayed,
         ReplayError::OutsideWindow if t_ms < now_ms => Rejection::StaleTimestamp,
@@ -294,7 +290,11 @@ impl SignedCheck<'_> {
     ///
     /// # Errors
     /// [`Rejection::Replayed`], [`Rejection::StaleTimestamp`] or [`Rejection::FutureTimestamp`].
-    pub fn accept(self, replay: &mut BridgeReplay, now_ms: u64) -> Result<BridgeVerified, Rejection> {
+    pub fn accept(
+        self,
+        replay: &mut BridgeReplay,
+        now_ms: u64,
+    ) -> Result<BridgeVerified, Rejection> {
         let t_ms = self.msg.header.t_ms;
         let r = replay.check_and_insert(self.msg.replay_partition(), self.msg.hash, t_ms, now_ms);
         replay_rejection(r, t_ms, now_ms)?;
@@ -314,7 +314,10 @@ pub fn verify_signatures<'m>(
     rng: &mut impl CryptoRngCore,
 ) -> Vec<Result<SignedCheck<'m>, Rejection>> {
     if checks.len() == 1 {
-        return checks.into_iter().map(BridgeCheck::verify_signature).collect();
+        return checks
+            .into_iter()
+            .map(BridgeCheck::verify_signature)
+            .collect();
     }
     let verdicts = {
         let items: Vec<BatchItem<'_>> = checks.iter().map(BridgeCheck::batch_item).collect();
@@ -932,8 +935,14 @@ mod tests {
                     Err(Rejection::TooLarge)
                 );
                 assert_eq!(
-                    msg.verify(&Untouchable, &w.receiver(d), &policy, &mut ReplayCache::default(), w.now)
-                        .err(),
+                    msg.verify(
+                        &Untouchable,
+                        &w.receiver(d),
+                        &policy,
+                        &mut ReplayCache::default(),
+                        w.now
+                    )
+                    .err(),
                     Some(Rejection::TooLarge)
                 );
             }
