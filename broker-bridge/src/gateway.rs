@@ -10,6 +10,7 @@ use quva_client::ids::GroupId;
 
 use crate::ca::{CaClient, CaError};
 use crate::metrics::Metrics;
+use crate::sync::lock;
 
 /// How long a failed group fetch is not retried.
 const NEGATIVE_TTL: Duration = Duration::from_secs(2);
@@ -71,10 +72,6 @@ impl CaGateway {
             n.insert(group.clone(), Instant::now());
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Failed lookups, each remembered for `ttl`, at most `capacity` of them.

@@ -40,6 +40,7 @@ mod notices;
 mod registry;
 mod session;
 mod shared;
+mod sync;
 mod verify;
 
 // The public interface is these modules and the re-exports below.

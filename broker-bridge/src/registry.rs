@@ -8,16 +8,13 @@ use quva_client::ids::{DeviceId, GroupId};
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::Identity;
+use crate::sync::lock;
 
 /// Live sessions by device and by anonymous group. Every method takes `&self`.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
     devices: Mutex<HashMap<DeviceId, Vec<CancellationToken>>>,
     groups: Mutex<HashMap<GroupId, Vec<CancellationToken>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Registry {

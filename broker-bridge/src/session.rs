@@ -44,6 +44,7 @@ use crate::ca::{connack_reason, suback_reason};
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
 use crate::shared::{Shared, now_ms};
+use crate::sync::lock;
 use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
@@ -278,10 +279,6 @@ async fn connect_upstream_v5(
 }
 
 type PendingSubs = Arc<Mutex<HashMap<NonZeroU16, PendingSub>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The per-connection relay state of an MQTT 5 device.
 struct V5Session {

@@ -23,6 +23,7 @@ use crate::gateway::CaGateway;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::sync::lock;
 use crate::topics::TopicPolicy;
 
 /// The current time in Unix milliseconds (the bridge owns the clock; the protocol core does not).
@@ -51,10 +52,6 @@ pub(crate) struct Shared {
     /// Whether the notice follower has read the CA's log to its end, so that the directory's
     /// revocations are current; until then certificate connections ask the CA.
     pub(crate) revocations_current: AtomicBool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {

@@ -23,6 +23,7 @@ use rand_core::OsRng;
 
 use crate::directory::BridgeDirectory;
 use crate::shared::{Shared, now_ms};
+use crate::sync::lock;
 
 /// A drop decision: the counter label and the PUBACK/PUBREC reason code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,8 +166,4 @@ fn check_now(
     drop(replay);
     shared.metrics.verify_time(started.elapsed());
     out
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }

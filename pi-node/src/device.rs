@@ -1387,41 +1387,34 @@ impl Device {
     /// Sends group-key requests that a gap made necessary, at most one per interval.
     fn rerequest(&mut self, now_ms: u64, rng: &mut impl CryptoRngCore, out: &mut Vec<Output>) {
         let interval = self.config.rerequest_interval_ms;
-        let due: Vec<(GroupId, Role)> = self
-            .groups
-            .iter()
-            .flat_map(|(g, s)| {
-                s.roles.iter().filter_map(move |(r, st)| {
-                    let quiet = st
-                        .last_request_ms
-                        .is_none_or(|t| now_ms.saturating_sub(t) >= interval);
-                    let behind = st
-                        .behind_since
-                        .is_some_and(|t| now_ms.saturating_sub(t) >= interval);
-                    ((st.needs_key || behind) && !st.requesting && quiet).then(|| (g.clone(), *r))
-                })
-            })
-            .collect();
+        let since = |t: Option<u64>| t.is_some_and(|t| now_ms.saturating_sub(t) >= interval);
+        let due = self.roles_where(|st| {
+            let quiet = st.last_request_ms.is_none() || since(st.last_request_ms);
+            (st.needs_key || since(st.behind_since)) && !st.requesting && quiet
+        });
         for (g, r) in due {
             if let Ok(sub) = self.request(&g, r, now_ms, rng) {
                 out.push(Output::Subscribe(sub));
             }
         }
-        let unconfirmed: Vec<(GroupId, Role)> = self
-            .groups
-            .iter()
-            .flat_map(|(g, s)| {
-                s.roles.iter().filter_map(move |(r, st)| {
-                    let late = st
-                        .unconfirmed_since
-                        .is_some_and(|t| now_ms.saturating_sub(t) >= interval);
-                    (st.resumed && late && !st.requesting).then(|| (g.clone(), *r))
-                })
-            })
-            .collect();
+        let unconfirmed =
+            self.roles_where(|st| st.resumed && since(st.unconfirmed_since) && !st.requesting);
         for (g, r) in unconfirmed {
             self.fall_back(&g, r, ResumeFailure::Unconfirmed, now_ms, rng, out);
         }
+    }
+
+    /// Every (group, role) whose state satisfies `pred`.
+    fn roles_where(&self, pred: impl Fn(&RoleState) -> bool) -> Vec<(GroupId, Role)> {
+        self.groups
+            .iter()
+            .flat_map(|(g, s)| {
+                s.roles
+                    .iter()
+                    .filter(|(_, st)| pred(st))
+                    .map(move |(r, _)| (g.clone(), *r))
+            })
+            .collect()
     }
 
     /// The passing of time: expires waiting messages, forgets keys past their grace period and
