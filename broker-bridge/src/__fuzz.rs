@@ -12,7 +12,7 @@ use tokio_util::codec::Decoder as _;
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
 use crate::session::rules::{
-    self, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target, ToDevice,
+    self, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target, AckEvent,
 };
 use crate::topics::{TopicKind, TopicPolicy, unshare};
 
@@ -74,12 +74,12 @@ pub fn session(data: &[u8]) {
                 }
                 if let Some(id) = p.packet_id {
                     awaited += 1;
-                    released += acks.push(ToDevice::Expect(id)).len();
+                    released += acks.push(AckEvent::Expect(id)).len();
                 }
             }
             v5::Packet::PublishAck(a) => {
                 released += acks
-                    .push(ToDevice::UpstreamAck(
+                    .push(AckEvent::UpstreamAck(
                         a.packet_id,
                         v5::Packet::PublishAck(a),
                     ))

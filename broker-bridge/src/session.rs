@@ -8,10 +8,13 @@
 //! own PUBACK/PUBREC for a dropped PUBLISH waits behind the acknowledgements still pending
 //! upstream, so that a device sees its QoS 1 acknowledgements in order (MQTT 5 §4.6).
 
+mod machine;
 pub(crate) mod rules;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::num::NonZeroU16;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,13 +27,10 @@ use quva_client::enrollment::{
     AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof, REASON_NOT_AUTHORIZED,
     REASON_PAYLOAD_FORMAT_INVALID,
 };
-use quva_client::group::{GK_PROPERTY, GroupKeyRequest, Privacy};
-use quva_client::ids::{GroupId, Role};
+use quva_client::group::{GroupKeyRequest, Privacy};
+use quva_client::ids::GroupId;
 use quva_client::schnorr::VerifyingKey;
-use rmqtt_codec::types::Publish;
-use rmqtt_codec::v5::{
-    self, ConnectAckReason, DisconnectReasonCode, PublishAck, PublishAckReason, SubscribeAckReason,
-};
+use rmqtt_codec::v5::{self, ConnectAckReason, DisconnectReasonCode};
 use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket, v3};
 use tokio::net::TcpStream;
@@ -39,13 +39,16 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
-use self::rules::{AckQueue, FilterPlan, PendingSub, Target, ToDevice, merge_suback};
+use self::machine::{
+    Action, Answer, Ask, DeviceFailure, Ending, Limits, Note, Out, Session, UpstreamFailure, Work,
+};
 use crate::ca::{connack_reason, suback_reason};
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
 use crate::shared::{Shared, now_ms};
 use crate::sync::lock;
-use crate::topics::{TopicKind, topic_device_id, unshare, valid_filter};
+use crate::topics::{TopicKind, unshare, valid_filter};
+use crate::topics::topic_device_id;
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
@@ -278,30 +281,8 @@ async fn connect_upstream_v5(
     }
 }
 
-type PendingSubs = Arc<Mutex<HashMap<NonZeroU16, PendingSub>>>;
-
-/// The per-connection relay state of an MQTT 5 device.
-struct V5Session {
-    aliases: rules::Aliases,
-    shared: Arc<Shared>,
-    identity: Identity,
-    client_id: ByteString,
-    up: UpWriter,
-    to_device: mpsc::Sender<ToDevice>,
-    subs: PendingSubs,
-    end: CancellationToken,
-}
-
-/// Why the relay of a connection stopped.
-enum Stop {
-    /// Close quietly (the device disconnected, or the socket failed).
-    Quiet,
-    /// Tell the device why, then close.
-    Tell(DisconnectReasonCode),
-}
-
 async fn run_v5(
-    mut reader: DeviceReader,
+    reader: DeviceReader,
     mut writer: DeviceWriter,
     connect: Box<v5::Connect>,
     shared: Arc<Shared>,
@@ -350,7 +331,7 @@ async fn run_v5(
     {
         c.set_max_outbound_size(m.get());
     }
-    let Some((mut up_reader, up_writer, up_ack)) = connect_upstream_v5(&shared, up_connect).await
+    let Some((up_reader, up_writer, up_ack)) = connect_upstream_v5(&shared, up_connect).await
     else {
         shared.metrics.refused("upstream_unavailable");
         if admission.data.is_some() {
@@ -386,64 +367,29 @@ async fn run_v5(
         return;
     }
     tracing::debug!(client_id = %client_id, identity = ?admission.identity, "connected");
-
-    let end = CancellationToken::new();
     let kick = shared.sessions.register(&admission.identity);
-    let (tx, rx) = mpsc::channel::<ToDevice>(256);
-    let writer_task = tokio::spawn(device_writer(writer, rx));
-    let subs: PendingSubs = Arc::default();
-
-    // Broker → device.
-    let up_task = {
-        let tx = tx.clone();
-        let subs = subs.clone();
-        let end = end.clone();
-        tokio::spawn(async move {
-            let stop = upstream_to_device(&mut up_reader, &tx, &subs, &end).await;
-            end.cancel();
-            if let Stop::Tell(code) = stop {
-                let _ = tx.send(ToDevice::Packet(disconnect(code))).await;
-            }
-        })
+    let limits = Limits {
+        max_batch: shared.cfg.limits.max_batch,
+        idle_ms: idle_ms(keep_alive, shared.cfg.limits.idle_timeout_ms),
     };
-
-    let mut session = V5Session {
-        aliases: rules::Aliases::default(),
-        shared: shared.clone(),
-        identity: admission.identity.clone(),
-        client_id,
-        up: up_writer,
-        to_device: tx,
-        subs,
-        end: end.clone(),
+    let relay = Relay {
+        device: (reader, writer),
+        upstream: (up_reader, up_writer),
     };
-    let stop = session
-        .device_to_upstream(&mut reader, keep_alive, &kick)
+    relay
+        .run(&shared, &admission.identity, &client_id, limits, &kick)
         .await;
-    end.cancel();
-    match stop {
-        Stop::Tell(code) => {
-            let _ = session
-                .to_device
-                .send(ToDevice::Packet(disconnect(code)))
-                .await;
-            // The bridge ended the connection, not the client: to the broker that is an
-            // abnormal end, so the client's Will is published as it would be without the bridge
-            // (MQTT 5 §3.1.2.5; a normal DISCONNECT would discard it).
-            let _ = session
-                .up
-                .send(MqttPacket::V5(disconnect(
-                    DisconnectReasonCode::DisconnectWithWillMessage,
-                )))
-                .await;
-        }
-        Stop::Quiet => {}
-    }
-    let _ = session.up.close().await;
-    drop(session);
-    let _ = up_task.await;
-    let _ = writer_task.await;
     shared.sessions.unregister(&admission.identity, &kick);
+}
+
+/// Silence after which a connection ends: 1.5 × the keep-alive (MQTT 5 §3.1.2.10), or the idle
+/// timeout when the client asked for none.
+fn idle_ms(keep_alive: u16, idle_timeout_ms: u64) -> Option<u64> {
+    if keep_alive > 0 {
+        Some(u64::from(keep_alive) * 1500)
+    } else {
+        (idle_timeout_ms > 0).then_some(idle_timeout_ms)
+    }
 }
 
 /// A fresh client identifier for a client that sent an empty one.
@@ -456,453 +402,251 @@ fn assigned_client_id() -> ByteString {
     ))
 }
 
-/// Writes what reaches the device. Whatever is ready at once goes out in one write: raw
-/// deliveries are appended to the write buffer as they are, packets are encoded into it, and the
-/// buffer is flushed when nothing more is waiting (or it holds [`WRITE_BATCH`] bytes).
-async fn device_writer(mut writer: DeviceWriter, mut rx: mpsc::Receiver<ToDevice>) {
-    let mut queue = AckQueue::default();
-    while let Some(mut ev) = rx.recv().await {
-        loop {
-            match ev {
-                ToDevice::Raw(frame) => writer.write_buffer_mut().extend_from_slice(&frame),
-                ev => {
-                    for p in queue.push(ev) {
-                        let last = matches!(p, v5::Packet::Disconnect(_));
-                        if writer.feed(MqttPacket::V5(p)).await.is_err() {
-                            return;
-                        }
-                        if last {
-                            let _ = writer.close().await;
-                            return;
-                        }
-                    }
-                }
-            }
-            if writer.write_buffer().len() >= WRITE_BATCH {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(next) => ev = next,
-                Err(_) => break,
-            }
-        }
-        if writer.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = writer.close().await;
-}
-
 /// Bytes gathered for the device before a write even if more is waiting.
 const WRITE_BATCH: usize = 64 * 1024;
 
-async fn upstream_to_device(
-    up: &mut UpReader,
-    tx: &mpsc::Sender<ToDevice>,
-    subs: &PendingSubs,
-    end: &CancellationToken,
-) -> Stop {
-    loop {
-        let next = tokio::select! {
-            () = end.cancelled() => return Stop::Quiet,
-            n = up.next() => n,
-        };
-        let packet = match next {
-            Some(Ok(Upstream::Publish(frame))) => {
-                if tx.send(ToDevice::Raw(frame)).await.is_err() {
-                    return Stop::Quiet;
+/// Packets read from one side at once before the other side gets its turn.
+const READ_BURST: usize = 256;
+
+/// How long the last words to each side may take when a connection ends.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Work running for a session ([`Work`]).
+type WorkFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// Both ends of an accepted MQTT 5 connection.
+struct Relay {
+    device: (DeviceReader, DeviceWriter),
+    upstream: (UpReader, UpWriter),
+}
+
+impl Relay {
+    /// Moves bytes, timers and work for the connection's [`Session`] until it ends. Whatever is
+    /// ready at once is read in one go and written in one go: raw deliveries are appended to the
+    /// device's write buffer as they are, packets are encoded into it, and each side is flushed
+    /// once per round.
+    async fn run(
+        self,
+        shared: &Arc<Shared>,
+        identity: &Identity,
+        client_id: &str,
+        limits: Limits,
+        kick: &CancellationToken,
+    ) {
+        let Relay {
+            device: (mut device_rd, mut device_wr),
+            upstream: (mut up_rd, mut up_wr),
+        } = self;
+        let started = tokio::time::Instant::now();
+        let now = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let mut session = Session::new(&shared.policy, identity.clone(), limits, 0);
+        let mut work: Option<WorkFuture> = None;
+        loop {
+            while let Some(action) = session.next_action() {
+                match action {
+                    Action::Device(Out::Raw(frame)) => {
+                        device_wr.write_buffer_mut().extend_from_slice(&frame);
+                        if device_wr.write_buffer().len() >= WRITE_BATCH
+                            && device_wr.flush().await.is_err()
+                        {
+                            session.device_failed(DeviceFailure::Gone);
+                        }
+                    }
+                    Action::Device(Out::Packet(p)) => {
+                        if device_wr.feed(MqttPacket::V5(p)).await.is_err() {
+                            session.device_failed(DeviceFailure::Gone);
+                        }
+                    }
+                    Action::Upstream(p) => {
+                        if up_wr.feed(MqttPacket::V5(p)).await.is_err() {
+                            session.upstream_failed(UpstreamFailure::Closed);
+                        }
+                    }
+                    Action::Work(w) => work = Some(start_work(shared.clone(), identity.clone(), w)),
+                    Action::Note(n) => note(shared, client_id, n),
+                    Action::Close(ending) => {
+                        let last_words = close(device_wr, up_wr, ending);
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, last_words).await;
+                        return;
+                    }
                 }
+            }
+            if device_wr.flush().await.is_err() {
+                session.device_failed(DeviceFailure::Gone);
                 continue;
             }
-            Some(Ok(Upstream::Packet(p))) => p,
-            Some(Err(_)) => return Stop::Tell(DisconnectReasonCode::UnspecifiedError),
-            None => return Stop::Tell(DisconnectReasonCode::ServerBusy),
-        };
-        let ev = match packet {
-            v5::Packet::PublishAck(a) => {
-                ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishAck(a))
+            if up_wr.flush().await.is_err() {
+                session.upstream_failed(UpstreamFailure::Closed);
+                continue;
             }
-            v5::Packet::PublishReceived(a) => {
-                ToDevice::UpstreamAck(a.packet_id, v5::Packet::PublishReceived(a))
-            }
-            v5::Packet::SubscribeAck(mut ack) => {
-                let pending = lock(subs).remove(&ack.packet_id);
-                if let Some(p) = pending {
-                    merge_suback(&mut ack, p);
+            let deadline = session
+                .deadline_ms()
+                .map(|ms| started + Duration::from_millis(ms));
+            tokio::select! {
+                () = shared.stop.cancelled() => session.shutdown(),
+                () = kick.cancelled() => session.kick(),
+                () = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => session.tick(now()),
+                answer = async {
+                    match work.as_mut() {
+                        Some(w) => w.await,
+                        None => std::future::pending().await,
+                    }
+                }, if work.is_some() => {
+                    work = None;
+                    session.answered(answer, now());
                 }
-                ToDevice::Packet(v5::Packet::SubscribeAck(ack))
+                next = device_rd.next(), if session.wants_device_input() => {
+                    from_device(&mut session, next, now());
+                    for _ in 0..READ_BURST {
+                        if !session.wants_device_input() || session.batch_full() {
+                            break;
+                        }
+                        match device_rd.next().now_or_never() {
+                            Some(next) => from_device(&mut session, next, now()),
+                            None => break,
+                        }
+                    }
+                    session.input_drained();
+                }
+                next = up_rd.next() => {
+                    from_upstream(&mut session, next);
+                    for _ in 0..READ_BURST {
+                        match up_rd.next().now_or_never() {
+                            Some(next) if !session.is_ended() => from_upstream(&mut session, next),
+                            _ => break,
+                        }
+                    }
+                }
             }
-            v5::Packet::Disconnect(d) => {
-                let _ = tx.send(ToDevice::Packet(v5::Packet::Disconnect(d))).await;
-                return Stop::Quiet;
-            }
-            v5::Packet::Connect(_) | v5::Packet::ConnectAck(_) | v5::Packet::Auth(_) => {
-                return Stop::Tell(DisconnectReasonCode::UnspecifiedError);
-            }
-            p => ToDevice::Packet(p),
-        };
-        if tx.send(ev).await.is_err() {
-            return Stop::Quiet;
         }
     }
 }
 
-/// A PUBLISH waiting in a verification batch.
-struct Candidate {
-    publish: Box<Publish>,
-    target: Target,
+fn from_device(session: &mut Session<'_>, next: Option<Decoded>, now_ms: u64) {
+    use rmqtt_codec::error::DecodeError as E;
+    match next {
+        Some(Ok((MqttPacket::V5(p), _))) => session.device_packet(p, now_ms),
+        None | Some(Err(E::Io(_))) => session.device_failed(DeviceFailure::Gone),
+        Some(Err(E::MaxSizeExceeded { .. })) => session.device_failed(DeviceFailure::Oversize),
+        Some(_) => session.device_failed(DeviceFailure::Malformed),
+    }
 }
 
-impl V5Session {
-    async fn device_to_upstream(
-        &mut self,
-        reader: &mut DeviceReader,
-        keep_alive: u16,
-        kick: &CancellationToken,
-    ) -> Stop {
-        let idle = if keep_alive > 0 {
-            Some(Duration::from_millis(u64::from(keep_alive) * 1500))
-        } else if self.shared.cfg.limits.idle_timeout_ms > 0 {
-            Some(Duration::from_millis(
-                self.shared.cfg.limits.idle_timeout_ms,
-            ))
-        } else {
-            None
-        };
-        let mut stash: Option<Decoded> = None;
-        loop {
-            let next = match stash.take() {
-                Some(d) => Some(d),
-                None => {
-                    let read = async {
-                        match idle {
-                            Some(t) => tokio::time::timeout(t, reader.next()).await.ok(),
-                            None => Some(reader.next().await),
-                        }
-                    };
-                    tokio::select! {
-                        () = self.shared.stop.cancelled() => {
-                            return Stop::Tell(DisconnectReasonCode::ServerShuttingDown);
-                        }
-                        () = kick.cancelled() => {
-                            return Stop::Tell(DisconnectReasonCode::NotAuthorized);
-                        }
-                        () = self.end.cancelled() => return Stop::Quiet,
-                        r = read => match r {
-                            Some(n) => n,
-                            None => {
-                                self.shared.metrics.refused("keep_alive");
-                                return Stop::Tell(DisconnectReasonCode::KeepAliveTimeout);
-                            }
-                        },
-                    }
-                }
-            };
-            let packet = match next {
-                None => return Stop::Quiet,
-                Some(Err(e)) => return self.decode_failure(&e),
-                Some(Ok((MqttPacket::V5(p), _))) => p,
-                Some(Ok(_)) => return Stop::Tell(DisconnectReasonCode::ProtocolError),
-            };
-            let result = match packet {
-                v5::Packet::Publish(p) => match self.classify_publish(p) {
-                    Ok(Some(first)) => {
-                        let mut batch = vec![first];
-                        while batch.len() < self.shared.cfg.limits.max_batch {
-                            match reader.next().now_or_never() {
-                                Some(Some(Ok((MqttPacket::V5(v5::Packet::Publish(p)), n)))) => {
-                                    match self.classify_publish(p) {
-                                        Ok(Some(c)) => batch.push(c),
-                                        Ok(None) => {}
-                                        Err(stop) => {
-                                            let _ = self.process_batch(batch).await;
-                                            return stop;
-                                        }
-                                    }
-                                    let _ = n;
-                                }
-                                Some(Some(other)) => {
-                                    stash = Some(other);
-                                    break;
-                                }
-                                Some(None) => {
-                                    let _ = self.process_batch(batch).await;
-                                    return Stop::Quiet;
-                                }
-                                None => break,
-                            }
-                        }
-                        self.process_batch(batch).await
-                    }
-                    Ok(None) => Ok(()),
-                    Err(stop) => return stop,
-                },
-                v5::Packet::Subscribe(s) => self.subscribe(s).await,
-                v5::Packet::Disconnect(d) => {
-                    let _ = self
-                        .up
-                        .send(MqttPacket::V5(v5::Packet::Disconnect(d)))
-                        .await;
-                    return Stop::Quiet;
-                }
-                p @ (v5::Packet::PublishAck(_)
-                | v5::Packet::PublishReceived(_)
-                | v5::Packet::PublishRelease(_)
-                | v5::Packet::PublishComplete(_)
-                | v5::Packet::Unsubscribe(_)
-                | v5::Packet::PingRequest) => self.forward(p).await,
-                v5::Packet::Auth(_) => return Stop::Tell(DisconnectReasonCode::ProtocolError),
-                _ => return Stop::Tell(DisconnectReasonCode::ProtocolError),
-            };
-            if result.is_err() {
-                return Stop::Quiet;
+fn from_upstream(
+    session: &mut Session<'_>,
+    next: Option<Result<Upstream, rmqtt_codec::error::DecodeError>>,
+) {
+    match next {
+        Some(Ok(up)) => session.upstream(up),
+        Some(Err(_)) => session.upstream_failed(UpstreamFailure::Malformed),
+        None => session.upstream_failed(UpstreamFailure::Closed),
+    }
+}
+
+/// The last words to each side ([`Ending`]), then both sockets close.
+async fn close(mut device: DeviceWriter, mut up: UpWriter, ending: Ending) {
+    if let Some(code) = ending.device {
+        let _ = device.send(MqttPacket::V5(disconnect(code))).await;
+    }
+    let _ = device.close().await;
+    if let Some(code) = ending.upstream {
+        let _ = up.send(MqttPacket::V5(disconnect(code))).await;
+    }
+    let _ = up.close().await;
+}
+
+/// Counts and logs what the session noted.
+fn note(shared: &Shared, client_id: &str, note: Note) {
+    match note {
+        Note::Accepted => shared.metrics.accepted(),
+        Note::Dropped { topic, drop } => {
+            tracing::info!(client_id, topic = %topic, reason = drop.label, "PUBLISH dropped");
+            shared.metrics.dropped(drop.label);
+        }
+        Note::FilterRefused { filter, code } => {
+            tracing::info!(client_id, filter = %filter, code, "subscription refused");
+        }
+        Note::Refused(label) => shared.metrics.refused(label),
+    }
+}
+
+/// Runs a session's [`Work`].
+fn start_work(shared: Arc<Shared>, identity: Identity, work: Work) -> WorkFuture {
+    Box::pin(async move {
+        match work {
+            Work::Check(items) => Answer::Checked(check(&shared, &identity, items).await),
+            Work::Authorize(asks) => Answer::Authorized(authorize(&shared, &identity, asks).await),
+        }
+    })
+}
+
+/// The verdicts of a batch's protected PUBLISHes, in order, after fetching groups the bridge
+/// does not know yet ([`crate::verify`]).
+async fn check(shared: &Arc<Shared>, identity: &Identity, items: Vec<Protected>) -> Vec<Verdict> {
+    let Some(connection) = identity.connection() else {
+        return Vec::new();
+    };
+    let mut fetched: Vec<GroupId> = Vec::new();
+    for p in &items {
+        if !fetched.contains(&p.group) {
+            let _ = shared.ensure_group(&p.group).await;
+            fetched.push(p.group.clone());
+        }
+    }
+    let order: Vec<usize> = items.iter().map(|p| p.index).collect();
+    let verdicts: HashMap<usize, Verdict> = check_batch(shared, &connection, items)
+        .await
+        .into_iter()
+        .collect();
+    order
+        .iter()
+        .map(|i| {
+            verdicts
+                .get(i)
+                .copied()
+                .unwrap_or(Verdict::Drop(Dropped::not_authorized("not_authorized")))
+        })
+        .collect()
+}
+
+/// The subscription decisions that need the CA.
+async fn authorize(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    asks: Vec<Ask>,
+) -> Vec<Result<Option<String>, u8>> {
+    let mut out = Vec::with_capacity(asks.len());
+    for ask in asks {
+        out.push(match ask {
+            Ask::Member(group, role) => {
+                let _ = shared.ensure_group(&group).await;
+                let member = identity
+                    .connection()
+                    .is_some_and(|c| has_role(&c, &shared.dir, &group, role));
+                if member { Ok(None) } else { Err(0x87) }
             }
-        }
+            Ask::Join(req) => join(shared, &req).await.map(Some),
+        });
     }
+    out
+}
 
-    fn decode_failure(&self, e: &rmqtt_codec::error::DecodeError) -> Stop {
-        use rmqtt_codec::error::DecodeError as E;
-        match e {
-            E::MaxSizeExceeded { .. } => {
-                self.shared.metrics.refused("oversize");
-                Stop::Tell(DisconnectReasonCode::PacketTooLarge)
-            }
-            E::Io(_) => Stop::Quiet,
-            _ => {
-                self.shared.metrics.refused("malformed");
-                Stop::Tell(DisconnectReasonCode::MalformedPacket)
-            }
-        }
-    }
-
-    async fn forward(&mut self, p: v5::Packet) -> Result<(), ()> {
-        self.up.send(MqttPacket::V5(p)).await.map_err(|_| ())
-    }
-
-    async fn own_ack(&mut self, publish: &Publish, drop: Dropped) -> Result<(), ()> {
-        tracing::info!(
-            client_id = %self.client_id,
-            topic = %publish.topic,
-            reason = drop.label,
-            "PUBLISH dropped"
-        );
-        self.shared.metrics.dropped(drop.label);
-        let Some(id) = publish.packet_id else {
-            return Ok(());
-        };
-        let ack = PublishAck {
-            packet_id: id,
-            reason_code: PublishAckReason::try_from(drop.code)
-                .unwrap_or(PublishAckReason::NotAuthorized),
-            properties: Vec::new(),
-            reason_string: None,
-        };
-        let p = match publish.qos {
-            rmqtt_codec::types::QoS::ExactlyOnce => v5::Packet::PublishReceived(ack),
-            _ => v5::Packet::PublishAck(ack),
-        };
-        self.to_device
-            .send(ToDevice::OwnAck(id, p))
-            .await
-            .map_err(|_| ())
-    }
-
-    async fn forward_publish(&mut self, publish: Box<Publish>) -> Result<(), ()> {
-        if let Some(id) = publish.packet_id {
-            self.to_device
-                .send(ToDevice::Expect(id))
-                .await
-                .map_err(|_| ())?;
-        }
-        self.forward(v5::Packet::Publish(publish)).await
-    }
-
-    /// Sorts a PUBLISH: unprotected ones are relayed at once, protected ones returned for the
-    /// batch. `Err` stops the connection (protocol errors).
-    fn classify_publish(&mut self, mut p: Box<Publish>) -> Result<Option<Candidate>, Stop> {
-        self.aliases.resolve(&mut p).map_err(Stop::Tell)?;
-        let target = rules::target(&self.shared.policy, &p);
-        Ok(Some(Candidate { publish: p, target }))
-    }
-
-    /// Verifies a batch of PUBLISHes and relays or drops each, in order.
-    async fn process_batch(&mut self, batch: Vec<Candidate>) -> Result<(), ()> {
-        let verdicts = self.verify(&batch).await;
-        for (c, verdict) in batch.into_iter().zip(verdicts) {
-            match verdict {
-                Verdict::Relay => self.forward_publish(c.publish).await?,
-                Verdict::Accept => {
-                    self.shared.metrics.accepted();
-                    self.forward_publish(c.publish).await?;
-                }
-                Verdict::Drop(d) => self.own_ack(&c.publish, d).await?,
-            }
-        }
-        Ok(())
-    }
-
-    /// The verdict of each PUBLISH of a batch, in order. Protected ones are checked off the
-    /// async workers ([`crate::verify`]).
-    async fn verify(&mut self, batch: &[Candidate]) -> Vec<Verdict> {
-        let connection = self.identity.connection();
-        // Fetch unknown groups first; never for an unauthenticated connection, whose protected
-        // PUBLISHes are dropped anyway (no CA lookup on its behalf).
-        let mut fetched: Vec<&GroupId> = Vec::new();
-        for c in batch {
-            if let Target::Group(g, _) = &c.target
-                && connection.is_some()
-                && !fetched.contains(&g)
-            {
-                fetched.push(g);
-                let _ = self.shared.ensure_group(g).await;
-            }
-        }
-        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(batch.len());
-        let mut protected = Vec::new();
-        for (i, c) in batch.iter().enumerate() {
-            verdicts.push(match &c.target {
-                Target::Unprotected => Some(Verdict::Relay),
-                Target::Reserved => Some(Verdict::Drop(Dropped::not_authorized("reserved_topic"))),
-                Target::Retained => Some(Verdict::Drop(Dropped::not_authorized("retained"))),
-                Target::Group(..) if connection.is_none() => {
-                    Some(Verdict::Drop(Dropped::not_authorized("unauthenticated")))
-                }
-                Target::Group(group, direction) => {
-                    protected.push(Protected {
-                        index: i,
-                        payload: c.publish.payload.clone(),
-                        group: group.clone(),
-                        direction: *direction,
-                    });
-                    None
-                }
-            });
-        }
-        if let Some(connection) = connection
-            && !protected.is_empty()
-        {
-            for (i, v) in check_batch(&self.shared, &connection, protected).await {
-                if let Some(slot) = verdicts.get_mut(i) {
-                    *slot = Some(v);
-                }
-            }
-        }
-        verdicts
-            .into_iter()
-            .map(|v| v.unwrap_or(Verdict::Drop(Dropped::not_authorized("not_authorized"))))
-            .collect()
-    }
-
-    /// Whether this connection may subscribe to a group's traffic as `role`.
-    fn is_role(&self, group: &GroupId, role: Role) -> bool {
-        self.identity
-            .connection()
-            .is_some_and(|c| has_role(&c, &self.shared.dir, group, role))
-    }
-
-    async fn subscribe(&mut self, mut s: v5::Subscribe) -> Result<(), ()> {
-        let gk_request = s
-            .user_properties
-            .iter()
-            .find(|(k, _)| k == GK_PROPERTY)
-            .map(|(_, v)| v.to_string());
-        s.user_properties.retain(|(k, _)| k != GK_PROPERTY);
-        let mut slots = Vec::with_capacity(s.topic_filters.len());
-        let mut forwarded = Vec::new();
-        let mut gk: Option<(usize, String)> = None;
-        let mut gk_used = false;
-        let mut reason = None;
-        for (i, (filter, opts)) in std::mem::take(&mut s.topic_filters).into_iter().enumerate() {
-            let decision = self
-                .authorize_filter(&filter, gk_request.as_deref(), &mut gk_used)
-                .await;
-            match decision {
-                Ok(delivery) => {
-                    if let Some(d) = delivery {
-                        gk = Some((i, d));
-                    }
-                    slots.push(None);
-                    forwarded.push((filter, opts));
-                }
-                Err(code) => {
-                    tracing::info!(client_id = %self.client_id, filter = %filter, code, "subscription refused");
-                    reason = reason.or_else(|| rules::refusal_reason(&self.shared.policy, &filter));
-                    slots.push(Some(
-                        SubscribeAckReason::try_from(code)
-                            .unwrap_or(SubscribeAckReason::NotAuthorized),
-                    ));
-                }
-            }
-        }
-        let id = s.packet_id;
-        if forwarded.is_empty() {
-            let ack = v5::SubscribeAck {
-                packet_id: id,
-                properties: Vec::new(),
-                reason_string: reason.map(ByteString::from_static),
-                status: slots.into_iter().flatten().collect(),
-            };
-            return self
-                .to_device
-                .send(ToDevice::Packet(v5::Packet::SubscribeAck(ack)))
-                .await
-                .map_err(|_| ());
-        }
-        lock(&self.subs).insert(id, PendingSub { slots, gk, reason });
-        s.topic_filters = forwarded;
-        self.forward(v5::Packet::Subscribe(s)).await
-    }
-
-    /// Decides one subscription filter ([`rules::plan_filter`]), asking the CA what the plan
-    /// needs. `Ok(Some(value))` carries a `quva-gk` delivery for the SUBACK; `Err` is the SUBACK
-    /// reason code.
-    async fn authorize_filter(
-        &mut self,
-        filter: &str,
-        gk_request: Option<&str>,
-        gk_used: &mut bool,
-    ) -> Result<Option<String>, u8> {
-        let unused_gk = gk_request.filter(|_| !*gk_used);
-        match rules::plan_filter(
-            &self.shared.policy,
-            &self.identity,
-            filter,
-            unused_gk.is_some(),
-        ) {
-            FilterPlan::Relay => Ok(None),
-            FilterPlan::Refuse(code) => Err(code),
-            FilterPlan::IfMember(g, role) => {
-                let _ = self.shared.ensure_group(&g).await;
-                self.is_role(&g, role).then_some(None).ok_or(0x87)
-            }
-            FilterPlan::Join(g, role) => {
-                *gk_used = true;
-                let text = unused_gk.unwrap_or_default();
-                self.join(&g, role, text).await.map(Some)
-            }
-        }
-    }
-
-    /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into
-    /// the SUBACK.
-    async fn join(&mut self, group: &GroupId, role: Role, text: &str) -> Result<String, u8> {
-        let Identity::Device(id) = &self.identity else {
-            return Err(0x87);
-        };
-        let req = GroupKeyRequest::from_property(text).map_err(|_| 0x87_u8)?;
-        if req.id() != id || req.group() != group || req.role() != role {
-            return Err(0x87);
-        }
-        let ca = self.shared.ca_client().ok_or(0x80_u8)?;
-        let (delivery, _epoch) = self
-            .shared
-            .ca_call("join_group", ca.join_group(req.to_bytes()))
-            .await
-            .map_err(|e| suback_reason(&e))?;
-        // The membership changed: refresh the cached group so that data subscriptions pass.
-        let _ = self.shared.refresh_group(group).await;
-        Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(delivery))
-    }
+/// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into the
+/// SUBACK.
+async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, u8> {
+    let ca = shared.ca_client().ok_or(0x80_u8)?;
+    let (delivery, _epoch) = shared
+        .ca_call("join_group", ca.join_group(req.to_bytes()))
+        .await
+        .map_err(|e| suback_reason(&e))?;
+    // The membership changed: refresh the cached group so that data subscriptions pass.
+    let _ = shared.refresh_group(req.group()).await;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(delivery))
 }
 
 // ------------------------------------------------------------------------------------------

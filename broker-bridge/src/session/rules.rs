@@ -258,13 +258,9 @@ impl Aliases {
     }
 }
 
-/// A packet on its way to the device, with the ordering rules of the ack queue.
+/// An acknowledgement event for the device, ordered by the [`AckQueue`].
 #[derive(Debug)]
-pub(crate) enum ToDevice {
-    /// Relay as is.
-    Packet(v5::Packet),
-    /// A delivery from the broker, relayed as the broker's bytes ([`crate::frames`]).
-    Raw(Bytes),
+pub(crate) enum AckEvent {
     /// A QoS > 0 PUBLISH with this id went upstream: its PUBACK/PUBREC is awaited.
     Expect(NonZeroU16),
     /// The broker's PUBACK/PUBREC for a device PUBLISH.
@@ -280,14 +276,11 @@ pub(crate) struct AckQueue {
 }
 
 impl AckQueue {
-    /// Handles one event; returns the packets now ready to send, in order. Raw deliveries are
-    /// not queued (the writer sends them as they come).
-    pub(crate) fn push(&mut self, ev: ToDevice) -> Vec<v5::Packet> {
+    /// Handles one event; returns the packets now ready to send, in order.
+    pub(crate) fn push(&mut self, ev: AckEvent) -> Vec<v5::Packet> {
         match ev {
-            ToDevice::Packet(p) => return vec![p],
-            ToDevice::Raw(_) => return Vec::new(),
-            ToDevice::Expect(id) => self.entries.push_back((id, None)),
-            ToDevice::UpstreamAck(id, p) => {
+            AckEvent::Expect(id) => self.entries.push_back((id, None)),
+            AckEvent::UpstreamAck(id, p) => {
                 match self
                     .entries
                     .iter_mut()
@@ -297,7 +290,7 @@ impl AckQueue {
                     None => return vec![p],
                 }
             }
-            ToDevice::OwnAck(id, p) => {
+            AckEvent::OwnAck(id, p) => {
                 if self.entries.is_empty() {
                     return vec![p];
                 }
@@ -625,20 +618,20 @@ mod tests {
         let (id1, a1) = ack(1, PublishAckReason::Success);
         let (id2, a2) = ack(2, PublishAckReason::NotAuthorized);
         let (id3, a3) = ack(3, PublishAckReason::Success);
-        assert!(q.push(ToDevice::Expect(id1)).is_empty());
-        assert!(q.push(ToDevice::OwnAck(id2, a2)).is_empty());
-        assert!(q.push(ToDevice::Expect(id3)).is_empty());
-        assert!(q.push(ToDevice::UpstreamAck(id3, a3)).is_empty());
-        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id1, a1))), vec![1, 2, 3]);
+        assert!(q.push(AckEvent::Expect(id1)).is_empty());
+        assert!(q.push(AckEvent::OwnAck(id2, a2)).is_empty());
+        assert!(q.push(AckEvent::Expect(id3)).is_empty());
+        assert!(q.push(AckEvent::UpstreamAck(id3, a3)).is_empty());
+        assert_eq!(ids(&q.push(AckEvent::UpstreamAck(id1, a1))), vec![1, 2, 3]);
         let (id4, a4) = ack(4, PublishAckReason::NotAuthorized);
-        assert_eq!(ids(&q.push(ToDevice::OwnAck(id4, a4))), vec![4]);
+        assert_eq!(ids(&q.push(AckEvent::OwnAck(id4, a4))), vec![4]);
     }
 
     #[test]
     fn unexpected_upstream_acks_pass_through() {
         let mut q = AckQueue::default();
         let (id, a) = ack(9, PublishAckReason::Success);
-        assert_eq!(ids(&q.push(ToDevice::UpstreamAck(id, a))), vec![9]);
+        assert_eq!(ids(&q.push(AckEvent::UpstreamAck(id, a))), vec![9]);
     }
 
     #[test]

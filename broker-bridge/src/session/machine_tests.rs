@@ -1,0 +1,552 @@
+//! The session core's decisions, with no socket: each test feeds events and reads the actions.
+
+use std::num::NonZeroU16;
+
+use bytes::Bytes;
+use quva_client::curve::{KeyPair, SecretScalar};
+use quva_client::ids::DeviceId;
+use quva_client::message::Direction;
+use rand_core::OsRng;
+use rmqtt_codec::types::{Publish, QoS};
+use rmqtt_codec::v5::{self, DisconnectReasonCode, PublishAck, PublishAckReason};
+
+use super::*;
+
+fn policy() -> TopicPolicy {
+    TopicPolicy::new(["plant/#"]).unwrap()
+}
+
+fn device(id: &str) -> Identity {
+    Identity::Device(DeviceId::new(id).unwrap())
+}
+
+const LIMITS: Limits = Limits {
+    max_batch: 4,
+    idle_ms: Some(1_500),
+};
+
+fn publish(topic: &str, id: u16) -> v5::Packet {
+    v5::Packet::Publish(Box::new(Publish {
+        dup: false,
+        retain: false,
+        qos: if id == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        },
+        topic: topic.into(),
+        packet_id: NonZeroU16::new(id),
+        payload: Bytes::from_static(b"m"),
+        properties: Some(v5::PublishProperties::default()),
+    }))
+}
+
+fn puback(id: u16, reason: PublishAckReason) -> v5::Packet {
+    v5::Packet::PublishAck(PublishAck {
+        packet_id: NonZeroU16::new(id).unwrap(),
+        reason_code: reason,
+        properties: Vec::new(),
+        reason_string: None,
+    })
+}
+
+fn subscribe(id: u16, filters: &[&str], gk: Option<String>) -> v5::Packet {
+    v5::Packet::Subscribe(v5::Subscribe {
+        packet_id: NonZeroU16::new(id).unwrap(),
+        id: None,
+        user_properties: gk
+            .map(|v| vec![(GK_PROPERTY.into(), v.into())])
+            .unwrap_or_default(),
+        topic_filters: filters
+            .iter()
+            .map(|f| ((*f).into(), v5::SubscriptionOptions::default()))
+            .collect(),
+    })
+}
+
+fn drain(s: &mut Session<'_>) -> Vec<Action> {
+    std::iter::from_fn(|| s.next_action()).collect()
+}
+
+/// The actions in a short form that tests compare.
+fn shape(actions: &[Action]) -> Vec<String> {
+    actions
+        .iter()
+        .map(|a| match a {
+            Action::Device(Out::Packet(p)) => format!("device {}", packet(p)),
+            Action::Device(Out::Raw(b)) => format!("device raw {}", b.len()),
+            Action::Upstream(p) => format!("upstream {}", packet(p)),
+            Action::Work(Work::Check(items)) => format!("check {}", items.len()),
+            Action::Work(Work::Authorize(asks)) => format!("authorize {}", asks.len()),
+            Action::Note(Note::Accepted) => "accepted".into(),
+            Action::Note(Note::Dropped { drop, .. }) => format!("dropped {}", drop.label),
+            Action::Note(Note::FilterRefused { code, .. }) => format!("refused filter {code:#x}"),
+            Action::Note(Note::Refused(l)) => format!("refused {l}"),
+            Action::Close(e) => format!(
+                "close device={:?} upstream={:?}",
+                e.device.map(u8::from),
+                e.upstream.map(u8::from)
+            ),
+        })
+        .collect()
+}
+
+fn packet(p: &v5::Packet) -> String {
+    match p {
+        v5::Packet::Publish(p) => format!("publish {} {:?}", p.topic, p.packet_id.map(|i| i.get())),
+        v5::Packet::PublishAck(a) => {
+            format!("puback {} {:#x}", a.packet_id, u8::from(a.reason_code))
+        }
+        v5::Packet::PublishReceived(a) => format!("pubrec {}", a.packet_id),
+        v5::Packet::Subscribe(s) => format!(
+            "subscribe {}",
+            s.topic_filters
+                .iter()
+                .map(|(f, _)| f.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        v5::Packet::SubscribeAck(a) => format!(
+            "suback {:?} gk={}",
+            a.status.iter().map(|s| u8::from(*s)).collect::<Vec<_>>(),
+            a.properties.iter().any(|(k, _)| k == GK_PROPERTY)
+        ),
+        v5::Packet::Disconnect(d) => format!("disconnect {:#x}", u8::from(d.reason_code)),
+        v5::Packet::PingRequest => "pingreq".into(),
+        v5::Packet::PingResponse => "pingresp".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn unprotected_publishes_pass_in_order_without_work() {
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    s.device_packet(publish("weather", 1), 1);
+    s.device_packet(publish("weather", 0), 1);
+    assert!(drain(&mut s).is_empty(), "gathered until the input is drained");
+    s.input_drained();
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["upstream publish weather Some(1)", "upstream publish weather None"]
+    );
+    s.upstream(Upstream::Packet(puback(1, PublishAckReason::Success)));
+    assert_eq!(shape(&drain(&mut s)), ["device puback 1 0x0"]);
+}
+
+#[test]
+fn an_unauthenticated_protected_publish_is_dropped_with_no_check_and_no_ca_lookup() {
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    s.device_packet(publish("plant/a", 7), 1);
+    s.device_packet(publish("quva/k/plant/a/sub", 8), 1);
+    s.input_drained();
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "dropped unauthenticated",
+            "device puback 7 0x87",
+            "dropped reserved_topic",
+            "device puback 8 0x87"
+        ]
+    );
+}
+
+#[test]
+fn a_drop_waits_behind_the_acknowledgements_pending_upstream() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("weather", 1), 1);
+    s.device_packet(publish("plant/a", 2), 1);
+    s.input_drained();
+    assert_eq!(shape(&drain(&mut s)), ["check 1"]);
+    assert!(!s.wants_device_input(), "the device waits for the verdicts");
+    s.answered(
+        Answer::Checked(vec![Verdict::Drop(Dropped::not_authorized("replay"))]),
+        2,
+    );
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["upstream publish weather Some(1)", "dropped replay"]
+    );
+    // The own PUBACK for 2 goes out only after the broker's PUBACK for 1.
+    s.upstream(Upstream::Packet(puback(1, PublishAckReason::Success)));
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["device puback 1 0x0", "device puback 2 0x87"]
+    );
+    assert!(s.wants_device_input());
+}
+
+#[test]
+fn a_batch_is_checked_as_one_piece_of_work_and_relayed_in_order() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 1);
+    s.device_packet(publish("weather", 2), 1);
+    s.device_packet(publish("plant/a/_q", 3), 1);
+    s.input_drained();
+    let actions = drain(&mut s);
+    let Some(Action::Work(Work::Check(items))) = actions.first() else {
+        panic!("a check first: {:?}", shape(&actions));
+    };
+    assert_eq!(
+        items.iter().map(|i| (i.index, i.direction)).collect::<Vec<_>>(),
+        [(0, Direction::Forward), (2, Direction::Query)]
+    );
+    s.answered(Answer::Checked(vec![Verdict::Accept, Verdict::Accept]), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "accepted",
+            "upstream publish plant/a Some(1)",
+            "upstream publish weather Some(2)",
+            "accepted",
+            "upstream publish plant/a/_q Some(3)"
+        ]
+    );
+}
+
+#[test]
+fn a_full_batch_is_submitted_at_once() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    for id in 1..=4 {
+        s.device_packet(publish("plant/a", id), 1);
+    }
+    assert!(s.batch_full() || !s.wants_device_input());
+    assert_eq!(shape(&drain(&mut s)), ["check 4"]);
+}
+
+#[test]
+fn a_missing_verdict_is_a_drop_never_a_relay() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 1);
+    s.input_drained();
+    drain(&mut s);
+    s.answered(Answer::Checked(Vec::new()), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["dropped not_authorized", "device puback 1 0x87"]
+    );
+}
+
+#[test]
+fn a_packet_after_a_batch_waits_for_its_verdicts() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 1);
+    s.device_packet(v5::Packet::PingRequest, 1);
+    assert_eq!(shape(&drain(&mut s)), ["check 1"]);
+    s.answered(Answer::Checked(vec![Verdict::Accept]), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "accepted",
+            "upstream publish plant/a Some(1)",
+            "upstream pingreq"
+        ]
+    );
+}
+
+#[test]
+fn a_wrong_answer_ends_the_connection_instead_of_relaying() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.answered(Answer::Checked(vec![Verdict::Accept]), 1);
+    assert_eq!(shape(&drain(&mut s)), ["close device=Some(131) upstream=Some(4)"]);
+    assert!(s.is_ended());
+}
+
+#[test]
+fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(
+        subscribe(5, &["weather/#", "plant/a", "quva/c/plant/a", "+/+"], None),
+        1,
+    );
+    let actions = drain(&mut s);
+    assert_eq!(
+        shape(&actions),
+        ["authorize 1"],
+        "only plant/a needs the CA (membership)"
+    );
+    s.answered(Answer::Authorized(vec![Err(0x87)]), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "refused filter 0x87",
+            "refused filter 0x87",
+            "upstream subscribe weather/#,quva/c/plant/a"
+        ]
+    );
+    s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(v5::SubscribeAck {
+        packet_id: NonZeroU16::new(5).unwrap(),
+        properties: Vec::new(),
+        reason_string: None,
+        status: vec![
+            v5::SubscribeAckReason::GrantedQos0,
+            v5::SubscribeAckReason::GrantedQos0,
+        ],
+    })));
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["device suback [0, 135, 0, 135] gk=false"]
+    );
+}
+
+#[test]
+fn an_unauthenticated_subscribe_to_protected_topics_needs_no_ca() {
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    s.device_packet(subscribe(6, &["plant/a", "quva/k/plant/a/sub"], None), 1);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "refused filter 0x87",
+            "refused filter 0x87",
+            "device suback [135, 135] gk=false"
+        ]
+    );
+}
+
+fn gk_request(id: &str, group: &str, role: Role) -> GroupKeyRequest {
+    let ca = KeyPair::random(&mut OsRng);
+    let key = KeyPair::random(&mut OsRng);
+    let g = SecretScalar::random(&mut OsRng);
+    GroupKeyRequest::new(
+        &DeviceId::new(id).unwrap(),
+        &GroupId::new(group).unwrap(),
+        role,
+        1,
+        &key,
+        &g,
+        ca.public(),
+        &mut OsRng,
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_join_runs_only_for_the_connections_own_request() {
+    let p = policy();
+    let own = gk_request("dev-1", "plant/a", Role::Subscriber).to_property();
+    let someone_elses = gk_request("dev-2", "plant/a", Role::Subscriber).to_property();
+    let other_role = gk_request("dev-1", "plant/a", Role::Publisher).to_property();
+    for (text, asks) in [(own, 1), (someone_elses, 0), (other_role, 0)] {
+        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        s.device_packet(subscribe(9, &["quva/k/plant/a/sub"], Some(text)), 1);
+        let actions = drain(&mut s);
+        if asks == 1 {
+            assert_eq!(shape(&actions), ["authorize 1"]);
+            let Some(Action::Work(Work::Authorize(a))) = actions.first() else {
+                unreachable!()
+            };
+            assert!(matches!(a.first(), Some(Ask::Join(r)) if r.id().as_str() == "dev-1"));
+            s.answered(Answer::Authorized(vec![Ok(Some("delivery".into()))]), 2);
+            assert_eq!(
+                shape(&drain(&mut s)),
+                ["upstream subscribe quva/k/plant/a/sub"]
+            );
+            s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(v5::SubscribeAck {
+                packet_id: NonZeroU16::new(9).unwrap(),
+                properties: Vec::new(),
+                reason_string: None,
+                status: vec![v5::SubscribeAckReason::GrantedQos1],
+            })));
+            assert_eq!(shape(&drain(&mut s)), ["device suback [1] gk=true"]);
+        } else {
+            assert_eq!(
+                shape(&actions),
+                ["refused filter 0x87", "device suback [135] gk=false"]
+            );
+        }
+    }
+}
+
+#[test]
+fn the_gk_property_never_reaches_the_broker() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(subscribe(3, &["weather"], Some("whatever".into())), 1);
+    let actions = drain(&mut s);
+    let Some(Action::Upstream(v5::Packet::Subscribe(sub))) = actions.first() else {
+        panic!("{:?}", shape(&actions));
+    };
+    assert!(sub.user_properties.is_empty());
+}
+
+#[test]
+fn silence_beyond_the_limit_ends_the_connection_as_abnormal_upstream() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    assert_eq!(s.deadline_ms(), Some(1_500));
+    s.device_packet(v5::Packet::PingRequest, 1_000);
+    assert_eq!(s.deadline_ms(), Some(2_500));
+    s.tick(2_499);
+    assert_eq!(shape(&drain(&mut s)), ["upstream pingreq"]);
+    s.tick(2_500);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["refused keep_alive", "close device=Some(141) upstream=Some(4)"]
+    );
+    assert_eq!(s.deadline_ms(), None);
+}
+
+#[test]
+fn waiting_for_work_is_not_idleness() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 0);
+    s.input_drained();
+    drain(&mut s);
+    s.tick(10_000);
+    assert!(!s.is_ended());
+    s.answered(Answer::Checked(vec![Verdict::Accept]), 10_000);
+    s.tick(10_001);
+    assert!(!s.is_ended());
+}
+
+#[test]
+fn a_normal_disconnect_is_relayed_and_nothing_else_is_sent_upstream() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(
+        v5::Packet::Disconnect(v5::Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+            session_expiry_interval_secs: None,
+            server_reference: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+        }),
+        1,
+    );
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["upstream disconnect 0x0", "close device=None upstream=None"]
+    );
+    s.device_packet(publish("weather", 1), 2);
+    assert!(drain(&mut s).is_empty(), "nothing after the end");
+}
+
+#[test]
+fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
+    let p = policy();
+    let cases: [(&str, fn(&mut Session<'_>), u8); 5] = [
+        ("kick", |s| s.kick(), 0x87),
+        ("shutdown", |s| s.shutdown(), 0x8B),
+        ("oversize", |s| s.device_failed(DeviceFailure::Oversize), 0x95),
+        ("malformed", |s| s.device_failed(DeviceFailure::Malformed), 0x81),
+        ("auth", |s| s.device_packet(v5::Packet::PingResponse, 1), 0x82),
+    ];
+    for (name, event, code) in cases {
+        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        event(&mut s);
+        let actions = drain(&mut s);
+        let Some(Action::Close(e)) = actions.last() else {
+            panic!("{name}: {:?}", shape(&actions));
+        };
+        assert_eq!(e.device.map(u8::from), Some(code), "{name}");
+        assert_eq!(e.upstream.map(u8::from), Some(0x04), "{name}");
+    }
+    // The device going away is abnormal by itself: nothing to say to anyone.
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_failed(DeviceFailure::Gone);
+    assert_eq!(shape(&drain(&mut s)), ["close device=None upstream=None"]);
+}
+
+#[test]
+fn what_the_device_sent_before_an_error_is_still_checked_and_relayed() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 1);
+    s.device_failed(DeviceFailure::Malformed);
+    assert_eq!(shape(&drain(&mut s)), ["refused malformed", "check 1"]);
+    s.answered(Answer::Checked(vec![Verdict::Accept]), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "accepted",
+            "upstream publish plant/a Some(1)",
+            "close device=Some(129) upstream=Some(4)"
+        ]
+    );
+}
+
+#[test]
+fn an_unknown_topic_alias_ends_the_connection() {
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    let v5::Packet::Publish(mut pkt) = publish("", 1) else {
+        unreachable!()
+    };
+    if let Some(props) = pkt.properties.as_mut() {
+        props.topic_alias = NonZeroU16::new(3);
+    }
+    s.device_packet(v5::Packet::Publish(pkt), 1);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["close device=Some(148) upstream=Some(4)"]
+    );
+}
+
+#[test]
+fn the_brokers_traffic_reaches_the_device_and_its_disconnect_ends_quietly() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.upstream(Upstream::Publish(Bytes::from_static(b"\x30\x03\x00\x01a")));
+    s.upstream(Upstream::Packet(v5::Packet::PingResponse));
+    s.upstream(Upstream::Packet(v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: DisconnectReasonCode::SessionTakenOver,
+        session_expiry_interval_secs: None,
+        server_reference: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+    })));
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "device raw 5",
+            "device pingresp",
+            "device disconnect 0x8e",
+            "close device=None upstream=None"
+        ]
+    );
+}
+
+#[test]
+fn a_broker_that_goes_away_or_speaks_nonsense_ends_the_connection() {
+    let p = policy();
+    for (failure, code) in [
+        (UpstreamFailure::Closed, 0x89),
+        (UpstreamFailure::Malformed, 0x80),
+    ] {
+        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        s.upstream_failed(failure);
+        let actions = drain(&mut s);
+        assert!(
+            matches!(actions.as_slice(), [Action::Close(e)] if e.device.map(u8::from) == Some(code))
+        );
+    }
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.upstream(Upstream::Packet(v5::Packet::ConnectAck(Box::default())));
+    assert!(s.is_ended());
+}
+
+#[test]
+fn a_kick_while_work_is_outstanding_ends_at_once() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a", 1), 1);
+    s.input_drained();
+    drain(&mut s);
+    s.kick();
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["close device=Some(135) upstream=Some(4)"]
+    );
+    s.answered(Answer::Checked(vec![Verdict::Accept]), 2);
+    assert!(drain(&mut s).is_empty(), "the late verdict relays nothing");
+}
