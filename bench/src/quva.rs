@@ -181,6 +181,23 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         self.subscribe(sub).await
     }
 
+    /// Sends the resumed subscriptions of every group key the device holds (PROTOCOL.md §4 v1.1:
+    /// no `quva-gk` request, no public-key work at the bridge).
+    ///
+    /// # Errors
+    /// A device that holds nothing to resume, socket errors.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let subs = self
+            .device
+            .resume_all(now_ms(), &mut self.rng)
+            .map_err(|e| anyhow::anyhow!("resumption: {e}"))?;
+        anyhow::ensure!(!subs.is_empty(), "nothing to resume");
+        for sub in subs {
+            self.subscribe(sub).await?;
+        }
+        Ok(())
+    }
+
     /// Handles one incoming packet: SUBACKs and PUBLISHes go to the device core (which may ask
     /// for more subscriptions); QoS 1 PUBLISHes are acknowledged. Returns whether a SUBACK of a
     /// join arrived.
@@ -238,11 +255,6 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
             self.handle(p).await?;
         }
         Ok(())
-    }
-
-    /// Whether subscriptions are waiting for their SUBACK.
-    pub fn pending(&self) -> bool {
-        !self.pending.is_empty()
     }
 
     /// Splits off the device (ending the session).

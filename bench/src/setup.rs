@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use quva_client::ids::Role;
+use rumqttc::v5::mqttbytes::v5::Packet;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
@@ -81,12 +82,20 @@ async fn over_tls(addr: SocketAddr, pki: &Pki, auth: Auth) -> anyhow::Result<Set
 }
 
 /// Quva: enrollment CONNECT/CONNACK and the group join SUBSCRIBE/SUBACK on one connection
-/// through the bridge, then a reconnection with a certificate proof and a new join.
+/// through the bridge, then a reconnection with a certificate proof and the resumed subscription
+/// (PROTOCOL.md §4 v1.1), then, for comparison, a reconnection that joins again.
 async fn quva(dep: &Deployment, id: &str) -> anyhow::Result<Vec<SetupBytes>> {
     let secret = dep.register(id, Role::Subscriber)?;
     let mut rows = Vec::new();
     let mut device = None;
-    for first in [true, false] {
+    for (n, variant) in [
+        "Quva enrollment + group join (1st connection)",
+        "Quva certificate proof + resumed subscription (reconnection)",
+        "Quva certificate proof + group join (reconnection that joins again)",
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let c = Counters::default();
         let tcp = TcpStream::connect(dep.bridge()).await?;
         tcp.set_nodelay(true)?;
@@ -96,20 +105,22 @@ async fn quva(dep: &Deployment, id: &str) -> anyhow::Result<Vec<SetupBytes>> {
             Some(d) => Credential::Cert(Box::new(d)),
         };
         let mut s = Session::connect(r, w, id, dep.ca_public, credential).await?;
-        s.join(&dep.group, Role::Subscriber, false).await?;
-        while s.pending() {
+        if n == 1 {
+            s.resume().await?;
+        } else {
+            s.join(&dep.group, Role::Subscriber, false).await?;
+        }
+        // Up to the SUBACK of the join, or of the resumed subscription.
+        loop {
             let p = s.reader.expect("SUBACK").await?;
-            if s.handle(p).await? {
+            let suback = matches!(p, Packet::SubAck(_));
+            if s.handle(p).await? || (n == 1 && suback) {
                 break;
             }
         }
         crate::quva::ensure_key(&s.device, &dep.group, Role::Subscriber)?;
         rows.push(SetupBytes {
-            variant: if first {
-                "Quva enrollment + group join (1st connection)".to_owned()
-            } else {
-                "Quva certificate proof + group join (reconnection)".to_owned()
-            },
+            variant: variant.to_owned(),
             sent: c.written(),
             received: c.read() - s.reader.buffered(),
             handshake: 0,

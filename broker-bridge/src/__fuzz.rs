@@ -4,17 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use rmqtt_codec::v5;
 use tokio_util::codec::Decoder as _;
 
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
+use crate::session::machine::{Action, Answer, DeviceFailure, Limits, Session, Work};
 use crate::session::rules::{
-    self, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target, AckEvent,
+    self, AckEvent, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target,
 };
 use crate::topics::{TopicKind, TopicPolicy, unshare};
+use crate::verify::{Dropped, Verdict};
 
 const MAX: u32 = 64 * 1024;
 
@@ -32,6 +34,7 @@ pub fn session(data: &[u8]) {
     };
     let policy = TopicPolicy::new(["plant/#", "hall/+/temp"]).unwrap();
     upstream_frames(rest);
+    drive(&identity, &policy, rest);
 
     let mut codec = v5::Codec::new(MAX, 0);
     let mut buf = BytesMut::from(rest);
@@ -140,6 +143,146 @@ fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
     }
     if !identity.is_authenticated() && plan == FilterPlan::Relay && !inner.contains(['+', '#']) {
         assert_eq!(policy.classify(inner), TopicKind::Unprotected, "{filter}");
+    }
+}
+
+/// Drives a [`Session`] with the decoded packets as the device's input, interleaving broker
+/// events, work answers, ticks and kicks chosen by the input bytes, and checks its invariants:
+/// nothing after the end; one piece of work at a time; no work at all for an unauthenticated
+/// connection; no protected PUBLISH relayed without an `Accept` verdict; no `quva-gk` property
+/// and (unauthenticated) no protected filter upstream.
+fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
+    let limits = Limits {
+        max_batch: 3,
+        idle_ms: Some(1_000),
+    };
+    let mut s = Session::new(policy, identity.clone(), limits, 0);
+    let mut codec = v5::Codec::new(MAX, 0);
+    let mut buf = BytesMut::from(data);
+    let mut choices = data.iter().rev().copied().cycle();
+    let mut pick = move || choices.next().unwrap_or(0);
+    let (mut now, mut accepts, mut relayed) = (0u64, 0usize, 0usize);
+    let mut outstanding: Option<(bool, usize)> = None;
+    let mut input_done = false;
+    for _ in 0..10_000 {
+        let mut ended = false;
+        while let Some(action) = s.next_action() {
+            assert!(!ended, "an action after the end");
+            match action {
+                Action::Work(w) => {
+                    assert!(outstanding.is_none(), "two pieces of work at once");
+                    assert!(
+                        identity.is_authenticated(),
+                        "work for an unauthenticated client"
+                    );
+                    outstanding = Some(match &w {
+                        Work::Check(items) => (true, items.len()),
+                        Work::Authorize(asks) => (false, asks.len()),
+                    });
+                }
+                Action::Upstream(v5::Packet::Publish(p)) => {
+                    if policy.classify(&p.topic) != TopicKind::Unprotected {
+                        relayed += 1;
+                        assert!(relayed <= accepts, "a protected PUBLISH relayed unchecked");
+                    }
+                }
+                Action::Upstream(v5::Packet::Subscribe(sub)) => {
+                    assert!(
+                        sub.user_properties
+                            .iter()
+                            .all(|(k, _)| k != quva_client::group::GK_PROPERTY)
+                    );
+                    if !identity.is_authenticated() {
+                        for (f, _) in &sub.topic_filters {
+                            let inner = unshare(f);
+                            assert!(
+                                !policy.filter_touches_protected(inner)
+                                    && policy.classify(inner) == TopicKind::Unprotected,
+                                "{f}"
+                            );
+                        }
+                    }
+                }
+                Action::Close(_) => ended = true,
+                _ => {}
+            }
+        }
+        if ended {
+            assert!(s.is_ended());
+            return;
+        }
+        let c = pick();
+        match c % 8 {
+            0 | 1 if outstanding.is_some() => {
+                let (check, n) = outstanding.take().unwrap_or((true, 0));
+                // Sometimes too few or too many answers, rarely the wrong kind.
+                let n = match pick() % 8 {
+                    0 => n.saturating_sub(1),
+                    1 => n + 1,
+                    _ => n,
+                };
+                let answer = if check == (pick() % 32 != 0) {
+                    Answer::Checked(
+                        (0..n)
+                            .map(|_| {
+                                if pick() % 2 == 0 {
+                                    accepts += 1;
+                                    Verdict::Accept
+                                } else {
+                                    Verdict::Drop(Dropped::not_authorized("fuzz"))
+                                }
+                            })
+                            .collect(),
+                    )
+                } else {
+                    Answer::Authorized(
+                        (0..n)
+                            .map(|_| match pick() % 3 {
+                                0 => Ok(None),
+                                1 => Ok(Some("delivery".to_owned())),
+                                _ => Err(0x87),
+                            })
+                            .collect(),
+                    )
+                };
+                s.answered(answer, now);
+            }
+            2 => {
+                let id = std::num::NonZeroU16::new(u16::from(pick()) + 1)
+                    .unwrap_or(std::num::NonZeroU16::MIN);
+                s.upstream(Upstream::Packet(v5::Packet::PublishAck(v5::PublishAck {
+                    packet_id: id,
+                    reason_code: v5::PublishAckReason::Success,
+                    properties: Vec::new(),
+                    reason_string: None,
+                })));
+            }
+            3 => s.upstream(Upstream::Publish(Bytes::from_static(b"\x30\x03\x00\x01a"))),
+            4 => {
+                now += u64::from(pick()) * 10;
+                s.tick(now);
+            }
+            5 if pick() == 0 => s.kick(),
+            _ if s.wants_device_input() && !input_done => match codec.decode(&mut buf) {
+                // The CONNECT was the handshake's, before the session.
+                Ok(Some((v5::Packet::Connect(_), _))) => {}
+                Ok(Some((packet, _))) => {
+                    s.device_packet(packet, now);
+                    if pick() % 2 == 0 {
+                        s.input_drained();
+                    }
+                }
+                Ok(None) => {
+                    input_done = true;
+                    s.device_failed(DeviceFailure::Gone);
+                }
+                Err(_) => {
+                    input_done = true;
+                    s.device_failed(DeviceFailure::Malformed);
+                }
+            },
+            _ => s.input_drained(),
+        }
     }
 }
 

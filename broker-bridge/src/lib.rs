@@ -9,8 +9,8 @@
 //!
 //! Data flow:
 //! ```text
-//! device ──MQTT 5──▶ session ──MQTT 5──▶ broker
-//!                      │  ▲
+//! device ──MQTT 5──▶ session ──MQTT 5──▶ broker     (session::machine::Session decides,
+//!                      │  ▲                          the session task moves the bytes)
 //!              CaClient│  │BridgeDirectory (Q_CA, groups, members, revocations)
 //!                      ▼  │
 //!                      CA ──WatchNotices──▶ notices ──retained PUBLISH──▶ broker

@@ -1,14 +1,15 @@
-//! One device connection: the handshake, the relay to its own upstream connection, and the
-//! checks on CONNECT, SUBSCRIBE and PUBLISH.
+//! One device connection: the handshake, then the relay between the device and its own upstream
+//! connection.
 //!
 //! Implements the bridge's part of PROTOCOL.md §3 (CONNECT/CONNACK authentication), §4 (the
 //! `quva-gk` SUBSCRIBE/SUBACK exchange) and §6 (PUBLISH checks), over MQTT 5 (MQTT 3.1.1 clients
-//! only for unprotected topics). Every other packet passes through unchanged, except that the
-//! Authentication Method and Data never reach the broker and AUTH is never forwarded. The bridge's
-//! own PUBACK/PUBREC for a dropped PUBLISH waits behind the acknowledgements still pending
-//! upstream, so that a device sees its QoS 1 acknowledgements in order (MQTT 5 §4.6).
+//! only for unprotected topics). The decisions live in sans-IO parts: [`rules`] (CONNECT,
+//! CONNACK, filters, topics, acknowledgement order) and [`machine`] (the per-connection
+//! [`Session`] state machine that turns events into actions). This file only moves bytes,
+//! timers and work: one task per connection reads both sockets, carries out the session's
+//! actions and runs the work it asks for (the CA gateway, the publish checker).
 
-mod machine;
+pub(crate) mod machine;
 pub(crate) mod rules;
 
 use std::collections::HashMap;
@@ -47,8 +48,8 @@ use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
 use crate::shared::{Shared, now_ms};
 use crate::sync::lock;
-use crate::topics::{TopicKind, unshare, valid_filter};
 use crate::topics::topic_device_id;
+use crate::topics::{TopicKind, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;

@@ -28,7 +28,7 @@ use rmqtt_codec::v5::{
     self, DisconnectReasonCode, PublishAck, PublishAckReason, SubscribeAckReason,
 };
 
-use super::rules::{self, AckQueue, Aliases, FilterPlan, PendingSub, Target, AckEvent};
+use super::rules::{self, AckEvent, AckQueue, Aliases, FilterPlan, PendingSub, Target};
 use crate::frames::Upstream;
 use crate::identity::Identity;
 use crate::topics::TopicPolicy;
@@ -546,7 +546,9 @@ impl<'p> Session<'p> {
                 self.finish_subscribe(progress, answers);
             }
             _ => {
-                self.end(Ending::bridge(DisconnectReasonCode::ImplementationSpecificError));
+                self.end(Ending::bridge(
+                    DisconnectReasonCode::ImplementationSpecificError,
+                ));
                 return;
             }
         }
@@ -582,7 +584,10 @@ impl<'p> Session<'p> {
         };
         match packet {
             v5::Packet::PublishAck(a) => {
-                self.to_device(AckEvent::UpstreamAck(a.packet_id, v5::Packet::PublishAck(a)));
+                self.to_device(AckEvent::UpstreamAck(
+                    a.packet_id,
+                    v5::Packet::PublishAck(a),
+                ));
             }
             v5::Packet::PublishReceived(a) => self.to_device(AckEvent::UpstreamAck(
                 a.packet_id,

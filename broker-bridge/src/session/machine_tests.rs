@@ -124,11 +124,17 @@ fn unprotected_publishes_pass_in_order_without_work() {
     let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
     s.device_packet(publish("weather", 1), 1);
     s.device_packet(publish("weather", 0), 1);
-    assert!(drain(&mut s).is_empty(), "gathered until the input is drained");
+    assert!(
+        drain(&mut s).is_empty(),
+        "gathered until the input is drained"
+    );
     s.input_drained();
     assert_eq!(
         shape(&drain(&mut s)),
-        ["upstream publish weather Some(1)", "upstream publish weather None"]
+        [
+            "upstream publish weather Some(1)",
+            "upstream publish weather None"
+        ]
     );
     s.upstream(Upstream::Packet(puback(1, PublishAckReason::Success)));
     assert_eq!(shape(&drain(&mut s)), ["device puback 1 0x0"]);
@@ -191,7 +197,10 @@ fn a_batch_is_checked_as_one_piece_of_work_and_relayed_in_order() {
         panic!("a check first: {:?}", shape(&actions));
     };
     assert_eq!(
-        items.iter().map(|i| (i.index, i.direction)).collect::<Vec<_>>(),
+        items
+            .iter()
+            .map(|i| (i.index, i.direction))
+            .collect::<Vec<_>>(),
         [(0, Direction::Forward), (2, Direction::Query)]
     );
     s.answered(Answer::Checked(vec![Verdict::Accept, Verdict::Accept]), 2);
@@ -255,7 +264,10 @@ fn a_wrong_answer_ends_the_connection_instead_of_relaying() {
     let p = policy();
     let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
     s.answered(Answer::Checked(vec![Verdict::Accept]), 1);
-    assert_eq!(shape(&drain(&mut s)), ["close device=Some(131) upstream=Some(4)"]);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["close device=Some(131) upstream=Some(4)"]
+    );
     assert!(s.is_ended());
 }
 
@@ -282,15 +294,17 @@ fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
             "upstream subscribe weather/#,quva/c/plant/a"
         ]
     );
-    s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(v5::SubscribeAck {
-        packet_id: NonZeroU16::new(5).unwrap(),
-        properties: Vec::new(),
-        reason_string: None,
-        status: vec![
-            v5::SubscribeAckReason::GrantedQos0,
-            v5::SubscribeAckReason::GrantedQos0,
-        ],
-    })));
+    s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(
+        v5::SubscribeAck {
+            packet_id: NonZeroU16::new(5).unwrap(),
+            properties: Vec::new(),
+            reason_string: None,
+            status: vec![
+                v5::SubscribeAckReason::GrantedQos0,
+                v5::SubscribeAckReason::GrantedQos0,
+            ],
+        },
+    )));
     assert_eq!(
         shape(&drain(&mut s)),
         ["device suback [0, 135, 0, 135] gk=false"]
@@ -350,12 +364,14 @@ fn a_join_runs_only_for_the_connections_own_request() {
                 shape(&drain(&mut s)),
                 ["upstream subscribe quva/k/plant/a/sub"]
             );
-            s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(v5::SubscribeAck {
-                packet_id: NonZeroU16::new(9).unwrap(),
-                properties: Vec::new(),
-                reason_string: None,
-                status: vec![v5::SubscribeAckReason::GrantedQos1],
-            })));
+            s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(
+                v5::SubscribeAck {
+                    packet_id: NonZeroU16::new(9).unwrap(),
+                    properties: Vec::new(),
+                    reason_string: None,
+                    status: vec![v5::SubscribeAckReason::GrantedQos1],
+                },
+            )));
             assert_eq!(shape(&drain(&mut s)), ["device suback [1] gk=true"]);
         } else {
             assert_eq!(
@@ -390,7 +406,10 @@ fn silence_beyond_the_limit_ends_the_connection_as_abnormal_upstream() {
     s.tick(2_500);
     assert_eq!(
         shape(&drain(&mut s)),
-        ["refused keep_alive", "close device=Some(141) upstream=Some(4)"]
+        [
+            "refused keep_alive",
+            "close device=Some(141) upstream=Some(4)"
+        ]
     );
     assert_eq!(s.deadline_ms(), None);
 }
@@ -437,9 +456,21 @@ fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
     let cases: [(&str, fn(&mut Session<'_>), u8); 5] = [
         ("kick", |s| s.kick(), 0x87),
         ("shutdown", |s| s.shutdown(), 0x8B),
-        ("oversize", |s| s.device_failed(DeviceFailure::Oversize), 0x95),
-        ("malformed", |s| s.device_failed(DeviceFailure::Malformed), 0x81),
-        ("auth", |s| s.device_packet(v5::Packet::PingResponse, 1), 0x82),
+        (
+            "oversize",
+            |s| s.device_failed(DeviceFailure::Oversize),
+            0x95,
+        ),
+        (
+            "malformed",
+            |s| s.device_failed(DeviceFailure::Malformed),
+            0x81,
+        ),
+        (
+            "auth",
+            |s| s.device_packet(v5::Packet::PingResponse, 1),
+            0x82,
+        ),
     ];
     for (name, event, code) in cases {
         let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
