@@ -565,3 +565,22 @@ async fn until_the_notices_are_read_certificate_connects_ask_the_ca_about_revoca
     let (_, ack) = connect_with(addr, with_cert(plain("h2"), &honest)).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::ServerUnavailable);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_certificate_no_longer_connects() {
+    let (_broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    // The device enrolls twice (say, its first key store was copied before it re-enrolled).
+    let old = enroll(addr, &ca, "sub-1").await;
+    let new = enroll(addr, &ca, "sub-1").await;
+    assert!(new.cert().serial() > old.cert().serial());
+    // Until the bridge has seen the new certificate in use, the old one still connects.
+    let (_raw, ack) = connect_with(addr, with_cert(plain("old-before"), &old)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+    // The new certificate joins: the group's member list now names it.
+    let _member = joined(&bridge, &ca, &new, A, Role::Subscriber).await;
+    let (_raw, ack) = connect_with(addr, with_cert(plain("old-after"), &old)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::NotAuthorized);
+    let (_raw, ack) = connect_with(addr, with_cert(plain("new-after"), &new)).await;
+    assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
+}

@@ -228,3 +228,103 @@ async fn broker_restart_keeps_the_bridge_and_republishes_retained_notices() {
     assert_eq!(got, vec![sent]);
     bridge.shutdown().await;
 }
+
+/// A TCP relay whose open connections can be frozen: bytes stop flowing both ways while neither
+/// socket closes, as behind a silent middlebox or with a hung peer. Connections accepted after a
+/// freeze flow normally.
+struct FreezingRelay {
+    addr: SocketAddr,
+    freezes: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingRelay {
+    async fn start(to: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let freezes = Arc::new(AtomicU64::new(0));
+        let f = freezes.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let born = f.load(Ordering::SeqCst);
+                let (ri, wi) = inbound.into_split();
+                let (ro, wo) = outbound.into_split();
+                for (mut r, mut w) in [
+                    (
+                        Box::new(ri) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(wo) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    ),
+                    (Box::new(ro), Box::new(wi)),
+                ] {
+                    let f = f.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if f.load(Ordering::SeqCst) != born {
+                                // Frozen: hold both sockets open and pass nothing on.
+                                std::future::pending::<()>().await;
+                            }
+                            if w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        FreezingRelay {
+            addr,
+            freezes,
+            task,
+        }
+    }
+
+    fn freeze(&self) {
+        self.freezes
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FreezingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_ca_link_is_noticed_and_notices_resume() {
+    let broker = Mosquitto::start().await;
+    let ca = ca_with_group();
+    let server = GrpcCa::start(ca.clone()).await;
+    let to = server
+        .endpoint()
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let relay = FreezingRelay::start(to).await;
+    let mut cfg = pinned(config(broker.addr), ca.key.public());
+    cfg.ca.endpoint = format!("http://{}", relay.addr);
+    cfg.ca.token = Some("bridge-token".into());
+    cfg.ca.keepalive_ms = 300;
+    let bridge = start_bridge(cfg.clone(), quva_bridge::grpc_ca(&cfg).unwrap()).await;
+    let mut watch = watcher(broker.addr, "watch-k").await;
+    rekey_notice(&ca, SUB_KEY_TOPIC, vec![1]);
+    until_published(&mut watch, SUB_KEY_TOPIC, &[1]).await;
+
+    // The link goes silent: no FIN, no RST, nothing. The CA logs a notice meanwhile.
+    relay.freeze();
+    rekey_notice(&ca, PUB_KEY_TOPIC, vec![2]);
+    // An unanswered keepalive ping fails the link; the bridge connects again and catches up.
+    until_published(&mut watch, PUB_KEY_TOPIC, &[2]).await;
+    bridge.shutdown().await;
+    drop(server);
+}
