@@ -263,8 +263,6 @@ pub(crate) mod testkit {
         pub rng: ChaCha20Rng,
         pub tree: KeyTree,
         pub holders: BTreeMap<DeviceId, TreeHolder>,
-        /// Every node key any holder held, with the epoch it was first seen.
-        pub seen: Vec<(Epoch, [u8; 32])>,
         pub notices: Vec<TreeNotice>,
     }
 
@@ -282,7 +280,6 @@ pub(crate) mod testkit {
                 rng,
                 tree: KeyTree::new(group, role, Epoch(0)),
                 holders: BTreeMap::new(),
-                seen: Vec::new(),
                 notices: Vec::new(),
             }
         }
@@ -414,5 +411,91 @@ mod tests {
         );
         info = b"quva/v1/tree-root\x00\x03a/b\x02\x00\x00\x00\x09".to_vec();
         assert_eq!(*ctx.root_key(&salt, &k), *kdf(&salt, &[1; 32], &[&info]));
+    }
+
+    use std::collections::HashSet;
+
+    use proptest::prelude::*;
+
+    use super::testkit::{Sim, id};
+    use crate::symmetric::aead_open;
+
+    /// Whether any wrap or the root wrap of `notice` opens under any of `keys`, or under their
+    /// one-way updates for the notice's epoch.
+    fn opens_with(notice: &TreeNotice, keys: &[(u32, NodeKey)]) -> bool {
+        let ctx = notice.context();
+        let mut tries: Vec<NodeKey> = keys.iter().map(|(_, k)| k.clone()).collect();
+        tries.extend(keys.iter().map(|(n, k)| ctx.update(k, *n)));
+        let aad_h = notice.header();
+        let aad_r = notice.root_aad();
+        tries.iter().any(|k| {
+            notice.wraps().iter().any(|w| {
+                aead_open(
+                    &ctx.wrap_key(notice.salt(), k, w.node, w.child),
+                    &aad_h,
+                    &w.ct,
+                )
+                .is_ok()
+            }) || aead_open(&ctx.root_key(notice.salt(), k), &aad_r, notice.root_wrap()).is_ok()
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Random epochs of joins and leaves: every remaining holder's path equals the CA's
+        /// (checked in `Sim::step`, with ≤ log2(W) + 1 openings); a departed holder opens no
+        /// wrap of the epoch it left nor of any later one; a joiner's path keys differ from
+        /// every node key of every earlier epoch.
+        #[test]
+        fn random_epochs_keep_every_holder_in_step(
+            seed in any::<u64>(),
+            publisher in any::<bool>(),
+            epochs in prop::collection::vec(
+                (prop::collection::vec(any::<prop::sample::Index>(), 0..4), 0usize..6),
+                1..10,
+            ),
+        ) {
+            let role = if publisher { Role::Publisher } else { Role::Subscriber };
+            let mut sim = Sim::new(seed, role);
+            let mut next = 0u32;
+            let mut history: HashSet<[u8; 32]> = HashSet::new();
+            let mut departed: Vec<Vec<(u32, NodeKey)>> = Vec::new();
+            for (leaves, joins) in epochs {
+                let current: Vec<String> =
+                    sim.holders.keys().map(|d| d.as_str().to_owned()).collect();
+                let mut leaving: Vec<String> = leaves
+                    .iter()
+                    .filter(|_| !current.is_empty())
+                    .map(|i| current[i.index(current.len())].clone())
+                    .collect();
+                leaving.sort();
+                leaving.dedup();
+                let joining: Vec<String> = (0..joins)
+                    .map(|_| {
+                        next += 1;
+                        // IDs whose byte order differs from their creation order.
+                        format!("d{}", next.wrapping_mul(2_654_435_761))
+                    })
+                    .collect();
+                let lv: Vec<&str> = leaving.iter().map(String::as_str).collect();
+                let jn: Vec<&str> = joining.iter().map(String::as_str).collect();
+                let (notice, gone) = sim.step(&lv, &jn);
+                for g in gone {
+                    departed.push(g.path().to_vec());
+                }
+                if let Some(n) = &notice {
+                    for keys in &departed {
+                        prop_assert!(!opens_with(n, keys), "a departed holder opened a wrap");
+                    }
+                }
+                for j in &joining {
+                    for (_, k) in sim.holders[&id(j)].path() {
+                        prop_assert!(!history.contains(k.as_bytes()), "joiner got an old key");
+                    }
+                }
+                history.extend(sim.tree.node_keys().map(|(_, k)| *k.as_bytes()));
+            }
+        }
     }
 }

@@ -229,3 +229,165 @@ impl TreeHolder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::{Sim, id};
+    use super::*;
+    use crate::codec::{Decode, Encode};
+    use crate::symmetric::aead_seal;
+
+    fn setup() -> Sim {
+        let mut sim = Sim::new(21, Role::Subscriber);
+        sim.step(&[], &["a", "b", "c", "d", "e"]);
+        sim
+    }
+
+    /// The next epoch's notice (b leaves), planned and committed, without delivering it.
+    fn next_notice(sim: &mut Sim, departed: &[&str]) -> TreeNotice {
+        let epoch = sim.tree.epoch().next().unwrap();
+        let x = KeyPair::random(&mut sim.rng);
+        let signed = sim.signed(epoch, &x);
+        let changes = super::super::TreeChanges::leaving(departed.iter().map(|d| id(d)).collect());
+        let staged = sim
+            .tree
+            .plan(&changes, x.secret(), &signed, &mut sim.rng)
+            .unwrap();
+        let n = staged.notice().unwrap().clone();
+        sim.tree.commit(staged).unwrap();
+        n
+    }
+
+    #[test]
+    fn stale_and_missed_epochs() {
+        let mut sim = setup();
+        let q_ca = sim.ca.verifying_key();
+        let a = sim.holders[&id("a")].clone();
+        let n2 = next_notice(&mut sim, &["b"]);
+        let n3 = next_notice(&mut sim, &[]);
+        // Skipping epoch 2: cannot open epoch 3's notice; the state is unchanged.
+        let mut h = a.clone();
+        assert_eq!(h.apply(&q_ca, &n3).err(), Some(TreeError::MissedEpoch));
+        assert_eq!(h, a);
+        assert_eq!(h.apply(&q_ca, &n2).unwrap().openings(), 4);
+        assert_eq!(h.epoch(), Epoch(2));
+        assert_eq!(h.apply(&q_ca, &n2).err(), Some(TreeError::StaleEpoch));
+        assert!(h.apply(&q_ca, &n3).is_ok());
+        assert_eq!(h.apply(&q_ca, &n2).err(), Some(TreeError::StaleEpoch));
+    }
+
+    #[test]
+    fn rejections_leave_the_state_unchanged() {
+        let mut sim = setup();
+        let q_ca = sim.ca.verifying_key();
+        let a = sim.holders[&id("a")].clone();
+        let n = next_notice(&mut sim, &["b"]);
+        // The other role's notice (role byte flipped; the wraps' associated data changes too).
+        let mut bytes = n.to_bytes();
+        bytes[2] = Role::Publisher.to_u8();
+        let other_role = TreeNotice::from_bytes(&bytes).unwrap();
+        let mut h = a.clone();
+        assert_eq!(
+            h.apply(&q_ca, &other_role).err(),
+            Some(TreeError::WrongRole("tree notice"))
+        );
+        // Another CA.
+        let other_ca = KeyPair::random(&mut sim.rng);
+        assert_eq!(
+            h.apply(&other_ca.verifying_key(), &n).err(),
+            Some(TreeError::Verify(VerifyError))
+        );
+        // Another group's holder state.
+        let mut elsewhere = TreeHolder::from_parts(
+            GroupId::new("other").unwrap(),
+            a.role(),
+            a.epoch(),
+            a.width(),
+            a.leaf(),
+            a.path().to_vec(),
+        )
+        .unwrap();
+        assert_eq!(
+            elsewhere.apply(&q_ca, &n).err(),
+            Some(TreeError::WrongGroup("tree notice"))
+        );
+        // A root wrap carrying a key that does not match the signed info: opened, refused.
+        let mut forged = n.clone();
+        let root = sim.tree.key(index::root(n.width())).unwrap().clone();
+        let wrong = SecretScalar::random(&mut sim.rng);
+        let k = forged.context().root_key(forged.salt(), &root);
+        let ct = aead_seal(&k, &forged.root_aad(), &wrong.to_bytes()[..]);
+        forged.root_wrap.copy_from_slice(&ct);
+        assert_eq!(
+            h.apply(&q_ca, &forged).err(),
+            Some(TreeError::Verify(VerifyError))
+        );
+        assert_eq!(h, a);
+        assert!(h.apply(&q_ca, &n).is_ok());
+    }
+
+    #[test]
+    fn any_changed_byte_is_refused() {
+        let mut sim = setup();
+        let q_ca = sim.ca.verifying_key();
+        let a = sim.holders[&id("a")].clone();
+        let e = sim.holders[&id("e")].clone();
+        // A leave and a join in one epoch: wraps, a joined leaf and a one-way update.
+        let epoch = sim.tree.epoch().next().unwrap();
+        let x = KeyPair::random(&mut sim.rng);
+        let signed = sim.signed(epoch, &x);
+        let changes = super::super::TreeChanges {
+            departed: vec![id("b")],
+            joined: vec![id("f"), id("g")],
+        };
+        let staged = sim
+            .tree
+            .plan(&changes, x.secret(), &signed, &mut sim.rng)
+            .unwrap();
+        let n = staged.notice().unwrap().clone();
+        assert!(!n.wraps().is_empty() && !n.joined_leaves().is_empty());
+        let bytes = n.to_bytes();
+        for h in [&a, &e] {
+            assert!(h.clone().apply(&q_ca, &n).is_ok());
+            for i in 0..bytes.len() {
+                for mask in [0x01u8, 0x80] {
+                    let mut bad = bytes.clone();
+                    bad[i] ^= mask;
+                    let mut copy = h.clone();
+                    let ok =
+                        TreeNotice::from_bytes(&bad).is_ok_and(|n| copy.apply(&q_ca, &n).is_ok());
+                    assert!(!ok, "flipped byte {i} applied");
+                    assert_eq!(&copy, h);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn key_sets_are_checked_against_the_info() {
+        let mut sim = setup();
+        let q_ca = sim.ca.verifying_key();
+        let x = KeyPair::random(&mut sim.rng);
+        let epoch = sim.tree.epoch().next().unwrap();
+        let signed = sim.signed(epoch, &x);
+        let set = sim.tree.key_set(&id("a"), x.secret()).unwrap();
+        let group = sim.tree.group().clone();
+        assert!(TreeHolder::from_key_set(&q_ca, &signed, &group, Role::Subscriber, &set).is_ok());
+        // X is d_P: a publisher's check (Q_S) refuses it.
+        assert_eq!(
+            TreeHolder::from_key_set(&q_ca, &signed, &group, Role::Publisher, &set).err(),
+            Some(TreeError::Verify(VerifyError))
+        );
+        let other = GroupId::new("other").unwrap();
+        assert_eq!(
+            TreeHolder::from_key_set(&q_ca, &signed, &other, Role::Subscriber, &set).err(),
+            Some(TreeError::WrongGroup("tree key set"))
+        );
+        let r = SecretScalar::random(&mut sim.rng);
+        let wrong = sim.tree.key_set(&id("a"), &r).unwrap();
+        assert!(
+            TreeHolder::from_key_set(&q_ca, &signed, &group, Role::Subscriber, &wrong).is_err()
+        );
+        assert!(TreeHolder::from_parts(group, Role::Subscriber, epoch, 8, 0, Vec::new()).is_err());
+    }
+}

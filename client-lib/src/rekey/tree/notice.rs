@@ -236,3 +236,139 @@ impl Decode for TreeNotice {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testkit::Sim;
+    use super::*;
+    use crate::codec::put_u32;
+
+    /// A notice with wraps and joined leaves (W = 8 after the change), and its header length.
+    fn sample() -> (TreeNotice, usize) {
+        let mut sim = Sim::new(31, Role::Publisher);
+        sim.step(&[], &["a", "b", "c", "d", "e"]);
+        let (n, _) = sim.step(&["b"], &["f", "g", "h", "i"]);
+        let n = n.unwrap();
+        let head = n.header().len();
+        (n, head)
+    }
+
+    /// The body bytes after the header, re-assembled with `edit` applied to the fields.
+    fn body(n: &TreeNotice) -> Vec<u8> {
+        n.to_bytes()[n.header().len()..].to_vec()
+    }
+
+    #[test]
+    fn layout_is_the_specified_one() {
+        let (n, head) = sample();
+        let bytes = n.to_bytes();
+        assert_eq!(&bytes[..3], &[1, 3, 1]);
+        assert_eq!(&bytes[3..head], &n.signed_info().to_bytes()[..]);
+        let b = &bytes[head..];
+        assert_eq!(&b[..4], &n.previous_epoch().0.to_be_bytes());
+        assert_eq!(n.previous_epoch(), Epoch(1));
+        assert_eq!(&b[4..20], n.salt());
+        assert_eq!(&b[20..24], &8u32.to_be_bytes());
+        assert_eq!(n.joined_leaves(), &[1, 5, 6, 7]);
+        assert_eq!(&b[24..28], &4u32.to_be_bytes());
+        assert_eq!(&b[28..32], &1u32.to_be_bytes());
+        let at = 28 + 16;
+        assert_eq!(&b[at..at + 4], &(n.wraps().len() as u32).to_be_bytes());
+        let w = &n.wraps()[0];
+        assert_eq!(&b[at + 4..at + 8], &w.node.to_be_bytes());
+        assert_eq!(&b[at + 8..at + 12], &w.child.to_be_bytes());
+        assert_eq!(&b[at + 12..at + 16], &48u32.to_be_bytes());
+        let end = at + 4 + WRAP_WIRE_LEN * n.wraps().len();
+        assert_eq!(&b[end..end + 4], &48u32.to_be_bytes());
+        assert_eq!(b.len(), end + 4 + 48);
+        assert_eq!(n.root_aad(), bytes[..head + end].to_vec());
+        assert_eq!(TreeNotice::from_bytes(&bytes).unwrap(), n);
+        // Joined paths: leaves 1, 5, 6, 7 in W = 8.
+        assert!(n.on_joined_path(2) && n.on_joined_path(1) && n.on_joined_path(11));
+        assert!(!n.on_joined_path(0) && !n.on_joined_path(4) && !n.on_joined_path(5));
+    }
+
+    fn reassemble(n: &TreeNotice, body: &[u8]) -> Vec<u8> {
+        let mut out = n.header();
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn decode_body(n: &TreeNotice, body: &[u8]) -> Result<TreeNotice, DecodeError> {
+        TreeNotice::from_bytes(&reassemble(n, body))
+    }
+
+    #[test]
+    fn decoder_accepts_only_the_canonical_form() {
+        let (n, head) = sample();
+        let good = body(&n);
+        let set = |at: usize, v: u32| {
+            let mut b = good.clone();
+            b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+            b
+        };
+        let invalid = DecodeError::InvalidValue;
+        let w0 = 48; // first wrap's node
+        for (b, err) in [
+            (set(0, 5), invalid("tree notice previous epoch")),
+            (set(20, 0), invalid("tree notice width")),
+            (set(20, 6), invalid("tree notice width")),
+            (set(20, index::MAX_WIDTH * 2), invalid("tree notice width")),
+            (
+                set(24, u32::MAX),
+                DecodeError::TooLarge("tree notice joined leaves"),
+            ),
+            (
+                set(24, 9),
+                DecodeError::TooLarge("tree notice joined leaves"),
+            ),
+            (set(28, 8), invalid("tree notice joined leaf")),
+            (set(32, 1), invalid("tree notice joined leaf")),
+            (
+                set(44, u32::MAX),
+                DecodeError::TooLarge("tree notice wraps"),
+            ),
+            (set(w0, 2), invalid("tree wrap nodes")),
+            (set(w0, 15), invalid("tree wrap nodes")),
+            (set(w0 + 4, 7), invalid("tree wrap nodes")),
+            (set(w0 + 8, 47), invalid("tree wrap ct length")),
+        ] {
+            assert_eq!(decode_body(&n, &b), Err(err));
+        }
+        // Wraps out of order: swap the first two.
+        let mut swapped = good.clone();
+        let (a, b) = (w0, w0 + WRAP_WIRE_LEN);
+        let first = good[a..b].to_vec();
+        swapped.copy_within(b..b + WRAP_WIRE_LEN, a);
+        swapped[b..b + WRAP_WIRE_LEN].copy_from_slice(&first);
+        assert_eq!(decode_body(&n, &swapped), Err(invalid("tree wrap order")));
+        // A repeated wrap.
+        let mut twice = good[..w0 + WRAP_WIRE_LEN].to_vec();
+        twice[44..48].copy_from_slice(&(n.wraps().len() as u32 + 1).to_be_bytes());
+        twice.extend_from_slice(&good[w0..]);
+        assert_eq!(decode_body(&n, &twice), Err(invalid("tree wrap order")));
+        // Root wrap of the wrong length, truncation, trailing bytes, kind.
+        let mut short = good[..good.len() - 52].to_vec();
+        put_u32(&mut short, 47);
+        short.extend_from_slice(&[0; 47]);
+        assert_eq!(
+            decode_body(&n, &short),
+            Err(invalid("tree root wrap length"))
+        );
+        let all = n.to_bytes();
+        for cut in [1, 3, head, head + 20, all.len() - 1] {
+            assert!(TreeNotice::from_bytes(&all[..cut]).is_err());
+        }
+        let mut long = all.clone();
+        long.push(0);
+        assert!(TreeNotice::from_bytes(&long).is_err());
+        let mut kind = all.clone();
+        kind[1] = 1;
+        assert_eq!(
+            TreeNotice::from_bytes(&kind),
+            Err(invalid("tree notice kind"))
+        );
+        // The v1 decoder does not take a tree notice for one of its kinds.
+        assert!(crate::rekey::RekeyNotice::from_bytes(&all).is_err());
+    }
+}
