@@ -129,6 +129,9 @@ pub enum RekeyError {
     /// A stored record does not re-derive to its signed group info.
     #[error("group record does not match its group info")]
     RecordMismatch,
+    /// A key-tree step failed (PROTOCOL.md §5.1).
+    #[error(transparent)]
+    Tree(tree::TreeError),
 }
 
 /// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (broadcast notices, requests).
