@@ -264,6 +264,9 @@ pub(crate) mod testkit {
         pub tree: KeyTree,
         pub holders: BTreeMap<DeviceId, TreeHolder>,
         pub notices: Vec<TreeNotice>,
+        /// The CA's stored rows, kept only from each epoch's node and leaf changes.
+        pub rows: BTreeMap<u32, [u8; 32]>,
+        pub leaf_rows: BTreeMap<u32, DeviceId>,
     }
 
     pub fn id(s: &str) -> DeviceId {
@@ -281,6 +284,8 @@ pub(crate) mod testkit {
                 tree: KeyTree::new(group, role, Epoch(0)),
                 holders: BTreeMap::new(),
                 notices: Vec::new(),
+                rows: BTreeMap::new(),
+                leaf_rows: BTreeMap::new(),
             }
         }
 
@@ -326,8 +331,34 @@ pub(crate) mod testkit {
                 .unwrap();
             let notice = staged.notice().cloned();
             let sets: Vec<(DeviceId, TreeKeySet)> = staged.key_sets().to_vec();
+            // The rows written: O(log W) per departure or join.
+            let per_change = staged.width().trailing_zeros() as usize + 1;
+            let changed = changes.departed.len() + changes.joined.len();
+            assert!(staged.node_changes().len() <= changed * per_change);
+            for (n, k) in staged.node_changes() {
+                match k {
+                    Some(k) => self.rows.insert(*n, *k.as_bytes()),
+                    None => self.rows.remove(n),
+                };
+            }
+            for (l, h) in staged.leaf_changes() {
+                match h {
+                    Some(h) => self.leaf_rows.insert(*l, h.clone()),
+                    None => self.leaf_rows.remove(l),
+                };
+            }
             self.tree.commit(staged).unwrap();
             self.tree.check_invariants();
+            // Storing only the changes keeps the stored tree equal to the CA's.
+            let stored: BTreeMap<u32, [u8; 32]> = self
+                .tree
+                .node_keys()
+                .map(|(n, k)| (n, *k.as_bytes()))
+                .collect();
+            assert_eq!(stored, self.rows);
+            let leaves: BTreeMap<u32, DeviceId> =
+                self.tree.holders().map(|(l, h)| (l, h.clone())).collect();
+            assert_eq!(leaves, self.leaf_rows);
             let q_ca = self.ca.verifying_key();
             let mut gone = Vec::new();
             for d in &changes.departed {
