@@ -46,6 +46,7 @@ use crate::message::{
     AnonymousInner, ConnectionIdentity, Direction, Directory, GroupLookupError, GroupPublicKeys,
     Header, Policy, Protection, Sealer, UnverifiedMessage,
 };
+use crate::rekey::tree::{KeyTree, NodeKey, TreeChanges, TreeHolder, TreeKeySet, TreeNotice};
 use crate::rekey::{DEFAULT_GRACE_MS, GroupState, Plan, RekeyNotice};
 use crate::replay::ReplayCache;
 use crate::schnorr::{Signature, VerifyingKey};
@@ -79,6 +80,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("message_verify", message_verify),
     ("enrollment_verify", enrollment_verify),
     ("group_key_verify", group_key_verify),
+    ("tree_notice", tree_notice),
+    ("tree_key_set", tree_key_set),
+    ("tree_notice_verify", tree_notice_verify),
 ];
 
 /// Runs the target named `target` on `data`.
@@ -443,9 +447,136 @@ pub fn group_key_verify(data: &[u8]) {
     }
 }
 
+/// [`TreeNotice`] (kind 3, PROTOCOL.md §5.1).
+pub fn tree_notice(data: &[u8]) {
+    round_trip::<TreeNotice>(data);
+}
+
+/// [`TreeKeySet`]: a joiner's key set, the ECIES plaintext of a v1.1 key delivery.
+pub fn tree_key_set(data: &[u8]) {
+    if let Ok(set) = TreeKeySet::from_bytes(data) {
+        assert!(
+            &set.to_bytes()[..] == data,
+            "TreeKeySet does not re-encode to its input"
+        );
+    }
+}
+
+/// [`TreeHolder::apply`]: the fixture's subscriber (leaf 0 of a four-leaf tree at epoch 7)
+/// processes a tree notice. Anything adopted is of epoch 8, matches the signed Q_P, took at most
+/// log2(W) + 1 openings and leaves a path of the new width; anything refused leaves the state as
+/// it was.
+pub fn tree_notice_verify(data: &[u8]) {
+    let f = fixture();
+    let t = tree_fixture();
+    let Ok(notice) = TreeNotice::from_bytes(data) else {
+        return;
+    };
+    let mut holder = t.holder.clone();
+    match holder.apply(&f.ca.verifying_key(), &notice) {
+        Ok(adopted) => {
+            let info = notice.signed_info().info_unverified();
+            assert_eq!(info.epoch, Epoch(8));
+            assert_eq!(adopted.key().key().public(), &info.q_p);
+            assert!(adopted.openings() <= notice.width().trailing_zeros() as usize + 1);
+            assert_eq!(holder.epoch(), Epoch(8));
+            assert_eq!(
+                holder.path().len(),
+                notice.width().trailing_zeros() as usize + 1
+            );
+        }
+        Err(_) => assert!(holder == t.holder, "a refused notice changed the holder"),
+    }
+}
+
 /// Valid encodings for every target, built from the fixture: (target name, input).
 pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
-    fixture().seeds.clone()
+    let mut seeds = fixture().seeds.clone();
+    let t = tree_fixture();
+    seeds.push(("tree_notice", t.notice.clone()));
+    seeds.push(("tree_key_set", t.key_set.clone()));
+    seeds.push(("tree_notice_verify", t.notice.clone()));
+    seeds
+}
+
+/// The subscribers' key tree of the fixture's group: sub-1 and three others at epoch 7 (fixed
+/// node keys); epoch 8 has sub-3 leave and sub-5 join.
+struct TreeFixture {
+    holder: TreeHolder,
+    notice: Vec<u8>,
+    key_set: Vec<u8>,
+}
+
+fn tree_fixture() -> &'static TreeFixture {
+    static TREE: OnceLock<TreeFixture> = OnceLock::new();
+    TREE.get_or_init(|| {
+        let f = fixture();
+        let key = |n: u32| NodeKey::from_bytes(&sha256(&[b"quva/fuzz/tree", &n.to_be_bytes()]));
+        let holders = ["sub-1", "sub-2", "sub-3", "sub-4"];
+        let tree = ok(
+            KeyTree::from_parts(
+                f.group.clone(),
+                Role::Subscriber,
+                Epoch(7),
+                4,
+                (0u32..).zip(holders).map(|(l, h)| (id(h), l)),
+                (0u32..7).map(|n| (n, key(n))),
+            ),
+            "tree",
+        );
+        let holder = ok(
+            TreeHolder::from_parts(
+                f.group.clone(),
+                Role::Subscriber,
+                Epoch(7),
+                4,
+                0,
+                vec![(0, key(0)), (1, key(1)), (3, key(3))],
+            ),
+            "tree holder",
+        );
+        let info = f.keys.group_info();
+        let joined = f.members.iter().map(|(_, j)| j);
+        let next = ok(
+            GroupKeys::derive(&f.ca, &f.group, Epoch(8), info.privacy, joined),
+            "next keys",
+        );
+        let signed = ok(
+            SignedGroupInfo::sign_with_entropy(&f.ca, next.group_info().clone(), &[0x52; 32]),
+            "next info",
+        );
+        let changes = TreeChanges {
+            departed: vec![id("sub-3")],
+            joined: vec![id("sub-5")],
+        };
+        let mut n = 100;
+        let staged = ok(
+            tree.plan_with(
+                &changes,
+                next.held_by(Role::Subscriber).secret(),
+                &signed,
+                [0x16; 16],
+                &mut || {
+                    n += 1;
+                    key(n)
+                },
+            ),
+            "tree plan",
+        );
+        let notice = match staged.notice() {
+            Some(notice) => notice.to_bytes(),
+            None => panic!("fuzz fixture: the tree has holders"),
+        };
+        let key_set = match staged.key_set(&id("sub-5")) {
+            Some(set) => set.to_bytes().to_vec(),
+            None => panic!("fuzz fixture: sub-5 joined"),
+        };
+        TreeFixture {
+            holder,
+            notice,
+            key_set,
+        }
+    })
 }
 
 /// The fixture's clock, Unix ms.
@@ -977,6 +1108,18 @@ mod tests {
                 .verify(f.ca.public(), "fuzz-client", f.now, WINDOW_MS)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn the_fixture_holder_adopts_its_own_tree_notice() {
+        let t = tree_fixture();
+        let notice = TreeNotice::from_bytes(&t.notice).unwrap();
+        let mut holder = t.holder.clone();
+        let adopted = holder
+            .apply(&fixture().ca.verifying_key(), &notice)
+            .unwrap();
+        assert_eq!(adopted.openings(), 2);
+        assert_eq!(holder.epoch(), Epoch(8));
     }
 
     #[test]

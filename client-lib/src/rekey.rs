@@ -20,6 +20,9 @@
 //! d·G against the signed info), catches up from a retained individual notice of a later epoch,
 //! and keeps superseded keys for a grace period (default [`DEFAULT_GRACE_MS`]).
 //!
+//! v1.1 key trees ([`tree`], PROTOCOL.md §5.1): one kind-3 notice of O(log n) symmetric wraps per
+//! epoch and role replaces the broadcast and the individual notices.
+//!
 //! # Usage
 //! ```
 //! use quva_client::curve::{KeyPair, SecretScalar};
@@ -78,6 +81,7 @@ use crate::symmetric::VerifyError;
 
 mod keyring;
 mod notice;
+pub mod tree;
 
 pub use keyring::{DEFAULT_GRACE_MS, Keyring, MAX_PREVIOUS_KEYS};
 pub use notice::{BROADCAST_CIPHERTEXT_LEN, NoticeBody, NoticeKind, RekeyNotice};
@@ -125,6 +129,9 @@ pub enum RekeyError {
     /// A stored record does not re-derive to its signed group info.
     #[error("group record does not match its group info")]
     RecordMismatch,
+    /// A key-tree step failed (PROTOCOL.md §5.1).
+    #[error(transparent)]
+    Tree(tree::TreeError),
 }
 
 /// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (broadcast notices, requests).

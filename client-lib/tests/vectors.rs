@@ -50,11 +50,63 @@ fn at_least_three_cases_of_each_kind() {
         "msg1",
         "msg2",
         "msg3",
+        "tree_rekey",
     ] {
         assert!(
             counts.get(kind).copied().unwrap_or(0) >= 3,
             "fewer than 3 {kind} vectors: {counts:?}"
         );
+    }
+}
+
+/// §10: `tree_rekey` has a case of each listed scenario.
+#[test]
+fn tree_rekey_covers_every_scenario() {
+    let file = load();
+    let described: Vec<&str> = file["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "tree_rekey")
+        .map(|c| c["description"].as_str().unwrap())
+        .collect();
+    for scenario in [
+        "leave only",
+        "join only",
+        "join with one doubling",
+        "join with two doublings in one epoch",
+        "batched leave + join",
+        "a leaf reused by a joiner",
+        "periodic (no change)",
+    ] {
+        assert!(
+            described.contains(&scenario),
+            "no tree_rekey case: {scenario}"
+        );
+    }
+    // The shapes behind the descriptions.
+    for c in file["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "tree_rekey")
+    {
+        let (before, after) = (
+            c["w_before"].as_u64().unwrap(),
+            c["w_after"].as_u64().unwrap(),
+        );
+        let (departed, joined) = (
+            c["departed"].as_array().unwrap().len(),
+            c["joined"].as_array().unwrap().len(),
+        );
+        match c["description"].as_str().unwrap() {
+            "join with one doubling" => assert_eq!(after, 2 * before),
+            "join with two doublings in one epoch" => assert_eq!(after, 4 * before),
+            "periodic (no change)" => assert_eq!((departed, joined, after), (0, 0, before)),
+            "leave only" => assert_eq!((departed > 0, joined), (true, 0)),
+            "join only" => assert_eq!((departed, joined > 0, after), (0, true, before)),
+            _ => {}
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The device's epoch keyring, PROTOCOL.md §5: the current group key, previous ones for a grace
 //! period, and the application of rekey notices.
 
+use super::tree::{TreeError, TreeHolder, TreeKeySet, TreeNotice};
 use super::{NoticeBody, RekeyError, RekeyNotice};
 use crate::curve::KeyPair;
 use crate::group::{AcceptedGroupKey, GroupError, GroupInfo, GroupKeyDelivery, SignedGroupInfo};
@@ -73,6 +74,53 @@ impl Keyring {
             current,
             previous: Vec::new(),
         })
+    }
+
+    /// Starts from a v1.1 key set (PROTOCOL.md §5.1, the ECIES plaintext of a key delivery, with
+    /// the signed info it came with): returns the ring and the holder's tree state.
+    ///
+    /// # Errors
+    /// [`RekeyError::Tree`] from [`TreeHolder::from_key_set`].
+    pub fn from_tree_key_set(
+        q_ca: VerifyingKey,
+        signed: &SignedGroupInfo,
+        group: &GroupId,
+        role: Role,
+        set: &TreeKeySet,
+        grace_ms: u64,
+    ) -> Result<(Self, TreeHolder), RekeyError> {
+        let (tree, current) = TreeHolder::from_key_set(&q_ca, signed, group, role, set)?;
+        let ring = Keyring {
+            q_ca,
+            role,
+            grace_ms,
+            current,
+            previous: Vec::new(),
+        };
+        Ok((ring, tree))
+    }
+
+    /// Applies a v1.1 tree notice (kind 3) with the holder's tree state `tree`, which must be of
+    /// this ring's group, role and epoch: on success both move to the new epoch (the old key
+    /// stays for the grace period); on any error neither changes.
+    ///
+    /// # Errors
+    /// [`RekeyError::Tree`]: [`TreeError::StaleEpoch`] for a notice already applied or older
+    /// (ignore it), [`TreeError::MissedEpoch`] when an epoch was missed (join again), and the
+    /// others of [`TreeHolder::apply`]; [`TreeError::Inconsistent`] if `tree` does not belong to
+    /// this ring.
+    pub fn apply_tree_notice(
+        &mut self,
+        tree: &mut TreeHolder,
+        notice: &TreeNotice,
+        now_ms: u64,
+    ) -> Result<Epoch, RekeyError> {
+        if tree.group() != self.group() || tree.role() != self.role || tree.epoch() != self.epoch()
+        {
+            return Err(TreeError::Inconsistent("tree state does not match the keyring").into());
+        }
+        let adopted = tree.apply(&self.q_ca, notice)?;
+        Ok(self.adopt(adopted.into_key(), now_ms))
     }
 
     /// The group.
@@ -241,6 +289,12 @@ impl From<GroupError> for RekeyError {
             GroupError::Decode(d) => RekeyError::Decode(d),
             other => RekeyError::Group(other),
         }
+    }
+}
+
+impl From<TreeError> for RekeyError {
+    fn from(e: TreeError) -> Self {
+        RekeyError::Tree(e)
     }
 }
 
@@ -562,5 +616,63 @@ mod tests {
             long.push(0);
             assert!(RekeyNotice::from_bytes(&long).is_err());
         }
+    }
+
+    #[test]
+    fn tree_notices_move_the_ring_and_the_tree_together() {
+        use crate::rekey::tree::TreeChanges;
+        use crate::rekey::tree::testkit::{Sim, id};
+        let mut sim = Sim::new(40, Role::Subscriber);
+        let epoch = Epoch(1);
+        let x = KeyPair::random(&mut sim.rng);
+        let signed = sim.signed(epoch, &x);
+        let changes = TreeChanges::joining(vec![id("a"), id("b")]);
+        let staged = sim
+            .tree
+            .plan(&changes, x.secret(), &signed, &mut sim.rng)
+            .unwrap();
+        let set = staged.key_set(&id("a")).unwrap().clone();
+        sim.tree.commit(staged).unwrap();
+        let q_ca = sim.ca.verifying_key();
+        let group = sim.tree.group().clone();
+        let (mut ring, mut tree) =
+            Keyring::from_tree_key_set(q_ca, &signed, &group, Role::Subscriber, &set, 100).unwrap();
+        assert_eq!(ring.current_key(), &x);
+        // Epoch 2: b leaves.
+        let x2 = KeyPair::random(&mut sim.rng);
+        let signed2 = sim.signed(Epoch(2), &x2);
+        let staged = sim
+            .tree
+            .plan(
+                &TreeChanges::leaving(vec![id("b")]),
+                x2.secret(),
+                &signed2,
+                &mut sim.rng,
+            )
+            .unwrap();
+        let notice = staged.notice().unwrap().clone();
+        sim.tree.commit(staged).unwrap();
+        assert_eq!(ring.apply_tree_notice(&mut tree, &notice, 10), Ok(Epoch(2)));
+        assert_eq!(ring.current_key(), &x2);
+        assert_eq!(tree.epoch(), Epoch(2));
+        assert_eq!(ring.key_for(Epoch(1), 50), Some(&x));
+        assert_eq!(
+            ring.apply_tree_notice(&mut tree, &notice, 10),
+            Err(RekeyError::Tree(TreeError::StaleEpoch))
+        );
+        // A tree state of another epoch is refused before anything is opened.
+        let mut stale = TreeHolder::from_parts(
+            group,
+            Role::Subscriber,
+            Epoch(1),
+            tree.width(),
+            tree.leaf(),
+            tree.path().to_vec(),
+        )
+        .unwrap();
+        assert!(matches!(
+            ring.apply_tree_notice(&mut stale, &notice, 10),
+            Err(RekeyError::Tree(TreeError::Inconsistent(_)))
+        ));
     }
 }

@@ -8,9 +8,14 @@ use quva_client::codec::{Decode, Encode};
 use quva_client::curve::{KeyPair, Point, SecretScalar, hash_to_scalar};
 use quva_client::ecies;
 use quva_client::enrollment::{EnrollRequest, EnrollResponse, EnrollmentSecret, PendingEnrollment};
-use quva_client::group::{GroupKeyRequest, GroupKeys, JoinedMember, Privacy, SignedGroupInfo};
+use quva_client::group::{
+    GroupInfo, GroupKeyRequest, GroupKeys, JoinedMember, Privacy, SignedGroupInfo,
+};
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{Direction, Sealer, UnverifiedMessage};
+use quva_client::rekey::tree::{
+    KeyTree, NodeKey, TreeChanges, TreeError, TreeHolder, TreeKeySet, TreeNotice, index,
+};
 use quva_client::schnorr::{Signature, VerifyingKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -226,7 +231,188 @@ pub fn compute(case: &Value) -> Value {
             .unwrap();
             json!({ "out": h(&out) })
         }
+        "tree_rekey" => tree_rekey(case),
         other => panic!("unknown case kind {other}"),
+    }
+}
+
+// ---- tree_rekey (PROTOCOL.md §5.1) ------------------------------------------------------------
+
+fn role_of(case: &Value) -> Role {
+    Role::from_u8(num(case, "role") as u8).expect("role 1 or 2")
+}
+
+fn ids(case: &Value, name: &str) -> Vec<DeviceId> {
+    field(case, name)
+        .as_array()
+        .expect("id list")
+        .iter()
+        .map(|v| DeviceId::new(v.as_str().expect("id")).unwrap())
+        .collect()
+}
+
+fn node_key(v: &Value) -> NodeKey {
+    let b: [u8; 32] = hex::decode(v.as_str().expect("hex key"))
+        .unwrap()
+        .try_into()
+        .expect("32-byte node key");
+    NodeKey::from_bytes(&b)
+}
+
+/// `{"node": key, ...}` → (node, key) pairs.
+fn node_map(v: &Value) -> Vec<(u32, NodeKey)> {
+    v.as_object()
+        .expect("node map")
+        .iter()
+        .map(|(n, k)| (n.parse().expect("node index"), node_key(k)))
+        .collect()
+}
+
+fn holders_before(case: &Value) -> Vec<(DeviceId, u32)> {
+    field(case, "holders_before")
+        .as_array()
+        .expect("holders")
+        .iter()
+        .map(|h| (DeviceId::new(text(h, "id")).unwrap(), num(h, "leaf") as u32))
+        .collect()
+}
+
+fn tree_signed_info(case: &Value) -> SignedGroupInfo {
+    let ca = KeyPair::from_secret(secret(case, "d_ca"));
+    let info = GroupInfo::from_bytes(&bytes(case, "ginfo")).unwrap();
+    SignedGroupInfo::sign_with_entropy(&ca, info, &arr(case, "rand")).unwrap()
+}
+
+fn tree_rekey(case: &Value) -> Value {
+    let group = GroupId::new(text(case, "group")).unwrap();
+    let role = role_of(case);
+    let epoch = num(case, "epoch") as u32;
+    let tree = KeyTree::from_parts(
+        group,
+        role,
+        Epoch(epoch - 1),
+        num(case, "w_before") as u32,
+        holders_before(case),
+        node_map(field(case, "node_keys_before")),
+    )
+    .unwrap();
+    let changes = TreeChanges {
+        departed: ids(case, "departed"),
+        joined: ids(case, "joined"),
+    };
+    let fresh: Vec<NodeKey> = field(case, "fresh_keys")
+        .as_array()
+        .expect("fresh keys")
+        .iter()
+        .map(node_key)
+        .collect();
+    let mut drawn = fresh.iter();
+    let staged = tree
+        .plan_with(
+            &changes,
+            &secret(case, "x_new"),
+            &tree_signed_info(case),
+            arr(case, "salt"),
+            &mut || drawn.next().expect("enough fresh keys").clone(),
+        )
+        .unwrap();
+    assert!(drawn.next().is_none(), "every fresh key is drawn");
+    let notice = staged.notice().map(|n| h(&n.to_bytes()));
+    let mut key_sets = serde_json::Map::new();
+    for (id, set) in staged.key_sets() {
+        key_sets.insert(id.as_str().to_owned(), json!(h(&set.to_bytes())));
+    }
+    let mut tree = tree;
+    tree.commit(staged).unwrap();
+    let holders_after: Vec<Value> = tree
+        .holders()
+        .map(|(leaf, id)| {
+            let mut path = serde_json::Map::new();
+            for n in index::path(leaf, tree.width()) {
+                path.insert(n.to_string(), json!(h(tree.key(n).unwrap().as_bytes())));
+            }
+            json!({ "id": id.as_str(), "leaf": leaf, "path": path })
+        })
+        .collect();
+    json!({
+        "w_after": tree.width(),
+        "notice": notice,
+        "holders_after": holders_after,
+        "key_sets": key_sets,
+    })
+}
+
+/// Each remaining holder, starting from its path in `node_keys_before`, processes the notice and
+/// ends with its path in `holders_after` and X_new; each joiner's key set gives its path; a
+/// departed holder cannot open the notice.
+fn check_tree_rekey(case: &Value) {
+    let group = GroupId::new(text(case, "group")).unwrap();
+    let role = role_of(case);
+    let epoch = Epoch(num(case, "epoch") as u32);
+    let q_ca = KeyPair::from_secret(secret(case, "d_ca")).verifying_key();
+    let x_new = secret(case, "x_new");
+    let before: std::collections::BTreeMap<u32, NodeKey> =
+        node_map(field(case, "node_keys_before"))
+            .into_iter()
+            .collect();
+    let notice = TreeNotice::from_bytes(&bytes(case, "notice")).unwrap();
+    assert_eq!(notice.epoch(), epoch);
+    assert_eq!(notice.salt(), &arr::<16>(case, "salt"));
+    let after: Vec<&Value> = field(case, "holders_after")
+        .as_array()
+        .unwrap()
+        .iter()
+        .collect();
+    let path_after = |id: &str| -> Vec<(u32, NodeKey)> {
+        let h = after
+            .iter()
+            .find(|h| text(h, "id") == id)
+            .expect("holder after");
+        node_map(field(h, "path"))
+    };
+    let joined: Vec<DeviceId> = ids(case, "joined");
+    let departed: Vec<DeviceId> = ids(case, "departed");
+    let w_before = num(case, "w_before") as u32;
+    for (id, leaf) in holders_before(case) {
+        let path: Vec<(u32, NodeKey)> = index::path(leaf, w_before)
+            .into_iter()
+            .map(|n| (n, before[&n].clone()))
+            .collect();
+        let mut holder = TreeHolder::from_parts(
+            group.clone(),
+            role,
+            Epoch(epoch.0 - 1),
+            w_before,
+            leaf,
+            path,
+        )
+        .unwrap();
+        let result = holder.apply(&q_ca, &notice);
+        if departed.contains(&id) {
+            assert!(result.is_err(), "departed {id} opened the notice");
+            continue;
+        }
+        let adopted = result.unwrap();
+        assert!(adopted.key().key().secret() == &x_new, "{id} adopted X_new");
+        assert_eq!(holder.path(), &path_after(id.as_str())[..], "{id}'s path");
+    }
+    for id in &joined {
+        let set = TreeKeySet::from_bytes(
+            &hex::decode(field(case, "key_sets")[id.as_str()].as_str().unwrap()).unwrap(),
+        )
+        .unwrap();
+        let (mut holder, key) =
+            TreeHolder::from_key_set(&q_ca, notice.signed_info(), &group, role, &set).unwrap();
+        assert!(key.key().secret() == &x_new);
+        assert_eq!(
+            holder.path(),
+            &path_after(id.as_str())[..],
+            "joiner {id}'s path"
+        );
+        assert_eq!(
+            holder.apply(&q_ca, &notice).err(),
+            Some(TreeError::StaleEpoch)
+        );
     }
 }
 
@@ -292,6 +478,7 @@ pub fn check_semantics(case: &Value) {
                 .verify("quva/v1/ginfo", &bytes(case, "ginfo"), &sig)
                 .unwrap();
         }
+        "tree_rekey" => check_tree_rekey(case),
         kind @ ("msg1" | "msg2" | "msg3") => {
             let msg = UnverifiedMessage::decode(&bytes(case, "out")).unwrap();
             let signer = if kind == "msg3" {
@@ -458,5 +645,192 @@ pub fn generate() -> Value {
             cases.push(with_outputs(case));
         }
     }
+    cases.extend(tree_rekey_cases());
     json!({ "version": 1, "cases": cases })
+}
+
+/// The `tree_rekey` cases of PROTOCOL.md §10: (description, holders' role, W before, holders
+/// before (id, leaf), departed, joined).
+type TreeScenario = (
+    &'static str,
+    u8,
+    u32,
+    &'static [(&'static str, u32)],
+    &'static [&'static str],
+    &'static [&'static str],
+);
+
+/// The scenarios §10 asks for, plus a share replacement.
+pub const TREE_SCENARIOS: &[TreeScenario] = &[
+    (
+        "leave only",
+        2,
+        8,
+        &[
+            ("s0", 0),
+            ("s1", 1),
+            ("s2", 2),
+            ("s3", 3),
+            ("s4", 4),
+            ("s5", 5),
+        ],
+        &["s2"],
+        &[],
+    ),
+    (
+        "join only",
+        1,
+        4,
+        &[("p0", 0), ("p1", 1), ("p3", 3)],
+        &[],
+        &["p9"],
+    ),
+    (
+        "join with one doubling",
+        2,
+        2,
+        &[("a", 0), ("b", 1)],
+        &[],
+        &["c"],
+    ),
+    (
+        "join with two doublings in one epoch",
+        1,
+        2,
+        &[("a", 0), ("b", 1)],
+        &[],
+        &["e", "c", "d"],
+    ),
+    (
+        "batched leave + join",
+        2,
+        8,
+        &[("a", 0), ("b", 1), ("d", 3), ("e", 4), ("f", 5), ("g", 6)],
+        &["f", "g"],
+        &["x"],
+    ),
+    (
+        "a leaf reused by a joiner",
+        1,
+        4,
+        &[("a", 0), ("b", 1), ("c", 2), ("d", 3)],
+        &["b"],
+        &["z"],
+    ),
+    (
+        "periodic (no change)",
+        2,
+        4,
+        &[("a", 0), ("b", 1), ("c", 2)],
+        &[],
+        &[],
+    ),
+    (
+        "share replacement (departure + join of the same id)",
+        2,
+        4,
+        &[("a", 0), ("b", 1), ("c", 2)],
+        &["b"],
+        &["b"],
+    ),
+];
+
+fn tree_rekey_cases() -> Vec<Value> {
+    let mut out = Vec::new();
+    for (i, (description, role, w_before, holders, departed, joined)) in
+        TREE_SCENARIOS.iter().enumerate()
+    {
+        let label = |what: &str| format!("tree_rekey/{i}/{what}");
+        let group = GROUPS[i % GROUPS.len()];
+        let epoch = 5 + i as u32;
+        let mut node_keys = serde_json::Map::new();
+        for x in 0..(2 * w_before - 1) {
+            if holders.iter().any(|(_, leaf)| index::covers(x, *leaf)) {
+                node_keys.insert(
+                    x.to_string(),
+                    json!(h(&fixed32(&label(&format!("node/{x}"))))),
+                );
+            }
+        }
+        let x_new = fixed_secret(&label("x"));
+        let role = Role::from_u8(*role).unwrap();
+        let other = Point::mul_base(&fixed_secret(&label("other")));
+        let (q_p, q_s) = match role {
+            Role::Subscriber => (Point::mul_base(&x_new), other),
+            Role::Publisher => (other, Point::mul_base(&x_new)),
+        };
+        let n_after = (holders.len() + joined.len() - departed.len()) as u32;
+        let (n_pub, n_sub) = match role {
+            Role::Subscriber => (1, n_after),
+            Role::Publisher => (n_after, 1),
+        };
+        let info = GroupInfo {
+            group: GroupId::new(group).unwrap(),
+            epoch: Epoch(epoch),
+            q_cag_p: Point::mul_base(&fixed_secret(&label("cag_p"))),
+            q_cag_s: Point::mul_base(&fixed_secret(&label("cag_s"))),
+            q_p,
+            q_s,
+            privacy: Privacy::Standard,
+            n_pub,
+            n_sub,
+            members_digest: fixed32(&label("members_digest")),
+        };
+        let mut case = json!({
+            "kind": "tree_rekey",
+            "description": description,
+            "group": group,
+            "role": role.to_u8(),
+            "epoch": epoch,
+            "w_before": w_before,
+            "holders_before": holders.iter().map(|(id, leaf)| json!({"id": id, "leaf": leaf})).collect::<Vec<_>>(),
+            "node_keys_before": node_keys,
+            "departed": departed,
+            "joined": joined,
+            "fresh_keys": [],
+            "salt": h(&fixed16(&label("salt"))),
+            "x_new": sc(&x_new),
+            "d_ca": sc(&fixed_secret("ca")),
+            "ginfo": h(&info.to_bytes()),
+            "rand": h(&fixed32(&label("rand"))),
+        });
+        // Draw fixed "random" keys until the planner has what it needs, then record them.
+        let fresh: Vec<Value> = (0..64)
+            .map(|k| json!(h(&fixed32(&label(&format!("fresh/{k}"))))))
+            .collect();
+        case["fresh_keys"] = json!(fresh);
+        let needed = count_fresh(&case);
+        case["fresh_keys"] = json!(fresh[..needed].to_vec());
+        out.push(with_outputs(case));
+    }
+    out
+}
+
+/// How many fresh keys the planner draws for `case`.
+fn count_fresh(case: &Value) -> usize {
+    let tree = KeyTree::from_parts(
+        GroupId::new(text(case, "group")).unwrap(),
+        role_of(case),
+        Epoch(num(case, "epoch") as u32 - 1),
+        num(case, "w_before") as u32,
+        holders_before(case),
+        node_map(field(case, "node_keys_before")),
+    )
+    .unwrap();
+    let mut n = 0;
+    tree.plan_with(
+        &TreeChanges {
+            departed: ids(case, "departed"),
+            joined: ids(case, "joined"),
+        },
+        &secret(case, "x_new"),
+        &tree_signed_info(case),
+        arr(case, "salt"),
+        &mut || {
+            n += 1;
+            NodeKey::from_bytes(&[n as u8; 32])
+        },
+    )
+    .unwrap();
+    n
 }
