@@ -50,6 +50,8 @@ fn at_least_three_cases_of_each_kind() {
         "msg1",
         "msg2",
         "msg3",
+        "direct",
+        "ota",
     ] {
         assert!(
             counts.get(kind).copied().unwrap_or(0) >= 3,
