@@ -159,6 +159,8 @@ fn layout_matches_the_spec() {
     expect.extend_from_slice(&((m.len() + TAG_LEN) as u32).to_be_bytes());
     assert_eq!(&wire[..expect.len()], &expect[..]);
     assert_eq!(wire.len(), expect.len() + m.len() + TAG_LEN + 65);
+    // docs/protocol.md §15.1: 220 + 2·len(a) + len(b) + len(M).
+    assert_eq!(wire.len(), 220 + 2 * 5 + 8 + m.len());
     // ct = AEAD_K(M, aad) with K from the spec's KDF input, recomputed here by hand.
     let shared = f.a.key().xdh(f.b.key().public()).unwrap();
     let mut info = TAG_DIRECT.as_bytes().to_vec();

@@ -234,6 +234,9 @@ fn manifest_layout_matches_the_spec() {
     expect.extend_from_slice(&0x0a0bu64.to_be_bytes());
     let msg = r.manifest_message();
     assert_eq!(&msg[..msg.len() - 65], &expect[..]);
+    // docs/protocol.md §15.2: 207 + len(group) + 2·len(signer) + 32·n_chunks; M: 107 + len(name).
+    assert_eq!(msg.len(), 207 + GROUP.len() + 2 * 9 + 32 * 3);
+    assert_eq!(r.key_message().to_bytes().len(), 107 + 1);
     let sig = crate::schnorr::Signature::from_bytes(&msg[msg.len() - 65..]).unwrap();
     assert!(
         f.signer
