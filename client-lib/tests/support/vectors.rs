@@ -5,15 +5,15 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use quva_client::codec::{Decode, Encode};
-use quva_client::direct::{DirectSealer, UnverifiedDirect};
-use quva_client::enrollment::{Credentials, ImplicitCert};
-use quva_client::ota::{ContentKey, KeyMessage, ReleaseSigner, UnverifiedManifest};
 use quva_client::curve::{KeyPair, Point, SecretScalar, hash_to_scalar};
+use quva_client::direct::{DirectSealer, UnverifiedDirect};
 use quva_client::ecies;
+use quva_client::enrollment::{Credentials, ImplicitCert};
 use quva_client::enrollment::{EnrollRequest, EnrollResponse, EnrollmentSecret, PendingEnrollment};
 use quva_client::group::{GroupKeyRequest, GroupKeys, JoinedMember, Privacy, SignedGroupInfo};
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{Direction, Sealer, UnverifiedMessage};
+use quva_client::ota::{ContentKey, KeyMessage, ReleaseSigner, UnverifiedManifest};
 use quva_client::schnorr::{Signature, VerifyingKey};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -234,7 +234,11 @@ pub fn compute(case: &Value) -> Value {
             let b = field(case, "b");
             let key = KeyPair::from_secret(secret(a, "d"));
             let cert = ImplicitCert::from_bytes(&bytes(a, "cert")).unwrap();
-            assert_eq!(cert.id().as_str(), text(a, "id"), "a.id is the certificate's");
+            assert_eq!(
+                cert.id().as_str(),
+                text(a, "id"),
+                "a.id is the certificate's"
+            );
             let out = DirectSealer {
                 key: &key,
                 cert: &cert,
@@ -254,7 +258,11 @@ pub fn compute(case: &Value) -> Value {
             let signer = field(case, "signer");
             let key = KeyPair::from_secret(secret(signer, "d"));
             let cert = ImplicitCert::from_bytes(&bytes(signer, "cert")).unwrap();
-            assert_eq!(cert.id().as_str(), text(signer, "id"), "signer.id is the certificate's");
+            assert_eq!(
+                cert.id().as_str(),
+                text(signer, "id"),
+                "signer.id is the certificate's"
+            );
             let group = GroupId::new(text(case, "group")).unwrap();
             let release = ReleaseSigner {
                 group: &group,
@@ -315,7 +323,11 @@ fn check_cert_opens_to(party: &Value) {
     let q_ca = Point::mul_base(&fixed_secret("ca"));
     let cert = ImplicitCert::from_bytes(&bytes(party, "cert")).unwrap();
     let d = KeyPair::from_secret(secret(party, "d"));
-    assert_eq!(cert.open(&q_ca).unwrap().0, *d.public(), "cert opens to d·G");
+    assert_eq!(
+        cert.open(&q_ca).unwrap().0,
+        *d.public(),
+        "cert opens to d·G"
+    );
 }
 
 fn members(case: &Value) -> Vec<JoinedMember> {
@@ -584,7 +596,11 @@ pub fn generate() -> Value {
             cases.push(with_outputs(case));
         }
     }
-    let direct_ids = [("a", "b"), ("owner", "sensor-01"), ("Pi-3B.plus_hall-2.fleet-eu", "x")];
+    let direct_ids = [
+        ("a", "b"),
+        ("owner", "sensor-01"),
+        ("Pi-3B.plus_hall-2.fleet-eu", "x"),
+    ];
     for (i, ((a_id, b_id), m)) in direct_ids.iter().zip(MESSAGES).enumerate() {
         let a = fixed_credentials(&format!("direct/{i}/a"), a_id, 100 + i as u64);
         cases.push(with_outputs(json!({
@@ -607,7 +623,13 @@ pub fn generate() -> Value {
     // Images of 1, 10 and 64 bytes: one chunk under the default size, a shorter last chunk, and
     // an exact multiple of the chunk size.
     let ota = [
-        ("fw/sensor-v2", "release-1", &b"\x00"[..], 65_536u64, "sensor-fw-1.bin"),
+        (
+            "fw/sensor-v2",
+            "release-1",
+            &b"\x00"[..],
+            65_536u64,
+            "sensor-fw-1.bin",
+        ),
         ("g", "signer", b"0123456789", 4, "g.img"),
         (GROUPS[2], "fleet-release.eu", &[0x5au8; 64][..], 16, ""),
     ];
