@@ -655,6 +655,38 @@ fn revoked_superseded_or_expired_signer_certificates_are_refused() {
 }
 
 #[test]
+fn the_signer_may_be_listed_in_any_of_several_lists() {
+    let mut f = fx(20);
+    let release = f.release(1, &image(8), 4);
+    let msg = UnverifiedManifest::decode(release.manifest_message()).unwrap();
+    let (signer, dev) = (f.signer.clone(), f.dev.clone());
+    let other = f.pki.group(
+        "fw/other",
+        1,
+        &[(Role::Publisher, &signer), (Role::Subscriber, &dev)],
+    );
+    let pins = [signer.id().clone()];
+    let check = |lists: &[crate::members::MemberList]| {
+        msg.verify(
+            &f.g.id,
+            &pins,
+            None,
+            f.pki.ca.public(),
+            &MembershipLists(lists),
+            &OtaPolicy::default(),
+            NOW,
+        )
+    };
+    assert!(check(&[other.list.clone(), f.g.list.clone()]).is_ok());
+    // Listed as a publisher, but only in another group's list.
+    assert_eq!(
+        check(std::slice::from_ref(&other.list)).err(),
+        Some(OtaError::SignerNotListed)
+    );
+    assert_eq!(check(&[]).err(), Some(OtaError::SignerNotListed));
+}
+
+#[test]
 fn key_messages_must_come_from_the_signer_for_this_manifest() {
     let mut f = fx(13);
     let release = f.release(4, &image(20), 8);
