@@ -1,7 +1,7 @@
 //! Fuzzing entry points: decode→encode round trips of every wire structure, and the verification
 //! paths run on arbitrary bytes. Hidden; not part of the public interface.
 //!
-//! Covers the encodings of PROTOCOL.md §2 to §6. Each `pub fn name(data: &[u8])` is the body of
+//! Covers the encodings of PROTOCOL.md §2 to §7. Each `pub fn name(data: &[u8])` is the body of
 //! the cargo-fuzz target `fuzz/fuzz_targets/name.rs` and of the property tests in
 //! `tests/fuzz_decoders.rs`. A round-trip function decodes `data` and, if the decoder accepts it,
 //! asserts that encoding the value gives `data` back byte for byte: decoding is strict, every
@@ -33,6 +33,7 @@ use rand_core::{CryptoRng, RngCore};
 
 use crate::codec::{Decode, Encode};
 use crate::curve::{KeyPair, Point, SecretScalar, scalar_from_bytes, sha256};
+use crate::direct::{DirectFloor, DirectMembership, DirectSealer, UnverifiedDirect};
 use crate::enrollment::{
     CertConnectProof, CertRequest, Credentials, EnrollRequest, EnrollResponse, EnrollmentSecret,
     GroupConnectProof, ImplicitCert, PendingEnrollment, RenewRequest,
@@ -45,6 +46,10 @@ use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::message::{
     AnonymousInner, ConnectionIdentity, Direction, Directory, GroupLookupError, GroupPublicKeys,
     Header, Policy, Protection, Sealer, UnverifiedMessage,
+};
+use crate::ota::{
+    AcceptedKey, ContentKey, Download, KeyMessage, OtaPolicy, OtaState, Release, ReleaseSigner,
+    SignerListing, StatusReport, UnverifiedManifest, VerifiedManifest,
 };
 use crate::rekey::tree::{KeyTree, NodeKey, TreeChanges, TreeHolder, TreeKeySet, TreeNotice};
 use crate::rekey::{DEFAULT_GRACE_MS, GroupState, Plan, RekeyNotice};
@@ -83,6 +88,10 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("tree_notice", tree_notice),
     ("tree_key_set", tree_key_set),
     ("tree_notice_verify", tree_notice_verify),
+    ("direct_message", direct_message),
+    ("ota_manifest", ota_manifest),
+    ("ota_payload", ota_payload),
+    ("ota_download", ota_download),
 ];
 
 /// Runs the target named `target` on `data`.
@@ -496,6 +505,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("tree_notice", t.notice.clone()));
     seeds.push(("tree_key_set", t.key_set.clone()));
     seeds.push(("tree_notice_verify", t.notice.clone()));
+    seeds.extend(ota_seeds());
     seeds
 }
 
@@ -577,6 +587,255 @@ fn tree_fixture() -> &'static TreeFixture {
             key_set,
         }
     })
+}
+
+/// [`UnverifiedDirect`]: decode→encode, then the recipient's checks as the fixture's enrolled
+/// device (the sender listed iff it is that device with its certificate). Anything opened names
+/// the device as sender, its certificate, and its T_ms as the new floor; the same message is
+/// then below that floor.
+pub fn direct_message(data: &[u8]) {
+    let Ok(msg) = UnverifiedDirect::from_bytes(data) else {
+        return;
+    };
+    assert!(
+        msg.to_bytes() == data,
+        "UnverifiedDirect does not re-encode"
+    );
+    let f = fixture();
+    let o = ota_fixture();
+    let me = &f.credentials;
+    let open = |floor| msg.open(me.id(), me.key(), f.ca.public(), &o.listing, floor, f.now);
+    if let Ok(staged) = open(DirectFloor::NONE) {
+        let (sender, floor) = staged.floor();
+        assert_eq!(sender, me.id());
+        assert_eq!(floor, DirectFloor::at(msg.t_ms()));
+        assert_eq!(msg.cert(), me.cert());
+        assert!(
+            open(floor).is_err(),
+            "a direct message passed its own floor"
+        );
+        let v = staged.commit();
+        assert_eq!(v.t_ms(), msg.t_ms());
+    }
+}
+
+/// [`UnverifiedManifest`]: decode→encode (the manifest part re-encodes too), then a device's
+/// checks against the fixture's CA, with the enrolled device as the pinned, listed signer of
+/// `fw/fuzz`. An accepted manifest is that signer's, above the installed version, and its hash is
+/// H(man).
+pub fn ota_manifest(data: &[u8]) {
+    let Ok(msg) = UnverifiedManifest::decode(data) else {
+        return;
+    };
+    assert!(
+        msg.as_bytes() == data,
+        "UnverifiedManifest does not keep its bytes"
+    );
+    let man = msg.manifest().to_bytes();
+    assert!(
+        data.starts_with(&man) && data.len() == man.len() + 65,
+        "Manifest does not re-encode"
+    );
+    let f = fixture();
+    let o = ota_fixture();
+    let pins = [f.credentials.id().clone()];
+    let verified = msg.verify(
+        &o.group,
+        &pins,
+        Some(0),
+        f.ca.public(),
+        &o.listing,
+        &OtaPolicy::default(),
+        f.now,
+    );
+    if let Ok(v) = verified {
+        assert_eq!(v.hash(), &sha256(&[&man]));
+        assert_eq!(&v.manifest().signer, f.credentials.id());
+        assert!(v.manifest().version > 0);
+    }
+}
+
+/// The plaintexts of OTA key messages and status reports: decode→encode of both.
+pub fn ota_payload(data: &[u8]) {
+    if let Ok(k) = KeyMessage::from_bytes(data) {
+        assert!(&k.to_bytes()[..] == data, "KeyMessage does not re-encode");
+    }
+    if let Ok(s) = StatusReport::from_bytes(data) {
+        assert!(
+            s.to_bytes().ok().as_deref() == Some(data),
+            "StatusReport does not re-encode"
+        );
+    }
+}
+
+/// A device's download of the fixture's release. First byte 0: the rest is a progress record to
+/// resume from (an accepted record re-encodes to itself); 1: the second byte is a chunk index j
+/// and the rest a chunk ciphertext (an opened chunk is the release's chunk j and decrypts to the
+/// image's bytes at j·chunk_size).
+pub fn ota_download(data: &[u8]) {
+    let o = ota_fixture();
+    match data.split_first() {
+        Some((0, progress)) => {
+            if let Ok(d) = Download::resume(o.manifest.clone(), o.key.clone(), progress) {
+                assert!(d.progress() == progress, "progress does not re-encode");
+                assert_eq!(d.missing().count() as u32, d.missing_count());
+            }
+        }
+        Some((1, rest)) => {
+            let Some((&j, ct)) = rest.split_first() else {
+                return;
+            };
+            let d = match Download::new(o.manifest.clone(), o.key.clone()) {
+                Ok(d) => d,
+                Err(e) => panic!("fuzz fixture: download: {e:?}"),
+            };
+            if let Ok(c) = d.open_chunk(u32::from(j), ct) {
+                assert_eq!(
+                    o.release.chunks().get(usize::from(j)).map(Vec::as_slice),
+                    Some(ct)
+                );
+                let at = c.offset() as usize;
+                assert_eq!(
+                    OTA_IMAGE.get(at..at + c.plaintext().len()),
+                    Some(c.plaintext())
+                );
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The image of the fixture's release: 100 bytes in chunks of 16.
+const OTA_IMAGE: &[u8; 100] = &[0x3c; 100];
+
+/// One OTA release by the fixture's enrolled device, verified and with its key accepted.
+struct OtaFixture {
+    group: GroupId,
+    listing: CertListing,
+    release: Release,
+    manifest: VerifiedManifest,
+    key: AcceptedKey,
+}
+
+/// Lists exactly one certificate, as a publisher of one group and as a member for direct
+/// messages.
+struct CertListing {
+    group: GroupId,
+    cert: ImplicitCert,
+}
+
+impl SignerListing for CertListing {
+    fn lists_publisher(&self, group: &GroupId, cert: &ImplicitCert, _q: &VerifyingKey) -> bool {
+        *group == self.group && *cert == self.cert
+    }
+}
+
+impl DirectMembership for CertListing {
+    fn lists(&self, cert: &ImplicitCert, _q: &VerifyingKey) -> bool {
+        *cert == self.cert
+    }
+}
+
+fn ota_fixture() -> &'static OtaFixture {
+    static OTA: OnceLock<OtaFixture> = OnceLock::new();
+    OTA.get_or_init(|| {
+        let f = fixture();
+        let creds = &f.credentials;
+        let group = ok(GroupId::new("fw/fuzz"), "ota group");
+        let listing = CertListing {
+            group: group.clone(),
+            cert: creds.cert().clone(),
+        };
+        let release = ok(
+            ReleaseSigner {
+                group: &group,
+                key: creds.key(),
+                cert: creds.cert(),
+            }
+            .release_with(
+                3,
+                "fuzz.bin",
+                OTA_IMAGE,
+                16,
+                f.now,
+                &ContentKey::from_bytes(&[0x6b; 32]),
+                &[0x6c; 32],
+            ),
+            "release",
+        );
+        let pins = [creds.id().clone()];
+        let manifest = ok(
+            ok(
+                UnverifiedManifest::decode(release.manifest_message()),
+                "manifest",
+            )
+            .verify(
+                &group,
+                &pins,
+                None,
+                f.ca.public(),
+                &listing,
+                &OtaPolicy::default(),
+                f.now,
+            ),
+            "manifest verify",
+        );
+        let key = ok(
+            manifest.accept_key(creds.id(), &release.key_message().to_bytes()),
+            "key",
+        );
+        OtaFixture {
+            group,
+            listing,
+            release,
+            manifest,
+            key,
+        }
+    })
+}
+
+/// Seeds of the direct-message and OTA targets.
+fn ota_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let f = fixture();
+    let o = ota_fixture();
+    let creds = &f.credentials;
+    let direct = ok(
+        DirectSealer {
+            key: creds.key(),
+            cert: creds.cert(),
+        }
+        .seal_with(
+            creds.id(),
+            creds.key().public(),
+            f.now,
+            b"rotate",
+            &[8; 16],
+            &[9; 32],
+        ),
+        "direct",
+    );
+    let status = ok(
+        StatusReport {
+            version: 3,
+            state: OtaState::Failed,
+            detail: "disk full".into(),
+        }
+        .to_bytes(),
+        "status",
+    );
+    let mut d = ok(Download::new(o.manifest.clone(), o.key.clone()), "download");
+    ok(d.mark_stored(2), "mark");
+    let mut seeds = vec![
+        ("direct_message", direct),
+        ("ota_manifest", o.release.manifest_message().to_vec()),
+        ("ota_payload", o.release.key_message().to_bytes().to_vec()),
+        ("ota_payload", status),
+        ("ota_download", [vec![0], d.progress()].concat()),
+    ];
+    for (j, c) in o.release.chunks().iter().enumerate().take(2) {
+        seeds.push(("ota_download", [vec![1, j as u8], c.clone()].concat()));
+    }
+    seeds
 }
 
 /// The fixture's clock, Unix ms.
@@ -1120,6 +1379,36 @@ mod tests {
             .unwrap();
         assert_eq!(adopted.openings(), 2);
         assert_eq!(holder.epoch(), Epoch(8));
+    }
+
+    #[test]
+    fn the_fixture_accepts_its_own_direct_message_and_release() {
+        let f = fixture();
+        let o = ota_fixture();
+        let seeds = ota_seeds();
+        let (_, direct) = seeds.iter().find(|(t, _)| *t == "direct_message").unwrap();
+        let msg = UnverifiedDirect::from_bytes(direct).unwrap();
+        let me = &f.credentials;
+        let opened = msg
+            .open(
+                me.id(),
+                me.key(),
+                f.ca.public(),
+                &o.listing,
+                DirectFloor::NONE,
+                f.now,
+            )
+            .unwrap()
+            .commit();
+        assert_eq!(opened.payload(), b"rotate");
+        let mut d = Download::new(o.manifest.clone(), o.key.clone()).unwrap();
+        let mut image = Vec::new();
+        for (j, c) in o.release.chunks().iter().enumerate() {
+            image.extend_from_slice(d.open_chunk(j as u32, c).unwrap().plaintext());
+            d.mark_stored(j as u32).unwrap();
+        }
+        assert_eq!(&image[..], &OTA_IMAGE[..]);
+        assert!(d.finish(&sha256(&[&image])).is_ok());
     }
 
     #[test]

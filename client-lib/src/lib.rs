@@ -7,13 +7,15 @@
 //!
 //! Layers, bottom up: [`codec`] (the one wire codec), [`curve`] and [`symmetric`] (primitives),
 //! [`schnorr`] and [`ecies`], then the protocol: [`ecqv`] and [`enrollment`] (§3), [`group`] (§4),
-//! [`rekey`] (§5), [`message`] (§6) and [`members`] (the member certificate lists of §8).
+//! [`rekey`] (§5), [`message`] (§6), [`direct`] (§7.1), [`ota`] (§7.2), [`members`] (the member
+//! certificate lists of §8) and [`topics`] (the topic layout of §8).
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 // The public interface is these modules.
 pub mod codec;
 pub mod curve;
+pub mod direct;
 pub mod ecies;
 pub mod ecqv;
 pub mod enrollment;
@@ -21,12 +23,16 @@ pub mod group;
 pub mod ids;
 pub mod members;
 pub mod message;
+pub mod ota;
 pub mod rekey;
 pub mod replay;
 pub mod rng;
 pub mod schnorr;
 pub mod symmetric;
+pub mod topics;
 
 #[doc(hidden)]
 pub mod __fuzz;
 mod msm;
+#[cfg(test)]
+mod testkit;

@@ -41,7 +41,7 @@ pub const VERSION: u8 = 1;
 
 /// The member certificate topic of a group: `quva/c/<group>`.
 pub fn topic(group: &GroupId) -> String {
-    format!("quva/c/{}", group.as_str())
+    crate::topics::certificates(group)
 }
 
 /// Encodes a list from encoded parts: `ginfo || sig`, and each member's role, encoded
@@ -185,6 +185,34 @@ impl MemberList {
         self.members
             .iter()
             .any(|m| &m.member.id == id && m.member.role == role)
+    }
+
+    /// The group of the list.
+    pub fn group(&self) -> &GroupId {
+        &self.info.group
+    }
+
+    /// The listed entries whose certificate is exactly `cert` (same ID, serial, validity and
+    /// G_i) opening to `q`: one per role the certificate's device holds. A revoked device has
+    /// left every list; a superseded certificate differs in serial and key.
+    pub fn entries_of<'a>(
+        &'a self,
+        cert: &'a ImplicitCert,
+        q: &'a VerifyingKey,
+    ) -> impl Iterator<Item = &'a ListedMember> + 'a {
+        self.members.iter().filter(move |m| {
+            &m.member.id == cert.id()
+                && m.serial == cert.serial()
+                && m.not_before == cert.not_before()
+                && m.not_after == cert.not_after()
+                && &m.member.g == cert.group_base()
+                && m.member.q == q.0
+        })
+    }
+
+    /// Whether exactly `cert` (opening to `q`) is listed in `role`.
+    pub fn lists_certificate(&self, cert: &ImplicitCert, q: &VerifyingKey, role: Role) -> bool {
+        self.entries_of(cert, q).any(|m| m.member.role == role)
     }
 
     /// Q_i of `id` if it is listed (in any role) with a certificate valid at `now_ms`.

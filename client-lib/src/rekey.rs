@@ -136,12 +136,12 @@ pub enum RekeyError {
 
 /// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (broadcast notices, requests).
 pub fn key_topic(group: &GroupId, role: Role) -> String {
-    format!("quva/k/{}/{}", group.as_str(), role.topic_segment())
+    crate::topics::key(group, role)
 }
 
 /// The individual notice topic `quva/k/<group>/<pub|sub>/<device>`.
 pub fn device_key_topic(group: &GroupId, role: Role, device: &DeviceId) -> String {
-    format!("{}/{}", key_topic(group, role), device.as_str())
+    crate::topics::individual(group, role, device)
 }
 
 /// One membership change, or the periodic timer.

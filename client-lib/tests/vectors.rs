@@ -51,6 +51,8 @@ fn at_least_three_cases_of_each_kind() {
         "msg2",
         "msg3",
         "tree_rekey",
+        "direct",
+        "ota",
     ] {
         assert!(
             counts.get(kind).copied().unwrap_or(0) >= 3,

@@ -33,21 +33,30 @@ impl UnverifiedMessage {
         seen: impl FnOnce(&[u8; 32]) -> bool,
         now_ms: u64,
     ) -> Result<GroupPublicKeys, Rejection> {
-        if self.raw.len() > policy.max_payload {
-            return Err(Rejection::TooLarge);
-        }
-        let h = &self.header;
-        let keys = dir
-            .group_keys(&h.group, h.epoch, now_ms)
-            .map_err(|e| match e {
-                GroupLookupError::UnknownGroup => Rejection::UnknownGroup,
-                GroupLookupError::WrongEpoch => Rejection::WrongEpoch,
-            })?;
-        check_time(h.t_ms, now_ms, policy.window_ms)?;
+        let keys = self.check_size_and_epoch(dir, policy, now_ms)?;
+        check_time(self.header.t_ms, now_ms, policy.window_ms)?;
         if seen(&self.hash) {
             return Err(Rejection::Replayed);
         }
         Ok(keys)
+    }
+
+    /// Size, group and epoch: the envelope checks every receiver runs, late or not.
+    fn check_size_and_epoch(
+        &self,
+        dir: &impl Directory,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Result<GroupPublicKeys, Rejection> {
+        if self.raw.len() > policy.max_payload {
+            return Err(Rejection::TooLarge);
+        }
+        let h = &self.header;
+        dir.group_keys(&h.group, h.epoch, now_ms)
+            .map_err(|e| match e {
+                GroupLookupError::UnknownGroup => Rejection::UnknownGroup,
+                GroupLookupError::WrongEpoch => Rejection::WrongEpoch,
+            })
     }
 
     /// Checks this message at the bridge, without any secret: group, epoch, window, replay lookup,
@@ -122,6 +131,41 @@ impl UnverifiedMessage {
         now_ms: u64,
     ) -> Result<VerifiedMessage, Rejection> {
         let keys = self.check_envelope(dir, policy, |h| replay.contains(h), now_ms)?;
+        let verified = self.open_checked(dir, keyring, &keys)?;
+        insert_replay(replay, self, now_ms)?;
+        Ok(verified)
+    }
+
+    /// Verifies and decrypts a message that is read long after it was published, without the
+    /// timestamp window and the replay cache (PROTOCOL.md §7.2): a retained OTA key message,
+    /// which a device opens only with the keys of its epoch and whose version orders releases,
+    /// and an OTA status report, which a signer collects late from its persistent session and
+    /// whose timestamp it orders per device and version. Everything else is checked as in
+    /// [`verify`](Self::verify): size, group, the epoch as `dir` accepts it at `now_ms` (a signer
+    /// collecting status reports passes a directory that still answers for past epochs), the
+    /// sender's membership, every signature and the decryption. Use it for nothing else: a
+    /// message verified this way can be replayed.
+    ///
+    /// # Errors
+    /// The first failing check's [`Rejection`].
+    pub fn verify_without_window(
+        &self,
+        dir: &impl Directory,
+        keyring: &impl HeldKeys,
+        policy: &Policy,
+        now_ms: u64,
+    ) -> Result<VerifiedMessage, Rejection> {
+        let keys = self.check_size_and_epoch(dir, policy, now_ms)?;
+        self.open_checked(dir, keyring, &keys)
+    }
+
+    /// The receiver's checks after the envelope: sender, signatures, decryption.
+    fn open_checked(
+        &self,
+        dir: &impl Directory,
+        keyring: &impl HeldKeys,
+        keys: &GroupPublicKeys,
+    ) -> Result<VerifiedMessage, Rejection> {
         let h = &self.header;
         let (sender, payload) = match &self.content {
             Content::Authenticated {
@@ -172,7 +216,6 @@ impl UnverifiedMessage {
                 (inner.sender, inner.payload)
             }
         };
-        insert_replay(replay, self, now_ms)?;
         Ok(VerifiedMessage {
             header: h.clone(),
             sender,
@@ -1169,5 +1212,75 @@ mod tests {
         long.push(0);
         assert!(AnonymousInner::from_bytes(&long).is_err());
         assert!(AnonymousInner::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn late_verification_skips_only_the_window_and_the_replay_cache() {
+        let w = World::new(38);
+        let late = w.now + 7 * 86_400_000;
+        let policy = Policy::default();
+        for p in World::PROTECTIONS {
+            for d in World::DIRECTIONS {
+                let wire = w.seal(p, d, b"retained", w.now);
+                let msg = UnverifiedMessage::decode(&wire).unwrap();
+                // The windowed check refuses it a week later; the late one accepts it, twice.
+                assert_eq!(
+                    at_receiver(&w, d, &wire, late).err(),
+                    Some(Rejection::StaleTimestamp)
+                );
+                for _ in 0..2 {
+                    let v = msg
+                        .verify_without_window(&w, &w.receiver(d), &policy, late)
+                        .unwrap();
+                    assert_eq!(v.payload(), b"retained");
+                }
+                // Everything else is still checked.
+                let mut bad = wire.clone();
+                let n = bad.len();
+                bad[n - 1] ^= 1;
+                let bad = UnverifiedMessage::decode(&bad);
+                if let Ok(bad) = bad {
+                    assert_eq!(
+                        bad.verify_without_window(&w, &w.receiver(d), &policy, late)
+                            .err(),
+                        Some(Rejection::BadSignature)
+                    );
+                }
+                let small = Policy {
+                    max_payload: wire.len() - 1,
+                    ..policy
+                };
+                assert_eq!(
+                    msg.verify_without_window(&w, &w.receiver(d), &small, late)
+                        .err(),
+                    Some(Rejection::TooLarge)
+                );
+            }
+        }
+        // Keys of an epoch the directory no longer answers for are refused.
+        let old = Sealer {
+            epoch: w.prev_epoch,
+            ..w.sealer(Direction::Forward)
+        };
+        let wire = w.seal_as(old, Protection::Confidential, b"m", w.now);
+        let msg = UnverifiedMessage::decode(&wire).unwrap();
+        assert_eq!(
+            msg.verify_without_window(&w, &w.receiver(Direction::Forward), &policy, late)
+                .err(),
+            Some(Rejection::WrongEpoch)
+        );
+        // A non-member sender is refused.
+        let s = Sealer {
+            sender: &w.outsider,
+            key: &w.out_key,
+            ..w.sealer(Direction::Forward)
+        };
+        let wire = w.seal_as(s, Protection::Confidential, b"m", w.now);
+        let msg = UnverifiedMessage::decode(&wire).unwrap();
+        assert_eq!(
+            msg.verify_without_window(&w, &w.receiver(Direction::Forward), &policy, w.now)
+                .err(),
+            Some(Rejection::NotMember)
+        );
     }
 }

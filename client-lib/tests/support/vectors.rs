@@ -6,13 +6,16 @@
 
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::{KeyPair, Point, SecretScalar, hash_to_scalar};
+use quva_client::direct::{DirectSealer, UnverifiedDirect};
 use quva_client::ecies;
+use quva_client::enrollment::{Credentials, ImplicitCert};
 use quva_client::enrollment::{EnrollRequest, EnrollResponse, EnrollmentSecret, PendingEnrollment};
 use quva_client::group::{
     GroupInfo, GroupKeyRequest, GroupKeys, JoinedMember, Privacy, SignedGroupInfo,
 };
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{Direction, Sealer, UnverifiedMessage};
+use quva_client::ota::{ContentKey, KeyMessage, ReleaseSigner, UnverifiedManifest};
 use quva_client::rekey::tree::{
     KeyTree, NodeKey, TreeChanges, TreeError, TreeHolder, TreeKeySet, TreeNotice, index,
 };
@@ -232,6 +235,63 @@ pub fn compute(case: &Value) -> Value {
             json!({ "out": h(&out) })
         }
         "tree_rekey" => tree_rekey(case),
+        "direct" => {
+            let a = field(case, "a");
+            let b = field(case, "b");
+            let key = KeyPair::from_secret(secret(a, "d"));
+            let cert = ImplicitCert::from_bytes(&bytes(a, "cert")).unwrap();
+            assert_eq!(
+                cert.id().as_str(),
+                text(a, "id"),
+                "a.id is the certificate's"
+            );
+            let out = DirectSealer {
+                key: &key,
+                cert: &cert,
+            }
+            .seal_with(
+                &DeviceId::new(text(b, "id")).unwrap(),
+                &point(b, "q"),
+                num(case, "t_ms"),
+                &bytes(case, "m"),
+                &arr(case, "salt"),
+                &arr(case, "rand"),
+            )
+            .unwrap();
+            json!({ "out": h(&out) })
+        }
+        "ota" => {
+            let signer = field(case, "signer");
+            let key = KeyPair::from_secret(secret(signer, "d"));
+            let cert = ImplicitCert::from_bytes(&bytes(signer, "cert")).unwrap();
+            assert_eq!(
+                cert.id().as_str(),
+                text(signer, "id"),
+                "signer.id is the certificate's"
+            );
+            let group = GroupId::new(text(case, "group")).unwrap();
+            let release = ReleaseSigner {
+                group: &group,
+                key: &key,
+                cert: &cert,
+            }
+            .release_with(
+                num(case, "v"),
+                text(case, "name"),
+                &bytes(case, "image"),
+                u32::try_from(num(case, "chunk_size")).unwrap(),
+                num(case, "t_ms"),
+                &ContentKey::from_bytes(&arr(case, "k_c")),
+                &arr(case, "rand"),
+            )
+            .unwrap();
+            let chunks: Vec<String> = release.chunks().iter().map(|c| h(c)).collect();
+            json!({
+                "manifest": h(release.manifest_message()),
+                "chunks": chunks,
+                "key_payload": h(&release.key_message().to_bytes()),
+            })
+        }
         other => panic!("unknown case kind {other}"),
     }
 }
@@ -416,6 +476,46 @@ fn check_tree_rekey(case: &Value) {
     }
 }
 
+/// The credentials of an enrolled device, issued from fixed inputs by the vectors' CA.
+fn fixed_credentials(label: &str, id: &str, serial: u64) -> Credentials {
+    let ca = KeyPair::from_secret(fixed_secret("ca"));
+    let t_ms = 1_795_000_000_000u64;
+    let pending = PendingEnrollment::new_with(
+        DeviceId::new(id).unwrap(),
+        fixed_secret(&format!("{label}/r")),
+        fixed_secret(&format!("{label}/g")),
+        t_ms,
+        fixed16(&format!("{label}/nonce")),
+    )
+    .unwrap();
+    let enroll_secret = EnrollmentSecret::from_bytes(&fixed32(&format!("{label}/secret")));
+    let response = pending
+        .enroll_request(&enroll_secret)
+        .verify(&enroll_secret, t_ms, 0)
+        .unwrap()
+        .issue_with(
+            &ca,
+            serial,
+            t_ms,
+            t_ms + 365 * 86_400_000,
+            &fixed_secret(&format!("{label}/k")),
+        )
+        .unwrap();
+    pending.accept(&response, ca.public()).unwrap()
+}
+
+/// Checks that a certificate carried in a case opens, under the vectors' CA, to the key d·G.
+fn check_cert_opens_to(party: &Value) {
+    let q_ca = Point::mul_base(&fixed_secret("ca"));
+    let cert = ImplicitCert::from_bytes(&bytes(party, "cert")).unwrap();
+    let d = KeyPair::from_secret(secret(party, "d"));
+    assert_eq!(
+        cert.open(&q_ca).unwrap().0,
+        *d.public(),
+        "cert opens to d·G"
+    );
+}
+
 fn members(case: &Value) -> Vec<JoinedMember> {
     let mut out = Vec::new();
     for (list, role) in [
@@ -490,6 +590,44 @@ pub fn check_semantics(case: &Value) {
                 .verify(msg.signature_tag(), msg.body(), msg.signature())
                 .unwrap();
             assert_eq!(msg.header().t_ms, num(case, "t_ms"));
+        }
+        "direct" => {
+            let a = field(case, "a");
+            check_cert_opens_to(a);
+            let msg = UnverifiedDirect::decode(&bytes(case, "out")).unwrap();
+            assert_eq!(msg.sender().as_str(), text(a, "id"));
+            assert_eq!(msg.recipient().as_str(), text(field(case, "b"), "id"));
+            assert_eq!(msg.t_ms(), num(case, "t_ms"));
+            VerifyingKey(Point::mul_base(&secret(a, "d")))
+                .verify("quva/v1/direct", msg.body(), msg.signature())
+                .unwrap();
+        }
+        "ota" => {
+            let signer = field(case, "signer");
+            check_cert_opens_to(signer);
+            let wire = bytes(case, "manifest");
+            let man = UnverifiedManifest::decode(&wire).unwrap();
+            let m = man.manifest();
+            let body = &wire[..wire.len() - 65];
+            let sig = Signature::from_bytes(&wire[wire.len() - 65..]).unwrap();
+            VerifyingKey(Point::mul_base(&secret(signer, "d")))
+                .verify("quva/v1/ota-manifest", body, &sig)
+                .unwrap();
+            assert_eq!(m.version, num(case, "v"));
+            let image = bytes(case, "image");
+            assert_eq!(m.size, image.len() as u64);
+            let chunks = field(case, "chunks").as_array().unwrap();
+            assert_eq!(chunks.len(), m.chunk_hashes.len());
+            for (c, h_j) in chunks.iter().zip(&m.chunk_hashes) {
+                let ct = hex::decode(c.as_str().unwrap()).unwrap();
+                assert_eq!(&Sha256::digest(&ct)[..], &h_j[..], "h_j = H(ct_j)");
+            }
+            let key = KeyMessage::from_bytes(&bytes(case, "key_payload")).unwrap();
+            assert_eq!(key.version, m.version);
+            assert_eq!(&key.manifest_hash[..], &Sha256::digest(body)[..], "H(man)");
+            assert_eq!(&key.image_hash[..], &Sha256::digest(&image)[..], "H(image)");
+            assert_eq!(key.content_key.as_bytes(), &arr::<32>(case, "k_c"));
+            assert_eq!(key.name, text(case, "name"));
         }
         _ => {}
     }
@@ -646,6 +784,62 @@ pub fn generate() -> Value {
         }
     }
     cases.extend(tree_rekey_cases());
+    let direct_ids = [
+        ("a", "b"),
+        ("owner", "sensor-01"),
+        ("Pi-3B.plus_hall-2.fleet-eu", "x"),
+    ];
+    for (i, ((a_id, b_id), m)) in direct_ids.iter().zip(MESSAGES).enumerate() {
+        let a = fixed_credentials(&format!("direct/{i}/a"), a_id, 100 + i as u64);
+        cases.push(with_outputs(json!({
+            "kind": "direct",
+            "a": {
+                "id": a_id,
+                "d": sc(a.key().secret()),
+                "cert": h(&a.cert().to_bytes()),
+            },
+            "b": {
+                "id": b_id,
+                "q": pt(&Point::mul_base(&fixed_secret(&format!("direct/{i}/b")))),
+            },
+            "t_ms": 1_795_000_000_000u64 + i as u64,
+            "salt": h(&fixed16(&format!("direct/{i}/salt"))),
+            "m": h(m),
+            "rand": h(&fixed32(&format!("direct/{i}/rand"))),
+        })));
+    }
+    // Images of 1, 10 and 64 bytes: one chunk under the default size, a shorter last chunk, and
+    // an exact multiple of the chunk size.
+    let ota = [
+        (
+            "fw/sensor-v2",
+            "release-1",
+            &b"\x00"[..],
+            65_536u64,
+            "sensor-fw-1.bin",
+        ),
+        ("g", "signer", b"0123456789", 4, "g.img"),
+        (GROUPS[2], "fleet-release.eu", &[0x5au8; 64][..], 16, ""),
+    ];
+    for (i, (group, signer_id, image, chunk_size, name)) in ota.into_iter().enumerate() {
+        let signer = fixed_credentials(&format!("ota/{i}/signer"), signer_id, 200 + i as u64);
+        cases.push(with_outputs(json!({
+            "kind": "ota",
+            "group": group,
+            "signer": {
+                "id": signer_id,
+                "d": sc(signer.key().secret()),
+                "cert": h(&signer.cert().to_bytes()),
+            },
+            "v": 1 + 10 * i as u64,
+            "name": name,
+            "chunk_size": chunk_size,
+            "image": h(image),
+            "k_c": h(&fixed32(&format!("ota/{i}/k_c"))),
+            "t_ms": 1_795_000_000_000u64 + i as u64,
+            "rand": h(&fixed32(&format!("ota/{i}/rand"))),
+        })));
+    }
     json!({ "version": 1, "cases": cases })
 }
 
