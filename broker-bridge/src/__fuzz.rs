@@ -73,6 +73,10 @@ pub fn session(data: &[u8]) {
                         );
                     }
                     Target::Retained => assert!(p.retain),
+                    Target::Direct(d) => {
+                        assert!(!p.retain, "a retained direct message is never checked");
+                        assert_eq!(kind, TopicKind::Direct(d));
+                    }
                     Target::Reserved => assert!(!matches!(kind, TopicKind::Unprotected)),
                 }
                 if let Some(id) = p.packet_id {

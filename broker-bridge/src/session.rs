@@ -593,10 +593,10 @@ async fn check(shared: &Arc<Shared>, identity: &Identity, items: Vec<Protected>)
         return Vec::new();
     };
     let mut fetched: Vec<GroupId> = Vec::new();
-    for p in &items {
-        if !fetched.contains(&p.group) {
-            let _ = shared.ensure_group(&p.group).await;
-            fetched.push(p.group.clone());
+    for g in items.iter().filter_map(Protected::group) {
+        if !fetched.contains(g) {
+            let _ = shared.ensure_group(g).await;
+            fetched.push(g.clone());
         }
     }
     let order: Vec<usize> = items.iter().map(|p| p.index).collect();

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quva_client::curve::Point;
+use quva_client::direct::DirectReplay;
 use quva_client::enrollment::REASON_NOT_AUTHORIZED;
 use quva_client::ids::{DeviceId, GroupId};
 use quva_client::message::BridgeReplay;
@@ -42,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) dir: BridgeDirectory,
     /// Accepted messages, per group and sender (PROTOCOL.md §6, §8).
     pub(crate) replay: Mutex<BridgeReplay>,
+    /// Direct messages (PROTOCOL.md §7.1), one partition per sender.
+    pub(crate) direct_replay: Mutex<DirectReplay>,
     /// Connect-proof nonces, per identity (PROTOCOL.md §3, §8).
     nonces: Mutex<PartitionedReplay<Identity, [u8; 16]>>,
     /// Batches of signature checks running on the blocking pool at once (one per CPU).
@@ -162,6 +165,7 @@ impl Shared {
     /// Forgets expired replay entries and idle partitions.
     pub(crate) fn prune(&self, now: u64) {
         lock(&self.replay).prune(now);
+        lock(&self.direct_replay).prune(now);
         lock(&self.nonces).prune(now);
     }
 }
@@ -184,6 +188,7 @@ impl Shared {
         Shared {
             dir,
             replay: Mutex::new(BridgeReplay::new(window, cfg.windows.replay_capacity)),
+            direct_replay: Mutex::new(DirectReplay::new(window, cfg.windows.replay_capacity)),
             nonces: Mutex::new(PartitionedReplay::new(window, cfg.windows.replay_capacity)),
             verifiers: Semaphore::new(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),

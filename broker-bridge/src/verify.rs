@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use quva_client::ids::{GroupId, Role};
+use quva_client::direct::UnverifiedDirect;
+use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::{
     BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
     verify_signatures,
@@ -76,10 +77,27 @@ pub(crate) struct Protected {
     pub(crate) index: usize,
     /// The PUBLISH payload (the Quva message).
     pub(crate) payload: Bytes,
-    /// The group its topic names.
-    pub(crate) group: GroupId,
-    /// Data or query topic.
-    pub(crate) direction: Direction,
+    /// What its topic makes it.
+    pub(crate) to: Addressed,
+}
+
+/// Where a protected PUBLISH goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Addressed {
+    /// A group's data (forward) or query topic (PROTOCOL.md §6).
+    Group(GroupId, Direction),
+    /// A device's direct-message topic (PROTOCOL.md §7.1).
+    Direct(DeviceId),
+}
+
+impl Protected {
+    /// The group it is addressed to, if any.
+    pub(crate) fn group(&self) -> Option<&GroupId> {
+        match &self.to {
+            Addressed::Group(g, _) => Some(g),
+            Addressed::Direct(_) => None,
+        }
+    }
 }
 
 /// Checks the protected PUBLISHes of one batch on the blocking pool; returns `(index, verdict)`
@@ -100,6 +118,45 @@ pub(crate) async fn check_batch(
         .unwrap_or_default()
 }
 
+/// The checks of a direct message at the bridge (PROTOCOL.md §7.1): window, sender = the
+/// connection's device with the certificate the bridge knows for it, signature, the sender's
+/// replay partition, and the recipient named by the topic.
+fn check_direct(
+    shared: &Shared,
+    connection: &ConnectionIdentity,
+    recipient: &DeviceId,
+    payload: &[u8],
+    now: u64,
+) -> Verdict {
+    let ConnectionIdentity::Device(sender) = connection else {
+        return Verdict::Drop(Dropped::not_authorized("not_authorized"));
+    };
+    let Some(q_ca) = shared.ca_public() else {
+        return Verdict::Drop(Dropped::not_authorized("not_authorized"));
+    };
+    let checked = UnverifiedDirect::decode_with_limit(payload, shared.cfg.limits.max_payload)
+        .and_then(|m| {
+            let view = shared.dir.view(now);
+            let mut replay = lock(&shared.direct_replay);
+            m.verify_at_bridge(
+                sender,
+                &q_ca,
+                &view,
+                &mut replay,
+                shared.cfg.windows.timestamp_ms,
+                now,
+            )
+        });
+    match checked {
+        Ok(d) if d.recipient() == recipient => Verdict::Accept,
+        Ok(_) => Verdict::Drop(Dropped::not_authorized("topic_mismatch")),
+        Err(r) => Verdict::Drop(Dropped {
+            label: r.label(),
+            code: r.puback_reason_code(),
+        }),
+    }
+}
+
 /// The synchronous checks of [`check_batch`].
 fn check_now(
     shared: &Shared,
@@ -115,10 +172,20 @@ fn check_now(
     let mut out = Vec::with_capacity(items.len());
     let mut messages: Vec<(usize, UnverifiedMessage)> = Vec::with_capacity(items.len());
     for p in items {
+        let (group, direction) = match p.to {
+            Addressed::Group(g, d) => (g, d),
+            Addressed::Direct(recipient) => {
+                out.push((
+                    p.index,
+                    check_direct(shared, connection, &recipient, &p.payload, now),
+                ));
+                continue;
+            }
+        };
         match UnverifiedMessage::decode_with_limit(&p.payload, policy.max_payload) {
             Ok(m) => {
                 let h = m.header();
-                if h.group != p.group || h.direction != p.direction {
+                if h.group != group || h.direction != direction {
                     out.push((
                         p.index,
                         Verdict::Drop(Dropped::not_authorized("topic_mismatch")),

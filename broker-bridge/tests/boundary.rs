@@ -584,3 +584,81 @@ async fn a_superseded_certificate_no_longer_connects() {
     let (_raw, ack) = connect_with(addr, with_cert(plain("new-after"), &new)).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
 }
+
+/// A PUBLISH with the retain flag, QoS 1.
+async fn publish_retained(raw: &mut Raw, topic: &str, payload: Vec<u8>, id: u16) {
+    let p = rmqtt_codec::types::Publish {
+        dup: false,
+        retain: true,
+        qos: QoS::AtLeastOnce,
+        topic: ByteString::from(topic),
+        packet_id: std::num::NonZeroU16::new(id),
+        payload: Bytes::from(payload),
+        properties: Some(v5::PublishProperties::default()),
+    };
+    raw.send(v5::Packet::Publish(Box::new(p))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_pass_only_from_their_sender_to_their_recipient() {
+    use quva_client::direct::DirectSealer;
+    let (broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let sender = enroll(addr, &ca, "pub-1").await;
+    let other = enroll(addr, &ca, "pub-3").await;
+    let recipient = enroll(addr, &ca, "sub-1").await;
+    // Members of a group the bridge has fetched: it knows their certificates.
+    let mut from = joined(&bridge, &ca, &sender, A, Role::Publisher).await;
+    let mut thief = joined(&bridge, &ca, &other, A, Role::Publisher).await;
+    let mut to = joined(&bridge, &ca, &recipient, A, Role::Subscriber).await;
+    let ack = to.subscribe(5, "quva/d/sub-1", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    let mut watch = observer(&broker, "quva/d/#").await;
+    let seal = |t_ms: u64, m: &[u8]| {
+        DirectSealer {
+            key: sender.key(),
+            cert: sender.cert(),
+        }
+        .seal(
+            recipient.id(),
+            recipient.key().public(),
+            t_ms,
+            m,
+            &mut SystemRng::new(),
+        )
+        .unwrap()
+    };
+    let now = now_ms();
+    let honest = seal(now, b"open valve 3");
+
+    // The sender, on the recipient's topic: relayed.
+    from.publish("quva/d/sub-1", honest.clone(), Some(10)).await;
+    assert!(puback(&mut from, 10).await < 0x80);
+    let got = to.drain_publishes(Duration::from_millis(500)).await;
+    assert_eq!(got, vec![("quva/d/sub-1".to_owned(), honest.clone())]);
+
+    // The same bytes again: a replay.
+    from.publish("quva/d/sub-1", honest.clone(), Some(11)).await;
+    assert!(puback(&mut from, 11).await >= 0x80);
+    // Another member publishing the sender's fresh message: not its own.
+    thief
+        .publish("quva/d/sub-1", seal(now + 1, b"x"), Some(12))
+        .await;
+    assert!(puback(&mut thief, 12).await >= 0x80);
+    // Addressed to sub-1 but published on another device's topic.
+    from.publish("quva/d/pub-3", seal(now + 2, b"y"), Some(13))
+        .await;
+    assert!(puback(&mut from, 13).await >= 0x80);
+    // Retained: it would wait for the recipient after every check.
+    publish_retained(&mut from, "quva/d/sub-1", seal(now + 3, b"z"), 14).await;
+    assert_eq!(puback(&mut from, 14).await, 0x87);
+    // Unauthenticated.
+    let (mut anon, _) = connect_with(addr, plain("anon-d")).await;
+    anon.publish("quva/d/sub-1", seal(now + 4, b"w"), Some(15))
+        .await;
+    assert_eq!(puback(&mut anon, 15).await, 0x87);
+
+    // Only the honest message ever reached the broker.
+    let seen = watch.drain_publishes(Duration::from_millis(500)).await;
+    assert_eq!(seen, vec![("quva/d/sub-1".to_owned(), honest)]);
+}

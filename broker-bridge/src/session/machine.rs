@@ -32,7 +32,7 @@ use super::rules::{self, AckEvent, AckQueue, Aliases, FilterPlan, PendingSub, Ta
 use crate::frames::Upstream;
 use crate::identity::Identity;
 use crate::topics::TopicPolicy;
-use crate::verify::{Dropped, Protected, Verdict};
+use crate::verify::{Addressed, Dropped, Protected, Verdict};
 
 /// The limits a session applies.
 #[derive(Clone, Copy, Debug)]
@@ -350,15 +350,26 @@ impl<'p> Session<'p> {
                 Target::Reserved => Some(Verdict::Drop(Dropped::not_authorized("reserved_topic"))),
                 Target::Retained => Some(Verdict::Drop(Dropped::not_authorized("retained"))),
                 // No CA lookup and no check on behalf of an unauthenticated connection.
-                Target::Group(..) if !authenticated => {
+                Target::Group(..) | Target::Direct(_) if !authenticated => {
                     Some(Verdict::Drop(Dropped::not_authorized("unauthenticated")))
                 }
                 Target::Group(group, direction) => {
                     protected.push(Protected {
                         index,
                         payload: c.publish.payload.clone(),
-                        group: group.clone(),
-                        direction: *direction,
+                        to: Addressed::Group(group.clone(), *direction),
+                    });
+                    None
+                }
+                // Direct messages come from devices only (PROTOCOL.md §7.1).
+                Target::Direct(_) if self.identity.device().is_none() => {
+                    Some(Verdict::Drop(Dropped::not_authorized("not_authorized")))
+                }
+                Target::Direct(recipient) => {
+                    protected.push(Protected {
+                        index,
+                        payload: c.publish.payload.clone(),
+                        to: Addressed::Direct(recipient.clone()),
                     });
                     None
                 }

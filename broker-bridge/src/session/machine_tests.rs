@@ -199,9 +199,18 @@ fn a_batch_is_checked_as_one_piece_of_work_and_relayed_in_order() {
     assert_eq!(
         items
             .iter()
-            .map(|i| (i.index, i.direction))
+            .map(|i| (i.index, i.to.clone()))
             .collect::<Vec<_>>(),
-        [(0, Direction::Forward), (2, Direction::Query)]
+        [
+            (
+                0,
+                Addressed::Group(GroupId::new("plant/a").unwrap(), Direction::Forward)
+            ),
+            (
+                2,
+                Addressed::Group(GroupId::new("plant/a").unwrap(), Direction::Query)
+            )
+        ]
     );
     s.answered(Answer::Checked(vec![Verdict::Accept, Verdict::Accept]), 2);
     assert_eq!(
@@ -580,4 +589,34 @@ fn a_kick_while_work_is_outstanding_ends_at_once() {
     );
     s.answered(Answer::Checked(vec![Verdict::Accept]), 2);
     assert!(drain(&mut s).is_empty(), "the late verdict relays nothing");
+}
+
+#[test]
+fn direct_messages_are_checked_for_devices_and_dropped_for_anyone_else() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(publish("quva/d/dev-2", 1), 1);
+    s.input_drained();
+    let actions = drain(&mut s);
+    let Some(Action::Work(Work::Check(items))) = actions.first() else {
+        panic!("{:?}", shape(&actions));
+    };
+    assert_eq!(
+        items.first().map(|i| i.to.clone()),
+        Some(Addressed::Direct(DeviceId::new("dev-2").unwrap()))
+    );
+    for identity in [
+        Identity::Anonymous,
+        Identity::Group(GroupId::new("plant/a").unwrap(), Role::Publisher),
+    ] {
+        let mut s = Session::new(&p, identity, LIMITS, 0);
+        s.device_packet(publish("quva/d/dev-2", 1), 1);
+        s.input_drained();
+        let actions = shape(&drain(&mut s));
+        assert_eq!(
+            actions.last().map(String::as_str),
+            Some("device puback 1 0x87")
+        );
+        assert!(!actions.iter().any(|a| a.starts_with("check")));
+    }
 }

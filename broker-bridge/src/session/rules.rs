@@ -12,7 +12,7 @@ use std::num::{NonZeroU16, NonZeroU32};
 use bytes::Bytes;
 use bytestring::ByteString;
 use quva_client::group::GK_PROPERTY;
-use quva_client::ids::{GroupId, Role};
+use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::Direction;
 use rmqtt_codec::types::Publish;
 use rmqtt_codec::v5::{self, DisconnectReasonCode, SubscribeAckReason};
@@ -203,14 +203,16 @@ pub(crate) fn plan_filter(
 pub(crate) enum Target {
     /// Not protected: relayed unchanged.
     Unprotected,
-    /// A reserved topic (`quva/…`, `$…`, OTA and direct topics until the bridge checks them): no
-    /// device may publish there.
+    /// A reserved topic (`quva/…`, `$…`, OTA topics until the bridge checks them, a retained
+    /// direct message): no device may publish there.
     Reserved,
     /// A retained PUBLISH on a group's data or query topic: it would outlive every check
     /// (PROTOCOL.md §8).
     Retained,
     /// A protected group's data (forward) or query topic.
     Group(GroupId, Direction),
+    /// A direct message to this device (`quva/d/<device>`, PROTOCOL.md §7.1), not retained.
+    Direct(DeviceId),
 }
 
 /// Classifies a device PUBLISH (after [`Aliases::resolve`]).
@@ -220,6 +222,7 @@ pub(crate) fn target(policy: &TopicPolicy, p: &Publish) -> Target {
         TopicKind::Data(_) | TopicKind::Query(_) if p.retain => Target::Retained,
         TopicKind::Data(g) => Target::Group(g, Direction::Forward),
         TopicKind::Query(g) => Target::Group(g, Direction::Query),
+        TopicKind::Direct(d) if !p.retain => Target::Direct(d),
         _ => Target::Reserved,
     }
 }
@@ -562,6 +565,14 @@ mod tests {
         );
         assert_eq!(
             target(&p, &publish("plant/a/_ota/s/1/m", true, None)),
+            Target::Reserved
+        );
+        assert_eq!(
+            target(&p, &publish("quva/d/dev-1", false, None)),
+            Target::Direct(DeviceId::new("dev-1").unwrap())
+        );
+        assert_eq!(
+            target(&p, &publish("quva/d/dev-1", true, None)),
             Target::Reserved
         );
     }
