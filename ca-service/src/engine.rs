@@ -1098,6 +1098,14 @@ impl Engine {
 
     fn confirm_checked(&mut self, proof: &CertConnectProof) -> Result<CertificateUse, CaError> {
         let now = self.clock.now_ms();
+        // The registration first, so that refusals under made-up IDs share one budget.
+        let mut dev = self
+            .store
+            .device(proof.cert.id())?
+            .ok_or(CaError::NotAuthorized("unknown device"))?;
+        if dev.state == device_state::REVOKED {
+            return Err(CaError::NotAuthorized("revoked device"));
+        }
         proof
             .verify(
                 self.ca.public(),
@@ -1107,13 +1115,6 @@ impl Engine {
             )
             .map_err(enroll_err)?;
         let serial = proof.cert.serial();
-        let mut dev = self
-            .store
-            .device(proof.cert.id())?
-            .ok_or(CaError::NotAuthorized("unknown device"))?;
-        if dev.state == device_state::REVOKED {
-            return Err(CaError::NotAuthorized("revoked device"));
-        }
         let issued = self
             .store
             .cert(serial)?
