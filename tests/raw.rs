@@ -298,6 +298,71 @@ impl RawMqtt {
     }
 }
 
+/// Sends one MQTT 5 CONNECT with an Authentication Method and Data over a fresh TCP connection.
+///
+/// With `read_connack`, waits for the CONNACK and returns its Authentication Data (`Ok`) or its
+/// refusal (`Err`, the reason as text). Without, closes the socket right after the CONNECT, before
+/// any CONNACK can arrive: a reply lost on the way (PROTOCOL.md §3), and returns `Ok(None)`.
+///
+/// # Errors
+/// The CONNACK's refusal, or a connection closed before the CONNACK, as text.
+pub fn connect_once(
+    addr: SocketAddr,
+    client_id: &str,
+    method: &str,
+    data: Vec<u8>,
+    read_connack: bool,
+) -> Result<Option<Vec<u8>>, String> {
+    use std::io::{Read as _, Write as _};
+
+    use bytes::BytesMut;
+    use rumqttc::v5::mqttbytes::v5::Connect;
+
+    let mut props = ConnectProperties::new();
+    props.authentication_method = Some(method.to_owned());
+    props.authentication_data = Some(Bytes::from(data));
+    let connect = Connect {
+        keep_alive: 30,
+        client_id: client_id.to_owned(),
+        clean_start: true,
+        properties: Some(props),
+    };
+    let mut out = BytesMut::new();
+    Packet::Connect(connect, None, None)
+        .write(&mut out, None)
+        .map_err(|e| e.to_string())?;
+    let mut socket = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    socket.write_all(&out).map_err(|e| e.to_string())?;
+    if !read_connack {
+        drop(socket);
+        return Ok(None);
+    }
+    socket
+        .set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut input = BytesMut::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = socket.read(&mut chunk).map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before the CONNACK".to_owned());
+        }
+        input.extend_from_slice(&chunk[..n]);
+        match Packet::read(&mut input, None) {
+            Ok(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+                return Ok(ack
+                    .properties
+                    .and_then(|p| p.authentication_data)
+                    .map(|d| d.to_vec()));
+            }
+            Ok(Packet::ConnAck(ack)) => return Err(format!("{:?}", ack.code)),
+            Ok(other) => return Err(format!("{other:?} before the CONNACK")),
+            Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
 impl Drop for RawMqtt {
     fn drop(&mut self) {
         let _ = self.client.try_disconnect();

@@ -103,6 +103,16 @@ pub enum NoticeAction {
         /// The device.
         device: String,
     },
+    /// A certificate was superseded by a newer one of the same device (PROTOCOL.md §3): refuse
+    /// it from now on. The device stays enrolled and keeps its sessions.
+    Superseded {
+        /// The superseded certificate's serial.
+        serial: u64,
+        /// The device.
+        device: String,
+        /// The newer certificate's serial.
+        successor: u64,
+    },
     /// A kind this bridge does not know; skipped.
     Unknown,
 }
@@ -140,6 +150,20 @@ pub trait CaClient: Send + Sync + 'static {
     fn ca_public_key(&self) -> BoxFuture<'_, Result<Vec<u8>, CaError>>;
     /// `GetRevocationStatus` for one serial: whether it is revoked.
     fn is_revoked(&self, serial: u64) -> BoxFuture<'_, Result<bool, CaError>>;
+    /// `ConfirmCertificateUse`: reports a `quva-cert-v1` proof the bridge accepted (its CONNECT
+    /// Authentication Data) for certificate `serial`, so that the CA records the certificate's
+    /// first use (PROTOCOL.md §3). [`CaError::Refused`] for a superseded, revoked or unknown
+    /// certificate. The default asks only for the revocation status, for CAs without it.
+    fn confirm_use(&self, serial: u64, auth_data: Vec<u8>) -> BoxFuture<'_, Result<(), CaError>> {
+        drop(auth_data);
+        Box::pin(async move {
+            if self.is_revoked(serial).await? {
+                Err(CaError::Refused)
+            } else {
+                Ok(())
+            }
+        })
+    }
     /// `WatchNotices` from `from_seq` on.
     fn watch_notices(&self, from_seq: u64)
     -> BoxFuture<'_, Result<Box<dyn NoticeStream>, CaError>>;

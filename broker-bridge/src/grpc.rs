@@ -96,6 +96,11 @@ fn convert_notice(n: pb::Notice) -> Notice {
             payload: n.payload,
         },
         Ok(NoticeKind::GroupUpdated) => NoticeAction::GroupUpdated,
+        Ok(NoticeKind::Revoked) if n.superseded_by != 0 => NoticeAction::Superseded {
+            serial: n.serial,
+            device: n.device_id,
+            successor: n.superseded_by,
+        },
         Ok(NoticeKind::Revoked) => NoticeAction::Revoked {
             serial: n.serial,
             device: n.device_id,
@@ -217,6 +222,22 @@ impl CaClient for GrpcCa {
         })
     }
 
+    fn confirm_use(&self, serial: u64, auth_data: Vec<u8>) -> BoxFuture<'_, Result<(), CaError>> {
+        Box::pin(async move {
+            let r = self.request(pb::ConfirmCertificateUseRequest { auth_data });
+            let resp = self
+                .client
+                .clone()
+                .confirm_certificate_use(r)
+                .await
+                .map_err(|s| map_status(&s))?;
+            if resp.into_inner().serial != serial {
+                return Err(CaError::InvalidResponse);
+            }
+            Ok(())
+        })
+    }
+
     fn watch_notices(
         &self,
         from_seq: u64,
@@ -275,6 +296,29 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(n.action, NoticeAction::Unknown);
+        // A revocation names a successor only when the certificate was superseded.
+        let revoked = |superseded_by| {
+            convert_notice(pb::Notice {
+                kind: NoticeKind::Revoked as i32,
+                serial: 3,
+                device_id: "d".into(),
+                superseded_by,
+                ..Default::default()
+            })
+            .action
+        };
+        assert!(matches!(
+            revoked(0),
+            NoticeAction::Revoked { serial: 3, .. }
+        ));
+        assert!(matches!(
+            revoked(4),
+            NoticeAction::Superseded {
+                serial: 3,
+                successor: 4,
+                ..
+            }
+        ));
     }
 
     #[tokio::test]

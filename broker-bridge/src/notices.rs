@@ -380,6 +380,12 @@ async fn apply(
                 tracing::info!(device = %id, serial, sessions = n, "certificate revoked; sessions closed");
             }
         }
+        NoticeAction::Superseded { serial, device, .. } => {
+            // Refused from now on; the device's sessions stay (one of them may be the first
+            // use of the newer certificate that superseded this one).
+            shared.dir.revoke(*serial, None);
+            tracing::info!(device = %device, serial, "certificate superseded");
+        }
         NoticeAction::Unknown => {}
     }
     Ok(())

@@ -199,7 +199,7 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
             let cert = &proof.cert;
             let id = topic_device_id(cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
             if shared.dir.is_superseded(&id, cert.serial())
-                || shared.is_revoked(cert.serial()).await?
+                || !shared.certificate_usable(cert.serial(), &data).await?
             {
                 return Err(REASON_NOT_AUTHORIZED);
             }

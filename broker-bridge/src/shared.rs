@@ -4,6 +4,7 @@
 //! PROTOCOL.md §3 and §6 partitioned per group and sender (§8), the session registry and the
 //! metrics, and the few operations that combine them.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +56,13 @@ pub(crate) struct Shared {
     /// Whether the notice follower has read the CA's log to its end, so that the directory's
     /// revocations are current; until then certificate connections ask the CA.
     pub(crate) revocations_current: AtomicBool,
+    /// Certificates whose use the CA has confirmed to this bridge (PROTOCOL.md §3).
+    confirmed: Mutex<HashSet<u64>>,
 }
+
+/// Most confirmed certificates remembered; the set starts again when full (each forgotten one
+/// costs one more confirmation).
+const MAX_CONFIRMED: usize = 1 << 20;
 
 impl Shared {
     /// Runs one CA call with the configured timeout and records its latency.
@@ -133,19 +140,50 @@ impl Shared {
         }
     }
 
-    /// Whether a certificate is revoked: from the notices once they are current, else from the
-    /// CA. `Err` (0x88) if the CA must be asked and cannot answer.
-    pub(crate) async fn is_revoked(&self, serial: u64) -> Result<bool, u8> {
+    /// Whether a certificate whose `quva-cert-v1` proof (`auth_data`) passed may connect
+    /// (PROTOCOL.md §3): it is neither revoked nor superseded, and the CA knows it is used. A
+    /// certificate this bridge has not seen confirmed is reported to the CA with its proof
+    /// (`ConfirmCertificateUse`: its first use spends the enrollment secret and revokes the
+    /// device's previous certificate); later connections are answered from the notices once
+    /// they are current. If the CA cannot answer, the notices decide once they are current (the
+    /// use is reported at the next connection); before that the answer is `Err` (0x88).
+    pub(crate) async fn certificate_usable(
+        &self,
+        serial: u64,
+        auth_data: &[u8],
+    ) -> Result<bool, u8> {
         if self.dir.is_revoked(serial) {
-            return Ok(true);
-        }
-        if self.revocations_current.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let ca = self.ca_client().ok_or(0x88_u8)?;
-        self.ca_call("is_revoked", ca.is_revoked(serial))
+        let current = self.revocations_current.load(Ordering::Acquire);
+        if current && lock(&self.confirmed).contains(&serial) {
+            return Ok(true);
+        }
+        let Some(ca) = self.ca_client() else {
+            return if current { Ok(true) } else { Err(0x88) };
+        };
+        match self
+            .ca_call("confirm_use", ca.confirm_use(serial, auth_data.to_vec()))
             .await
-            .map_err(|_| 0x88_u8)
+        {
+            Ok(()) => {
+                let mut confirmed = lock(&self.confirmed);
+                if confirmed.len() >= MAX_CONFIRMED {
+                    confirmed.clear();
+                }
+                confirmed.insert(serial);
+                Ok(true)
+            }
+            Err(CaError::Refused | CaError::NotFound | CaError::Malformed) => Ok(false),
+            Err(_) if current => {
+                tracing::warn!(
+                    serial,
+                    "CA unavailable: certificate use not reported, notices decide"
+                );
+                Ok(true)
+            }
+            Err(_) => Err(0x88),
+        }
     }
 
     /// Records a CONNECT proof's nonce in the identity's partition; `Err` (0x87) if it was seen
@@ -200,6 +238,7 @@ impl Shared {
             stop: CancellationToken::new(),
             sessions: Registry::default(),
             revocations_current: AtomicBool::new(false),
+            confirmed: Mutex::new(HashSet::new()),
             cfg,
         }
     }

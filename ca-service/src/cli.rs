@@ -97,6 +97,9 @@ pub struct ServeArgs {
     /// Certificate lifetime, seconds (default 30 days).
     #[arg(long)]
     pub cert_validity_secs: Option<u64>,
+    /// Default lifetime of enrollment secrets, seconds (default 7 days).
+    #[arg(long)]
+    pub enroll_secret_validity_secs: Option<u64>,
     /// Most waiting commands written in one synced batch (default 1024; 1 syncs each alone).
     #[arg(long)]
     pub max_group_commit: Option<usize>,
@@ -139,6 +142,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.cert_validity_secs {
             cfg.cert_validity_secs = v;
+        }
+        if let Some(v) = self.enroll_secret_validity_secs {
+            cfg.enroll_secret_validity_secs = v;
         }
         if let Some(v) = self.max_group_commit {
             cfg.max_group_commit = v;
@@ -221,6 +227,10 @@ pub enum DeviceCmd {
         /// Issue a new secret for an existing device.
         #[arg(long)]
         reissue: bool,
+        /// Lifetime of the enrollment secret, seconds (default: the CA's, 7 days unless
+        /// configured).
+        #[arg(long, default_value_t = 0)]
+        secret_validity_secs: u64,
         /// Connection options.
         #[command(flatten)]
         client: ClientArgs,
@@ -453,6 +463,8 @@ fn device_json(d: &pb::Device) -> Value {
         "note": d.note,
         "registered_ms": d.registered_ms,
         "serial": d.serial,
+        "pending_serial": d.pending_serial,
+        "enroll_secret_expires_ms": d.enroll_secret_expires_ms,
         "not_after_ms": d.not_after_ms,
         "public_key": d.public_key,
         "permissions": d.permissions.iter().map(|p| json!({
@@ -651,12 +663,18 @@ async fn run_device(cmd: DeviceCmd) -> Result<String, ClientError> {
             id,
             note,
             reissue,
+            secret_validity_secs,
             client,
         } => {
             let r = client
                 .client()
                 .await?
-                .register_device(pb::RegisterDeviceRequest { id, note, reissue })
+                .register_device(pb::RegisterDeviceRequest {
+                    id,
+                    note,
+                    reissue,
+                    secret_validity_secs,
+                })
                 .await?
                 .into_inner();
             let d = r.device.unwrap_or_default();

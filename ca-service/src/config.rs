@@ -29,6 +29,9 @@ pub struct Config {
     pub time_window_ms: u64,
     /// Lifetime of issued certificates.
     pub cert_validity_secs: u64,
+    /// Default lifetime of an enrollment secret (PROTOCOL.md §3: 7 days); `RegisterDevice` may
+    /// set another per device.
+    pub enroll_secret_validity_secs: u64,
     /// How often expiry, revocation and periodic rekeys are checked.
     pub sweep_interval_ms: u64,
     /// Most waiting commands written in one synced batch (group commit); 1 syncs each alone.
@@ -63,6 +66,7 @@ impl Default for Config {
             batch_window_ms: 200,
             time_window_ms: 60_000,
             cert_validity_secs: 30 * 24 * 3600,
+            enroll_secret_validity_secs: 7 * 24 * 3600,
             sweep_interval_ms: 1_000,
             max_group_commit: crate::engine::DEFAULT_MAX_GROUP_COMMIT,
             tls: None,

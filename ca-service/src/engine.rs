@@ -41,8 +41,8 @@ use std::time::Duration;
 use quva_client::codec::{Decode, DecodeError, Encode};
 use quva_client::curve::{KeyPair, Point, SecretScalar};
 use quva_client::enrollment::{
-    EnrollError, EnrollRequest, EnrollmentSecret, ImplicitCert, REASON_PACKET_TOO_LARGE,
-    REASON_PAYLOAD_FORMAT_INVALID, RenewRequest, VerifiedRequest,
+    CertConnectProof, EnrollError, EnrollRequest, EnrollmentSecret, ImplicitCert,
+    REASON_PACKET_TOO_LARGE, REASON_PAYLOAD_FORMAT_INVALID, RenewRequest, VerifiedRequest,
 };
 use quva_client::group::{
     GroupError, GroupKeyRequest, JoinedMember, MAX_PROPERTY_LEN, Member, Privacy,
@@ -58,7 +58,9 @@ use zeroize::Zeroizing;
 
 use crate::auth::AuditSink;
 use crate::clock::Clock;
+use crate::enrollment::{self, CertUse, DEFAULT_SECRET_VALIDITY_MS};
 use crate::error::CaError;
+use crate::refusals::{Decision, RefusalBudget, RefusalKey};
 use crate::store::records::EpochMember;
 use crate::store::records::device_state;
 use crate::store::{
@@ -68,6 +70,10 @@ use crate::store::{
 
 /// Largest accepted enrollment or renewal request (`req || proof`), bytes.
 pub const MAX_CERT_REQUEST_LEN: usize = 512;
+
+/// Largest accepted `quva-cert-v1` proof (a certificate, a client identifier of up to 65535
+/// bytes and a signature), bytes.
+pub const MAX_CERT_PROOF_LEN: usize = 512 + u16::MAX as usize;
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +88,8 @@ pub struct EngineConfig {
     pub sweep_interval: Duration,
     /// Most commands whose writes share one synced batch (group commit); 1 syncs each alone.
     pub max_group_commit: usize,
+    /// Default lifetime of an enrollment secret, ms (PROTOCOL.md §3: 7 days).
+    pub secret_validity_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +100,7 @@ impl Default for EngineConfig {
             cert_validity_ms: 30 * 24 * 3600 * 1000,
             sweep_interval: Duration::from_secs(1),
             max_group_commit: DEFAULT_MAX_GROUP_COMMIT,
+            secret_validity_ms: DEFAULT_SECRET_VALIDITY_MS,
         }
     }
 }
@@ -104,6 +113,7 @@ impl From<&crate::config::Config> for EngineConfig {
             cert_validity_ms: c.cert_validity_secs.saturating_mul(1000),
             sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
             max_group_commit: c.max_group_commit.max(1),
+            secret_validity_ms: c.enroll_secret_validity_secs.saturating_mul(1000),
         }
     }
 }
@@ -119,6 +129,10 @@ pub struct Stats {
     pub joins: AtomicU64,
     /// Device-path requests refused.
     pub refusals: AtomicU64,
+    /// Refusals over their device's budget, answered but not written to the audit log.
+    pub refusals_unrecorded: AtomicU64,
+    /// First uses of certificates (each spends a secret or revokes a previous certificate).
+    pub first_uses: AtomicU64,
     /// Requests refused by the token check.
     pub auth_denied: AtomicU64,
     /// Epochs committed since start.
@@ -150,6 +164,15 @@ pub struct JoinReply {
     pub epoch: u32,
 }
 
+/// The answer to a reported certificate use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertificateUse {
+    /// The certificate's serial.
+    pub serial: u64,
+    /// Whether this was its first use.
+    pub first: bool,
+}
+
 /// A registered device with its one-time secret.
 pub struct Registered {
     /// The device row.
@@ -163,11 +186,13 @@ type Reply<T> = oneshot::Sender<Result<T, CaError>>;
 enum Cmd {
     Enroll(Vec<u8>, Reply<Vec<u8>>),
     Renew(Vec<u8>, Reply<Vec<u8>>),
+    ConfirmUse(Vec<u8>, Reply<CertificateUse>),
     Join(Vec<u8>, Reply<JoinReply>),
     Register {
         id: DeviceId,
         note: String,
         reissue: bool,
+        secret_validity_ms: u64,
         reply: Reply<Registered>,
     },
     Revoke {
@@ -211,7 +236,8 @@ impl EngineHandle {
         rx.await.map_err(|_| CaError::Unavailable)?
     }
 
-    /// Enrollment (§3): `req || HMAC` in, `cert || sc(a_i)` out.
+    /// Enrollment (§3): `req || HMAC` in, `cert || sc(a_i)` out. The certificate supersedes the
+    /// device's unused one; the secret stays until a certificate's first use.
     ///
     /// # Errors
     /// [`CaError::NotAuthorized`], [`CaError::Malformed`], [`CaError::TooLarge`], storage.
@@ -227,6 +253,16 @@ impl EngineHandle {
         self.call(|r| Cmd::Renew(data, r)).await
     }
 
+    /// A `quva-cert-v1` proof accepted by a bridge (§3): `cert || T || nonce || str(client_id) ||
+    /// sig` in. The first use of a certificate spends the secret and revokes the previous one.
+    ///
+    /// # Errors
+    /// [`CaError::NotAuthorized`] for a bad proof or a superseded, revoked or unknown
+    /// certificate; [`CaError::Malformed`], [`CaError::TooLarge`], storage.
+    pub async fn confirm_use(&self, data: Vec<u8>) -> Result<CertificateUse, CaError> {
+        self.call(|r| Cmd::ConfirmUse(data, r)).await
+    }
+
     /// A group-key request (§4); answers once the member's epoch is durable.
     ///
     /// # Errors
@@ -235,7 +271,8 @@ impl EngineHandle {
         self.call(|r| Cmd::Join(data, r)).await
     }
 
-    /// Registers a device (or re-issues its secret) and returns the one-time secret.
+    /// Registers a device (or re-issues its secret) and returns the one-time secret, which
+    /// expires after `secret_validity_ms` (0 for the configured default).
     ///
     /// # Errors
     /// [`CaError::AlreadyExists`], [`CaError::NotFound`] (re-issue of an unknown device),
@@ -245,11 +282,13 @@ impl EngineHandle {
         id: DeviceId,
         note: String,
         reissue: bool,
+        secret_validity_ms: u64,
     ) -> Result<Registered, CaError> {
         self.call(|reply| Cmd::Register {
             id,
             note,
             reissue,
+            secret_validity_ms,
             reply,
         })
         .await
@@ -529,6 +568,8 @@ pub struct Engine {
     staged_notices: u64,
     /// Set by a shutdown command: flush, sync, confirm, stop.
     stopping: Option<oneshot::Sender<()>>,
+    /// How many refusals per device are written to the audit log.
+    refusal_budget: RefusalBudget,
 }
 
 /// A held-back reply: sends its result, or the sync error instead of a success.
@@ -568,6 +609,7 @@ impl Engine {
             answers: Vec::new(),
             staged_notices: 0,
             stopping: None,
+            refusal_budget: RefusalBudget::default(),
         };
         let task = tokio::spawn(engine.run(rx));
         Ok((EngineHandle { tx, notices, stats }, task))
@@ -707,14 +749,19 @@ impl Engine {
                 let r = self.enroll(&data, true);
                 self.answer(reply, r);
             }
+            Cmd::ConfirmUse(data, reply) => {
+                let r = self.confirm_use(&data);
+                self.answer(reply, r);
+            }
             Cmd::Join(data, reply) => self.join(&data, reply),
             Cmd::Register {
                 id,
                 note,
                 reissue,
+                secret_validity_ms,
                 reply,
             } => {
-                let r = self.register(&id, note, reissue);
+                let r = self.register(&id, note, reissue, secret_validity_ms);
                 self.answer(reply, r);
             }
             Cmd::Revoke { id, reason, reply } => {
@@ -767,7 +814,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Records a refused device-path request (best effort) and returns the error.
+    /// Records a refused device-path request (best effort, within the device's budget of
+    /// [`RefusalBudget`]) and returns the error.
     fn refuse<T>(
         &mut self,
         kind: &str,
@@ -776,22 +824,33 @@ impl Engine {
         e: CaError,
     ) -> Result<T, CaError> {
         bump(&self.stats.refusals);
+        let key = if device.is_empty() || e == CaError::NotAuthorized("unknown device") {
+            RefusalKey::Unregistered
+        } else {
+            RefusalKey::Device(device)
+        };
+        let left_out = match self.refusal_budget.check(key, self.clock.now_ms()) {
+            Decision::Record { left_out } => left_out,
+            Decision::LeaveOut => {
+                bump(&self.stats.refusals_unrecorded);
+                return Err(e);
+            }
+        };
         tracing::info!(
             kind,
             device,
             group,
             outcome = e.outcome(),
+            left_out,
             "request refused"
         );
+        let detail = if left_out > 0 {
+            format!("{left_out} earlier refusals of this device not recorded")
+        } else {
+            String::new()
+        };
         let mut tx = self.begin();
-        tx.audit(entry(
-            kind,
-            "bridge",
-            device,
-            group,
-            e.outcome(),
-            String::new(),
-        ));
+        tx.audit(entry(kind, "bridge", device, group, e.outcome(), detail));
         if let Err(ce) = self.commit(tx) {
             tracing::error!(error = %ce, "cannot write audit entry");
         }
@@ -854,34 +913,49 @@ impl Engine {
         if dev.state == device_state::REVOKED {
             return Err(CaError::NotAuthorized("revoked device"));
         }
+        let mut first_use = None;
         let verified = match &req {
             Ok(enroll) => {
-                let bytes: [u8; 32] = dev
-                    .enroll_secret
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| CaError::NotAuthorized("no enrollment secret"))?;
-                let secret = EnrollmentSecret::from_bytes(&bytes);
+                let secret = enrollment::usable_secret(&dev, now, self.cfg.secret_validity_ms)
+                    .map_err(|e| CaError::NotAuthorized(e.reason()))?;
                 enroll.verify(&secret, now, window).map_err(enroll_err)?
             }
             Err(renew) => {
-                let current = self
-                    .store
-                    .cert(dev.serial)?
-                    .filter(|c| c.revoked_ms == 0)
-                    .ok_or(CaError::NotAuthorized("no valid certificate"))?;
-                let cert = ImplicitCert::from_bytes(&current.cert)
-                    .map_err(|_| CaError::Crypto("stored certificate"))?;
-                renew
-                    .verify(&cert, self.ca.public(), now, window)
-                    .map_err(enroll_err)?
+                let (serial, verified) = self.verify_renewal(&dev, renew, now)?;
+                if enrollment::classify_use(&dev, serial) == Some(CertUse::First) {
+                    first_use = Some(serial);
+                }
+                verified
             }
         };
         let nonce = verified.request().nonce;
         if self.nonce_seen(NonceScope::Certificate, &nonce)? {
             return Err(CaError::NotAuthorized("replayed nonce"));
         }
-        self.issue(dev, &verified, req.is_err(), now)
+        self.issue(dev, &verified, req.is_err(), first_use, now)
+    }
+
+    /// Checks a renewal against the device's live certificates, the unused one first (PROTOCOL.md
+    /// §3: either key may sign a repeated renewal); returns the serial whose key signed it.
+    fn verify_renewal(
+        &self,
+        dev: &DeviceRecord,
+        renew: &RenewRequest,
+        now: u64,
+    ) -> Result<(u64, VerifiedRequest), CaError> {
+        let mut refusal = CaError::NotAuthorized("no valid certificate");
+        for serial in enrollment::live_serials(dev) {
+            let Some(current) = self.store.cert(serial)?.filter(|c| c.revoked_ms == 0) else {
+                continue;
+            };
+            let cert = ImplicitCert::from_bytes(&current.cert)
+                .map_err(|_| CaError::Crypto("stored certificate"))?;
+            match renew.verify(&cert, self.ca.public(), now, self.cfg.time_window_ms) {
+                Ok(v) => return Ok((serial, v)),
+                Err(e) => refusal = enroll_err(e),
+            }
+        }
+        Err(refusal)
     }
 
     fn issue(
@@ -889,9 +963,13 @@ impl Engine {
         mut dev: DeviceRecord,
         verified: &VerifiedRequest,
         renew: bool,
+        first_use: Option<u64>,
         now: u64,
     ) -> Result<Vec<u8>, CaError> {
         let mut tx = self.begin();
+        if let Some(used) = first_use {
+            self.record_use(&mut tx, &mut dev, used, "renewal")?;
+        }
         let serial = tx.serial();
         let not_after = now.saturating_add(self.cfg.cert_validity_ms);
         let resp = verified
@@ -911,12 +989,13 @@ impl Engine {
             not_after_ms: not_after,
             revoked_ms: 0,
         };
-        if !renew {
-            zeroize::Zeroize::zeroize(&mut dev.enroll_secret);
-            dev.enroll_secret = Vec::new();
+        let mut detail = format!("serial {serial}");
+        // The secret (and the certificate in use) stay until the new certificate's first use.
+        if let Some(unused) = enrollment::record_issue(&mut dev, serial) {
+            self.revoke_superseded(&mut tx, &dev.id, unused, serial)?;
+            detail.push_str(&format!(", supersedes unused serial {unused}"));
         }
         dev.state = device_state::ENROLLED;
-        dev.serial = serial;
         tx.batch.put_device(&dev)?;
         tx.batch.put_cert(&cert);
         tx.batch.put_nonce(
@@ -929,14 +1008,7 @@ impl Engine {
         } else {
             "device.enroll"
         };
-        tx.audit(entry(
-            kind,
-            "bridge",
-            &dev.id,
-            "",
-            "ok",
-            format!("serial {serial}"),
-        ));
+        tx.audit(entry(kind, "bridge", &dev.id, "", "ok", detail));
         self.commit(tx)?;
         bump(if renew {
             &self.stats.renewals
@@ -945,6 +1017,129 @@ impl Engine {
         });
         tracing::info!(device = %dev.id, serial, renew, "certificate issued");
         Ok(resp.to_bytes())
+    }
+
+    /// Records the first use of `dev`'s pending certificate `serial` in `tx`: it becomes the
+    /// certificate in use, the previous one is revoked and the secret is spent (PROTOCOL.md §3).
+    /// The caller writes `dev`.
+    fn record_use(
+        &self,
+        tx: &mut Tx,
+        dev: &mut DeviceRecord,
+        serial: u64,
+        via: &str,
+    ) -> Result<(), CaError> {
+        let used = enrollment::record_first_use(dev, serial);
+        let mut detail = format!("serial {serial} by {via}");
+        if let Some(previous) = used.revoked {
+            self.revoke_superseded(tx, &dev.id, previous, serial)?;
+            detail.push_str(&format!("; serial {previous} revoked"));
+        }
+        if used.secret_spent {
+            detail.push_str("; enrollment secret spent");
+        }
+        tx.audit(entry(
+            "device.first-use",
+            "bridge",
+            &dev.id,
+            "",
+            "ok",
+            detail,
+        ));
+        bump(&self.stats.first_uses);
+        tracing::info!(device = %dev.id, serial, via, "certificate first used");
+        Ok(())
+    }
+
+    /// Revokes certificate `serial` of `device`, superseded by `successor`, with a notice that
+    /// tells bridges to refuse it (the device stays enrolled).
+    fn revoke_superseded(
+        &self,
+        tx: &mut Tx,
+        device: &str,
+        serial: u64,
+        successor: u64,
+    ) -> Result<(), CaError> {
+        let Some(mut cert) = self.store.cert(serial)? else {
+            return Ok(());
+        };
+        if cert.revoked_ms != 0 {
+            return Ok(());
+        }
+        cert.revoked_ms = tx.now;
+        tx.batch.put_cert(&cert);
+        tx.notice(Notice {
+            kind: NoticeKind::Revoked as i32,
+            serial,
+            device_id: device.to_owned(),
+            superseded_by: successor,
+            ..Default::default()
+        });
+        Ok(())
+    }
+
+    // ---- §3 certificate use reported by a bridge ----------------------------------------------
+
+    fn confirm_use(&mut self, data: &[u8]) -> Result<CertificateUse, CaError> {
+        const KIND: &str = "device.use";
+        if data.len() > MAX_CERT_PROOF_LEN {
+            return self.refuse(KIND, "", "", CaError::TooLarge("proof"));
+        }
+        let proof = match CertConnectProof::from_bytes(data) {
+            Ok(p) => p,
+            Err(e) => return self.refuse(KIND, "", "", decode_err(e)),
+        };
+        match self.confirm_checked(&proof) {
+            Ok(v) => Ok(v),
+            Err(e @ (CaError::Store(_) | CaError::Crypto(_))) => Err(e),
+            Err(e) => self.refuse(KIND, proof.cert.id().as_str(), "", e),
+        }
+    }
+
+    fn confirm_checked(&mut self, proof: &CertConnectProof) -> Result<CertificateUse, CaError> {
+        let now = self.clock.now_ms();
+        // The registration first, so that refusals under made-up IDs share one budget.
+        let mut dev = self
+            .store
+            .device(proof.cert.id())?
+            .ok_or(CaError::NotAuthorized("unknown device"))?;
+        if dev.state == device_state::REVOKED {
+            return Err(CaError::NotAuthorized("revoked device"));
+        }
+        proof
+            .verify(
+                self.ca.public(),
+                &proof.client_id,
+                now,
+                self.cfg.time_window_ms,
+            )
+            .map_err(enroll_err)?;
+        let serial = proof.cert.serial();
+        let issued = self
+            .store
+            .cert(serial)?
+            .filter(|c| c.device_id == dev.id && c.cert == proof.cert.to_bytes())
+            .ok_or(CaError::NotAuthorized("unknown certificate"))?;
+        if issued.revoked_ms != 0 {
+            return Err(CaError::NotAuthorized("revoked certificate"));
+        }
+        match enrollment::classify_use(&dev, serial) {
+            None => Err(CaError::NotAuthorized("superseded certificate")),
+            Some(CertUse::InUse) => Ok(CertificateUse {
+                serial,
+                first: false,
+            }),
+            Some(CertUse::First) => {
+                let mut tx = self.begin();
+                self.record_use(&mut tx, &mut dev, serial, "connection")?;
+                tx.batch.put_device(&dev)?;
+                self.commit(tx)?;
+                Ok(CertificateUse {
+                    serial,
+                    first: true,
+                })
+            }
+        }
     }
 
     // ---- §4 group-key requests -----------------------------------------------------------
@@ -1027,13 +1222,6 @@ impl Engine {
                 },
             ));
         }
-        let cert = self
-            .store
-            .cert(dev.serial)?
-            .ok_or(CaError::NotAuthorized("not enrolled"))?;
-        if cert.revoked_ms != 0 || cert.not_after_ms < now || cert.not_before_ms > now {
-            return Err(CaError::NotAuthorized("certificate not valid"));
-        }
         if !self.groups.contains_key(gid) {
             return Err(CaError::NotAuthorized("unknown group"));
         }
@@ -1043,22 +1231,21 @@ impl Engine {
         if self.nonce_seen(NonceScope::GroupKey, req.nonce())? {
             return Err(CaError::NotAuthorized("replayed nonce"));
         }
-        let member = Member {
-            id: id.clone(),
-            role,
-            q: Point::from_bytes(&cert.public_key).ok_or(CaError::Crypto("stored Q_i"))?,
-            g: Point::from_bytes(&cert.share_point).ok_or(CaError::Crypto("stored G_i"))?,
-        };
-        let joined = req
-            .open(&self.ca, &member, now, self.cfg.time_window_ms)
-            .map_err(group_err)?;
+        let (serial, member, joined) = self.open_join(&dev, req, now)?;
+        if enrollment::classify_use(&dev, serial) == Some(CertUse::First) {
+            let mut dev = dev.clone();
+            let mut tx = self.begin();
+            self.record_use(&mut tx, &mut dev, serial, "group-key request")?;
+            tx.batch.put_device(&dev)?;
+            self.commit(tx)?;
+        }
         let audit = entry(
             "group.join",
             "bridge",
             id.as_str(),
             gid.as_str(),
             "ok",
-            format!("{} serial {}", role.topic_segment(), dev.serial),
+            format!("{} serial {serial}", role.topic_segment()),
         );
         let Some(live) = self.groups.get(gid) else {
             return Err(CaError::NotAuthorized("unknown group"));
@@ -1083,7 +1270,7 @@ impl Engine {
             }));
         }
         let mut row = row;
-        row.serial = dev.serial;
+        row.serial = serial;
         row.joined_ms = now;
         row.share = joined.share().to_bytes().to_vec();
         Ok(JoinStep::Stage {
@@ -1092,6 +1279,37 @@ impl Engine {
             row,
             audit,
         })
+    }
+
+    /// Opens a group-key request with the device's live certificates, the unused one first;
+    /// returns the serial whose key made it, the member and its share.
+    fn open_join(
+        &self,
+        dev: &DeviceRecord,
+        req: &GroupKeyRequest,
+        now: u64,
+    ) -> Result<(u64, Member, JoinedMember), CaError> {
+        let mut refusal = CaError::NotAuthorized("not enrolled");
+        for serial in enrollment::live_serials(dev) {
+            let Some(cert) = self.store.cert(serial)? else {
+                continue;
+            };
+            if cert.revoked_ms != 0 || cert.not_after_ms < now || cert.not_before_ms > now {
+                refusal = CaError::NotAuthorized("certificate not valid");
+                continue;
+            }
+            let member = Member {
+                id: req.id().clone(),
+                role: req.role(),
+                q: Point::from_bytes(&cert.public_key).ok_or(CaError::Crypto("stored Q_i"))?,
+                g: Point::from_bytes(&cert.share_point).ok_or(CaError::Crypto("stored G_i"))?,
+            };
+            match req.open(&self.ca, &member, now, self.cfg.time_window_ms) {
+                Ok(joined) => return Ok((serial, member, joined)),
+                Err(e) => refusal = group_err(e),
+            }
+        }
+        Err(refusal)
     }
 
     /// The open window of `group`, opening one if needed.
@@ -1108,6 +1326,7 @@ impl Engine {
         id: &DeviceId,
         note: String,
         reissue: bool,
+        secret_validity_ms: u64,
     ) -> Result<Registered, CaError> {
         let now = self.clock.now_ms();
         let existing = self.store.device(id)?;
@@ -1130,7 +1349,12 @@ impl Engine {
             dev.note = note;
         }
         let secret = EnrollmentSecret::random(&mut self.rng);
-        dev.enroll_secret = secret.as_bytes().to_vec();
+        let validity = if secret_validity_ms == 0 {
+            self.cfg.secret_validity_ms
+        } else {
+            secret_validity_ms
+        };
+        enrollment::record_secret(&mut dev, &secret, now, validity);
         let mut tx = self.begin();
         tx.batch.put_device(&dev)?;
         let kind = if reissue {
@@ -1158,6 +1382,8 @@ impl Engine {
         dev.revoke_reason = reason.clone();
         zeroize::Zeroize::zeroize(&mut dev.enroll_secret);
         dev.enroll_secret = Vec::new();
+        dev.secret_expires_ms = 0;
+        dev.pending_serial = 0;
         let mut tx = self.begin();
         tx.batch.put_device(&dev)?;
         for mut cert in self.store.certs()? {

@@ -288,7 +288,7 @@ impl Server {
 pub fn render_metrics(stats: &Stats, store: &dyn CaStore) -> String {
     let meta = store.meta().unwrap_or_default();
     let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 16] = [
+    let rows: [(&str, &str, &str, u64); 18] = [
         (
             "quva_ca_enrollments_total",
             "counter",
@@ -312,6 +312,18 @@ pub fn render_metrics(stats: &Stats, store: &dyn CaStore) -> String {
             "counter",
             "Device-path requests refused since start.",
             g(&stats.refusals),
+        ),
+        (
+            "quva_ca_refusals_unrecorded_total",
+            "counter",
+            "Refusals over their device's audit budget, answered but not written to the audit log.",
+            g(&stats.refusals_unrecorded),
+        ),
+        (
+            "quva_ca_first_uses_total",
+            "counter",
+            "First uses of certificates since start.",
+            g(&stats.first_uses),
         ),
         (
             "quva_ca_auth_denied_total",

@@ -112,6 +112,17 @@ impl DeviceService for DeviceApi {
         Ok(Response::new(pb::RenewResponse { auth_data }))
     }
 
+    async fn confirm_certificate_use(
+        &self,
+        req: Request<pb::ConfirmCertificateUseRequest>,
+    ) -> Result<Response<pb::ConfirmCertificateUseResponse>, Status> {
+        let used = self.engine.confirm_use(req.into_inner().auth_data).await?;
+        Ok(Response::new(pb::ConfirmCertificateUseResponse {
+            serial: used.serial,
+            first_use: used.first,
+        }))
+    }
+
     async fn join_group(
         &self,
         req: Request<pb::JoinGroupRequest>,
@@ -177,7 +188,7 @@ impl DeviceService for DeviceApi {
                     .device(&device_id(&id)?)
                     .map_err(store_err)?
                     .ok_or_else(|| Status::not_found("certificate not found"))?;
-                d.serial
+                d.current_serial()
             }
             None => return Err(Status::invalid_argument("device_id or serial required")),
         };
@@ -290,10 +301,9 @@ impl AdminApi {
     }
 
     fn device_view(&self, d: &DeviceRecord, with_permissions: bool) -> Result<pb::Device, Status> {
-        let cert = if d.serial != 0 {
-            self.store.cert(d.serial).map_err(store_err)?
-        } else {
-            None
+        let cert = match d.current_serial() {
+            0 => None,
+            serial => self.store.cert(serial).map_err(store_err)?,
         };
         let mut permissions = Vec::new();
         if with_permissions {
@@ -316,10 +326,16 @@ impl AdminApi {
             state: d.state,
             note: d.note.clone(),
             registered_ms: d.registered_ms,
-            serial: d.serial,
+            serial: d.current_serial(),
             not_after_ms: cert.as_ref().map_or(0, |c| c.not_after_ms),
             public_key: cert.map(|c| hex::encode(c.public_key)).unwrap_or_default(),
             permissions,
+            pending_serial: d.pending_serial,
+            enroll_secret_expires_ms: if d.enroll_secret.is_empty() {
+                0
+            } else {
+                d.secret_expires_ms
+            },
         })
     }
 
@@ -376,7 +392,11 @@ impl AdminService for AdminApi {
         if r.note.len() > 1024 {
             return Err(Status::invalid_argument("note longer than 1024 bytes"));
         }
-        let reg = self.engine.register_device(id, r.note, r.reissue).await?;
+        let validity_ms = r.secret_validity_secs.saturating_mul(1000);
+        let reg = self
+            .engine
+            .register_device(id, r.note, r.reissue, validity_ms)
+            .await?;
         Ok(Response::new(pb::RegisterDeviceResponse {
             device: Some(self.device_view(&reg.device, false)?),
             enroll_secret: reg.secret.to_string(),

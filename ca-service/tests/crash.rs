@@ -130,6 +130,7 @@ async fn enroll(
             id: id.into(),
             note: String::new(),
             reissue: false,
+            secret_validity_secs: 0,
         })
         .await
         .unwrap()
@@ -228,6 +229,7 @@ async fn enroll_storm(
                 id: id.clone(),
                 note: String::new(),
                 reissue: false,
+                secret_validity_secs: 0,
             })
             .await;
         let Ok(reg) = reg else {

@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use quva_client::curve::Point;
-use quva_client::enrollment::{ENROLLMENT_SECRET_LEN, EnrollmentSecret};
+use quva_client::enrollment::{Credentials, ENROLLMENT_SECRET_LEN, EnrollmentSecret};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::{Direction, Protection, VerifiedMessage};
 use quva_client::rng::SystemRng;
@@ -22,7 +22,7 @@ use crate::cli::{
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
 use crate::device::Device;
-use crate::enroll::Enrollment;
+use crate::enroll::{Enrollment, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::net::{Link, LinkConfig, LinkEvent, exchange, now_ms};
 use crate::store::KeyStore;
@@ -213,6 +213,7 @@ async fn enroll(ctx: &Context, args: EnrollArgs) -> Result<(), NodeError> {
     for (key, _) in store.load_group_keys().unwrap_or_default() {
         store.remove_group_key(&key.group, key.role)?;
     }
+    first_use(&cfg, &creds).await;
     tracing::info!(device = %id, serial = creds.cert().serial(), "enrolled");
     println!(
         "enrolled {id}: certificate serial {}, valid until {}; credentials in {}",
@@ -237,6 +238,7 @@ async fn renew(ctx: &Context) -> Result<(), NodeError> {
     let data = exchange(&cfg, &client_id, auth).await?;
     let creds = renewal.finish(data.as_deref())?;
     store.save_credentials(&creds, &stored.ca_public)?;
+    first_use(&cfg, &creds).await;
     println!(
         "renewed {}: certificate serial {}, valid until {}",
         creds.id(),
@@ -244,6 +246,28 @@ async fn renew(ctx: &Context) -> Result<(), NodeError> {
         rfc3339(creds.cert().not_after())
     );
     Ok(())
+}
+
+/// Connects once with the new certificate (`quva-cert-v1`) so that its first use reaches the CA
+/// at once (PROTOCOL.md §3): that spends the enrollment secret, or revokes the certificate a
+/// renewal replaced. The credentials are already saved; if this connection fails, the next one
+/// is the first use instead.
+async fn first_use(cfg: &LinkConfig, creds: &Credentials) {
+    let client_id = format!("{}-first-use-{}", creds.id(), random_suffix());
+    let auth = match cert_connect_auth(creds, &client_id, now_ms(), &mut SystemRng::new()) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot prove the new certificate");
+            return;
+        }
+    };
+    match exchange(cfg, &client_id, auth).await {
+        Ok(_) => tracing::info!(serial = creds.cert().serial(), "certificate in use"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "first connection with the new certificate failed; the next connection confirms it"
+        ),
+    }
 }
 
 /// A source of readings for `publish --every` and `answer`.

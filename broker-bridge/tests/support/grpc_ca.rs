@@ -54,6 +54,16 @@ fn to_pb(n: Notice) -> pb::Notice {
             out.serial = serial;
             out.device_id = device;
         }
+        NoticeAction::Superseded {
+            serial,
+            device,
+            successor,
+        } => {
+            out.kind = NoticeKind::Revoked as i32;
+            out.serial = serial;
+            out.device_id = device;
+            out.superseded_by = successor;
+        }
         NoticeAction::Unknown => {}
     }
     out
@@ -131,6 +141,25 @@ impl DeviceService for Api {
         _req: Request<pb::GetCertificateRequest>,
     ) -> Result<Response<pb::GetCertificateResponse>, Status> {
         Err(Status::unimplemented("not used by the bridge"))
+    }
+
+    async fn confirm_certificate_use(
+        &self,
+        req: Request<pb::ConfirmCertificateUseRequest>,
+    ) -> Result<Response<pb::ConfirmCertificateUseResponse>, Status> {
+        use quva_client::codec::Decode as _;
+        let proof =
+            quva_client::enrollment::CertConnectProof::from_bytes(&req.into_inner().auth_data)
+                .map_err(|_| Status::invalid_argument("malformed"))?;
+        let serial = proof.cert.serial();
+        self.0
+            .confirm_use(serial, Vec::new())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ConfirmCertificateUseResponse {
+            serial,
+            first_use: false,
+        }))
     }
 
     async fn get_revocation_status(

@@ -247,6 +247,7 @@ impl Ca {
                         id,
                         note: "load test".into(),
                         reissue: false,
+                        secret_validity_secs: 0,
                     })
                     .await?
                     .into_inner();

@@ -75,10 +75,11 @@ pub struct DeviceRecord {
     /// Registration time.
     #[prost(uint64, tag = "4")]
     pub registered_ms: u64,
-    /// The outstanding one-time enrollment secret; empty once spent.
+    /// The outstanding one-time enrollment secret; empty once spent by the first use of a
+    /// certificate (PROTOCOL.md §3), or wiped by a revocation.
     #[prost(bytes = "vec", tag = "5")]
     pub enroll_secret: Vec<u8>,
-    /// The current certificate serial, 0 if none.
+    /// The certificate in use (its first use seen), 0 if none.
     #[prost(uint64, tag = "6")]
     pub serial: u64,
     /// Revocation time, 0 if not revoked.
@@ -87,6 +88,24 @@ pub struct DeviceRecord {
     /// Revocation reason.
     #[prost(string, tag = "8")]
     pub revoke_reason: String,
+    /// The latest certificate issued and not used yet, 0 if none.
+    #[prost(uint64, tag = "9")]
+    pub pending_serial: u64,
+    /// When the outstanding secret expires, Unix ms (inclusive); 0 in rows written before
+    /// secrets expired (then the registration time plus the default lifetime applies).
+    #[prost(uint64, tag = "10")]
+    pub secret_expires_ms: u64,
+}
+
+impl DeviceRecord {
+    /// The certificate to show for the device: the one in use, else the pending one, 0 if none.
+    pub fn current_serial(&self) -> u64 {
+        if self.serial != 0 {
+            self.serial
+        } else {
+            self.pending_serial
+        }
+    }
 }
 
 impl Drop for DeviceRecord {

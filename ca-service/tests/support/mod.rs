@@ -143,6 +143,7 @@ impl Harness {
                 id: id.into(),
                 note: String::new(),
                 reissue: false,
+                secret_validity_secs: 0,
             })
             .await
             .unwrap()
