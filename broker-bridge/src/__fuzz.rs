@@ -184,11 +184,11 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
                         Work::Authorize(asks) => (false, asks.len()),
                     });
                 }
-                Action::Upstream(v5::Packet::Publish(p)) => {
-                    if policy.classify(&p.topic) != TopicKind::Unprotected {
-                        relayed += 1;
-                        assert!(relayed <= accepts, "a protected PUBLISH relayed unchecked");
-                    }
+                Action::Upstream(v5::Packet::Publish(p))
+                    if policy.classify(&p.topic) != TopicKind::Unprotected =>
+                {
+                    relayed += 1;
+                    assert!(relayed <= accepts, "a protected PUBLISH relayed unchecked");
                 }
                 Action::Upstream(v5::Packet::Subscribe(sub)) => {
                     assert!(
@@ -311,52 +311,6 @@ fn upstream_frames(data: &[u8]) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use rand_core::{RngCore, SeedableRng};
-
-    /// Seeded random packet streams, and valid packets with random bytes flipped.
-    #[test]
-    fn session_decisions_hold_on_random_packet_streams() {
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-        let seeds = super::seeds();
-        for i in 0..20_000 {
-            let mut data = if i % 2 == 0 {
-                let mut d = vec![0u8; 1 + (rng.next_u32() % 200) as usize];
-                rng.fill_bytes(&mut d);
-                d
-            } else {
-                let mut d = seeds[i % seeds.len()].clone();
-                let n = d.len();
-                for _ in 0..1 + rng.next_u32() % 3 {
-                    let at = (rng.next_u32() as usize) % n;
-                    d[at] ^= 1 << (rng.next_u32() % 8);
-                }
-                d
-            };
-            data.truncate(1 + (rng.next_u32() as usize) % (data.len() + 1));
-            super::session(&data);
-        }
-        for s in &seeds {
-            super::session(s);
-        }
-    }
-
-    /// Inputs the fuzz target once crashed on.
-    #[test]
-    fn former_crashes() {
-        // `quva/k/sub/weatsub`: a role and a device with no group before them.
-        super::session(&[
-            0, 16, 42, 0, 4, 77, 81, 84, 84, 5, 44, 0, 0, 0, 0, 5, 100, 101, 118, 45, 99, 0, 0, 18,
-            113, 113, 117, 118, 97, 47, 47, 112, 108, 97, 110, 116, 47, 97, 47, 115, 48, 98, 0, 1,
-            120, 130, 76, 0, 1, 0, 0, 7, 112, 108, 97, 110, 84, 47, 97, 1, 0, 3, 43, 47, 43, 1, 0,
-            18, 113, 117, 118, 97, 47, 107, 47, 115, 117, 98, 47, 119, 101, 97, 116, 115, 117, 98,
-            1, 0, 18, 36, 115, 104, 97, 114, 101, 47, 103, 47, 119, 101, 97, 116, 104, 101, 114,
-            47, 35, 1, 0, 12, 113, 117, 118, 97, 47, 99, 47, 100, 101, 118, 45, 48, 1,
-        ]);
-    }
-}
-
 /// Valid inputs for [`session`]: a CONNECT with a Will, a SUBSCRIBE with several filters and
 /// PUBLISHes with aliases, for each identity.
 pub fn seeds() -> Vec<Vec<u8>> {
@@ -404,7 +358,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
         user_properties: Vec::new(),
         topic_filters: filters
             .iter()
-            .map(|f| (ByteString::from(*f), opts.clone()))
+            .map(|f| (ByteString::from(*f), opts))
             .collect(),
     };
     enc.encode(v5::Packet::Subscribe(sub), &mut stream).unwrap();
@@ -427,4 +381,50 @@ pub fn seeds() -> Vec<Vec<u8>> {
     (0..3u8)
         .map(|who| [&[who][..], &stream[..]].concat())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_core::{RngCore, SeedableRng};
+
+    /// Seeded random packet streams, and valid packets with random bytes flipped.
+    #[test]
+    fn session_decisions_hold_on_random_packet_streams() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let seeds = super::seeds();
+        for i in 0..20_000 {
+            let mut data = if i % 2 == 0 {
+                let mut d = vec![0u8; 1 + (rng.next_u32() % 200) as usize];
+                rng.fill_bytes(&mut d);
+                d
+            } else {
+                let mut d = seeds[i % seeds.len()].clone();
+                let n = d.len();
+                for _ in 0..1 + rng.next_u32() % 3 {
+                    let at = (rng.next_u32() as usize) % n;
+                    d[at] ^= 1 << (rng.next_u32() % 8);
+                }
+                d
+            };
+            data.truncate(1 + (rng.next_u32() as usize) % (data.len() + 1));
+            super::session(&data);
+        }
+        for s in &seeds {
+            super::session(s);
+        }
+    }
+
+    /// Inputs the fuzz target once crashed on.
+    #[test]
+    fn former_crashes() {
+        // `quva/k/sub/weatsub`: a role and a device with no group before them.
+        super::session(&[
+            0, 16, 42, 0, 4, 77, 81, 84, 84, 5, 44, 0, 0, 0, 0, 5, 100, 101, 118, 45, 99, 0, 0, 18,
+            113, 113, 117, 118, 97, 47, 47, 112, 108, 97, 110, 116, 47, 97, 47, 115, 48, 98, 0, 1,
+            120, 130, 76, 0, 1, 0, 0, 7, 112, 108, 97, 110, 84, 47, 97, 1, 0, 3, 43, 47, 43, 1, 0,
+            18, 113, 117, 118, 97, 47, 107, 47, 115, 117, 98, 47, 119, 101, 97, 116, 115, 117, 98,
+            1, 0, 18, 36, 115, 104, 97, 114, 101, 47, 103, 47, 119, 101, 97, 116, 104, 101, 114,
+            47, 35, 1, 0, 12, 113, 117, 118, 97, 47, 99, 47, 100, 101, 118, 45, 48, 1,
+        ]);
+    }
 }

@@ -97,7 +97,7 @@ mod tests {
             r.register(&b),
             r.register(&anon),
         );
-        assert!(r.register(&Identity::Anonymous).is_cancelled() == false);
+        assert!(!r.register(&Identity::Anonymous).is_cancelled());
         assert_eq!(r.len(), 4);
         assert_eq!(r.end_device(&DeviceId::new("a").unwrap()), 2);
         assert!(ka1.is_cancelled() && ka2.is_cancelled() && !kb.is_cancelled());

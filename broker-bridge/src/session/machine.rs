@@ -399,7 +399,7 @@ impl<'p> Session<'p> {
 
     fn forward_publish(&mut self, publish: Box<Publish>) {
         if let Some(id) = publish.packet_id {
-            self.to_device(AckEvent::Expect(id));
+            self.ack(AckEvent::Expect(id));
         }
         self.push(Action::Upstream(v5::Packet::Publish(publish)));
     }
@@ -423,7 +423,7 @@ impl<'p> Session<'p> {
             QoS::ExactlyOnce => v5::Packet::PublishReceived(ack),
             _ => v5::Packet::PublishAck(ack),
         };
-        self.to_device(AckEvent::OwnAck(id, p));
+        self.ack(AckEvent::OwnAck(id, p));
     }
 
     // ---------------------------------------------------------------------------------------
@@ -595,12 +595,12 @@ impl<'p> Session<'p> {
         };
         match packet {
             v5::Packet::PublishAck(a) => {
-                self.to_device(AckEvent::UpstreamAck(
+                self.ack(AckEvent::UpstreamAck(
                     a.packet_id,
                     v5::Packet::PublishAck(a),
                 ));
             }
-            v5::Packet::PublishReceived(a) => self.to_device(AckEvent::UpstreamAck(
+            v5::Packet::PublishReceived(a) => self.ack(AckEvent::UpstreamAck(
                 a.packet_id,
                 v5::Packet::PublishReceived(a),
             )),
@@ -655,7 +655,7 @@ impl<'p> Session<'p> {
 
     // ---------------------------------------------------------------------------------------
 
-    fn to_device(&mut self, ev: AckEvent) {
+    fn ack(&mut self, ev: AckEvent) {
         for p in self.acks.push(ev) {
             self.push(Action::Device(Out::Packet(p)));
         }

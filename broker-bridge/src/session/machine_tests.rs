@@ -462,7 +462,8 @@ fn a_normal_disconnect_is_relayed_and_nothing_else_is_sent_upstream() {
 #[test]
 fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
     let p = policy();
-    let cases: [(&str, fn(&mut Session<'_>), u8); 5] = [
+    type Event = fn(&mut Session<'_>);
+    let cases: [(&str, Event, u8); 5] = [
         ("kick", |s| s.kick(), 0x87),
         ("shutdown", |s| s.shutdown(), 0x8B),
         (
