@@ -398,6 +398,10 @@ class Probe:
                     (USER_PROPERTY, ("quva-notice", "7")) in m["props"],
                     f"got {m and m['props']}")
         sub.disconnect()
+        if m is None:
+            print("SKIP retained: replacement and clearing (nothing retained crossed the nodes)")
+            pub.disconnect()
+            return
         pub.publish(t, b"notice epoch 8", 1, retain=True)
         time.sleep(1.0)
         sub, _ = self.client(2, "sub-ret2")
