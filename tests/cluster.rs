@@ -72,9 +72,9 @@ fn two_bridges_on_a_clustered_broker() {
         ],
         Box::new(sticky),
     );
-    let via_lb = |n: Node| Node {
-        bridge: lb.addr,
-        ..n
+    let via_lb = |mut n: Node| {
+        n.bridge = lb.addr;
+        n
     };
 
     cluster.create_group(GROUP);
