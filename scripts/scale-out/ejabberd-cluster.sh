@@ -43,7 +43,7 @@ stop)
 kill)
   # The beam process of exactly this node (its command line names it).
   for p in /proc/[0-9]*; do
-    if tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q -- "-name ej${3:?node}@127.0.0.1 "; then
+    if { tr '\0' ' ' < "$p/cmdline"; } 2>/dev/null | grep -q -- "-name ej${3:?node}@127.0.0.1 "; then
       kill -KILL "${p#/proc/}"
     fi
   done ;;
