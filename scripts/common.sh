@@ -5,6 +5,8 @@ need_pkgs=()
 command -v cargo >/dev/null 2>&1 || { echo "error: cargo is not installed; install the Rust toolchain (rustup) first" >&2; exit 1; }
 dpkg -s libclang-dev >/dev/null 2>&1 || need_pkgs+=(libclang-dev)   # RocksDB's bindings (quva-ca)
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_pkgs+=(mosquitto)  # the MQTT broker
+# A clustered MQTT 5 broker for the scale-out test (tests/cluster.rs, docs/scale-out.md).
+compgen -G '/usr/lib/*/ejabberd-*/ebin/mod_mqtt.beam' >/dev/null || need_pkgs+=(ejabberd)
 
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -12,7 +14,8 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
-    # The Debian package starts a system broker on port 1883; Quva's scripts start their own.
+    # The Debian packages start system services (Mosquitto and ejabberd on port 1883) where
+    # services may start; Quva's scripts and tests start their own on free ports.
   else
     echo "error: missing Debian packages: ${need_pkgs[*]}" >&2
     echo "       run as root, or: sudo apt-get install ${need_pkgs[*]}" >&2

@@ -19,6 +19,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod balancer;
+pub mod ejabberd;
 pub mod offline;
 pub mod raw;
 
@@ -368,9 +370,10 @@ pub struct Cluster {
     pub ca_public: String,
     /// The bridge's address.
     pub bridge: SocketAddr,
-    /// The broker's address.
+    /// The broker's address (Mosquitto's, or [`Options::upstream`]'s).
     pub broker: SocketAddr,
-    mosquitto: Proc,
+    /// Mosquitto, unless the bridge uses another broker ([`Options::upstream`]).
+    mosquitto: Option<Proc>,
     mosquitto_conf: PathBuf,
     ca: Proc,
     ca_listen: SocketAddr,
@@ -379,6 +382,39 @@ pub struct Cluster {
     ca_tls_root: Option<PathBuf>,
     bridge_conf: PathBuf,
     bridge_proc: Proc,
+    /// The bridge configuration after `[upstream]`: the CA, the topics and extra settings
+    /// (shared by every bridge of the cluster).
+    bridge_common: String,
+}
+
+/// A broker that the bridge uses instead of its own Mosquitto, with the bridge's credentials.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    /// The broker's MQTT address.
+    pub address: SocketAddr,
+    /// The bridge's user name there.
+    pub username: String,
+    /// Its password.
+    pub password: String,
+}
+
+impl Upstream {
+    /// The bridge configuration's `[upstream]` table, with the notice connection's client ID.
+    fn toml(&self, client_id: &str) -> String {
+        format!(
+            "[upstream]\naddress = \"{}\"\nusername = {:?}\npassword = {:?}\nclient_id = {client_id:?}\n",
+            self.address, self.username, self.password
+        )
+    }
+}
+
+/// Another bridge of the same [`Cluster`] (same CA and topics), in front of another broker.
+#[derive(Debug)]
+pub struct ExtraBridge {
+    /// Its listening address.
+    pub addr: SocketAddr,
+    /// The process.
+    pub proc: Proc,
 }
 
 /// Settings of a [`Cluster`] beyond the protected topics.
@@ -391,6 +427,8 @@ pub struct Options {
     pub bridge_toml: String,
     /// The CA serves TLS and requires a bridge client certificate (no bridge token is used).
     pub mutual_tls: bool,
+    /// Use this broker instead of starting Mosquitto.
+    pub upstream: Option<Upstream>,
 }
 
 /// TLS files for a CA that requires bridge client certificates: `--tls-*` flags for
@@ -470,7 +508,13 @@ impl Cluster {
         let logs = dir.path().join("logs");
         fs::create_dir_all(&logs).unwrap();
 
-        let (mosquitto, broker, mosquitto_conf) = start_mosquitto(dir.path(), &logs);
+        let (mosquitto, broker, mosquitto_conf) = match &options.upstream {
+            Some(up) => (None, up.address, PathBuf::new()),
+            None => {
+                let (p, addr, conf) = start_mosquitto(dir.path(), &logs);
+                (Some(p), addr, conf)
+            }
+        };
 
         let ca_data = dir.path().join("ca");
         let out = run(
@@ -507,16 +551,19 @@ impl Cluster {
         let bridge: SocketAddr = format!("127.0.0.1:{bridge_port}").parse().unwrap();
         let filters: Vec<String> = protected.iter().map(|f| format!("{f:?}")).collect();
         let conf = dir.path().join("bridge.toml");
+        let bridge_common = format!(
+            "[ca]\nendpoint = \"{ca_url}\"\npublic_key = \"{ca_public}\"\n{ca_auth}\
+             [topics]\nprotected = [{}]\n{}\n",
+            filters.join(", "),
+            options.bridge_toml,
+        );
+        let upstream = match &options.upstream {
+            Some(up) => up.toml("qb-bridge-0"),
+            None => format!("[upstream]\naddress = \"{broker}\"\n"),
+        };
         fs::write(
             &conf,
-            format!(
-                "listen = \"{bridge}\"\n\
-                 [upstream]\naddress = \"{broker}\"\n\
-                 [ca]\nendpoint = \"{ca_url}\"\npublic_key = \"{ca_public}\"\n{ca_auth}\
-                 [topics]\nprotected = [{}]\n{}\n",
-                filters.join(", "),
-                options.bridge_toml,
-            ),
+            format!("listen = \"{bridge}\"\n{upstream}{bridge_common}"),
         )
         .unwrap();
         let bridge_proc = spawn_bridge(&bins, &conf, bridge, &logs);
@@ -536,7 +583,34 @@ impl Cluster {
             ca_tls_root,
             bridge_conf: conf,
             bridge_proc,
+            bridge_common,
             dir,
+        }
+    }
+
+    /// Starts another bridge with this cluster's CA and topics in front of `upstream` (for
+    /// several bridges on a clustered broker); `n` names it (`qb-bridge-<n>` upstream).
+    pub fn add_bridge(&self, upstream: &Upstream, n: usize) -> ExtraBridge {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let conf = self.dir.path().join(format!("bridge-{n}.toml"));
+        fs::write(
+            &conf,
+            format!(
+                "listen = \"{addr}\"\n{}{}",
+                upstream.toml(&format!("qb-bridge-{n}")),
+                self.bridge_common
+            ),
+        )
+        .unwrap();
+        let proc = spawn_bridge(&self.bins, &conf, addr, &self.logs());
+        ExtraBridge { addr, proc }
+    }
+
+    /// A device (as [`Cluster::node`]) that connects to `bridge` instead of the first bridge.
+    pub fn node_via(&self, name: &str, bridge: SocketAddr) -> Node {
+        Node {
+            bridge,
+            ..self.node(name)
         }
     }
 
@@ -607,9 +681,14 @@ impl Cluster {
 
     /// Whether the three daemons still run (for diagnostics).
     pub fn alive(&mut self) -> bool {
-        [&mut self.mosquitto, &mut self.ca, &mut self.bridge_proc]
-            .iter_mut()
-            .all(|p| matches!(p.child.try_wait(), Ok(None)))
+        [
+            self.mosquitto.as_mut(),
+            Some(&mut self.ca),
+            Some(&mut self.bridge_proc),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|p| matches!(p.child.try_wait(), Ok(None)))
     }
 
     /// Stops the CA (to test how devices and the bridge cope without it).
@@ -641,13 +720,17 @@ impl Cluster {
     /// Kills Mosquitto (SIGKILL; it keeps nothing, retained messages included) and starts it
     /// again on the same port.
     pub fn restart_mosquitto(&mut self) {
-        let _ = self.mosquitto.child.kill();
-        let _ = self.mosquitto.child.wait();
+        let mosquitto = self
+            .mosquitto
+            .as_mut()
+            .expect("this cluster's bridge uses another broker, not its own Mosquitto");
+        let _ = mosquitto.child.kill();
+        let _ = mosquitto.child.wait();
         let mut cmd = Command::new(mosquitto_exe());
         cmd.arg("-c").arg(&self.mosquitto_conf);
         let mut p = Proc::spawn(cmd, "mosquitto", &self.logs());
         wait_port(self.broker, &mut p.child, "mosquitto");
-        self.mosquitto = p;
+        self.mosquitto = Some(p);
     }
 
     /// The bridge's standard error so far (its drop log lines).

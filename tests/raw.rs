@@ -122,7 +122,29 @@ impl RawMqtt {
         client_id: &str,
         auth: Option<(&str, Vec<u8>)>,
     ) -> Result<Self, String> {
+        Self::try_connect_with(addr, client_id, auth, None)
+    }
+
+    /// Connects to a broker that requires a user name and password (as a bridge does) and
+    /// subscribes to `#`.
+    pub fn sniff_login(addr: SocketAddr, username: &str, password: &str) -> Self {
+        let id = fresh_client_id("raw");
+        let raw = Self::try_connect_with(addr, &id, None, Some((username, password)))
+            .unwrap_or_else(|e| panic!("raw MQTT connection to {addr} refused: {e}"));
+        raw.subscribe("#");
+        raw
+    }
+
+    fn try_connect_with(
+        addr: SocketAddr,
+        client_id: &str,
+        auth: Option<(&str, Vec<u8>)>,
+        login: Option<(&str, &str)>,
+    ) -> Result<Self, String> {
         let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         o.set_keep_alive(Duration::from_secs(30));
         o.set_clean_start(true);
         o.set_max_packet_size(Some(1024 * 1024));
