@@ -19,6 +19,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+pub mod mqtt5;
 pub mod offline;
 pub mod raw;
 
