@@ -516,7 +516,9 @@ async fn upstream_to_device(
             }
             Some(Ok(Upstream::Packet(p))) => p,
             Some(Err(_)) => return Stop::Tell(DisconnectReasonCode::UnspecifiedError),
-            None => return Stop::Tell(DisconnectReasonCode::ServerBusy),
+            // The broker closed the connection without a DISCONNECT (Mosquitto does so on a
+            // session takeover, and when it stops): the device sees the same, a plain close.
+            None => return Stop::Quiet,
         };
         let ev = match packet {
             v5::Packet::PublishAck(a) => {
@@ -637,6 +639,10 @@ impl V5Session {
                     Ok(None) => Ok(()),
                     Err(stop) => return stop,
                 },
+                v5::Packet::Subscribe(s) if rules::has_malformed_filter(&s) => {
+                    self.shared.metrics.refused("malformed");
+                    return Stop::Tell(DisconnectReasonCode::MalformedPacket);
+                }
                 v5::Packet::Subscribe(s) => self.subscribe(s).await,
                 v5::Packet::Disconnect(d) => {
                     let _ = self
