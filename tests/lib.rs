@@ -21,6 +21,7 @@
 
 pub mod balancer;
 pub mod ejabberd;
+pub mod mqtt5;
 pub mod offline;
 pub mod raw;
 

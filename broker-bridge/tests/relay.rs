@@ -198,7 +198,7 @@ async fn bad_clients_are_cut_off_alone() {
         .await;
     match alias.recv().await {
         Some(v5::Packet::Disconnect(d)) => {
-            assert_eq!(d.reason_code, v5::DisconnectReasonCode::TopicAliasInvalid);
+            assert_eq!(d.reason_code, v5::DisconnectReasonCode::ProtocolError);
         }
         other => panic!("{other:?}"),
     }

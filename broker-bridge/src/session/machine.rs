@@ -312,6 +312,11 @@ impl<'p> Session<'p> {
     /// Handles a device packet other than PUBLISH, with no batch pending.
     fn handle(&mut self, packet: v5::Packet) {
         match packet {
+            // A misplaced wildcard is a malformed packet, as at the broker (MQTT 5 §4.7.1).
+            v5::Packet::Subscribe(s) if rules::has_malformed_filter(&s) => {
+                self.note(Note::Refused("malformed"));
+                self.end(Ending::bridge(DisconnectReasonCode::MalformedPacket));
+            }
             v5::Packet::Subscribe(s) => self.subscribe(s),
             v5::Packet::Disconnect(d) => {
                 self.push(Action::Upstream(v5::Packet::Disconnect(d)));
@@ -622,13 +627,15 @@ impl<'p> Session<'p> {
         }
     }
 
-    /// The broker's side failed or closed.
+    /// The broker's side failed or closed. A broker that closes a connection (a session taken
+    /// over, a restart) says nothing to the client; neither does the bridge.
     pub(crate) fn upstream_failed(&mut self, failure: UpstreamFailure) {
-        let reason = match failure {
-            UpstreamFailure::Closed => DisconnectReasonCode::ServerBusy,
-            UpstreamFailure::Malformed => DisconnectReasonCode::UnspecifiedError,
-        };
-        self.end(Ending::bridge(reason));
+        match failure {
+            UpstreamFailure::Closed => self.end(Ending::QUIET),
+            UpstreamFailure::Malformed => {
+                self.end(Ending::bridge(DisconnectReasonCode::UnspecifiedError));
+            }
+        }
     }
 
     /// Time passes: a device silent for longer than its limit is disconnected (keep-alive,

@@ -198,6 +198,15 @@ pub(crate) fn plan_filter(
     }
 }
 
+/// Whether a SUBSCRIBE names a filter that is not a valid MQTT topic filter (a wildcard in the
+/// wrong place, MQTT 5 §4.7.1). Such a packet is malformed (§4.13): the connection ends with
+/// DISCONNECT 0x81, as at Mosquitto, instead of a SUBACK for the other filters.
+pub(crate) fn has_malformed_filter(s: &v5::Subscribe) -> bool {
+    s.topic_filters
+        .iter()
+        .any(|(f, _)| !valid_filter(unshare(f)))
+}
+
 /// What a device PUBLISH is to the bridge.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Target {
@@ -238,8 +247,9 @@ impl Aliases {
     /// Replaces a PUBLISH's alias by its topic, recording a new mapping when it carries both.
     ///
     /// # Errors
-    /// [`DisconnectReasonCode::TopicAliasInvalid`] for alias 0… or above [`TOPIC_ALIAS_MAX`], or
-    /// an alias that was never set (MQTT 5 §3.3.4: the receiver closes the connection).
+    /// [`DisconnectReasonCode::TopicAliasInvalid`] for an alias above [`TOPIC_ALIAS_MAX`], and
+    /// [`DisconnectReasonCode::ProtocolError`] for an alias that was never set (MQTT 5
+    /// §3.3.2.3.4, §3.3.4: the receiver closes the connection), as Mosquitto answers them.
     pub(crate) fn resolve(&mut self, p: &mut Publish) -> Result<(), DisconnectReasonCode> {
         let Some(alias) = p.properties.as_mut().and_then(|pr| pr.topic_alias.take()) else {
             return Ok(());
@@ -253,7 +263,7 @@ impl Aliases {
                 .topics
                 .get(&alias.get())
                 .cloned()
-                .ok_or(DisconnectReasonCode::TopicAliasInvalid)?;
+                .ok_or(DisconnectReasonCode::ProtocolError)?;
         } else {
             self.topics.insert(alias.get(), p.topic.clone());
         }
@@ -578,6 +588,27 @@ mod tests {
     }
 
     #[test]
+    fn a_subscribe_with_a_misplaced_wildcard_is_malformed() {
+        let sub = |filters: &[&str]| v5::Subscribe {
+            packet_id: NonZeroU16::MIN,
+            id: None,
+            user_properties: Vec::new(),
+            topic_filters: filters
+                .iter()
+                .map(|f| (ByteString::from(*f), v5::SubscriptionOptions::default()))
+                .collect(),
+        };
+        assert!(!has_malformed_filter(&sub(&[
+            "a/+/b",
+            "a/#",
+            "$share/g/a/#"
+        ])));
+        for bad in ["a#", "a/#/b", "a/b+", "$share/g/a#"] {
+            assert!(has_malformed_filter(&sub(&["ok", bad])), "{bad}");
+        }
+    }
+
+    #[test]
     fn topic_aliases_resolve_to_the_topic_they_were_set_for() {
         let mut a = Aliases::default();
         let mut first = publish("plant/a", false, Some(3));
@@ -588,16 +619,19 @@ mod tests {
         let mut next = publish("", false, Some(3));
         a.resolve(&mut next).unwrap();
         assert_eq!(next.topic, "plant/a");
-        // Unknown or out-of-range aliases end the connection.
-        for bad in [
-            publish("", false, Some(4)),
-            publish("x", false, Some(TOPIC_ALIAS_MAX + 1)),
+        // Unknown or out-of-range aliases end the connection, with Mosquitto's reason codes.
+        for (bad, code) in [
+            (
+                publish("", false, Some(4)),
+                DisconnectReasonCode::ProtocolError,
+            ),
+            (
+                publish("x", false, Some(TOPIC_ALIAS_MAX + 1)),
+                DisconnectReasonCode::TopicAliasInvalid,
+            ),
         ] {
             let mut bad = bad;
-            assert_eq!(
-                a.resolve(&mut bad),
-                Err(DisconnectReasonCode::TopicAliasInvalid)
-            );
+            assert_eq!(a.resolve(&mut bad), Err(code));
         }
     }
 
