@@ -15,15 +15,23 @@ case "$test_cmd" in *--no-run*) ;; *) test_cmd="$test_cmd --no-run" ;; esac
 
 rocksdb_artifacts() {
   # compiler-artifact messages of librocksdb-sys: the file names carry the build's hash.
-  $1 --message-format=json 2>/dev/null \
-    | grep '"reason":"compiler-artifact"' \
+  local out
+  out=$(mktemp)
+  if ! $1 --message-format=json >"$out" 2>"$out.err"; then
+    echo "error: '$1' failed:" >&2
+    tail -20 "$out.err" >&2
+    rm -f "$out" "$out.err"
+    return 1
+  fi
+  grep '"reason":"compiler-artifact"' "$out" \
     | grep '"package_id":"[^"]*librocksdb-sys' \
-    | grep -o '"filenames":\[[^]]*\]' \
-    | sort -u
+    | grep -o '[^"]*liblibrocksdb_sys-[0-9a-f]*\.rlib' \
+    | sort -u || true
+  rm -f "$out" "$out.err"
 }
 
-demo=$(rocksdb_artifacts "$demo_cmd")
-tests=$(rocksdb_artifacts "$test_cmd")
+demo=$(rocksdb_artifacts "$demo_cmd") || exit 1
+tests=$(rocksdb_artifacts "$test_cmd") || exit 1
 if [ -z "$demo" ] || [ -z "$tests" ]; then
   echo "error: no librocksdb-sys artifact found for '$demo_cmd' or '$test_cmd'" >&2
   exit 1
