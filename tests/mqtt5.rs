@@ -16,7 +16,7 @@
 //!     run.observe(&mut sub, "sub", 1);
 //! }
 //! let cluster = quva_tests::Cluster::start(&["plant/#"]);
-//! let [direct, bridged] = quva_tests::mqtt5::run_both(&cluster, "example", scenario, |e| e.clone());
+//! let [direct, bridged] = quva_tests::mqtt5::run_both(&cluster, "example", scenario, |e| format!("{e:?}"));
 //! assert_eq!(direct, bridged);
 //! ```
 
