@@ -60,7 +60,7 @@ type Decoded = Result<(MqttPacket, u32), rmqtt_codec::error::DecodeError>;
 pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, MqttCodec::Version(VersionCodec));
+    let mut reader = FramedRead::with_capacity(rd, MqttCodec::Version(VersionCodec), READ_BUFFER);
     let handshake = Duration::from_millis(shared.cfg.limits.handshake_timeout_ms);
     let deadline = Instant::now() + handshake;
     let version = match tokio::time::timeout(handshake, reader.next()).await {
@@ -91,6 +91,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(0)),
     };
     let mut writer = FramedWrite::new(wr, writer_codec);
+    *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(WRITE_BUFFER);
     match first {
         Ok(Some(Ok((MqttPacket::V5(v5::Packet::Connect(c)), _)))) => {
             run_v5(reader, writer, c, shared).await;
@@ -269,8 +270,9 @@ async fn connect_upstream_v5(
     let stream = dial_upstream(shared).await?;
     let (rd, wr) = stream.into_split();
     let max_in = shared.cfg.limits.max_packet_size;
-    let mut reader = FramedRead::new(rd, UpstreamCodec::new(max_in));
+    let mut reader = FramedRead::with_capacity(rd, UpstreamCodec::new(max_in), READ_BUFFER);
     let mut writer = FramedWrite::new(wr, MqttCodec::V5(v5::Codec::new(0, 0)));
+    *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(WRITE_BUFFER);
     writer
         .send(MqttPacket::V5(v5::Packet::Connect(Box::new(connect))))
         .await
@@ -402,6 +404,11 @@ fn assigned_client_id() -> ByteString {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
     ))
 }
+
+/// Initial read and write buffers of each socket: an idle connection holds two of each, and a
+/// burst grows them as needed.
+const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 1024;
 
 /// Bytes gathered for the device before a write even if more is waiting.
 const WRITE_BATCH: usize = 64 * 1024;
