@@ -9,8 +9,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use crate::engine::EngineConfig;
 
 /// Default gRPC listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -118,6 +121,20 @@ impl Config {
             path: path.display().to_string(),
             source,
         })
+    }
+}
+
+/// The engine's settings from the configuration file.
+impl From<&Config> for EngineConfig {
+    fn from(c: &Config) -> EngineConfig {
+        EngineConfig {
+            batch_window: Duration::from_millis(c.batch_window_ms),
+            time_window_ms: c.time_window_ms,
+            cert_validity_ms: c.cert_validity_secs.saturating_mul(1000),
+            sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
+            max_group_commit: c.max_group_commit.max(1),
+            secret_validity_ms: c.enroll_secret_validity_secs.saturating_mul(1000),
+        }
     }
 }
 

@@ -105,19 +105,6 @@ impl Default for EngineConfig {
     }
 }
 
-impl From<&crate::config::Config> for EngineConfig {
-    fn from(c: &crate::config::Config) -> EngineConfig {
-        EngineConfig {
-            batch_window: Duration::from_millis(c.batch_window_ms),
-            time_window_ms: c.time_window_ms,
-            cert_validity_ms: c.cert_validity_secs.saturating_mul(1000),
-            sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
-            max_group_commit: c.max_group_commit.max(1),
-            secret_validity_ms: c.enroll_secret_validity_secs.saturating_mul(1000),
-        }
-    }
-}
-
 /// Counters for status and metrics.
 #[derive(Debug, Default)]
 pub struct Stats {

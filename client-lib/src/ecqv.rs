@@ -12,7 +12,7 @@
 //! so one implementation fits several conventions: Quva's e = Hs("quva/v1/cert", cert)
 //! ([`cert_hash`]), CAMP/SCMS's SHA-256(CertU) >> 1 and KISA's SHA-256(CertU) mod n on P-256 (both
 //! checked against published vectors in `tests/ecqv_p256.rs`). The wire format and the protocol
-//! checks around this algebra live in [`crate::enrollment`].
+//! checks around this algebra live in the `enrollment` module, which builds on this one.
 //!
 //! # Usage
 //! ```

@@ -64,6 +64,25 @@ fn subscribe(id: u16, filters: &[&str], gk: Option<String>) -> v5::Packet {
     })
 }
 
+fn suback(id: u16, status: &[v5::SubscribeAckReason]) -> Upstream {
+    Upstream::Packet(v5::Packet::SubscribeAck(v5::SubscribeAck {
+        packet_id: NonZeroU16::new(id).unwrap(),
+        properties: Vec::new(),
+        reason_string: None,
+        status: status.to_vec(),
+    }))
+}
+
+fn disconnect(reason: DisconnectReasonCode) -> v5::Packet {
+    v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: reason,
+        session_expiry_interval_secs: None,
+        server_reference: None,
+        reason_string: None,
+        user_properties: Vec::new(),
+    })
+}
+
 fn drain(s: &mut Session<'_>) -> Vec<Action> {
     std::iter::from_fn(|| s.next_action()).collect()
 }
@@ -303,17 +322,13 @@ fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
             "upstream subscribe weather/#,quva/c/plant/a"
         ]
     );
-    s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(
-        v5::SubscribeAck {
-            packet_id: NonZeroU16::new(5).unwrap(),
-            properties: Vec::new(),
-            reason_string: None,
-            status: vec![
-                v5::SubscribeAckReason::GrantedQos0,
-                v5::SubscribeAckReason::GrantedQos0,
-            ],
-        },
-    )));
+    s.upstream(suback(
+        5,
+        &[
+            v5::SubscribeAckReason::GrantedQos0,
+            v5::SubscribeAckReason::GrantedQos0,
+        ],
+    ));
     assert_eq!(
         shape(&drain(&mut s)),
         ["device suback [0, 135, 0, 135] gk=false"]
@@ -373,14 +388,7 @@ fn a_join_runs_only_for_the_connections_own_request() {
                 shape(&drain(&mut s)),
                 ["upstream subscribe quva/k/plant/a/sub"]
             );
-            s.upstream(Upstream::Packet(v5::Packet::SubscribeAck(
-                v5::SubscribeAck {
-                    packet_id: NonZeroU16::new(9).unwrap(),
-                    properties: Vec::new(),
-                    reason_string: None,
-                    status: vec![v5::SubscribeAckReason::GrantedQos1],
-                },
-            )));
+            s.upstream(suback(9, &[v5::SubscribeAckReason::GrantedQos1]));
             assert_eq!(shape(&drain(&mut s)), ["device suback [1] gk=true"]);
         } else {
             assert_eq!(
@@ -455,16 +463,7 @@ fn waiting_for_work_is_not_idleness() {
 fn a_normal_disconnect_is_relayed_and_nothing_else_is_sent_upstream() {
     let p = policy();
     let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
-    s.device_packet(
-        v5::Packet::Disconnect(v5::Disconnect {
-            reason_code: DisconnectReasonCode::NormalDisconnection,
-            session_expiry_interval_secs: None,
-            server_reference: None,
-            reason_string: None,
-            user_properties: Vec::new(),
-        }),
-        1,
-    );
+    s.device_packet(disconnect(DisconnectReasonCode::NormalDisconnection), 1);
     assert_eq!(
         shape(&drain(&mut s)),
         ["upstream disconnect 0x0", "close device=None upstream=None"]
@@ -553,13 +552,9 @@ fn the_brokers_traffic_reaches_the_device_and_its_disconnect_ends_quietly() {
     let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
     s.upstream(Upstream::Publish(Bytes::from_static(b"\x30\x03\x00\x01a")));
     s.upstream(Upstream::Packet(v5::Packet::PingResponse));
-    s.upstream(Upstream::Packet(v5::Packet::Disconnect(v5::Disconnect {
-        reason_code: DisconnectReasonCode::SessionTakenOver,
-        session_expiry_interval_secs: None,
-        server_reference: None,
-        reason_string: None,
-        user_properties: Vec::new(),
-    })));
+    s.upstream(Upstream::Packet(disconnect(
+        DisconnectReasonCode::SessionTakenOver,
+    )));
     assert_eq!(
         shape(&drain(&mut s)),
         [
