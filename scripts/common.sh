@@ -31,3 +31,12 @@ mkdir -p "$CARGO_TARGET_DIR"
 # No incremental caches: they add gigabytes per build variant to the shared directory, and the
 # scripts rebuild the workspace crates from scratch often enough that they rarely pay off.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+
+# Says so before a build that will compile RocksDB's C++ (quva-ca's store), the longest step of a
+# first build, so that a new user knows why nothing seems to happen for a quarter of an hour.
+announce_first_build() {
+  if ! compgen -G "$CARGO_TARGET_DIR/debug/deps/liblibrocksdb_sys-*.rlib" >/dev/null; then
+    echo "==> first build on this machine: compiling RocksDB's C++ for quva-ca, the longest step"
+    echo "    (15-20 minutes on 2 cores, once per machine; later builds reuse $CARGO_TARGET_DIR)"
+  fi
+}

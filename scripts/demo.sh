@@ -34,6 +34,7 @@ if [ "$OFFLINE" = 1 ]; then
 fi
 
 echo "==> building the workspace as scripts/test.sh does, so the tests reuse it (build dir: $CARGO_TARGET_DIR)"
+announce_first_build
 cargo test --workspace --locked --all-targets --no-run
 export PATH="$CARGO_TARGET_DIR/debug:$PATH"
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)

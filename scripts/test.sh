@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/common.sh
 echo "==> cargo test --workspace (build dir: $CARGO_TARGET_DIR)"
+announce_first_build
 cargo test --workspace --locked --all-targets "$@"
 cargo test --workspace --locked --doc
 # The README's demo command reuses this build (one RocksDB C++ build per machine).
