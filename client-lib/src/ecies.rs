@@ -27,8 +27,15 @@ pub fn seal(q: &Point, ctx: &[u8], m: &[u8], rng: &mut impl CryptoRngCore) -> Ve
     seal_with_ephemeral(&KeyPair::random(rng), q, ctx, m)
 }
 
-/// Encrypts with the given ephemeral key pair (r, R). `r` must be fresh; for test vectors.
-pub fn seal_with_ephemeral(eph: &KeyPair, q: &Point, ctx: &[u8], m: &[u8]) -> Vec<u8> {
+/// Encrypts with the given ephemeral key pair (r, R), which must be fresh: reusing r for two
+/// messages reveals the key of both. For test vectors only.
+#[cfg(feature = "hazmat")]
+pub fn dangerous_seal_with_ephemeral(eph: &KeyPair, q: &Point, ctx: &[u8], m: &[u8]) -> Vec<u8> {
+    seal_with_ephemeral(eph, q, ctx, m)
+}
+
+/// Encrypts with the given ephemeral key pair (r, R), which must be fresh.
+pub(crate) fn seal_with_ephemeral(eph: &KeyPair, q: &Point, ctx: &[u8], m: &[u8]) -> Vec<u8> {
     let r_bytes = eph.public().to_bytes();
     // INVARIANT: r ≠ 0 and Q is a valid non-identity point of prime order, so r·Q ≠ identity.
     let shared = eph.xdh(q).unwrap_or_else(|_| Zeroizing::new([0u8; 32]));

@@ -31,6 +31,7 @@ pub mod schnorr;
 pub mod symmetric;
 pub mod topics;
 
+#[cfg(any(fuzzing, feature = "testkit"))]
 #[doc(hidden)]
 pub mod __fuzz;
 mod msm;

@@ -255,10 +255,12 @@ impl VerifiedRequest {
         &self.request
     }
 
-    /// CA: issues the certificate with a fresh random k.
+    /// CA: issues the certificate with a fresh random k: C = R_i + k·G, cert around C,
+    /// e = Hs("quva/v1/cert", cert), a_i = e·k + d_CA.
     ///
     /// # Errors
-    /// As [`VerifiedRequest::issue_with`].
+    /// [`EnrollError::InvalidValidity`] if `not_before > not_after`; [`EnrollError::Ecqv`] if
+    /// C is the identity or e is zero (negligible).
     pub fn issue(
         &self,
         ca: &KeyPair,
@@ -271,13 +273,25 @@ impl VerifiedRequest {
         self.issue_with(ca, serial, not_before, not_after, &k)
     }
 
-    /// CA: issues the certificate with the given k (fresh and secret; exposed for test vectors):
-    /// C = R_i + k·G, cert around C, e = Hs("quva/v1/cert", cert), a_i = e·k + d_CA.
+    /// CA: issues the certificate with the given k, for test vectors only. k must be fresh and
+    /// secret: two certificates issued with one k reveal d_CA.
     ///
     /// # Errors
-    /// [`EnrollError::InvalidValidity`] if `not_before > not_after`; [`EnrollError::Ecqv`] if
-    /// C is the identity or e is zero (negligible).
-    pub fn issue_with(
+    /// As [`VerifiedRequest::issue`].
+    #[cfg(feature = "hazmat")]
+    pub fn dangerous_issue_with(
+        &self,
+        ca: &KeyPair,
+        serial: u64,
+        not_before: u64,
+        not_after: u64,
+        k: &SecretScalar,
+    ) -> Result<EnrollResponse, EnrollError> {
+        self.issue_with(ca, serial, not_before, not_after, k)
+    }
+
+    /// [`VerifiedRequest::issue`] with the given k, which must be fresh and secret.
+    pub(crate) fn issue_with(
         &self,
         ca: &KeyPair,
         serial: u64,

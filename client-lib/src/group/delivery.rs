@@ -38,12 +38,8 @@ impl GroupKeyDelivery {
         Self::seal_with_ephemeral(signed, keys, recipient, &KeyPair::random(rng))
     }
 
-    /// As [`GroupKeyDelivery::seal`] with the given ephemeral key pair (test vectors); it must be
-    /// fresh.
-    ///
-    /// # Errors
-    /// [`GroupError::InfoMismatch`] if `signed` is not the info of `keys`.
-    pub fn seal_with_ephemeral(
+    /// As [`GroupKeyDelivery::seal`] with the given ephemeral key pair, which must be fresh.
+    pub(crate) fn seal_with_ephemeral(
         signed: &SignedGroupInfo,
         keys: &GroupKeys,
         recipient: &Member,

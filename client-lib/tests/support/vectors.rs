@@ -119,7 +119,7 @@ pub fn compute(case: &Value) -> Value {
                 .verify(&enroll_secret, num(case, "t_ms"), 0)
                 .unwrap();
             let response = verified
-                .issue_with(
+                .dangerous_issue_with(
                     &ca,
                     num(case, "serial"),
                     num(case, "not_before"),
@@ -145,7 +145,7 @@ pub fn compute(case: &Value) -> Value {
         }
         "ecies" => {
             let eph = KeyPair::from_secret(secret(case, "r"));
-            let out = ecies::seal_with_ephemeral(
+            let out = ecies::dangerous_seal_with_ephemeral(
                 &eph,
                 &point(case, "q"),
                 &bytes(case, "ctx"),
@@ -493,7 +493,7 @@ fn fixed_credentials(label: &str, id: &str, serial: u64) -> Credentials {
         .enroll_request(&enroll_secret)
         .verify(&enroll_secret, t_ms, 0)
         .unwrap()
-        .issue_with(
+        .dangerous_issue_with(
             &ca,
             serial,
             t_ms,
