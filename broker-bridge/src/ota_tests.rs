@@ -234,6 +234,11 @@ fn a_manifest_is_refused_for_each_broken_rule() {
         refused(M7, "rel-1", &forged, &listed, NOW),
         OtaRefusal::Ota(OtaError::BadSignature)
     );
+    // The window is checked before the signature: a stale forgery costs no verification.
+    assert_eq!(
+        refused(M7, "rel-1", &forged, &listed, NOW + WINDOW + 1),
+        OtaRefusal::Message(Rejection::StaleTimestamp)
+    );
     // A changed chunk hash: the signature no longer covers it.
     let mut changed = msg.clone();
     let at = r.manifest().to_bytes().len() - 8 - 1;

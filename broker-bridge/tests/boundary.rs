@@ -723,6 +723,20 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     assert_eq!(puback(&mut thief, 11).await, 0x87);
     publish_retained(&mut thief, "plant/a/_ota/pub-3/7/m", manifest.clone(), 12).await;
     assert_eq!(puback(&mut thief, 12).await, 0x87);
+    // A subscriber of the group, and a publisher of another group, signing releases of their
+    // own: the member list does not make them publishers of the group.
+    for (who, raw, id) in [(&device, &mut dev, 14), (&outsider, &mut out, 15)] {
+        let own = ReleaseSigner {
+            group: &g,
+            key: who.key(),
+            cert: who.cert(),
+        }
+        .release(7, "fw-7.bin", &image, 4_096, now, &mut rng)
+        .unwrap();
+        let on = format!("plant/a/_ota/{}/7/m", who.id());
+        publish_retained(raw, &on, own.manifest_message().to_vec(), id).await;
+        assert_eq!(puback(raw, id).await, 0x87);
+    }
     // The signer's manifest on another version's topic.
     publish_retained(&mut from, "plant/a/_ota/pub-1/8/m", manifest.clone(), 13).await;
     assert_eq!(puback(&mut from, 13).await, 0x87);
@@ -787,6 +801,7 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     assert_eq!(dev.drain_publishes(Duration::from_millis(200)).await, want);
     let m = bridge.metrics();
     assert_eq!(m.dropped_count("ota_not_signer"), 1);
+    assert_eq!(m.dropped_count("signer_not_listed"), 2);
     assert_eq!(m.dropped_count("topic_mismatch"), 2);
     assert_eq!(m.dropped_count("replayed"), 2);
     assert_eq!(m.dropped_count("unauthenticated"), 1);
