@@ -6,8 +6,9 @@
 //!   with [`UnverifiedManifest::verify_at_bridge`] (topic, signer = the connection, sizes within
 //!   the configured limits, certificate under the pinned Q_CA, valid now and the signer's
 //!   current publisher certificate in the group, signature) and remembered in [`Releases`];
-//! - a chunk on `…/<v>/c/<j>` passes only against an accepted manifest of that release
-//!   ([`VerifiedManifest::check_chunk`]: j < n_chunks, its length, H(ct) = h_j);
+//! - a chunk on `…/<v>/c/<j>` passes only from a current publisher S of the group, against an
+//!   accepted manifest of that release ([`VerifiedManifest::check_chunk`]: j < n_chunks, its
+//!   length, H(ct) = h_j);
 //! - a key message on `…/<v>/k` must be an option-2 forward message of the group from S
 //!   ([`key_message_fits`]); its window, replay, sender and signature checks are the ones of
 //!   every group message, with the batch of the connection.

@@ -203,6 +203,15 @@ fn check_release_item(
             };
             checked.map(|m| lock(&shared.releases).remember(m))
         }
+        // The signer must still be a publisher of the group: one removed since its manifest
+        // was accepted deposits nothing more.
+        OtaItem::Chunk(_)
+            if !shared
+                .dir
+                .is_current_member(&topic.group, signer, Role::Publisher) =>
+        {
+            Err(OtaRefusal::Message(Rejection::NotMember))
+        }
         OtaItem::Chunk(_) => lock(&shared.releases).check_chunk(topic, payload),
         OtaItem::Key => Err(OtaRefusal::Ota(quva_client::ota::OtaError::NotOtaMessage)),
     };

@@ -613,6 +613,18 @@ async fn direct_messages_pass_only_from_their_sender_to_their_recipient() {
     let mut to = joined(&bridge, &ca, &recipient, A, Role::Subscriber).await;
     let ack = to.subscribe(5, "quva/d/sub-1", vec![]).await;
     assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    // Only sub-1 reads its direct topic: not another device, not by a wildcard.
+    for (i, filter) in ["quva/d/sub-1", "quva/d/+", "quva/#"]
+        .into_iter()
+        .enumerate()
+    {
+        let ack = thief.subscribe(6 + i as u16, filter, vec![]).await;
+        assert_eq!(
+            ack.status,
+            vec![v5::SubscribeAckReason::NotAuthorized],
+            "{filter}"
+        );
+    }
     let mut watch = observer(&broker, "quva/d/#").await;
     let seal = |t_ms: u64, m: &[u8]| {
         DirectSealer {
@@ -812,6 +824,21 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     assert_eq!(m.dropped_count("chunk_length_mismatch"), 1);
     assert_eq!(m.dropped_count("chunk_out_of_range"), 1);
     assert_eq!(m.dropped_count("ota_not_key_message"), 1);
+
+    // Once removed as a publisher, the signer deposits nothing more, not even the chunks its
+    // accepted manifest announces.
+    ca.remove(A, "pub-1", Role::Publisher);
+    assert!(from.closed().await, "the removed signer's session ends");
+    let mut again = connect(addr, &signer, "pub-1-again").await;
+    publish_retained(&mut again, &topic("c/0"), chunks[0].clone(), 40).await;
+    assert_eq!(puback(&mut again, 40).await, 0x87);
+    assert_eq!(m.dropped_count("not_member"), 1);
+    assert!(
+        watch
+            .drain_publishes(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
 }
 
 fn option1_now(ca: &TestCa, creds: &Credentials) -> Vec<u8> {
