@@ -172,8 +172,8 @@ fn check_direct(
 }
 
 /// The checks of a manifest or a chunk at the bridge (PROTOCOL.md §7.2, [`crate::ota`]); a key
-/// message is checked with the group messages of the batch. The session has already made sure
-/// the connection is the topic's signer.
+/// message is checked with the group messages of the batch. The connection must be the device
+/// connection of the topic's signer (the session has made sure of it already).
 fn check_release_item(
     shared: &Shared,
     connection: &ConnectionIdentity,
@@ -181,9 +181,13 @@ fn check_release_item(
     payload: &[u8],
     now: u64,
 ) -> Verdict {
+    // The session decided this already; checked again so that no path here relies on it.
     let ConnectionIdentity::Device(signer) = connection else {
         return Verdict::Drop(Dropped::not_authorized("ota_not_signer"));
     };
+    if signer != &topic.signer {
+        return Verdict::Drop(Dropped::not_authorized("ota_not_signer"));
+    }
     let checked = match topic.item {
         OtaItem::Manifest => {
             let Some(q_ca) = shared.ca_public() else {
@@ -213,6 +217,7 @@ fn check_release_item(
             Err(OtaRefusal::Message(Rejection::NotMember))
         }
         OtaItem::Chunk(_) => lock(&shared.releases).check_chunk(topic, payload),
+        // Key messages are group messages, checked with the batch's (`check_now`), never here.
         OtaItem::Key => Err(OtaRefusal::Ota(quva_client::ota::OtaError::NotOtaMessage)),
     };
     match checked {
