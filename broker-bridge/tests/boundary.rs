@@ -825,6 +825,37 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     assert_eq!(m.dropped_count("chunk_out_of_range"), 1);
     assert_eq!(m.dropped_count("ota_not_key_message"), 1);
 
+    // A signer that does not wait for PUBACKs: manifest, chunks and key message of release 8 in
+    // one go are checked in order (the manifest is accepted before its chunks are checked).
+    let v8 = ReleaseSigner {
+        group: &g,
+        key: signer.key(),
+        cert: signer.cert(),
+    }
+    .release(8, "fw-8.bin", &image, 4_096, now_ms(), &mut rng)
+    .unwrap();
+    let t8 = |item: &str| format!("plant/a/_ota/pub-1/8/{item}");
+    let mut burst = vec![(t8("m"), v8.manifest_message().to_vec())];
+    for (j, ct) in v8.chunks().iter().enumerate() {
+        burst.push((t8(&format!("c/{j}")), ct.clone()));
+    }
+    let s8 = sealer(&g, info.epoch, signer.id(), signer.key());
+    let k8 = v8
+        .key_message()
+        .seal(&s8, &info.q_p, now_ms(), &mut SystemRng::new())
+        .unwrap();
+    burst.push((t8("k"), k8));
+    for (i, (t, payload)) in burst.iter().enumerate() {
+        publish_retained(&mut from, t, payload.clone(), 50 + i as u16).await;
+    }
+    for i in 0..burst.len() {
+        assert_eq!(puback(&mut from, 50 + i as u16).await, 0, "item {i}");
+    }
+    assert_eq!(
+        watch.drain_publishes(Duration::from_millis(500)).await,
+        burst
+    );
+
     // Once removed as a publisher, the signer deposits nothing more, not even the chunks its
     // accepted manifest announces.
     ca.remove(A, "pub-1", Role::Publisher);
