@@ -356,8 +356,11 @@ pub(crate) struct PendingSub {
 /// to subscribe to its unprotected topics with a narrower filter instead of losing them silently.
 pub(crate) fn refusal_reason(policy: &TopicPolicy, filter: &str) -> Option<&'static str> {
     let inner = unshare(filter);
-    (valid_filter(inner) && inner.contains(['+', '#']) && policy.filter_touches_protected(inner))
-        .then_some(WILDCARD_REFUSED)
+    (valid_filter(inner)
+        && inner.contains(['+', '#'])
+        && policy.filter_touches_protected(inner)
+        && policy.ota_filter_group(inner).is_none())
+    .then_some(WILDCARD_REFUSED)
 }
 
 /// The Reason String of [`refusal_reason`].
@@ -774,5 +777,11 @@ mod tests {
         assert_eq!(ack.reason_string.as_deref(), Some(WILDCARD_REFUSED));
         assert_eq!(refusal_reason(&policy(), "weather/#"), None);
         assert_eq!(refusal_reason(&policy(), "plant/a"), None);
+        // A group's OTA wildcard is refused for membership, not for being a wildcard.
+        assert_eq!(refusal_reason(&policy(), "plant/a/_ota/#"), None);
+        assert_eq!(
+            refusal_reason(&policy(), "plant/+/_ota/#"),
+            Some(WILDCARD_REFUSED)
+        );
     }
 }
