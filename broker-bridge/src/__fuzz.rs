@@ -78,6 +78,11 @@ pub fn session(data: &[u8]) {
                         assert_eq!(kind, TopicKind::Direct(d));
                     }
                     Target::Reserved => assert!(!matches!(kind, TopicKind::Unprotected)),
+                    Target::Ota(t) => {
+                        assert_eq!(kind, TopicKind::Ota(t.group.clone()));
+                        assert_eq!(t.to_string(), p.topic.to_string(), "one spelling");
+                    }
+                    Target::BadOta => assert!(matches!(kind, TopicKind::Ota(_))),
                 }
                 if let Some(id) = p.packet_id {
                     awaited += 1;

@@ -220,6 +220,14 @@ pub struct Limits {
     pub max_batch: usize,
     /// How long shutdown waits for connections to close, ms.
     pub shutdown_grace_ms: u64,
+    /// Largest OTA image a manifest may announce, bytes (default 256 MiB, PROTOCOL.md §7.2).
+    pub ota_max_image_bytes: u64,
+    /// Accepted OTA releases remembered per group (default 4): the oldest is forgotten first,
+    /// and its signer republishes its manifest before publishing more of its chunks.
+    pub ota_releases_per_group: usize,
+    /// Accepted OTA releases remembered in all (default 256). Each costs at most about twice
+    /// `max_payload` (the signed manifest and its decoded chunk hashes).
+    pub ota_max_releases: usize,
 }
 
 impl Default for Limits {
@@ -232,6 +240,9 @@ impl Default for Limits {
             idle_timeout_ms: 300_000,
             max_batch: 64,
             shutdown_grace_ms: 5_000,
+            ota_max_image_bytes: quva_client::ota::DEFAULT_MAX_IMAGE_SIZE,
+            ota_releases_per_group: 4,
+            ota_max_releases: 256,
         }
     }
 }
@@ -285,6 +296,14 @@ impl Config {
         if self.ca.public_key.is_some() && self.ca.public_key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "ca.public_key and ca.public_key_file: give one",
+            ));
+        }
+        if self.limits.ota_releases_per_group == 0 {
+            return Err(ConfigError::Invalid("limits.ota_releases_per_group"));
+        }
+        if self.limits.ota_max_releases < self.limits.ota_releases_per_group {
+            return Err(ConfigError::Invalid(
+                "limits.ota_max_releases must be at least limits.ota_releases_per_group",
             ));
         }
         if self.windows.replay_capacity == 0 {
@@ -384,6 +403,9 @@ mod tests {
         assert_eq!(cfg.windows.epoch_grace_ms, 30_000);
         let cfg = Config::from_toml("[limits]\nmax_connections = 3\n").unwrap();
         assert_eq!(cfg.limits.max_connections, 3);
+        assert_eq!(cfg.limits.ota_max_image_bytes, 256 * 1024 * 1024);
+        let cfg = Config::from_toml("[limits]\nota_max_image_bytes = 1048576\n").unwrap();
+        assert_eq!(cfg.limits.ota_max_image_bytes, 1 << 20);
     }
 
     #[test]
@@ -410,6 +432,11 @@ mod tests {
         assert!(Config::from_toml("nonsense = 1").is_err());
         assert!(Config::from_toml("[topics]\nprotected = [\"quva/#\"]").is_err());
         assert!(Config::from_toml("[limits]\nmax_connections = 0").is_err());
+        assert!(Config::from_toml("[limits]\nota_releases_per_group = 0").is_err());
+        assert!(
+            Config::from_toml("[limits]\nota_releases_per_group = 8\nota_max_releases = 4")
+                .is_err()
+        );
     }
 
     #[test]

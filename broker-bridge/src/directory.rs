@@ -16,12 +16,13 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
-use quva_client::codec::Decode;
+use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
 use quva_client::enrollment::ImplicitCert;
 use quva_client::group::{GroupInfo, Member, Privacy, SignedGroupInfo};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 use quva_client::message::{Directory, GroupLookupError, GroupPublicKeys};
+use quva_client::ota::SignerListing;
 use quva_client::schnorr::VerifyingKey;
 
 use crate::ca::GroupSnapshot;
@@ -364,5 +365,31 @@ impl Directory for DirectoryView<'_> {
                 d.members.iter().any(|m| &m.id == id && m.role == role)
             })
             .unwrap_or(false)
+    }
+}
+
+/// The OTA signer check of PROTOCOL.md §7.2: `cert` (opening to `q`) is, byte for byte, the
+/// certificate of a publisher in the group's current member list, and not revoked.
+impl SignerListing for DirectoryView<'_> {
+    fn lists_publisher(&self, group: &GroupId, cert: &ImplicitCert, q: &VerifyingKey) -> bool {
+        let s = self.dir.read();
+        if s.revoked.contains(&cert.serial()) {
+            return false;
+        }
+        let Some(g) = s.groups.get(group) else {
+            return false;
+        };
+        let bytes = cert.to_bytes();
+        let listed = g
+            .current
+            .certs
+            .iter()
+            .any(|(role, c, _)| *role == Role::Publisher && *c == bytes);
+        let member = g
+            .current
+            .members
+            .iter()
+            .any(|m| &m.id == cert.id() && m.role == Role::Publisher && m.q == q.0);
+        listed && member
     }
 }

@@ -37,6 +37,7 @@ mod frames;
 mod gateway;
 mod identity;
 mod notices;
+mod ota;
 mod registry;
 mod session;
 mod shared;

@@ -38,12 +38,16 @@ struct Call {
 }
 
 /// Drop reasons of the bridge's own, besides every [`quva_client::message::Rejection`] label.
-pub const EXTRA_DROP_REASONS: [&str; 5] = [
+pub const EXTRA_DROP_REASONS: [&str; 9] = [
     "reserved_topic",
     "unauthenticated",
     "not_authorized",
     "topic_mismatch",
     "retained",
+    "ota_topic",
+    "ota_not_signer",
+    "ota_not_key_message",
+    "ota_unknown_release",
 ];
 
 /// The bridge's metrics. Cheap to clone (shared counters).

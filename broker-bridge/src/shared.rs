@@ -1,7 +1,8 @@
 //! The parts every connection uses, each with one job: the configuration and topic policy, the
 //! CA gateway ([`CaGateway`]: timeouts, negative cache), the cache of CA data
 //! ([`BridgeDirectory`], with Q_CA pinned from the configuration), the replay caches of
-//! PROTOCOL.md §3 and §6 partitioned per group and sender (§8), the session registry and the
+//! PROTOCOL.md §3 and §6 partitioned per group and sender (§8), the accepted OTA releases
+//! (§7.2), the session registry and the
 //! metrics, and the few operations that combine them.
 
 use std::collections::HashSet;
@@ -24,6 +25,7 @@ use crate::directory::BridgeDirectory;
 use crate::gateway::CaGateway;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::ota::Releases;
 use crate::registry::Registry;
 use crate::sync::lock;
 use crate::topics::TopicPolicy;
@@ -46,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) replay: Mutex<BridgeReplay>,
     /// Direct messages (PROTOCOL.md §7.1), one partition per sender.
     pub(crate) direct_replay: Mutex<DirectReplay>,
+    /// The OTA releases whose manifests were accepted, for the chunk checks (PROTOCOL.md §7.2).
+    pub(crate) releases: Mutex<Releases>,
     /// Connect-proof nonces, per identity (PROTOCOL.md §3, §8).
     nonces: Mutex<PartitionedReplay<Identity, [u8; 16]>>,
     /// Batches of signature checks running on the blocking pool at once (one per CPU).
@@ -227,6 +231,10 @@ impl Shared {
             dir,
             replay: Mutex::new(BridgeReplay::new(window, cfg.windows.replay_capacity)),
             direct_replay: Mutex::new(DirectReplay::new(window, cfg.windows.replay_capacity)),
+            releases: Mutex::new(Releases::new(
+                cfg.limits.ota_releases_per_group,
+                cfg.limits.ota_max_releases,
+            )),
             nonces: Mutex::new(PartitionedReplay::new(window, cfg.windows.replay_capacity)),
             verifiers: Semaphore::new(
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),

@@ -129,6 +129,19 @@ impl TopicPolicy {
         self.classify(topic) == TopicKind::Unprotected
     }
 
+    /// The group whose OTA topics a wildcard filter stays within (PROTOCOL.md §7.2), if any:
+    /// `<group>/_ota/<rest>` with the group spelt out (no wildcard) and protected, and wildcards
+    /// only in `<rest>` (`plant/a/_ota/#`, `plant/a/_ota/rel-1/#`, `plant/a/_ota/+/7/m`). Every
+    /// topic such a filter matches is one of that group's OTA topics or a reserved one that no
+    /// device may publish on, so it is granted as the group's OTA topics are.
+    pub fn ota_filter_group(&self, filter: &str) -> Option<GroupId> {
+        let (group, rest) = filter.split_once(OTA_LEVEL)?;
+        if group.contains(['+', '#']) || rest.is_empty() || !self.is_protected_group(group) {
+            return None;
+        }
+        group_id(group)
+    }
+
     /// Whether a subscription filter with wildcards could match any protected or reserved topic.
     /// Such filters are refused: a device subscribes to a group's traffic by its exact topic.
     pub fn filter_touches_protected(&self, filter: &str) -> bool {
@@ -371,6 +384,27 @@ mod tests {
         assert!(!p.filter_touches_protected("weather/+"));
         assert!(!p.filter_touches_protected("hall/+/hum"));
         assert_eq!(unshare("$share/g1/plant/#"), "plant/#");
+        // OTA filters of one spelt-out group are told apart (and still touch protected topics).
+        let g = GroupId::new("plant/a").unwrap();
+        for f in [
+            "plant/a/_ota/#",
+            "plant/a/_ota/rel-1/#",
+            "plant/a/_ota/+/7/m",
+        ] {
+            assert!(p.filter_touches_protected(f), "{f}");
+            assert_eq!(p.ota_filter_group(f), Some(g.clone()), "{f}");
+        }
+        for f in [
+            "plant/+/_ota/#",
+            "+/a/_ota/#",
+            "plant/#",
+            "plant/_x/_ota/#",
+            "weather/_ota/#",
+            "plant/a/_ota/",
+            "#",
+        ] {
+            assert_eq!(p.ota_filter_group(f), None, "{f}");
+        }
         assert_eq!(unshare("plant/#"), "plant/#");
     }
 }

@@ -20,9 +20,12 @@ use quva_client::message::{
     BridgeCheck, ConnectionIdentity, Direction, Policy, Rejection, UnverifiedMessage,
     verify_signatures,
 };
+use quva_client::ota::OtaPolicy;
+use quva_client::topics::{OtaItem, OtaTopic};
 use rand_core::OsRng;
 
 use crate::directory::BridgeDirectory;
+use crate::ota::{self, ManifestChecks, OtaRefusal};
 use crate::shared::{Shared, now_ms};
 use crate::sync::lock;
 
@@ -43,6 +46,13 @@ impl Dropped {
 
     pub(crate) const fn not_authorized(label: &'static str) -> Self {
         Dropped { label, code: 0x87 }
+    }
+
+    pub(crate) fn from_ota(r: &OtaRefusal) -> Self {
+        Dropped {
+            label: r.label(),
+            code: r.puback_reason_code(),
+        }
     }
 }
 
@@ -88,6 +98,9 @@ pub(crate) enum Addressed {
     Group(GroupId, Direction),
     /// A device's direct-message topic (PROTOCOL.md §7.1).
     Direct(DeviceId),
+    /// A group's OTA manifest, key message or chunk (PROTOCOL.md §7.2), published by a device
+    /// connection of the topic's signer.
+    Ota(OtaTopic),
 }
 
 impl Protected {
@@ -95,6 +108,7 @@ impl Protected {
     pub(crate) fn group(&self) -> Option<&GroupId> {
         match &self.to {
             Addressed::Group(g, _) => Some(g),
+            Addressed::Ota(t) => Some(&t.group),
             Addressed::Direct(_) => None,
         }
     }
@@ -157,6 +171,73 @@ fn check_direct(
     }
 }
 
+/// The checks of a manifest or a chunk at the bridge (PROTOCOL.md §7.2, [`crate::ota`]); a key
+/// message is checked with the group messages of the batch. The connection must be the device
+/// connection of the topic's signer (the session has made sure of it already).
+fn check_release_item(
+    shared: &Shared,
+    connection: &ConnectionIdentity,
+    topic: &OtaTopic,
+    payload: &[u8],
+    now: u64,
+) -> Verdict {
+    // The session decided this already; checked again so that no path here relies on it.
+    let ConnectionIdentity::Device(signer) = connection else {
+        return Verdict::Drop(Dropped::not_authorized("ota_not_signer"));
+    };
+    if signer != &topic.signer {
+        return Verdict::Drop(Dropped::not_authorized("ota_not_signer"));
+    }
+    let checked = match topic.item {
+        OtaItem::Manifest => {
+            let Some(q_ca) = shared.ca_public() else {
+                return Verdict::Drop(Dropped::not_authorized("not_authorized"));
+            };
+            let view = shared.dir.view(now);
+            let checks = ManifestChecks {
+                q_ca: &q_ca,
+                signers: &view,
+                policy: ota_policy(shared),
+                window_ms: shared.cfg.windows.timestamp_ms,
+            };
+            // Manifests are rare: the replay cache is held across their one signature check.
+            let checked = {
+                let mut replay = lock(&shared.replay);
+                ota::check_manifest(topic, signer, payload, &checks, &mut replay, now)
+            };
+            checked.map(|m| lock(&shared.releases).remember(m))
+        }
+        // The signer must still be a publisher of the group: one removed since its manifest
+        // was accepted deposits nothing more.
+        OtaItem::Chunk(_)
+            if !shared
+                .dir
+                .is_current_member(&topic.group, signer, Role::Publisher) =>
+        {
+            Err(OtaRefusal::Message(Rejection::NotMember))
+        }
+        OtaItem::Chunk(_) => lock(&shared.releases).check_chunk(topic, payload),
+        // Key messages are group messages, checked with the batch's (`check_now`), never here.
+        OtaItem::Key => Err(OtaRefusal::Ota(quva_client::ota::OtaError::NotOtaMessage)),
+    };
+    match checked {
+        Ok(()) => Verdict::Accept,
+        Err(r) => Verdict::Drop(Dropped::from_ota(&r)),
+    }
+}
+
+/// The bridge's OTA limits: a manifest fits one PUBLISH, images up to `ota_max_image_bytes`,
+/// chunks whose ciphertext fits one PUBLISH.
+fn ota_policy(shared: &Shared) -> OtaPolicy {
+    let max_payload = shared.cfg.limits.max_payload;
+    OtaPolicy {
+        max_image_size: shared.cfg.limits.ota_max_image_bytes,
+        max_chunk_size: u32::try_from(max_payload.saturating_sub(quva_client::symmetric::TAG_LEN))
+            .unwrap_or(u32::MAX),
+        max_manifest_len: max_payload,
+    }
+}
+
 /// The synchronous checks of [`check_batch`].
 fn check_now(
     shared: &Shared,
@@ -172,8 +253,8 @@ fn check_now(
     let mut out = Vec::with_capacity(items.len());
     let mut messages: Vec<(usize, UnverifiedMessage)> = Vec::with_capacity(items.len());
     for p in items {
-        let (group, direction) = match p.to {
-            Addressed::Group(g, d) => (g, d),
+        let (group, direction, key_topic) = match p.to {
+            Addressed::Group(g, d) => (g, d, None),
             Addressed::Direct(recipient) => {
                 out.push((
                     p.index,
@@ -181,11 +262,31 @@ fn check_now(
                 ));
                 continue;
             }
+            // A key message is a group message (option 2, forward, from the signer): it joins
+            // the batch's group messages for the window, replay, sender and signature checks.
+            Addressed::Ota(t) if t.item == OtaItem::Key => {
+                (t.group.clone(), Direction::Forward, Some(t))
+            }
+            Addressed::Ota(t) => {
+                out.push((
+                    p.index,
+                    check_release_item(shared, connection, &t, &p.payload, now),
+                ));
+                continue;
+            }
         };
         match UnverifiedMessage::decode_with_limit(&p.payload, policy.max_payload) {
             Ok(m) => {
                 let h = m.header();
-                if h.group != group || h.direction != direction {
+                if key_topic
+                    .as_ref()
+                    .is_some_and(|t| !ota::key_message_fits(t, &m))
+                {
+                    out.push((
+                        p.index,
+                        Verdict::Drop(Dropped::not_authorized("ota_not_key_message")),
+                    ));
+                } else if h.group != group || h.direction != direction {
                     out.push((
                         p.index,
                         Verdict::Drop(Dropped::not_authorized("topic_mismatch")),

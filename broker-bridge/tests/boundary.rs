@@ -613,6 +613,18 @@ async fn direct_messages_pass_only_from_their_sender_to_their_recipient() {
     let mut to = joined(&bridge, &ca, &recipient, A, Role::Subscriber).await;
     let ack = to.subscribe(5, "quva/d/sub-1", vec![]).await;
     assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    // Only sub-1 reads its direct topic: not another device, not by a wildcard.
+    for (i, filter) in ["quva/d/sub-1", "quva/d/+", "quva/#"]
+        .into_iter()
+        .enumerate()
+    {
+        let ack = thief.subscribe(6 + i as u16, filter, vec![]).await;
+        assert_eq!(
+            ack.status,
+            vec![v5::SubscribeAckReason::NotAuthorized],
+            "{filter}"
+        );
+    }
     let mut watch = observer(&broker, "quva/d/#").await;
     let seal = |t_ms: u64, m: &[u8]| {
         DirectSealer {
@@ -661,4 +673,264 @@ async fn direct_messages_pass_only_from_their_sender_to_their_recipient() {
     // Only the honest message ever reached the broker.
     let seen = watch.drain_publishes(Duration::from_millis(500)).await;
     assert_eq!(seen, vec![("quva/d/sub-1".to_owned(), honest)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
+    use quva_client::ota::ReleaseSigner;
+    let (broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let signer = enroll(addr, &ca, "pub-1").await;
+    let other = enroll(addr, &ca, "pub-3").await;
+    let device = enroll(addr, &ca, "sub-1").await;
+    let outsider = enroll(addr, &ca, "pub-2").await;
+    let mut from = connect(addr, &signer, "pub-1-c").await;
+    let key = devices::join(&mut from, &ca, &signer, A, Role::Publisher, 1).await;
+    let mut thief = joined(&bridge, &ca, &other, A, Role::Publisher).await;
+    let mut dev = joined(&bridge, &ca, &device, A, Role::Subscriber).await;
+    let mut out = joined(&bridge, &ca, &outsider, B, Role::Publisher).await;
+    // The group's subscribers may follow its releases with one wildcard; no one else may.
+    let ack = dev.subscribe(5, "plant/a/_ota/#", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::GrantedQos1]);
+    let ack = out.subscribe(5, "plant/a/_ota/#", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::NotAuthorized]);
+    let ack = dev.subscribe(6, "plant/+/_ota/#", vec![]).await;
+    assert_eq!(ack.status, vec![v5::SubscribeAckReason::NotAuthorized]);
+    let mut watch = observer(&broker, "plant/a/_ota/#").await;
+
+    let g = GroupId::new(A).unwrap();
+    let mut rng = SystemRng::new();
+    let now = now_ms();
+    // Chunks of 4 KiB: the test bridge's payload limit is 16 KiB.
+    let image: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let release = ReleaseSigner {
+        group: &g,
+        key: signer.key(),
+        cert: signer.cert(),
+    }
+    .release(7, "fw-7.bin", &image, 4_096, now, &mut rng)
+    .unwrap();
+    let manifest = release.manifest_message().to_vec();
+    let chunks = release.chunks().to_vec();
+    assert_eq!(chunks.len(), 3);
+    let topic = |item: &str| format!("plant/a/_ota/pub-1/7/{item}");
+    // The group's current epoch (the members who joined after the signer moved it on).
+    let info = ca.keys(A).group_info().clone();
+    assert!(info.epoch > key.epoch());
+    let seal = |t_ms: u64| {
+        let s = sealer(&g, info.epoch, signer.id(), signer.key());
+        release
+            .key_message()
+            .seal(&s, &info.q_p, t_ms, &mut SystemRng::new())
+            .unwrap()
+    };
+    let key_message = seal(now);
+
+    // A chunk before its manifest: nothing to check it against.
+    publish_retained(&mut from, &topic("c/0"), chunks[0].clone(), 10).await;
+    assert_eq!(puback(&mut from, 10).await, 0x87);
+    // Another publisher of the group cannot deposit under the signer's topics, even with the
+    // signer's own bytes; nor its own copy of the signer's manifest.
+    publish_retained(&mut thief, &topic("m"), manifest.clone(), 11).await;
+    assert_eq!(puback(&mut thief, 11).await, 0x87);
+    publish_retained(&mut thief, "plant/a/_ota/pub-3/7/m", manifest.clone(), 12).await;
+    assert_eq!(puback(&mut thief, 12).await, 0x87);
+    // A subscriber of the group, and a publisher of another group, signing releases of their
+    // own: the member list does not make them publishers of the group.
+    for (who, raw, id) in [(&device, &mut dev, 14), (&outsider, &mut out, 15)] {
+        let own = ReleaseSigner {
+            group: &g,
+            key: who.key(),
+            cert: who.cert(),
+        }
+        .release(7, "fw-7.bin", &image, 4_096, now, &mut rng)
+        .unwrap();
+        let on = format!("plant/a/_ota/{}/7/m", who.id());
+        publish_retained(raw, &on, own.manifest_message().to_vec(), id).await;
+        assert_eq!(puback(raw, id).await, 0x87);
+    }
+    // The signer's manifest on another version's topic.
+    publish_retained(&mut from, "plant/a/_ota/pub-1/8/m", manifest.clone(), 13).await;
+    assert_eq!(puback(&mut from, 13).await, 0x87);
+
+    // The honest release: manifest, chunks, key message, all retained.
+    publish_retained(&mut from, &topic("m"), manifest.clone(), 20).await;
+    assert_eq!(puback(&mut from, 20).await, 0);
+    for (j, ct) in chunks.iter().enumerate() {
+        publish_retained(
+            &mut from,
+            &topic(&format!("c/{j}")),
+            ct.clone(),
+            21 + j as u16,
+        )
+        .await;
+        assert_eq!(puback(&mut from, 21 + j as u16).await, 0, "chunk {j}");
+    }
+    publish_retained(&mut from, &topic("k"), key_message.clone(), 24).await;
+    assert_eq!(puback(&mut from, 24).await, 0);
+
+    // Replays, a changed chunk, a chunk past the end, a chunk under a wrong index.
+    publish_retained(&mut from, &topic("m"), manifest.clone(), 30).await;
+    assert_eq!(puback(&mut from, 30).await, 0x87);
+    publish_retained(&mut from, &topic("k"), key_message.clone(), 31).await;
+    assert_eq!(puback(&mut from, 31).await, 0x87);
+    let mut changed = chunks[1].clone();
+    changed[100] ^= 1;
+    publish_retained(&mut from, &topic("c/1"), changed, 32).await;
+    assert_eq!(puback(&mut from, 32).await, 0x87);
+    publish_retained(&mut from, &topic("c/3"), chunks[2].clone(), 33).await;
+    assert_eq!(puback(&mut from, 33).await, 0x87);
+    publish_retained(&mut from, &topic("c/2"), chunks[0].clone(), 34).await;
+    assert_eq!(puback(&mut from, 34).await, 0x87);
+    publish_retained(&mut from, &topic("c/0"), chunks[1].clone(), 39).await;
+    assert_eq!(puback(&mut from, 39).await, 0x87);
+    // The key topic carries only the signer's option-2 message: not option 1.
+    let option1 = sealer(&g, info.epoch, signer.id(), signer.key())
+        .option1(now + 1, b"k", &mut SystemRng::new())
+        .unwrap();
+    publish_retained(&mut from, &topic("k"), option1, 35).await;
+    assert_eq!(puback(&mut from, 35).await, 0x87);
+    // Unknown items, and an unauthenticated client.
+    publish_retained(&mut from, &topic("x"), b"?".to_vec(), 36).await;
+    assert_eq!(puback(&mut from, 36).await, 0x87);
+    let (mut anon, _) = connect_with(addr, plain("anon-ota")).await;
+    publish_retained(&mut anon, &topic("c/0"), chunks[0].clone(), 37).await;
+    assert_eq!(puback(&mut anon, 37).await, 0x87);
+    // Retained publishes on data and query topics stay refused.
+    publish_retained(&mut from, A, option1_now(&ca, &signer), 38).await;
+    assert_eq!(puback(&mut from, 38).await, 0x87);
+
+    // The broker saw exactly the honest release; the group's device received it.
+    let mut want = vec![(topic("m"), manifest)];
+    for (j, ct) in chunks.iter().enumerate() {
+        want.push((topic(&format!("c/{j}")), ct.clone()));
+    }
+    want.push((topic("k"), key_message));
+    assert_eq!(
+        watch.drain_publishes(Duration::from_millis(500)).await,
+        want
+    );
+    assert_eq!(dev.drain_publishes(Duration::from_millis(200)).await, want);
+    let m = bridge.metrics();
+    assert_eq!(m.dropped_count("ota_not_signer"), 1);
+    assert_eq!(m.dropped_count("signer_not_listed"), 2);
+    assert_eq!(m.dropped_count("topic_mismatch"), 2);
+    assert_eq!(m.dropped_count("replayed"), 2);
+    assert_eq!(m.dropped_count("unauthenticated"), 1);
+    assert_eq!(m.dropped_count("retained"), 1);
+    assert_eq!(m.dropped_count("ota_unknown_release"), 1);
+    assert_eq!(m.dropped_count("ota_topic"), 1);
+    assert_eq!(m.dropped_count("chunk_hash_mismatch"), 2);
+    assert_eq!(m.dropped_count("chunk_length_mismatch"), 1);
+    assert_eq!(m.dropped_count("chunk_out_of_range"), 1);
+    assert_eq!(m.dropped_count("ota_not_key_message"), 1);
+
+    // A signer that does not wait for PUBACKs: manifest, chunks and key message of release 8 in
+    // one go are checked in order (the manifest is accepted before its chunks are checked).
+    let v8 = ReleaseSigner {
+        group: &g,
+        key: signer.key(),
+        cert: signer.cert(),
+    }
+    .release(8, "fw-8.bin", &image, 4_096, now_ms(), &mut rng)
+    .unwrap();
+    let t8 = |item: &str| format!("plant/a/_ota/pub-1/8/{item}");
+    let mut burst = vec![(t8("m"), v8.manifest_message().to_vec())];
+    for (j, ct) in v8.chunks().iter().enumerate() {
+        burst.push((t8(&format!("c/{j}")), ct.clone()));
+    }
+    let s8 = sealer(&g, info.epoch, signer.id(), signer.key());
+    let k8 = v8
+        .key_message()
+        .seal(&s8, &info.q_p, now_ms(), &mut SystemRng::new())
+        .unwrap();
+    burst.push((t8("k"), k8));
+    for (i, (t, payload)) in burst.iter().enumerate() {
+        publish_retained(&mut from, t, payload.clone(), 50 + i as u16).await;
+    }
+    for i in 0..burst.len() {
+        assert_eq!(puback(&mut from, 50 + i as u16).await, 0, "item {i}");
+    }
+    assert_eq!(
+        watch.drain_publishes(Duration::from_millis(500)).await,
+        burst
+    );
+
+    // Once removed as a publisher, the signer deposits nothing more, not even the chunks its
+    // accepted manifest announces.
+    ca.remove(A, "pub-1", Role::Publisher);
+    assert!(from.closed().await, "the removed signer's session ends");
+    let mut again = connect(addr, &signer, "pub-1-again").await;
+    publish_retained(&mut again, &topic("c/0"), chunks[0].clone(), 40).await;
+    assert_eq!(puback(&mut again, 40).await, 0x87);
+    assert_eq!(m.dropped_count("not_member"), 1);
+    assert!(
+        watch
+            .drain_publishes(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+}
+
+fn option1_now(ca: &TestCa, creds: &Credentials) -> Vec<u8> {
+    option1(ca, A, creds, now_ms(), b"retained?")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_pass_only_from_their_own_subscriber() {
+    use quva_client::message::{Direction, Sealer};
+    use quva_client::ota::{OtaState, StatusReport};
+    let (broker, bridge, ca) = setup(|_| {}).await;
+    let addr = bridge.local_addr();
+    let signer = enroll(addr, &ca, "pub-1").await;
+    let device = enroll(addr, &ca, "sub-1").await;
+    let other = enroll(addr, &ca, "pub-3").await;
+    let _signer = joined(&bridge, &ca, &signer, A, Role::Publisher).await;
+    let mut thief = joined(&bridge, &ca, &other, A, Role::Publisher).await;
+    let mut dev = connect(addr, &device, "sub-1-c").await;
+    let _ = devices::join(&mut dev, &ca, &device, A, Role::Subscriber, 1).await;
+    let mut watch = observer(&broker, "plant/a/_q").await;
+    let info = ca.keys(A).group_info().clone();
+    let g = GroupId::new(A).unwrap();
+    let report = |who: &Credentials, as_id: &Credentials, t_ms: u64| {
+        let s = Sealer {
+            group: &g,
+            epoch: info.epoch,
+            direction: Direction::Query,
+            sender: as_id.id(),
+            key: who.key(),
+        };
+        StatusReport {
+            version: 7,
+            state: OtaState::Applied,
+            detail: "ok".into(),
+        }
+        .seal(&s, &info.q_s, t_ms, &mut SystemRng::new())
+        .unwrap()
+    };
+    let now = now_ms();
+    let honest = report(&device, &device, now);
+    dev.publish("plant/a/_q", honest.clone(), Some(10)).await;
+    assert_eq!(puback(&mut dev, 10).await, 0);
+    // A fresh report of the subscriber sent by another connection: not its sender.
+    thief
+        .publish("plant/a/_q", report(&device, &device, now + 3), Some(11))
+        .await;
+    assert_eq!(puback(&mut thief, 11).await, 0x87);
+    // A report naming the subscriber but signed with another key, from the subscriber's
+    // connection: a forged sender.
+    dev.publish("plant/a/_q", report(&other, &device, now + 1), Some(12))
+        .await;
+    assert_eq!(puback(&mut dev, 12).await, 0x87);
+    // A publisher reporting as itself: not a subscriber of the group.
+    thief
+        .publish("plant/a/_q", report(&other, &other, now + 2), Some(13))
+        .await;
+    assert_eq!(puback(&mut thief, 13).await, 0x87);
+    let seen = watch.drain_publishes(Duration::from_millis(500)).await;
+    assert_eq!(seen, vec![("plant/a/_q".to_owned(), honest)]);
+    let m = bridge.metrics();
+    assert_eq!(m.dropped_count("sender_mismatch"), 1);
+    assert_eq!(m.dropped_count("bad_signature"), 1);
+    assert_eq!(m.dropped_count("not_member"), 1);
 }

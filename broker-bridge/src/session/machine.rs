@@ -354,8 +354,9 @@ impl<'p> Session<'p> {
                 Target::Unprotected => Some(Verdict::Relay),
                 Target::Reserved => Some(Verdict::Drop(Dropped::not_authorized("reserved_topic"))),
                 Target::Retained => Some(Verdict::Drop(Dropped::not_authorized("retained"))),
+                Target::BadOta => Some(Verdict::Drop(Dropped::not_authorized("ota_topic"))),
                 // No CA lookup and no check on behalf of an unauthenticated connection.
-                Target::Group(..) | Target::Direct(_) if !authenticated => {
+                Target::Group(..) | Target::Direct(_) | Target::Ota(_) if !authenticated => {
                     Some(Verdict::Drop(Dropped::not_authorized("unauthenticated")))
                 }
                 Target::Group(group, direction) => {
@@ -375,6 +376,19 @@ impl<'p> Session<'p> {
                         index,
                         payload: c.publish.payload.clone(),
                         to: Addressed::Direct(recipient.clone()),
+                    });
+                    None
+                }
+                // Under `<group>/_ota/<S>/` only S's device connections publish (PROTOCOL.md
+                // §7.2): not another device, not a group-level connection.
+                Target::Ota(topic) if self.identity.device() != Some(&topic.signer) => {
+                    Some(Verdict::Drop(Dropped::not_authorized("ota_not_signer")))
+                }
+                Target::Ota(topic) => {
+                    protected.push(Protected {
+                        index,
+                        payload: c.publish.payload.clone(),
+                        to: Addressed::Ota(topic.clone()),
                     });
                     None
                 }

@@ -628,3 +628,137 @@ fn direct_messages_are_checked_for_devices_and_dropped_for_anyone_else() {
         assert!(!actions.iter().any(|a| a.starts_with("check")));
     }
 }
+
+fn retained(topic: &str, id: u16) -> v5::Packet {
+    let v5::Packet::Publish(mut p) = publish(topic, id) else {
+        unreachable!()
+    };
+    p.retain = true;
+    v5::Packet::Publish(p)
+}
+
+#[test]
+fn ota_items_go_to_the_checks_only_from_the_signers_device_connection() {
+    let p = policy();
+    let m = "plant/a/_ota/rel-1/7/m";
+    let k = "plant/a/_ota/rel-1/7/k";
+    let c = "plant/a/_ota/rel-1/7/c/0";
+    // The signer, retained (as OTA items are published): all three are checked.
+    let mut s = Session::new(&p, device("rel-1"), LIMITS, 0);
+    s.device_packet(retained(m, 1), 1);
+    s.device_packet(retained(k, 2), 1);
+    s.device_packet(retained(c, 3), 1);
+    s.input_drained();
+    let actions = drain(&mut s);
+    let Some(Action::Work(Work::Check(items))) = actions.first() else {
+        panic!("{:?}", shape(&actions));
+    };
+    let to: Vec<Addressed> = items.iter().map(|i| i.to.clone()).collect();
+    let ota = |t: &str| Addressed::Ota(quva_client::topics::OtaTopic::parse(t).unwrap());
+    assert_eq!(to, vec![ota(m), ota(k), ota(c)]);
+    // Every item is fetched as its group's (the checks need the group's members).
+    assert!(
+        items
+            .iter()
+            .all(|i| i.group() == Some(&GroupId::new("plant/a").unwrap()))
+    );
+    s.answered(
+        Answer::Checked(vec![
+            Verdict::Accept,
+            Verdict::Accept,
+            Verdict::Drop(Dropped::not_authorized("ota_unknown_release")),
+        ]),
+        2,
+    );
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "accepted",
+            "upstream publish plant/a/_ota/rel-1/7/m Some(1)",
+            "accepted",
+            "upstream publish plant/a/_ota/rel-1/7/k Some(2)",
+            "dropped ota_unknown_release",
+        ]
+    );
+
+    // Anyone else under rel-1's topics: refused at once, no check, no CA lookup.
+    for (identity, label) in [
+        (device("rel-2"), "ota_not_signer"),
+        (
+            Identity::Group(GroupId::new("plant/a").unwrap(), Role::Publisher),
+            "ota_not_signer",
+        ),
+        (Identity::Anonymous, "unauthenticated"),
+    ] {
+        for t in [m, k, c] {
+            let mut s = Session::new(&p, identity.clone(), LIMITS, 0);
+            s.device_packet(retained(t, 9), 1);
+            s.input_drained();
+            assert_eq!(
+                shape(&drain(&mut s)),
+                [
+                    format!("dropped {label}"),
+                    "device puback 9 0x87".to_owned()
+                ],
+                "{identity:?} on {t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn anything_else_under_ota_and_retained_group_messages_are_refused() {
+    let p = policy();
+    let mut s = Session::new(&p, device("rel-1"), LIMITS, 0);
+    s.device_packet(publish("plant/a/_ota/rel-1/7/x", 1), 1);
+    s.device_packet(publish("plant/a/_ota/rel-1/07/m", 2), 1);
+    s.device_packet(publish("plant/a/_ota/rel-1/7/c/x", 3), 1);
+    s.device_packet(retained("plant/a", 4), 1);
+    s.input_drained();
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "dropped ota_topic",
+            "device puback 1 0x87",
+            "dropped ota_topic",
+            "device puback 2 0x87",
+            "dropped ota_topic",
+            "device puback 3 0x87",
+            "dropped retained",
+            "device puback 4 0x87",
+        ]
+    );
+}
+
+#[test]
+fn ota_subscriptions_are_for_the_groups_subscribers() {
+    let p = policy();
+    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    s.device_packet(
+        subscribe(
+            5,
+            &["plant/a/_ota/#", "plant/a/_ota/rel-1/7/m", "plant/+/_ota/#"],
+            None,
+        ),
+        1,
+    );
+    let actions = drain(&mut s);
+    let Some(Action::Work(Work::Authorize(asks))) = actions.first() else {
+        panic!("{:?}", shape(&actions));
+    };
+    let g = GroupId::new("plant/a").unwrap();
+    assert!(
+        matches!(&asks[..], [Ask::Member(a, Role::Subscriber), Ask::Member(b, Role::Subscriber)] if *a == g && *b == g)
+    );
+    // A non-member is refused both; the cross-group wildcard was refused without asking.
+    s.answered(Answer::Authorized(vec![Err(0x87), Err(0x87)]), 2);
+    assert_eq!(
+        shape(&drain(&mut s)),
+        [
+            "refused filter 0x87",
+            "refused filter 0x87",
+            "refused filter 0x87",
+            "device suback [135, 135, 135] gk=false"
+        ]
+    );
+}

@@ -14,6 +14,7 @@ use bytestring::ByteString;
 use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::Direction;
+use quva_client::topics::OtaTopic;
 use rmqtt_codec::types::Publish;
 use rmqtt_codec::v5::{self, DisconnectReasonCode, SubscribeAckReason};
 
@@ -172,6 +173,15 @@ pub(crate) fn plan_filter(
         return FilterPlan::Refuse(0x8F);
     }
     if inner.contains(['+', '#']) {
+        // A wildcard inside one group's OTA topics (`<group>/_ota/#`): granted as the group's
+        // exact OTA topics are, to its current subscribers (PROTOCOL.md §7.2).
+        if let Some(g) = policy.ota_filter_group(inner) {
+            return if identity.is_authenticated() {
+                FilterPlan::IfMember(g, Role::Subscriber)
+            } else {
+                FilterPlan::Refuse(0x87)
+            };
+        }
         return if policy.filter_touches_protected(inner) {
             FilterPlan::Refuse(0x87)
         } else {
@@ -212,9 +222,14 @@ pub(crate) fn has_malformed_filter(s: &v5::Subscribe) -> bool {
 pub(crate) enum Target {
     /// Not protected: relayed unchanged.
     Unprotected,
-    /// A reserved topic (`quva/…`, `$…`, OTA topics until the bridge checks them, a retained
-    /// direct message): no device may publish there.
+    /// A reserved topic (`quva/…`, `$…`, a retained direct message): no device may publish
+    /// there.
     Reserved,
+    /// Under a group's `_ota/` level but not one of its OTA topics (an unknown item, a version or
+    /// chunk index that is not a canonical decimal): no device may publish there.
+    BadOta,
+    /// A group's OTA manifest, key message or chunk (PROTOCOL.md §7.2); retained allowed.
+    Ota(OtaTopic),
     /// A retained PUBLISH on a group's data or query topic: it would outlive every check
     /// (PROTOCOL.md §8).
     Retained,
@@ -232,6 +247,10 @@ pub(crate) fn target(policy: &TopicPolicy, p: &Publish) -> Target {
         TopicKind::Data(g) => Target::Group(g, Direction::Forward),
         TopicKind::Query(g) => Target::Group(g, Direction::Query),
         TopicKind::Direct(d) if !p.retain => Target::Direct(d),
+        TopicKind::Ota(g) => match OtaTopic::parse(&p.topic) {
+            Some(t) if t.group == g => Target::Ota(t),
+            _ => Target::BadOta,
+        },
         _ => Target::Reserved,
     }
 }
@@ -337,8 +356,11 @@ pub(crate) struct PendingSub {
 /// to subscribe to its unprotected topics with a narrower filter instead of losing them silently.
 pub(crate) fn refusal_reason(policy: &TopicPolicy, filter: &str) -> Option<&'static str> {
     let inner = unshare(filter);
-    (valid_filter(inner) && inner.contains(['+', '#']) && policy.filter_touches_protected(inner))
-        .then_some(WILDCARD_REFUSED)
+    (valid_filter(inner)
+        && inner.contains(['+', '#'])
+        && policy.filter_touches_protected(inner)
+        && policy.ota_filter_group(inner).is_none())
+    .then_some(WILDCARD_REFUSED)
 }
 
 /// The Reason String of [`refusal_reason`].
@@ -529,6 +551,34 @@ mod tests {
                 false,
                 FilterPlan::IfMember(g("plant/a"), Role::Publisher),
             ),
+            // OTA topics: the group's subscribers, also with a wildcard inside one group's
+            // `_ota/` level; never across groups, never unauthenticated.
+            (
+                &dev,
+                "plant/a/_ota/rel-1/7/m",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
+            ),
+            (
+                &dev,
+                "plant/a/_ota/#",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
+            ),
+            (
+                &dev,
+                "$share/s/plant/a/_ota/rel-1/#",
+                false,
+                FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
+            ),
+            (&dev, "plant/+/_ota/#", false, FilterPlan::Refuse(0x87)),
+            (&anon, "plant/a/_ota/#", false, FilterPlan::Refuse(0x87)),
+            (
+                &anon,
+                "plant/a/_ota/rel-1/7/m",
+                false,
+                FilterPlan::Refuse(0x87),
+            ),
         ];
         for (id, filter, gk, want) in cases {
             assert_eq!(plan_filter(&p, id, filter, gk), want, "{filter}");
@@ -573,10 +623,28 @@ mod tests {
             target(&p, &publish("quva/k/plant/a/sub", false, None)),
             Target::Reserved
         );
-        assert_eq!(
-            target(&p, &publish("plant/a/_ota/s/1/m", true, None)),
-            Target::Reserved
-        );
+        let ota = |t: &str| Target::Ota(OtaTopic::parse(t).unwrap());
+        // OTA items pass to the checks, retained or not.
+        for t in [
+            "plant/a/_ota/s/1/m",
+            "plant/a/_ota/s/1/k",
+            "plant/a/_ota/s/1/c/0",
+        ] {
+            assert_eq!(target(&p, &publish(t, true, None)), ota(t), "{t}");
+            assert_eq!(target(&p, &publish(t, false, None)), ota(t), "{t}");
+        }
+        // Anything else under `_ota/` is refused before any check.
+        for t in [
+            "plant/a/_ota/s/1/x",
+            "plant/a/_ota/s/01/m",
+            "plant/a/_ota/s/1/c/01",
+            "plant/a/_ota/s/1/c",
+            "plant/a/_ota/s/1/k/extra",
+            "plant/a/_ota/s",
+            "plant/a/_ota/bad id/1/m",
+        ] {
+            assert_eq!(target(&p, &publish(t, true, None)), Target::BadOta, "{t}");
+        }
         assert_eq!(
             target(&p, &publish("quva/d/dev-1", false, None)),
             Target::Direct(DeviceId::new("dev-1").unwrap())
@@ -709,5 +777,11 @@ mod tests {
         assert_eq!(ack.reason_string.as_deref(), Some(WILDCARD_REFUSED));
         assert_eq!(refusal_reason(&policy(), "weather/#"), None);
         assert_eq!(refusal_reason(&policy(), "plant/a"), None);
+        // A group's OTA wildcard is refused for membership, not for being a wildcard.
+        assert_eq!(refusal_reason(&policy(), "plant/a/_ota/#"), None);
+        assert_eq!(
+            refusal_reason(&policy(), "plant/+/_ota/#"),
+            Some(WILDCARD_REFUSED)
+        );
     }
 }
