@@ -61,6 +61,10 @@ pub enum Command {
     Answer(AnswerArgs),
     /// Show the certificate and the stored group keys.
     Status(StatusArgs),
+    /// Send one end-to-end encrypted direct message to another device (PROTOCOL.md §7.1).
+    Send(SendArgs),
+    /// Run as a daemon: show verified direct messages, and serve the stored OTA releases.
+    Run(RunArgs),
 }
 
 /// `enroll`.
@@ -220,6 +224,28 @@ pub struct AnswerArgs {
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The recipient device.
+    #[arg(long, value_name = "DEVICE")]
+    pub to: String,
+    /// The group whose member list gives the recipient's certificate [default: every group
+    /// whose key this device holds].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The message.
+    pub message: String,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
 }
