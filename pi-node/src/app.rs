@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use crate::cli::{
-    AnswerArgs, Cli, Command, DEFAULT_SENSOR, EnrollArgs, PublishArgs, QueryArgs, RunArgs,
-    SendArgs, StatusArgs, SubscribeArgs,
+    AnswerArgs, Cli, Command, DEFAULT_SENSOR, EnrollArgs, OtaCommand, PublishArgs, QueryArgs,
+    RunArgs, SendArgs, StatusArgs, SubscribeArgs,
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
 use crate::device::Device;
@@ -44,6 +44,19 @@ pub async fn run(cli: Cli) -> Result<(), NodeError> {
         Command::Status(a) => status(&ctx, a),
         Command::Send(a) => send(&ctx, a).await,
         Command::Run(a) => run_daemon(&ctx, a).await,
+        Command::Ota(OtaCommand::Release(a)) => {
+            let group = group_id(&a.group)?;
+            let store = KeyStore::open(&ctx.store_dir)?;
+            let link = ctx.open_link(false)?;
+            let wait = ctx.cfg.connect_timeout() + std::time::Duration::from_secs(10);
+            crate::ota_commands::release(link, store, group, &a, wait).await
+        }
+        Command::Ota(OtaCommand::Status(a)) => {
+            let group = group_id(&a.group)?;
+            let store = KeyStore::open(&ctx.store_dir)?;
+            let link = ctx.open_link(false)?;
+            crate::ota_commands::status(link, store, group, a.wait, a.json).await
+        }
     }
 }
 

@@ -10,19 +10,28 @@
 //! Direct messages queued in the session arrive right after the CONNACK, before the member lists
 //! that vouch for their senders: they are held (at most [`MAX_HELD`]) until every group is ready
 //! or [`HOLD_MS`] has passed.
+//!
+//! As a release signer (the store holds releases made with `quva-node ota release`), it also
+//! serves them (PROTOCOL.md §7.2, [`crate::signer`]): at every new epoch of a release's group it
+//! deposits the key message sealed with the new epoch's keys, retained; it collects the status
+//! reports sent on `<group>/_q` (kept in the store, highest T_ms per device and version), and
+//! answers a `need-key` report with a direct message carrying the key message's M, after checking
+//! that the device is still a subscriber of the group.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 use quva_client::direct::{UnverifiedDirect, VerifiedDirect};
 use quva_client::ids::{GroupId, Role};
+use quva_client::rng::SystemRng;
 use quva_client::topics;
 use serde_json::json;
 
 use crate::direct::{DirectBook, receive_direct};
 use crate::error::NodeError;
 use crate::net::{Link, LinkEvent, now_ms};
+use crate::signer::{Releases, StatusLedger, state_name};
 use crate::store::KeyStore;
 use crate::terminal::{log_event, print_line, shutdown_signal};
 
@@ -67,6 +76,13 @@ struct Daemon {
     json: bool,
     held: VecDeque<(String, Bytes)>,
     connected_at: Option<u64>,
+    releases: Releases,
+    ledger: StatusLedger,
+    /// Status reports waiting for their group's publisher key.
+    reports: VecDeque<(GroupId, Bytes)>,
+    /// Key-message deposits waiting for their PUBACK.
+    key_deposits: HashMap<u64, (GroupId, u64)>,
+    rng: SystemRng,
 }
 
 impl Daemon {
@@ -130,10 +146,112 @@ impl Daemon {
         print_line(&render(&msg, self.json))
     }
 
+    /// Deposits the key messages of `group`'s releases sealed for the current epoch, where the
+    /// last one deposited was sealed for another.
+    fn republish_keys(&mut self, group: &GroupId) {
+        let deposits =
+            match self
+                .releases
+                .key_messages_for(self.link.device(), group, now_ms(), &mut self.rng)
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(group = %group, error = %e, "cannot seal the key messages");
+                    return;
+                }
+            };
+        for d in deposits {
+            let version = topics::OtaTopic::parse(&d.topic).map_or(0, |t| t.version);
+            tracing::info!(topic = %d.topic, "depositing the key message for the new epoch");
+            let id = self.link.publish_raw(d.topic, d.payload, true);
+            self.key_deposits.insert(id, (group.clone(), version));
+        }
+    }
+
+    /// Verifies and records the status reports whose group key is ready, and answers
+    /// `need-key`.
+    fn process_reports(&mut self) -> Result<(), NodeError> {
+        let mut waiting = VecDeque::new();
+        while let Some((group, payload)) = self.reports.pop_front() {
+            if !self.link.is_ready(&group, Role::Publisher) {
+                waiting.push_back((group, payload));
+                continue;
+            }
+            let (status, changed) =
+                match self.ledger.on_query(self.link.device(), &payload, now_ms()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(group = %group, reason = %e, "status report refused");
+                        continue;
+                    }
+                };
+            tracing::info!(device = %status.device, group = %status.group,
+                version = status.report.version, state = state_name(status.report.state),
+                "status report");
+            if changed && let Err(e) = self.ledger.save(&self.store) {
+                tracing::warn!(error = %e, "cannot save the status reports");
+            }
+            let mut book = self.book.clone();
+            match self.ledger.answer_need_key(
+                self.link.device(),
+                &self.releases,
+                &mut book,
+                &status,
+                now_ms(),
+                &mut self.rng,
+            ) {
+                Ok(Some((topic, bytes))) => {
+                    // T_ms is durable before the answer leaves.
+                    book.save(&self.store)?;
+                    self.book = book;
+                    tracing::info!(device = %status.device, version = status.report.version,
+                        "answering need-key with a direct message");
+                    self.link.publish_raw(topic, bytes, false);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(device = %status.device, error = %e, "cannot answer need-key")
+                }
+            }
+        }
+        self.reports = waiting;
+        Ok(())
+    }
+
     fn on_event(&mut self, ev: LinkEvent) -> Result<(), NodeError> {
         log_event(&ev);
         match ev {
             LinkEvent::Connected => self.connected_at = Some(now_ms()),
+            LinkEvent::Ready {
+                group,
+                role: Role::Publisher,
+                ..
+            }
+            | LinkEvent::Rekeyed {
+                group,
+                role: Role::Publisher,
+                ..
+            } if self.releases.has_group(&group) => {
+                self.republish_keys(&group);
+            }
+            LinkEvent::Publish { topic, payload, .. }
+                if let Some(group) = self.report_group(&topic) =>
+            {
+                self.reports.push_back((group, payload));
+            }
+            LinkEvent::Delivered { id } => {
+                if let Some((group, version)) = self.key_deposits.remove(&id) {
+                    tracing::info!(group = %group, version, "key message deposited");
+                    self.releases.save(&self.store)?;
+                }
+            }
+            LinkEvent::Refused { id, code } => {
+                if let Some((group, version)) = self.key_deposits.remove(&id) {
+                    tracing::warn!(group = %group, version, code, "the bridge refused the key message");
+                } else {
+                    tracing::warn!(code, "the bridge refused a message");
+                }
+            }
             LinkEvent::Publish { topic, payload, .. } if topics::parse_direct(&topic).is_some() => {
                 self.on_direct(topic, payload)?;
             }
@@ -148,7 +266,16 @@ impl Daemon {
             }
             _ => {}
         }
-        self.release_held()
+        self.release_held()?;
+        self.process_reports()
+    }
+
+    /// The release group whose query topic `topic` is.
+    fn report_group(&self, topic: &str) -> Option<GroupId> {
+        self.releases
+            .groups()
+            .into_iter()
+            .find(|g| topics::query(g) == topic)
     }
 }
 
@@ -159,11 +286,20 @@ impl Daemon {
 pub(crate) async fn run(
     mut link: Link,
     store: KeyStore,
-    roles: Vec<(GroupId, Role)>,
+    mut roles: Vec<(GroupId, Role)>,
     json: bool,
 ) -> Result<(), NodeError> {
     let book = DirectBook::load(&store)?;
+    let releases = Releases::load(&store)?;
+    let ledger = StatusLedger::load(&store)?;
     link.persistent_session(SESSION_NAME, SESSION_EXPIRY_SECS);
+    for g in releases.groups() {
+        if !roles.contains(&(g.clone(), Role::Publisher)) {
+            roles.push((g.clone(), Role::Publisher));
+        }
+        link.watch(topics::query(&g));
+        tracing::info!(group = %g, "serving releases");
+    }
     for (g, r) in &roles {
         link.want(g.clone(), *r, false);
     }
@@ -182,6 +318,11 @@ pub(crate) async fn run(
         json,
         held: VecDeque::new(),
         connected_at: None,
+        releases,
+        ledger,
+        reports: VecDeque::new(),
+        key_deposits: HashMap::new(),
+        rng: SystemRng::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -190,7 +331,10 @@ pub(crate) async fn run(
     loop {
         tokio::select! {
             ev = d.link.next() => d.on_event(ev?)?,
-            _ = tick.tick() => d.release_held()?,
+            _ = tick.tick() => {
+                d.release_held()?;
+                d.process_reports()?;
+            }
             () = &mut shutdown => break,
         }
     }

@@ -21,6 +21,8 @@ mod direct;
 mod enroll;
 mod error;
 mod net;
+mod ota_commands;
+mod signer;
 mod store;
 mod terminal;
 #[cfg(test)]

@@ -93,6 +93,7 @@ fn every_command_has_help() {
         "status",
         "send",
         "run",
+        "ota",
     ] {
         let o = node(&[cmd, "--help"], dir.path());
         assert!(o.status.success(), "{cmd}: {}", stderr(&o));
@@ -224,4 +225,45 @@ fn a_bad_configuration_is_named() {
     let o = node(&["status"], dir.path());
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("node.toml"), "{}", stderr(&o));
+}
+
+#[test]
+fn ota_release_checks_its_input_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["release", "status"] {
+        let o = node(&["ota", sub, "--help"], dir.path());
+        assert!(o.status.success(), "{sub}: {}", stderr(&o));
+    }
+    enrolled_store(dir.path(), "rel-1");
+    let base = [
+        "ota",
+        "release",
+        "--group",
+        "fw/a",
+        "--version",
+        "1",
+        "--name",
+        "fw.bin",
+    ];
+    let missing = dir.path().join("missing.bin");
+    let mut args = base.to_vec();
+    args.push(missing.to_str().unwrap());
+    let o = node(&args, dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
+
+    let empty = dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let mut args = base.to_vec();
+    args.push(empty.to_str().unwrap());
+    let o = node(&args, dir.path());
+    assert!(stderr(&o).contains("is empty"), "{}", stderr(&o));
+
+    let image = dir.path().join("fw.bin");
+    std::fs::write(&image, b"firmware").unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--chunk-size", "0", image.to_str().unwrap()]);
+    let o = node(&args, dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("chunk size"), "{}", stderr(&o));
 }
