@@ -38,7 +38,7 @@ use crate::store::{KeyStore, StoreError};
 /// The key-store record of the book.
 const BOOK_FILE: &str = "direct";
 /// Its record kind.
-const KIND_DIRECT_BOOK: u8 = 0x10;
+const KIND_DIRECT_BOOK: u8 = 0x20;
 
 /// Sent timestamps per recipient and accepted floors per sender.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -32,11 +32,11 @@ use crate::store::{KeyStore, StoreError};
 /// The key-store record of the releases.
 const RELEASES_FILE: &str = "ota-releases";
 /// Its record kind.
-const KIND_RELEASES: u8 = 0x11;
+const KIND_RELEASES: u8 = 0x21;
 /// The key-store record of the status reports.
 const STATUS_FILE: &str = "ota-status";
 /// Its record kind.
-const KIND_STATUS: u8 = 0x12;
+const KIND_STATUS: u8 = 0x22;
 /// The shortest time between two direct answers to one device's `need-key` for one release.
 pub const NEED_KEY_INTERVAL_MS: u64 = 60_000;
 
