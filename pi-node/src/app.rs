@@ -20,6 +20,7 @@ use crate::cli::{
     RunArgs, SendArgs, StatusArgs, SubscribeArgs,
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
+use crate::daemon::show_direct;
 use crate::device::Device;
 use crate::direct::{DirectBook, seal_direct};
 use crate::enroll::{Enrollment, cert_connect_auth};
@@ -548,6 +549,10 @@ async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> 
     let group = group_id(&args.group)?;
     let mut link = ctx.open_link(true)?;
     link.want(group, Role::Subscriber, true);
+    // Direct messages to this device are shown too (not counted in --count).
+    let store = KeyStore::open(&ctx.store_dir)?;
+    let mut book = DirectBook::load(&store)?;
+    link.watch(quva_client::topics::direct(link.device().id()));
     let limit = args.count.unwrap_or(u64::MAX);
     let mut seen = 0u64;
     let shutdown = shutdown_signal();
@@ -561,6 +566,9 @@ async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> 
                     LinkEvent::Message(m) => {
                         print_line(&render(&m, args.json))?;
                         seen += 1;
+                    }
+                    LinkEvent::Publish { topic, payload, .. } => {
+                        show_direct(link.device(), &mut book, &store, &topic, &payload, args.json)?;
                     }
                     LinkEvent::Removed { group, role: Role::Subscriber, epoch } => {
                         link.disconnect().await;

@@ -22,13 +22,13 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use quva_client::direct::{UnverifiedDirect, VerifiedDirect};
+use quva_client::direct::VerifiedDirect;
 use quva_client::ids::{GroupId, Role};
 use quva_client::rng::SystemRng;
 use quva_client::topics;
 use serde_json::json;
 
-use crate::direct::{DirectBook, receive_direct};
+use crate::direct::{DirectBook, DirectOutcome, accept_direct};
 use crate::error::NodeError;
 use crate::net::{Link, LinkEvent, now_ms};
 use crate::signer::{Releases, StatusLedger, state_name};
@@ -64,6 +64,40 @@ fn render(m: &VerifiedDirect, json_out: bool) -> String {
             None => format!("hex:{}", hex::encode(m.payload())),
         };
         format!("[direct] from {}: {payload}", m.sender())
+    }
+}
+
+/// Accepts a direct message ([`accept_direct`]: the floor is saved first) and prints it; logs a
+/// refusal with the claimed sender and the reason, never the content. A floor that cannot be
+/// saved is logged and the message not shown.
+///
+/// # Errors
+/// Standard output closed.
+pub(crate) fn show_direct(
+    device: &crate::device::Device,
+    book: &mut DirectBook,
+    store: &KeyStore,
+    topic: &str,
+    payload: &[u8],
+    json_out: bool,
+) -> Result<(), NodeError> {
+    match accept_direct(device, book, store, topic, payload, now_ms()) {
+        Ok(DirectOutcome::Accepted(msg)) => {
+            tracing::info!(sender = %msg.sender(), t_ms = msg.t_ms(), "direct message");
+            print_line(&render(&msg, json_out))
+        }
+        Ok(DirectOutcome::Refused {
+            claimed_sender,
+            reason,
+        }) => {
+            let claimed = claimed_sender.map_or_else(|| "?".to_owned(), |s| s.to_string());
+            tracing::warn!(claimed_sender = %claimed, reason = %reason, label = reason.label(), "direct message refused");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot save the direct-message floor; the message is not shown");
+            Ok(())
+        }
     }
 }
 
@@ -122,28 +156,14 @@ impl Daemon {
     }
 
     fn open_direct(&mut self, topic: &str, payload: &[u8]) -> Result<(), NodeError> {
-        let staged = match receive_direct(self.link.device(), &self.book, topic, payload, now_ms())
-        {
-            Ok(s) => s,
-            Err(reason) => {
-                let claimed = UnverifiedDirect::decode(payload)
-                    .map(|m| m.sender().to_string())
-                    .unwrap_or_else(|_| "?".to_owned());
-                tracing::warn!(claimed_sender = %claimed, reason = %reason, label = reason.label(), "direct message refused");
-                return Ok(());
-            }
-        };
-        let (sender, floor) = staged.floor();
-        let mut next = self.book.clone();
-        next.raise_floor(sender, floor);
-        if let Err(e) = next.save(&self.store) {
-            tracing::error!(error = %e, sender = %sender, "cannot save the direct-message floor; the message is not shown");
-            return Ok(());
-        }
-        self.book = next;
-        let msg = staged.commit();
-        tracing::info!(sender = %msg.sender(), t_ms = msg.t_ms(), "direct message");
-        print_line(&render(&msg, self.json))
+        show_direct(
+            self.link.device(),
+            &mut self.book,
+            &self.store,
+            topic,
+            payload,
+            self.json,
+        )
     }
 
     /// Deposits the key messages of `group`'s releases sealed for the current epoch, where the

@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use quva_client::codec::{DecodeError, Reader, put_u32, put_u64};
 use quva_client::direct::{
     DirectFloor, DirectRejection, DirectSealError, DirectSealer, StagedDirect, UnverifiedDirect,
+    VerifiedDirect,
 };
 use quva_client::ids::{DeviceId, GroupId};
 use quva_client::topics;
@@ -121,12 +122,29 @@ impl DirectBook {
         }
     }
 
-    /// Saves the book in the key store (atomically, synced).
+    /// Takes in what another process saved (the highest T_ms and floor per device), then saves
+    /// the book in the key store (atomically, synced): `run`, `subscribe` and `send` may run at
+    /// the same time, and no floor may go down.
     ///
     /// # Errors
     /// [`StoreError`].
-    pub fn save(&self, store: &KeyStore) -> Result<(), StoreError> {
+    pub fn save(&mut self, store: &KeyStore) -> Result<(), StoreError> {
+        let on_disk = Self::load(store)?;
+        self.merge(&on_disk);
         store.save_named(BOOK_FILE, KIND_DIRECT_BOOK, &self.to_bytes())
+    }
+
+    /// Keeps the higher of the two values for every device.
+    fn merge(&mut self, other: &DirectBook) {
+        for (mine, theirs) in [
+            (&mut self.sent, &other.sent),
+            (&mut self.floors, &other.floors),
+        ] {
+            for (id, t) in theirs {
+                let e = mine.entry(id.clone()).or_insert(*t);
+                *e = (*e).max(*t);
+            }
+        }
     }
 }
 
@@ -200,6 +218,54 @@ pub fn receive_direct(
     }
     let msg = UnverifiedDirect::decode_with_limit(payload, device.config().policy.max_payload)?;
     device.open_direct(&msg, book.floor(msg.sender()), now_ms)
+}
+
+/// What became of a received direct message.
+#[derive(Debug)]
+pub enum DirectOutcome {
+    /// Verified, and the sender's new floor is saved: act on it.
+    Accepted(VerifiedDirect),
+    /// Refused by a check; nothing was saved.
+    Refused {
+        /// The sender the message claims (unverified), for the log.
+        claimed_sender: Option<DeviceId>,
+        /// Why.
+        reason: DirectRejection,
+    },
+}
+
+/// [`receive_direct`], then the sender's raised floor saved in `store` before the payload is
+/// handed out: the daemon's and `subscribe`'s one way of accepting a direct message. `book`
+/// changes only once the save succeeded.
+///
+/// # Errors
+/// [`StoreError`] if the floor cannot be saved; the message is then not handed out.
+pub fn accept_direct(
+    device: &Device,
+    book: &mut DirectBook,
+    store: &KeyStore,
+    topic: &str,
+    payload: &[u8],
+    now_ms: u64,
+) -> Result<DirectOutcome, StoreError> {
+    let staged = match receive_direct(device, book, topic, payload, now_ms) {
+        Ok(s) => s,
+        Err(reason) => {
+            let claimed_sender = UnverifiedDirect::decode(payload)
+                .ok()
+                .map(|m| m.sender().clone());
+            return Ok(DirectOutcome::Refused {
+                claimed_sender,
+                reason,
+            });
+        }
+    };
+    let (sender, floor) = staged.floor();
+    let mut next = book.clone();
+    next.raise_floor(sender, floor);
+    next.save(store)?;
+    *book = next;
+    Ok(DirectOutcome::Accepted(staged.commit()))
 }
 
 #[cfg(test)]

@@ -245,6 +245,31 @@ fn a_tampered_message_is_refused() {
 }
 
 #[test]
+fn a_save_never_lowers_what_another_process_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = KeyStore::create(dir.path().join("node")).unwrap();
+    // Two processes of one device load the same book…
+    let mut a = DirectBook::load(&store).unwrap();
+    let mut b = DirectBook::load(&store).unwrap();
+    // …one accepts from x and y, the other later only from x.
+    a.raise_floor(&id("x"), DirectFloor::at(10));
+    a.raise_floor(&id("y"), DirectFloor::at(20));
+    a.next_send_time(&id("z"), 500);
+    a.save(&store).unwrap();
+    b.raise_floor(&id("x"), DirectFloor::at(11));
+    b.save(&store).unwrap();
+    let disk = DirectBook::load(&store).unwrap();
+    assert_eq!(disk.floor(&id("x")), DirectFloor::at(11));
+    assert_eq!(
+        disk.floor(&id("y")),
+        DirectFloor::at(20),
+        "y's floor survived b's save"
+    );
+    let mut c = disk.clone();
+    assert_eq!(c.next_send_time(&id("z"), 400), 501);
+}
+
+#[test]
 fn the_book_round_trips_and_refuses_garbage() {
     let mut b = DirectBook::default();
     b.next_send_time(&id("a"), 10);
