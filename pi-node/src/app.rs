@@ -568,7 +568,8 @@ async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> 
                         seen += 1;
                     }
                     LinkEvent::Publish { topic, payload, .. } => {
-                        show_direct(link.device(), &mut book, &store, &topic, &payload, args.json)?;
+                        // An OTA key is not printed; subscribe has no OTA agent to hand it to.
+                        let _ = show_direct(link.device(), &mut book, &store, &topic, &payload, args.json)?;
                     }
                     LinkEvent::Removed { group, role: Role::Subscriber, epoch } => {
                         link.disconnect().await;

@@ -24,6 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quva_client::direct::VerifiedDirect;
 use quva_client::ids::{GroupId, Role};
+use quva_client::ota::KeyMessage;
 use quva_client::rng::SystemRng;
 use quva_client::topics;
 use serde_json::json;
@@ -44,10 +45,30 @@ pub(crate) const MAX_HELD: usize = 256;
 /// The longest a direct message is held for the member lists after connecting.
 pub(crate) const HOLD_MS: u64 = 15_000;
 
-/// One received direct message as a line of text or JSON (the payload is the command's result).
-fn render(m: &VerifiedDirect, json_out: bool) -> String {
+/// One received direct message as a line of text or JSON (the payload is the command's
+/// result), and whether it is an OTA key message: that one's payload (K_c) is never shown, only
+/// its sender and version.
+fn describe(m: &VerifiedDirect, json_out: bool) -> (String, bool) {
+    if let Ok(key) = KeyMessage::from_bytes(m.payload()) {
+        let line = if json_out {
+            json!({
+                "direct": true,
+                "sender": m.sender().as_str(),
+                "t_ms": m.t_ms(),
+                "ota_key_version": key.version,
+            })
+            .to_string()
+        } else {
+            format!(
+                "[direct] from {}: OTA key of version {} (not shown)",
+                m.sender(),
+                key.version
+            )
+        };
+        return (line, true);
+    }
     let text = std::str::from_utf8(m.payload()).ok();
-    if json_out {
+    let line = if json_out {
         let mut v = json!({
             "direct": true,
             "sender": m.sender().as_str(),
@@ -64,12 +85,17 @@ fn render(m: &VerifiedDirect, json_out: bool) -> String {
             None => format!("hex:{}", hex::encode(m.payload())),
         };
         format!("[direct] from {}: {payload}", m.sender())
-    }
+    };
+    (line, false)
 }
 
 /// Accepts a direct message ([`accept_direct`]: the floor is saved first) and prints it; logs a
 /// refusal with the claimed sender and the reason, never the content. A floor that cannot be
 /// saved is logged and the message not shown.
+///
+/// A message whose payload is an OTA key message (PROTOCOL.md §7.2: a signer's answer to
+/// `need-key`, carrying K_c) is never printed: it is returned for the OTA agent, and only its
+/// sender and version are shown.
 ///
 /// # Errors
 /// Standard output closed.
@@ -80,11 +106,13 @@ pub(crate) fn show_direct(
     topic: &str,
     payload: &[u8],
     json_out: bool,
-) -> Result<(), NodeError> {
+) -> Result<Option<VerifiedDirect>, NodeError> {
     match accept_direct(device, book, store, topic, payload, now_ms()) {
         Ok(DirectOutcome::Accepted(msg)) => {
             tracing::info!(sender = %msg.sender(), t_ms = msg.t_ms(), "direct message");
-            print_line(&render(&msg, json_out))
+            let (line, is_key) = describe(&msg, json_out);
+            print_line(&line)?;
+            Ok(is_key.then_some(msg))
         }
         Ok(DirectOutcome::Refused {
             claimed_sender,
@@ -92,11 +120,11 @@ pub(crate) fn show_direct(
         }) => {
             let claimed = claimed_sender.map_or_else(|| "?".to_owned(), |s| s.to_string());
             tracing::warn!(claimed_sender = %claimed, reason = %reason, label = reason.label(), "direct message refused");
-            Ok(())
+            Ok(None)
         }
         Err(e) => {
             tracing::error!(error = %e, "cannot save the direct-message floor; the message is not shown");
-            Ok(())
+            Ok(None)
         }
     }
 }
@@ -156,14 +184,19 @@ impl Daemon {
     }
 
     fn open_direct(&mut self, topic: &str, payload: &[u8]) -> Result<(), NodeError> {
-        show_direct(
+        let key = show_direct(
             self.link.device(),
             &mut self.book,
             &self.store,
             topic,
             payload,
             self.json,
-        )
+        )?;
+        if let Some(msg) = key {
+            // The OTA agent accepts it with VerifiedManifest::accept_direct_key.
+            tracing::info!(sender = %msg.sender(), "OTA key received by direct message");
+        }
+        Ok(())
     }
 
     /// Deposits the key messages of `group`'s releases sealed for the current epoch, where the
@@ -360,4 +393,62 @@ pub(crate) async fn run(
     }
     d.link.disconnect().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::direct::{DirectBook, receive_direct, seal_direct};
+    use crate::testkit::{Node, World};
+    use quva_client::ota::ContentKey;
+
+    #[test]
+    fn an_ota_key_by_direct_message_is_never_printed() {
+        let mut w = World::new(9);
+        let g = w.group("fw/a");
+        w.register("rel-1", &g, Role::Publisher);
+        w.register("sensor-01", &g, Role::Subscriber);
+        let mut signer = Node::new(w.enroll("rel-1"));
+        let mut sensor = Node::new(w.enroll("sensor-01"));
+        w.join_node(&mut signer, &g, Role::Publisher, false);
+        w.join_node(&mut sensor, &g, Role::Subscriber, true);
+        w.flush(&mut [&mut signer, &mut sensor]);
+        let k_c = ContentKey::from_bytes(&[0x5a; 32]);
+        let m = KeyMessage {
+            version: 4,
+            manifest_hash: [1; 32],
+            content_key: k_c,
+            image_hash: [2; 32],
+            name: "fw.bin".to_owned(),
+        };
+        let to = sensor.dev.id().clone();
+        let open = |payload: &[u8], rng: &mut _| {
+            let (topic, wire, _) = seal_direct(
+                &signer.dev,
+                &mut DirectBook::default(),
+                &g,
+                &to,
+                payload,
+                w.now,
+                rng,
+            )
+            .unwrap();
+            receive_direct(&sensor.dev, &DirectBook::default(), &topic, &wire, w.now)
+                .unwrap()
+                .commit()
+        };
+        let mut rng = quva_client::rng::SystemRng::new();
+        let key_msg = open(&m.to_bytes(), &mut rng);
+        let secret_hex = hex::encode([0x5a; 32]);
+        for json_out in [false, true] {
+            let (line, is_key) = describe(&key_msg, json_out);
+            assert!(is_key);
+            assert!(!line.contains(&secret_hex), "{line}");
+            assert!(line.contains("rel-1") && line.contains('4'), "{line}");
+        }
+        let text = open(b"reboot", &mut rng);
+        let (line, is_key) = describe(&text, false);
+        assert!(!is_key);
+        assert_eq!(line, "[direct] from rel-1: reboot");
+    }
 }
