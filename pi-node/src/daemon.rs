@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::direct::{DirectBook, DirectOutcome, accept_direct};
 use crate::error::NodeError;
 use crate::net::{Link, LinkEvent, now_ms};
-use crate::signer::{Releases, StatusLedger, state_name};
+use crate::signer::{KeyArchive, Releases, StatusLedger, state_name};
 use crate::store::KeyStore;
 use crate::terminal::{log_event, print_line, shutdown_signal};
 
@@ -140,6 +140,7 @@ struct Daemon {
     connected_at: Option<u64>,
     releases: Releases,
     ledger: StatusLedger,
+    archive: KeyArchive,
     /// Status reports waiting for their group's publisher key.
     reports: VecDeque<(GroupId, Bytes)>,
     /// Key-message deposits waiting for their PUBACK.
@@ -231,7 +232,10 @@ impl Daemon {
                 continue;
             }
             let (status, changed) =
-                match self.ledger.on_query(self.link.device(), &payload, now_ms()) {
+                match self
+                    .ledger
+                    .on_query(self.link.device(), &self.archive, &payload, now_ms())
+                {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!(group = %group, reason = %e, "status report refused");
@@ -286,6 +290,11 @@ impl Daemon {
                 ..
             } if self.releases.has_group(&group) => {
                 self.republish_keys(&group);
+                if self.archive.remember(self.link.device(), &group, now_ms())
+                    && let Err(e) = self.archive.save(&self.store)
+                {
+                    tracing::warn!(error = %e, "cannot save the report keys");
+                }
             }
             LinkEvent::Publish { topic, payload, .. }
                 if let Some(group) = self.report_group(&topic) =>
@@ -345,6 +354,7 @@ pub(crate) async fn run(
     let book = DirectBook::load(&store)?;
     let releases = Releases::load(&store)?;
     let ledger = StatusLedger::load(&store)?;
+    let archive = KeyArchive::load(&store, link.device().ca_public())?;
     link.persistent_session(SESSION_NAME, SESSION_EXPIRY_SECS);
     for g in releases.groups() {
         if !roles.contains(&(g.clone(), Role::Publisher)) {
@@ -373,6 +383,7 @@ pub(crate) async fn run(
         connected_at: None,
         releases,
         ledger,
+        archive,
         reports: VecDeque::new(),
         key_deposits: HashMap::new(),
         rng: SystemRng::new(),

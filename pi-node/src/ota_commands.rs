@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::cli::OtaReleaseArgs;
 use crate::error::{NodeError, puback_meaning, rfc3339};
 use crate::net::{Link, LinkEvent, now_ms};
-use crate::signer::{Releases, StatusLedger, cut_release, state_name};
+use crate::signer::{KeyArchive, Releases, StatusLedger, cut_release, state_name};
 use crate::store::KeyStore;
 use crate::terminal::{log_event, print_line, shutdown_signal};
 
@@ -191,6 +191,7 @@ pub(crate) async fn status(
 ) -> Result<(), NodeError> {
     let mut ledger = StatusLedger::load(&store)?;
     let releases = Releases::load(&store)?;
+    let mut archive = KeyArchive::load(&store, link.device().ca_public())?;
     link.persistent_session(STATUS_SESSION, STATUS_SESSION_EXPIRY_SECS);
     link.want(group.clone(), Role::Publisher, false);
     let query_topic = topics::query(&group);
@@ -222,8 +223,11 @@ pub(crate) async fn status(
                 }
                 // Reports wait for the publisher key and member list that verify them.
                 if link.is_ready(&group, Role::Publisher) {
+                    if archive.remember(link.device(), &group, now_ms()) {
+                        archive.save(&store)?;
+                    }
                     for payload in held.drain(..) {
-                        match ledger.on_query(link.device(), &payload, now_ms()) {
+                        match ledger.on_query(link.device(), &archive, &payload, now_ms()) {
                             Ok((st, _)) => {
                                 collected += 1;
                                 tracing::debug!(device = %st.device, version = st.report.version, "status report");

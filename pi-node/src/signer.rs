@@ -11,21 +11,33 @@
 //!   the window: they come late from a persistent session), keeps the highest T_ms per (device,
 //!   v) in a [`StatusBook`], and answers a `need-key` report with a direct message carrying M
 //!   after checking that the device is still a subscriber of the group.
+//! - [`KeyArchive`] keeps the signer's d_S of past epochs for [`REPORT_KEY_RETENTION_MS`] (7
+//!   days), for opening status reports only (PROTOCOL.md §7.2): a report sealed in an epoch past
+//!   the grace period opens with the archived key if its sender is a subscriber in the newest
+//!   member list.
 
 use std::collections::BTreeMap;
 
-use quva_client::codec::{DecodeError, Reader, put_blob, put_str, put_u8, put_u32, put_u64};
-use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-use quva_client::message::{Direction, Protection, Rejection, UnverifiedMessage};
+use quva_client::codec::{
+    Decode, DecodeError, Encode, Reader, put_blob, put_str, put_u8, put_u32, put_u64,
+};
+use quva_client::curve::{KeyPair, Point};
+use quva_client::group::SignedGroupInfo;
+use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
+use quva_client::message::{
+    Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Protection, Rejection,
+    UnverifiedMessage,
+};
 use quva_client::ota::{
     KeyMessage, OtaError, OtaState, ReceivedStatus, Release, ReleaseSigner, StatusBook,
     StatusReport, UnverifiedManifest,
 };
+use quva_client::schnorr::VerifyingKey;
 use quva_client::topics::{OtaItem, OtaTopic};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use crate::device::{Device, SendError};
+use crate::device::{Device, DeviceView, SendError};
 use crate::direct::{DirectBook, DirectSendError, seal_direct};
 use crate::store::{KeyStore, StoreError};
 
@@ -37,6 +49,12 @@ const KIND_RELEASES: u8 = 0x21;
 const STATUS_FILE: &str = "ota-status";
 /// Its record kind.
 const KIND_STATUS: u8 = 0x22;
+/// The key-store record of the archived publisher keys.
+const ARCHIVE_FILE: &str = "ota-report-keys";
+/// Its record kind.
+const KIND_ARCHIVE: u8 = 0x23;
+/// How long d_S of a past epoch is kept to open late status reports: 7 days.
+pub const REPORT_KEY_RETENTION_MS: u64 = 7 * 24 * 3600 * 1000;
 /// The shortest time between two direct answers to one device's `need-key` for one release.
 pub const NEED_KEY_INTERVAL_MS: u64 = 60_000;
 
@@ -377,7 +395,8 @@ impl StatusLedger {
 
     /// Verifies a query received on `<group>/_q` without the time window and the replay cache
     /// (PROTOCOL.md §7.2: reports come late from a persistent session; the book orders them by
-    /// T_ms, so a replay changes nothing) and records it. Returns the report and whether the
+    /// T_ms, so a replay changes nothing), with the device's keys or, for an epoch past the
+    /// grace period, the archived ones, and records it. Returns the report and whether the
     /// book changed (save it then).
     ///
     /// # Errors
@@ -385,13 +404,19 @@ impl StatusLedger {
     pub fn on_query(
         &mut self,
         device: &Device,
+        archive: &KeyArchive,
         payload: &[u8],
         now_ms: u64,
     ) -> Result<(ReceivedStatus, bool), ReportRejection> {
         let policy = device.config().policy;
         let msg = UnverifiedMessage::decode_with_limit(payload, policy.max_payload)
             .map_err(ReportRejection::Message)?;
-        let view = device.view(now_ms);
+        let view = ReportView {
+            device,
+            view: device.view(now_ms),
+            archive,
+            now_ms,
+        };
         let verified = msg
             .verify_without_window(&view, &view, &policy, now_ms)
             .map_err(ReportRejection::Message)?;
@@ -524,6 +549,181 @@ impl StatusLedger {
     /// [`StoreError`].
     pub fn save(&self, store: &KeyStore) -> Result<(), StoreError> {
         store.save_named(STATUS_FILE, KIND_STATUS, &self.to_bytes())
+    }
+}
+
+/// One archived publisher key: the CA-signed group info of its epoch and d_S.
+struct ArchivedKey {
+    signed: SignedGroupInfo,
+    key: KeyPair,
+    saved_ms: u64,
+}
+
+/// The signer's publisher keys (d_S) of past epochs, kept [`REPORT_KEY_RETENTION_MS`] to open
+/// late status reports, and for nothing else.
+#[derive(Default)]
+pub struct KeyArchive {
+    keys: BTreeMap<(GroupId, Epoch), ArchivedKey>,
+}
+
+impl core::fmt::Debug for KeyArchive {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("KeyArchive")
+            .field("epochs", &self.keys.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl KeyArchive {
+    /// Archives the device's current publisher key of `group` if its epoch is not archived yet,
+    /// and forgets keys older than the retention. Returns whether the archive changed (save it).
+    pub fn remember(&mut self, device: &Device, group: &GroupId, now_ms: u64) -> bool {
+        let before = self.keys.len();
+        self.keys
+            .retain(|_, k| now_ms.saturating_sub(k.saved_ms) <= REPORT_KEY_RETENTION_MS);
+        let mut changed = self.keys.len() != before;
+        if let Some(k) = device
+            .stored_keys()
+            .into_iter()
+            .find(|k| &k.group == group && k.role == Role::Publisher)
+        {
+            let epoch = k.signed_info.info_unverified().epoch;
+            if let std::collections::btree_map::Entry::Vacant(e) =
+                self.keys.entry((group.clone(), epoch))
+            {
+                e.insert(ArchivedKey {
+                    signed: k.signed_info,
+                    key: k.key,
+                    saved_ms: now_ms,
+                });
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The archived key of `group` at `epoch`, if kept and not older than the retention.
+    fn get(&self, group: &GroupId, epoch: Epoch, now_ms: u64) -> Option<&ArchivedKey> {
+        self.keys
+            .get(&(group.clone(), epoch))
+            .filter(|k| now_ms.saturating_sub(k.saved_ms) <= REPORT_KEY_RETENTION_MS)
+    }
+
+    /// `u32 n || n × (blob(signed group info) || sc(d_S) || u64 saved_ms)`, zeroized when
+    /// dropped.
+    pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::new());
+        put_u32(&mut out, u32::try_from(self.keys.len()).unwrap_or(u32::MAX));
+        for k in self.keys.values() {
+            put_blob(&mut out, &k.signed.to_bytes());
+            out.extend_from_slice(&k.key.secret().to_bytes()[..]);
+            put_u64(&mut out, k.saved_ms);
+        }
+        out
+    }
+
+    /// Parses [`to_bytes`](Self::to_bytes), checking each entry again: the group info verifies
+    /// under Q_CA and d_S·G is its Q_S.
+    ///
+    /// # Errors
+    /// [`DecodeError`] for malformed bytes or an entry that does not verify.
+    pub fn from_bytes(bytes: &[u8], q_ca: &Point) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(bytes);
+        let n = r.u32("archive count")?;
+        let mut keys = BTreeMap::new();
+        for _ in 0..n {
+            let signed = SignedGroupInfo::from_bytes(r.blob("archive group info")?)?;
+            let key = KeyPair::from_secret(r.secret_scalar("archive key")?);
+            let saved_ms = r.u64("archive saved")?;
+            let info = signed
+                .verify(&VerifyingKey(*q_ca))
+                .map_err(|_| DecodeError::InvalidValue("archive group info"))?;
+            if key.public() != &info.q_s {
+                return Err(DecodeError::InvalidValue("archive key"));
+            }
+            let id = (info.group.clone(), info.epoch);
+            keys.insert(
+                id,
+                ArchivedKey {
+                    signed,
+                    key,
+                    saved_ms,
+                },
+            );
+        }
+        r.finish("archive")?;
+        Ok(KeyArchive { keys })
+    }
+
+    /// Loads the archive from the key store (empty if never saved).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn load(store: &KeyStore, q_ca: &Point) -> Result<Self, StoreError> {
+        match store.load_named(ARCHIVE_FILE, KIND_ARCHIVE)? {
+            None => Ok(KeyArchive::default()),
+            Some(b) => Self::from_bytes(&b, q_ca).map_err(|_| StoreError::Corrupt {
+                path: store.path().join(ARCHIVE_FILE),
+                what: "malformed or unverifiable report-key archive",
+            }),
+        }
+    }
+
+    /// Saves the archive in the key store.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn save(&self, store: &KeyStore) -> Result<(), StoreError> {
+        store.save_named(ARCHIVE_FILE, KIND_ARCHIVE, &self.to_bytes())
+    }
+}
+
+/// The directory and held keys status reports are verified against: the device's, and for an
+/// epoch the device no longer holds, the archive, with membership taken from the newest member
+/// list (the reporter must still be listed in the role it sent as).
+struct ReportView<'a> {
+    device: &'a Device,
+    view: DeviceView<'a>,
+    archive: &'a KeyArchive,
+    now_ms: u64,
+}
+
+impl Directory for ReportView<'_> {
+    fn group_keys(
+        &self,
+        group: &GroupId,
+        epoch: Epoch,
+        now_ms: u64,
+    ) -> Result<GroupPublicKeys, GroupLookupError> {
+        self.view.group_keys(group, epoch, now_ms).or_else(|e| {
+            let k = self.archive.get(group, epoch, now_ms).ok_or(e)?;
+            let info = k.signed.info_unverified();
+            Ok(GroupPublicKeys {
+                q_p: info.q_p,
+                q_s: info.q_s,
+            })
+        })
+    }
+
+    fn device_key(&self, id: &DeviceId) -> Option<VerifyingKey> {
+        self.view.device_key(id)
+    }
+
+    fn is_member(&self, group: &GroupId, epoch: Epoch, id: &DeviceId, role: Role) -> bool {
+        self.view.is_member(group, epoch, id, role)
+            || (self.archive.get(group, epoch, self.now_ms).is_some()
+                && self.device.lists_member(group, id, role))
+    }
+}
+
+impl HeldKeys for ReportView<'_> {
+    fn group_secret(&self, group: &GroupId, epoch: Epoch, kind: GroupKeyKind) -> Option<&KeyPair> {
+        self.view.group_secret(group, epoch, kind).or_else(|| {
+            (kind.holder_role() == Role::Publisher)
+                .then(|| self.archive.get(group, epoch, self.now_ms))
+                .flatten()
+                .map(|k| &k.key)
+        })
     }
 }
 

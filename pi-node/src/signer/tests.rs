@@ -185,12 +185,18 @@ fn reports_are_collected_late_and_the_newest_wins() {
     let applied = report(&s.s1, &mut s.w, &s.g, 5, OtaState::Applied, t + 10);
     // Collected an hour later, newest first: no time window, and the older one does not win.
     let later = t + 3_600_000;
-    let (st, changed) = ledger.on_query(&s.signer.dev, &applied, later).unwrap();
+    let (st, changed) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &applied, later)
+        .unwrap();
     assert!(changed);
     assert_eq!(st.device.as_str(), "sensor-01");
-    let (_, changed) = ledger.on_query(&s.signer.dev, &downloading, later).unwrap();
+    let (_, changed) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &downloading, later)
+        .unwrap();
     assert!(!changed, "an older report never overwrites a newer one");
-    let (_, changed) = ledger.on_query(&s.signer.dev, &applied, later).unwrap();
+    let (_, changed) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &applied, later)
+        .unwrap();
     assert!(!changed, "a replay changes nothing");
     let e = ledger
         .book()
@@ -201,7 +207,11 @@ fn reports_are_collected_late_and_the_newest_wins() {
     let mut bad = applied.clone();
     let n = bad.len();
     bad[n - 1] ^= 1;
-    assert!(ledger.on_query(&s.signer.dev, &bad, later).is_err());
+    assert!(
+        ledger
+            .on_query(&s.signer.dev, &KeyArchive::default(), &bad, later)
+            .is_err()
+    );
     // A plain query (not a report) is refused as such.
     let q =
         s.s1.dev
@@ -216,7 +226,7 @@ fn reports_are_collected_late_and_the_newest_wins() {
             .unwrap()
             .1;
     assert!(matches!(
-        ledger.on_query(&s.signer.dev, &q, t),
+        ledger.on_query(&s.signer.dev, &KeyArchive::default(), &q, t),
         Err(ReportRejection::NotReport(_))
     ));
     // The ledger survives a restart.
@@ -238,7 +248,9 @@ fn need_key_is_answered_by_direct_message_to_current_subscribers_only() {
     let mut direct = DirectBook::default();
     let t = s.w.now;
     let need = report(&s.s1, &mut s.w, &s.g, 2, OtaState::NeedKey, t);
-    let (st, _) = ledger.on_query(&s.signer.dev, &need, t).unwrap();
+    let (st, _) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &need, t)
+        .unwrap();
     let (topic, wire) = ledger
         .answer_need_key(&s.signer.dev, &releases, &mut direct, &st, t, &mut s.w.rng)
         .unwrap()
@@ -263,7 +275,9 @@ fn need_key_is_answered_by_direct_message_to_current_subscribers_only() {
     );
     // A report for a version this signer never released: nothing to send.
     let unknown = report(&s.s1, &mut s.w, &s.g, 9, OtaState::NeedKey, t + 2);
-    let (st9, _) = ledger.on_query(&s.signer.dev, &unknown, t + 2).unwrap();
+    let (st9, _) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &unknown, t + 2)
+        .unwrap();
     assert!(
         ledger
             .answer_need_key(
@@ -279,7 +293,9 @@ fn need_key_is_answered_by_direct_message_to_current_subscribers_only() {
     );
     // sensor-02 asks, then is removed before the signer answers: no key for it.
     let need2 = report(&s.s2, &mut s.w, &s.g, 2, OtaState::NeedKey, t + 3);
-    let (st2, _) = ledger.on_query(&s.signer.dev, &need2, t + 3).unwrap();
+    let (st2, _) = ledger
+        .on_query(&s.signer.dev, &KeyArchive::default(), &need2, t + 3)
+        .unwrap();
     let published = s.w.leave(&s.g, "sensor-02", Role::Subscriber);
     s.w.deliver(&mut [&mut s.signer, &mut s.s1, &mut s.s2], &published);
     s.w.flush(&mut [&mut s.signer, &mut s.s1, &mut s.s2]);
@@ -306,4 +322,65 @@ fn need_key_is_answered_by_direct_message_to_current_subscribers_only() {
     // The direct answer to sensor-01 is refused at sensor-02 (not its message).
     let r = receive_direct(&s.s2.dev, &DirectBook::default(), &topic, &wire, t);
     assert_eq!(r.err(), Some(DirectRejection::NotForMe));
+}
+
+#[test]
+fn a_report_from_an_epoch_past_the_grace_opens_only_with_the_archived_key() {
+    let mut s = setup(6);
+    let mut archive = KeyArchive::default();
+    assert!(archive.remember(&s.signer.dev, &s.g, s.w.now));
+    assert!(
+        !archive.remember(&s.signer.dev, &s.g, s.w.now),
+        "an epoch is archived once"
+    );
+    let t = s.w.now;
+    let old = report(&s.s1, &mut s.w, &s.g, 5, OtaState::Applied, t);
+    // Two rekeys and a day later, the report is collected from the persistent session.
+    for _ in 0..2 {
+        let published = s.w.periodic(&s.g);
+        s.w.deliver(&mut [&mut s.signer, &mut s.s1, &mut s.s2], &published);
+        s.w.flush(&mut [&mut s.signer, &mut s.s1, &mut s.s2]);
+        s.w.now += 60_000;
+        s.signer.dev.tick(s.w.now, &mut s.w.rng);
+    }
+    let later = t + 86_400_000;
+    s.signer.dev.tick(later, &mut s.w.rng);
+    let mut ledger = StatusLedger::default();
+    // Without the archive the signer no longer holds that epoch's d_S.
+    assert!(
+        ledger
+            .on_query(&s.signer.dev, &KeyArchive::default(), &old, later)
+            .is_err()
+    );
+    let (st, changed) = ledger
+        .on_query(&s.signer.dev, &archive, &old, later)
+        .unwrap();
+    assert!(changed);
+    assert_eq!(st.report.state, OtaState::Applied);
+    // The archive survives a restart, checked against Q_CA; past the retention it is of no use.
+    let q_ca = *s.signer.dev.ca_public();
+    let back = KeyArchive::from_bytes(&archive.to_bytes(), &q_ca).unwrap();
+    let mut fresh = StatusLedger::default();
+    assert!(fresh.on_query(&s.signer.dev, &back, &old, later).is_ok());
+    let expired = t + REPORT_KEY_RETENTION_MS + 1;
+    assert!(
+        StatusLedger::default()
+            .on_query(&s.signer.dev, &back, &old, expired)
+            .is_err()
+    );
+    // A sender no longer listed as a subscriber is refused for the archived epoch.
+    let published = s.w.leave(&s.g, "sensor-01", Role::Subscriber);
+    s.w.deliver(&mut [&mut s.signer, &mut s.s1, &mut s.s2], &published);
+    s.w.flush(&mut [&mut s.signer, &mut s.s1, &mut s.s2]);
+    assert!(
+        StatusLedger::default()
+            .on_query(&s.signer.dev, &back, &old, later)
+            .is_err()
+    );
+    // An archive whose key is not its epoch's d_S is refused at loading.
+    let other = KeyArchive::from_bytes(&archive.to_bytes(), s.s1.dev.credentials().key().public());
+    assert!(
+        other.is_err(),
+        "another CA's key does not verify the group info"
+    );
 }
