@@ -303,13 +303,13 @@ impl Daemon {
             }
             LinkEvent::Delivered { id } => {
                 if let Some((group, version)) = self.key_deposits.remove(&id) {
-                    tracing::info!(group = %group, version, "key message deposited");
+                    tracing::info!(group = %group, version, "release item deposited");
                     self.releases.save(&self.store)?;
                 }
             }
             LinkEvent::Refused { id, code } => {
                 if let Some((group, version)) = self.key_deposits.remove(&id) {
-                    tracing::warn!(group = %group, version, code, "the bridge refused the key message");
+                    tracing::warn!(group = %group, version, code, "the bridge refused a release item");
                 } else {
                     tracing::warn!(code, "the bridge refused a message");
                 }
@@ -354,7 +354,22 @@ pub(crate) async fn run(
     let book = DirectBook::load(&store)?;
     let releases = Releases::load(&store)?;
     let ledger = StatusLedger::load(&store)?;
+    let mut releases = releases;
     let archive = KeyArchive::load(&store, link.device().ca_public())?;
+    // After a renewal, the manifests are signed again and deposited first; the key messages
+    // with the new H(man) follow when the group is ready.
+    let resigned = releases
+        .resign_after_renewal(link.device(), now_ms(), &mut SystemRng::new())
+        .map_err(|e| NodeError::Protocol(format!("cannot sign the manifests again: {e}")))?;
+    let mut key_deposits = HashMap::new();
+    for d in resigned {
+        let (group, version) = topics::OtaTopic::parse(&d.topic)
+            .map(|t| (t.group, t.version))
+            .ok_or_else(|| NodeError::Protocol("bad manifest topic".to_owned()))?;
+        tracing::info!(topic = %d.topic, "depositing the manifest signed with the renewed certificate");
+        let id = link.publish_raw(d.topic, d.payload, true);
+        key_deposits.insert(id, (group, version));
+    }
     link.persistent_session(SESSION_NAME, SESSION_EXPIRY_SECS);
     for g in releases.groups() {
         if !roles.contains(&(g.clone(), Role::Publisher)) {
@@ -385,7 +400,7 @@ pub(crate) async fn run(
         ledger,
         archive,
         reports: VecDeque::new(),
-        key_deposits: HashMap::new(),
+        key_deposits,
         rng: SystemRng::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));

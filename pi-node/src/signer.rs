@@ -301,6 +301,55 @@ impl Releases {
         Ok(out)
     }
 
+    /// After the signer renewed its certificate (PROTOCOL.md §7.2): signs the manifest of every
+    /// release whose manifest carries another certificate again, over the same chunk hashes with
+    /// the new key, certificate and a new T_ms, updates H(man) in its M and marks its key message
+    /// as not deposited (the next [`key_messages_for`](Self::key_messages_for) seals it again).
+    /// Returns the manifest deposits, to publish before the key messages.
+    ///
+    /// # Errors
+    /// [`SignerError::Ota`] if a stored manifest does not decode or cannot be signed.
+    pub fn resign_after_renewal(
+        &mut self,
+        device: &Device,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Result<Vec<Deposit>, SignerError> {
+        let creds = device.credentials();
+        let mut out = Vec::new();
+        for r in &mut self.list {
+            let old = UnverifiedManifest::decode(&r.manifest_message)?;
+            let m = old.manifest();
+            if &m.cert == creds.cert() {
+                continue;
+            }
+            let mut rand = Zeroizing::new([0u8; 32]);
+            rng.fill_bytes(&mut rand[..]);
+            let (manifest, message) = ReleaseSigner {
+                group: &r.group,
+                key: creds.key(),
+                cert: creds.cert(),
+            }
+            .sign_manifest(
+                m.version,
+                m.size,
+                m.chunk_size,
+                m.chunk_hashes.clone(),
+                now_ms,
+                &rand,
+            )?;
+            r.key.manifest_hash = manifest.hash();
+            r.manifest_message = message.clone();
+            r.key_epoch = None;
+            out.push(Deposit {
+                topic: manifest.topic(OtaItem::Manifest).to_string(),
+                payload: message,
+                item: OtaItem::Manifest,
+            });
+        }
+        Ok(out)
+    }
+
     /// `u32 n || n × (str(group) || u64 v || blob(manifest message) || blob(M) || u64 key epoch
     /// + 1, 0 for none)`, zeroized when dropped.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {

@@ -1,7 +1,7 @@
 use quva_client::direct::DirectRejection;
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::{Direction, Protection, UnverifiedMessage};
-use quva_client::ota::{KeyMessage, OtaState, StatusReport};
+use quva_client::ota::{KeyMessage, OtaState, StatusReport, UnverifiedManifest};
 use quva_client::topics::OtaItem;
 
 use super::*;
@@ -382,5 +382,56 @@ fn a_report_from_an_epoch_past_the_grace_opens_only_with_the_archived_key() {
     assert!(
         other.is_err(),
         "another CA's key does not verify the group info"
+    );
+}
+
+#[test]
+fn after_a_renewal_manifests_are_signed_again_and_key_messages_follow() {
+    let mut s = setup(7);
+    let mut releases = Releases::default();
+    let (deposits, stored) = cut(&mut s, &releases, 4, b"0123456789abcdef");
+    releases.insert(stored.clone());
+    // With the current certificate there is nothing to sign again.
+    assert!(
+        releases
+            .resign_after_renewal(&s.signer.dev, s.w.now, &mut s.w.rng)
+            .unwrap()
+            .is_empty()
+    );
+    // The signer gets a new certificate (same ID, new key and serial).
+    let renewed = s.w.enroll("rel-1");
+    assert_ne!(
+        renewed.credentials().cert(),
+        s.signer.dev.credentials().cert()
+    );
+    let later = s.w.now + 1000;
+    let out = releases
+        .resign_after_renewal(&renewed, later, &mut s.w.rng)
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].topic, "fw/a/_ota/rel-1/4/m");
+    let new = UnverifiedManifest::decode(&out[0].payload).unwrap();
+    let old = UnverifiedManifest::decode(&deposits[0].payload).unwrap();
+    assert_eq!(&new.manifest().cert, renewed.credentials().cert());
+    assert_eq!(new.manifest().chunk_hashes, old.manifest().chunk_hashes);
+    assert_eq!(new.manifest().t_ms, later);
+    let r = releases.get(&s.g, 4).unwrap();
+    assert_eq!(r.manifest_message, out[0].payload);
+    assert_eq!(r.key.manifest_hash, new.manifest().hash());
+    assert_ne!(r.key.manifest_hash, stored.key.manifest_hash);
+    assert_eq!(
+        r.key.content_key, stored.key.content_key,
+        "same chunks, same K_c"
+    );
+    assert_eq!(
+        r.key_epoch, None,
+        "the key message is sealed again at the next epoch check"
+    );
+    // Done once.
+    assert!(
+        releases
+            .resign_after_renewal(&renewed, later, &mut s.w.rng)
+            .unwrap()
+            .is_empty()
     );
 }
