@@ -18,7 +18,7 @@
 //! answers a `need-key` report with a direct message carrying the key message's M, after checking
 //! that the device is still a subscriber of the group.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,13 +26,13 @@ use quva_client::direct::VerifiedDirect;
 use quva_client::ids::{GroupId, Role};
 use quva_client::ota::KeyMessage;
 use quva_client::rng::SystemRng;
-use quva_client::topics;
+use quva_client::topics::{self, OtaItem, OtaTopic};
 use serde_json::json;
 
 use crate::direct::{DirectBook, DirectOutcome, accept_direct};
 use crate::error::NodeError;
 use crate::net::{Link, LinkEvent, now_ms};
-use crate::signer::{KeyArchive, Releases, StatusLedger, state_name};
+use crate::signer::{KeyArchive, Releases, StatusLedger, signer_is_listed, state_name};
 use crate::store::KeyStore;
 use crate::terminal::{log_event, print_line, shutdown_signal};
 
@@ -44,6 +44,8 @@ pub(crate) const SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 pub(crate) const MAX_HELD: usize = 256;
 /// The longest a direct message is held for the member lists after connecting.
 pub(crate) const HOLD_MS: u64 = 15_000;
+/// How long a refused re-signed manifest waits before it is offered again.
+pub(crate) const MANIFEST_RETRY_MS: u64 = 30_000;
 
 /// One received direct message as a line of text or JSON (the payload is the command's
 /// result), and whether it is an OTA key message: that one's payload (K_c) is never shown, only
@@ -143,8 +145,13 @@ struct Daemon {
     archive: KeyArchive,
     /// Status reports waiting for their group's publisher key.
     reports: VecDeque<(GroupId, Bytes)>,
-    /// Key-message deposits waiting for their PUBACK.
-    key_deposits: HashMap<u64, (GroupId, u64)>,
+    /// Release deposits (manifest or key message) waiting for their PUBACK.
+    deposits: HashMap<u64, (GroupId, u64, OtaItem)>,
+    /// Manifests signed again after a renewal and not yet accepted by the bridge.
+    unsent_manifests: BTreeSet<(GroupId, u64)>,
+    /// When the manifests were last offered (a refused one is offered again after
+    /// [`MANIFEST_RETRY_MS`], or at the next epoch).
+    manifests_offered_ms: Option<u64>,
     rng: SystemRng,
 }
 
@@ -200,13 +207,58 @@ impl Daemon {
         Ok(())
     }
 
-    /// Deposits the key messages of `group`'s releases sealed for the current epoch, where the
-    /// last one deposited was sealed for another.
-    fn republish_keys(&mut self, group: &GroupId) {
+    /// Deposits what `group`'s releases need: first the manifests signed again after a renewal,
+    /// once the newest member list lists the signer's current certificate (the bridge and the
+    /// devices check it); then, when no manifest of the group is outstanding, the key messages
+    /// sealed for the current epoch where the last one deposited was sealed for another.
+    fn serve_group(&mut self, group: &GroupId, epoch_event: bool) {
+        if !self.link.is_ready(group, Role::Publisher) {
+            return;
+        }
+        let now = now_ms();
+        let unsent: Vec<(GroupId, u64)> = self
+            .unsent_manifests
+            .iter()
+            .filter(|(g, _)| g == group)
+            .cloned()
+            .collect();
+        let due = epoch_event
+            || self
+                .manifests_offered_ms
+                .is_none_or(|t| now.saturating_sub(t) >= MANIFEST_RETRY_MS);
+        if !unsent.is_empty() && due && signer_is_listed(self.link.device(), group) {
+            self.manifests_offered_ms = Some(now);
+            for (g, v) in unsent {
+                let Some(r) = self.releases.get(&g, v) else {
+                    continue;
+                };
+                let topic = OtaTopic {
+                    group: g.clone(),
+                    signer: self.link.device().id().clone(),
+                    version: v,
+                    item: OtaItem::Manifest,
+                }
+                .to_string();
+                tracing::info!(topic = %topic, "depositing the manifest signed with the renewed certificate");
+                let id = self
+                    .link
+                    .publish_raw(topic, r.manifest_message.clone(), true);
+                self.unsent_manifests.remove(&(g.clone(), v));
+                self.deposits.insert(id, (g, v, OtaItem::Manifest));
+            }
+        }
+        let outstanding = self.unsent_manifests.iter().any(|(g, _)| g == group)
+            || self
+                .deposits
+                .values()
+                .any(|(g, _, item)| g == group && *item == OtaItem::Manifest);
+        if outstanding {
+            return;
+        }
         let deposits =
             match self
                 .releases
-                .key_messages_for(self.link.device(), group, now_ms(), &mut self.rng)
+                .key_messages_for(self.link.device(), group, now, &mut self.rng)
             {
                 Ok(d) => d,
                 Err(e) => {
@@ -215,10 +267,11 @@ impl Daemon {
                 }
             };
         for d in deposits {
-            let version = topics::OtaTopic::parse(&d.topic).map_or(0, |t| t.version);
-            tracing::info!(topic = %d.topic, "depositing the key message for the new epoch");
+            let version = OtaTopic::parse(&d.topic).map_or(0, |t| t.version);
+            tracing::info!(topic = %d.topic, "depositing the key message for the current epoch");
             let id = self.link.publish_raw(d.topic, d.payload, true);
-            self.key_deposits.insert(id, (group.clone(), version));
+            self.deposits
+                .insert(id, (group.clone(), version, OtaItem::Key));
         }
     }
 
@@ -289,7 +342,7 @@ impl Daemon {
                 role: Role::Publisher,
                 ..
             } if self.releases.has_group(&group) => {
-                self.republish_keys(&group);
+                self.serve_group(&group, true);
                 if self.archive.remember(self.link.device(), &group, now_ms())
                     && let Err(e) = self.archive.save(&self.store)
                 {
@@ -302,18 +355,24 @@ impl Daemon {
                 self.reports.push_back((group, payload));
             }
             LinkEvent::Delivered { id } => {
-                if let Some((group, version)) = self.key_deposits.remove(&id) {
-                    tracing::info!(group = %group, version, "release item deposited");
+                if let Some((group, version, item)) = self.deposits.remove(&id) {
+                    tracing::info!(group = %group, version, ?item, "release item deposited");
                     self.releases.save(&self.store)?;
+                    if item == OtaItem::Manifest {
+                        self.serve_group(&group, false);
+                    }
                 }
             }
-            LinkEvent::Refused { id, code } => {
-                if let Some((group, version)) = self.key_deposits.remove(&id) {
-                    tracing::warn!(group = %group, version, code, "the bridge refused a release item");
-                } else {
-                    tracing::warn!(code, "the bridge refused a message");
+            LinkEvent::Refused { id, code } => match self.deposits.remove(&id) {
+                Some((group, version, OtaItem::Manifest)) => {
+                    tracing::warn!(group = %group, version, code, "the bridge refused the re-signed manifest; offering it again later");
+                    self.unsent_manifests.insert((group, version));
                 }
-            }
+                Some((group, version, item)) => {
+                    tracing::warn!(group = %group, version, ?item, code, "the bridge refused a release item");
+                }
+                None => tracing::warn!(code, "the bridge refused a message"),
+            },
             LinkEvent::Publish { topic, payload, .. } if topics::parse_direct(&topic).is_some() => {
                 self.on_direct(topic, payload)?;
             }
@@ -352,24 +411,18 @@ pub(crate) async fn run(
     json: bool,
 ) -> Result<(), NodeError> {
     let book = DirectBook::load(&store)?;
-    let releases = Releases::load(&store)?;
+    let mut releases = Releases::load(&store)?;
     let ledger = StatusLedger::load(&store)?;
-    let mut releases = releases;
     let archive = KeyArchive::load(&store, link.device().ca_public())?;
     // After a renewal, the manifests are signed again and deposited first; the key messages
     // with the new H(man) follow when the group is ready.
     let resigned = releases
         .resign_after_renewal(link.device(), now_ms(), &mut SystemRng::new())
         .map_err(|e| NodeError::Protocol(format!("cannot sign the manifests again: {e}")))?;
-    let mut key_deposits = HashMap::new();
-    for d in resigned {
-        let (group, version) = topics::OtaTopic::parse(&d.topic)
-            .map(|t| (t.group, t.version))
-            .ok_or_else(|| NodeError::Protocol("bad manifest topic".to_owned()))?;
-        tracing::info!(topic = %d.topic, "depositing the manifest signed with the renewed certificate");
-        let id = link.publish_raw(d.topic, d.payload, true);
-        key_deposits.insert(id, (group, version));
-    }
+    let unsent_manifests: BTreeSet<(GroupId, u64)> = resigned
+        .iter()
+        .filter_map(|d| OtaTopic::parse(&d.topic).map(|t| (t.group, t.version)))
+        .collect();
     link.persistent_session(SESSION_NAME, SESSION_EXPIRY_SECS);
     for g in releases.groups() {
         if !roles.contains(&(g.clone(), Role::Publisher)) {
@@ -400,7 +453,9 @@ pub(crate) async fn run(
         ledger,
         archive,
         reports: VecDeque::new(),
-        key_deposits,
+        deposits: HashMap::new(),
+        unsent_manifests,
+        manifests_offered_ms: None,
         rng: SystemRng::new(),
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -413,6 +468,9 @@ pub(crate) async fn run(
             _ = tick.tick() => {
                 d.release_held()?;
                 d.process_reports()?;
+                for g in d.releases.groups() {
+                    d.serve_group(&g, false);
+                }
             }
             () = &mut shutdown => break,
         }

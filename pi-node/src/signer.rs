@@ -776,6 +776,16 @@ impl HeldKeys for ReportView<'_> {
     }
 }
 
+/// Whether the newest member list of `group` the device holds lists its current certificate as
+/// a publisher: only then do the bridge and the devices accept a manifest it signs.
+pub fn signer_is_listed(device: &Device, group: &GroupId) -> bool {
+    let creds = device.credentials();
+    let q = VerifyingKey(*creds.key().public());
+    device
+        .member_list(group)
+        .is_some_and(|l| l.lists_certificate(creds.cert(), &q, Role::Publisher))
+}
+
 /// The human name of a state.
 pub fn state_name(state: OtaState) -> &'static str {
     match state {

@@ -398,8 +398,13 @@ fn after_a_renewal_manifests_are_signed_again_and_key_messages_follow() {
             .unwrap()
             .is_empty()
     );
+    assert!(signer_is_listed(&s.signer.dev, &s.g));
     // The signer gets a new certificate (same ID, new key and serial).
     let renewed = s.w.enroll("rel-1");
+    assert!(
+        !signer_is_listed(&renewed, &s.g),
+        "no list names the new certificate yet"
+    );
     assert_ne!(
         renewed.credentials().cert(),
         s.signer.dev.credentials().cert()
