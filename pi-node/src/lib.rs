@@ -15,11 +15,16 @@
 mod app;
 pub mod cli;
 mod config;
+mod daemon;
 mod device;
+mod direct;
 mod enroll;
 mod error;
 mod net;
+mod ota_commands;
+mod signer;
 mod store;
+mod terminal;
 #[cfg(test)]
 mod testkit;
 
@@ -31,6 +36,7 @@ pub use device::{
     Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, data_topic, query_topic,
     receive_topic, suback_meaning,
 };
+pub use direct::{DirectBook, DirectSendError, receive_direct, seal_direct};
 pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
 pub use error::{CLOCK_FLOOR_MS, NodeError, connack_meaning, puback_meaning, rfc3339};
 pub use net::{
