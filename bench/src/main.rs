@@ -12,6 +12,7 @@ mod mqtt;
 mod ota;
 mod quva;
 mod report;
+mod scale;
 mod setup;
 mod tls;
 
@@ -40,6 +41,9 @@ enum Cmd {
     Run(RunArgs),
     /// Group OTA (PROTOCOL.md §7.2) against per-device encryption and an unprotected fetch.
     Ota(OtaArgs),
+    /// Verified throughput: one bridge on one ejabberd node against two bridges on two
+    /// clustered nodes (docs/scale-out.md).
+    Scale(ScaleArgs),
     /// Run one client operation n+1 times (the first is a warm-up), for instruction counting.
     ClientOp {
         /// The operation.
@@ -53,11 +57,25 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct OtaArgs {
     /// Runs, each DEVICESxBYTES: devices × image size.
-    #[arg(long = "case", value_delimiter = ',', default_value = "100x1048576,10x10485760")]
+    #[arg(
+        long = "case",
+        value_delimiter = ',',
+        default_value = "100x1048576,10x10485760"
+    )]
     cases: Vec<String>,
     /// Chunk size in bytes.
     #[arg(long, default_value_t = 64 * 1024)]
     chunk: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct ScaleArgs {
+    /// Subscribers in total (split across the bridges).
+    #[arg(long, default_value_t = 20)]
+    subscribers: usize,
+    /// Seconds counted in each setup (after a one-second warm-up).
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -202,6 +220,52 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn scale_runs(args: ScaleArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "quva-bench scale, {} (load: {})",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        uptime()
+    );
+    let duration = Duration::from_secs(args.duration_secs);
+    let mut rows = Vec::new();
+    for nodes in [1, 2] {
+        eprintln!(
+            "==> {nodes} ejabberd node(s), {nodes} bridge(s), {} subscribers",
+            args.subscribers
+        );
+        let row = runtime.block_on(scale::run(nodes, args.subscribers, duration))?;
+        eprintln!(
+            "    {:.0} accepted/s, {:.0} delivered/s",
+            row.accepted_per_s, row.delivered_per_s
+        );
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| broker nodes + bridges | publishers | subscribers | accepted PUBLISH/s | deliveries/s | ratio to one node |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let base = rows
+        .first()
+        .map_or(1.0, |r| r.delivered_per_s.max(f64::MIN_POSITIVE));
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} |",
+            r.nodes,
+            r.nodes,
+            r.subscribers,
+            r.accepted_per_s,
+            r.delivered_per_s,
+            r.delivered_per_s / base
+        );
+    }
+    println!("\n(load after: {})", uptime());
+    Ok(())
+}
+
 fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
     let cases = args
         .cases
@@ -218,14 +282,20 @@ fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let work = tempfile::tempdir()?;
-    println!("quva-bench ota, {} (load: {})", std::env::args().collect::<Vec<_>>().join(" "), uptime());
+    println!(
+        "quva-bench ota, {} (load: {})",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        uptime()
+    );
     eprintln!("==> starting Mosquitto, quva-ca and quva-bridge, and a plain Mosquitto");
     let plain = tls::PlainMosquitto::start(work.path())?;
     let dep = quva::Deployment::start()?;
     eprintln!("==> enrolling 1 signer and {most} devices");
     let (mut signer, mut devices) = runtime.block_on(ota::enroll(&dep, most))?;
     println!();
-    println!("| devices × image | system | signer CPU | published | retained | deposit | fetch p50 | fetch max | all done |");
+    println!(
+        "| devices × image | system | signer CPU | published | retained | deposit | fetch p50 | fetch max | all done |"
+    );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for (i, &(n, bytes)) in cases.iter().enumerate() {
         let image = ota::image(bytes);
@@ -241,8 +311,13 @@ fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
         eprintln!("==> {n} devices × {bytes} bytes: plain");
         let floor = runtime.block_on(ota::plain(plain.addr, &group.items, set))?;
         eprintln!("==> {n} devices × {bytes} bytes: per device");
-        let single =
-            runtime.block_on(ota::per_device(&dep, group.signer, group.devices, &image, set))?;
+        let single = runtime.block_on(ota::per_device(
+            &dep,
+            group.signer,
+            group.devices,
+            &image,
+            set,
+        ))?;
         for row in [&floor, &group.row, &single.row] {
             println!(
                 "| {n} × {:.1} MiB | {} | {:.1} ms | {:.2} MB ({:.3}× image) | {:.2} MB | {:.0} ms | {:.0} ms ({:.2}× plain) | {:.0} ms | {:.0} ms |",
@@ -272,6 +347,7 @@ fn main() -> std::process::ExitCode {
     let res = match cli.command {
         Cmd::Run(args) => run(args),
         Cmd::Ota(args) => ota_runs(args),
+        Cmd::Scale(args) => scale_runs(args),
         Cmd::ClientOp { op, n } => cpu::run(op, n).map(|_| ()),
     };
     match res {

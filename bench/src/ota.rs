@@ -21,8 +21,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use quva_client::direct::{DirectFloor, DirectSealer, UnverifiedDirect};
 use quva_client::curve::Point;
+use quva_client::direct::{DirectFloor, DirectSealer, UnverifiedDirect};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::members::MemberList;
 use quva_client::message::{Direction, Policy, Protection, UnverifiedMessage};
@@ -98,11 +98,7 @@ async fn tcp(addr: SocketAddr) -> anyhow::Result<(Rd, Wr)> {
 }
 
 /// An enrolled device connected with its certificate and joined in `role`.
-async fn joined(
-    dep: &Deployment,
-    device: Device,
-    role: Role,
-) -> anyhow::Result<Session<Rd, Wr>> {
+async fn joined(dep: &Deployment, device: Device, role: Role) -> anyhow::Result<Session<Rd, Wr>> {
     let id = device.id().as_str().to_owned();
     let (r, w) = tcp(dep.bridge()).await?;
     let mut s =
@@ -163,7 +159,9 @@ pub async fn plain(
     let prefix = format!("plain/{}", set.version);
     let (r, w) = tcp(broker).await?;
     let (mut reader, mut writer) = (Reader::new(r), Writer::new(w));
-    writer.send(&mqtt::connect("ota-plain-signer", None)).await?;
+    writer
+        .send(&mqtt::connect("ota-plain-signer", None))
+        .await?;
     mqtt::connack_ok(reader.expect("CONNACK").await?)?;
     let plain: Vec<(String, Vec<u8>)> = items
         .iter()
@@ -267,7 +265,14 @@ pub async fn group_ota(
         key: creds.key(),
         cert: creds.cert(),
     }
-    .release(set.version, "bench.img", image, set.chunk, now_ms(), &mut rng)
+    .release(
+        set.version,
+        "bench.img",
+        image,
+        set.chunk,
+        now_ms(),
+        &mut rng,
+    )
     .map_err(|e| anyhow::anyhow!("release: {e}"))?;
     let (_, key_wire) = s
         .device
@@ -420,7 +425,8 @@ async fn fetch_release(
                 .get_mut(at..at + c.plaintext().len())
                 .context("chunk beyond the image")?
                 .copy_from_slice(c.plaintext());
-            d.mark_stored(j).map_err(|e| anyhow::anyhow!("chunk {j}: {e}"))?;
+            d.mark_stored(j)
+                .map_err(|e| anyhow::anyhow!("chunk {j}: {e}"))?;
         }
         if d.is_complete() {
             let mut digest = ImageDigest::new();
@@ -493,7 +499,11 @@ pub async fn per_device(
         .filter(|m| m.role == Role::Subscriber && m.id.as_str().starts_with("ota-dev-"))
         .map(|m| (m.id.clone(), m.q))
         .collect();
-    anyhow::ensure!(recipients.len() == n, "{} of {n} devices listed", recipients.len());
+    anyhow::ensure!(
+        recipients.len() == n,
+        "{} of {n} devices listed",
+        recipients.len()
+    );
     for (id, q) in &recipients {
         let mut items = Vec::with_capacity(pieces.len());
         let t = Instant::now();
@@ -566,7 +576,14 @@ async fn receive_direct(
         }
         let lists: Vec<MemberList> = s.device.member_list(&group).cloned().into_iter().collect();
         let staged = msg
-            .open(&me, creds.key(), s.device.ca_public(), &lists, floor, now_ms())
+            .open(
+                &me,
+                creds.key(),
+                s.device.ca_public(),
+                &lists,
+                floor,
+                now_ms(),
+            )
             .map_err(|e| anyhow::anyhow!("direct message: {e}"))?;
         floor = staged.floor().1;
         staging.extend_from_slice(staged.commit().payload());
@@ -584,7 +601,9 @@ pub async fn enroll(dep: &Deployment, n: usize) -> anyhow::Result<(Device, Vec<D
     let signer = crate::fanout::enroll_one(dep, "ota-signer", Role::Publisher).await?;
     let mut devices = Vec::with_capacity(n);
     for i in 0..n {
-        devices.push(crate::fanout::enroll_one(dep, &format!("ota-dev-{i:03}"), Role::Subscriber).await?);
+        devices.push(
+            crate::fanout::enroll_one(dep, &format!("ota-dev-{i:03}"), Role::Subscriber).await?,
+        );
     }
     Ok((signer, devices))
 }
