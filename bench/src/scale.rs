@@ -28,6 +28,35 @@ use crate::quva::{Credential, Deployment, Session};
 
 /// Unacknowledged PUBLISHes a publisher may have in flight.
 const WINDOW: u64 = 64;
+/// Messages all publishers together may be ahead of the slowest subscriber. Without this bound
+/// ejabberd closes a subscriber whose queue overflows (mod_mqtt's `max_queue`), where Mosquitto
+/// would drop messages.
+const AHEAD: u64 = 256;
+
+/// Progress the publishers pace themselves by.
+struct Flow {
+    stop: AtomicBool,
+    sent: AtomicU64,
+    received: Vec<AtomicU64>,
+    accepted: AtomicU64,
+}
+
+impl Flow {
+    fn slowest(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
+
+    fn delivered(&self) -> u64 {
+        self.received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .sum()
+    }
+}
 
 /// One setup's result.
 #[derive(Clone, Debug)]
@@ -60,19 +89,16 @@ async fn session(
     Ok(s)
 }
 
-/// Sends option-2 messages until `stop`, keeping at most [`WINDOW`] unacknowledged; counts
-/// accepted ones into `accepted`.
-async fn publisher(
-    mut s: Session<Rd, Wr>,
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicU64>,
-) -> anyhow::Result<()> {
+/// Sends option-2 messages until stopped, keeping at most [`WINDOW`] unacknowledged and all
+/// publishers at most [`AHEAD`] ahead of the slowest subscriber; counts accepted ones.
+async fn publisher(mut s: Session<Rd, Wr>, flow: Arc<Flow>) -> anyhow::Result<()> {
     let group = crate::quva::group()?;
     let mut rng = SystemRng::new();
     let (mut sent, mut acked) = (0u64, 0u64);
     let payload = vec![0x5a; 64];
-    while !stop.load(Ordering::Relaxed) {
-        while sent - acked < WINDOW {
+    while !flow.stop.load(Ordering::Relaxed) {
+        while sent - acked < WINDOW && flow.sent.load(Ordering::Relaxed) < flow.slowest() + AHEAD {
+            flow.sent.fetch_add(1, Ordering::Relaxed);
             let (topic, bytes) = s
                 .device
                 .seal(
@@ -88,7 +114,7 @@ async fn publisher(
             s.writer.send(&mqtt::publish(pkid, &topic, bytes)).await?;
             sent += 1;
         }
-        match tokio::time::timeout(Duration::from_millis(200), s.reader.next()).await {
+        match tokio::time::timeout(Duration::from_millis(5), s.reader.next()).await {
             Err(_) => continue,
             Ok(p) => match p?.context("the bridge closed the publisher's connection")? {
                 Packet::PubAck(a) => {
@@ -97,7 +123,7 @@ async fn publisher(
                         a.reason,
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers
                     ) {
-                        accepted.fetch_add(1, Ordering::Relaxed);
+                        flow.accepted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Packet::Publish(p) if p.pkid != 0 => {
@@ -110,15 +136,15 @@ async fn publisher(
     Ok(())
 }
 
-/// Counts data PUBLISHes into `delivered` until `stop`.
+/// Counts data PUBLISHes into its counter of `flow` until stopped.
 async fn subscriber(
     mut reader: Reader<Rd>,
     mut writer: Writer<Wr>,
     data: String,
-    stop: Arc<AtomicBool>,
-    delivered: Arc<AtomicU64>,
+    flow: Arc<Flow>,
+    idx: usize,
 ) -> anyhow::Result<()> {
-    while !stop.load(Ordering::Relaxed) {
+    while !flow.stop.load(Ordering::Relaxed) {
         let p = match tokio::time::timeout(Duration::from_millis(200), reader.next()).await {
             Err(_) => continue,
             Ok(p) => p?.context("the bridge closed a subscriber's connection")?,
@@ -128,7 +154,9 @@ async fn subscriber(
                 writer.send(&mqtt::puback(p.pkid)).await?;
             }
             if p.topic.as_ref() == data.as_bytes() {
-                delivered.fetch_add(1, Ordering::Relaxed);
+                if let Some(r) = flow.received.get(idx) {
+                    r.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -153,8 +181,12 @@ pub async fn run(nodes: usize, subscribers: usize, duration: Duration) -> anyhow
         .chain(extra.iter().map(|b| b.addr))
         .collect();
     let data = data_topic(&dep.group);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (accepted, delivered) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let flow = Arc::new(Flow {
+        stop: AtomicBool::new(false),
+        sent: AtomicU64::new(0),
+        received: (0..subscribers).map(|_| AtomicU64::new(0)).collect(),
+        accepted: AtomicU64::new(0),
+    });
 
     let mut subs = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
@@ -170,37 +202,35 @@ pub async fn run(nodes: usize, subscribers: usize, duration: Duration) -> anyhow
     // Retained notices and member lists arrive before anything is counted.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut tasks = Vec::new();
-    for s in subs {
+    for (idx, s) in subs.into_iter().enumerate() {
         let Session { reader, writer, .. } = s;
         tasks.push(tokio::spawn(subscriber(
             reader,
             writer,
             data.clone(),
-            stop.clone(),
-            delivered.clone(),
+            flow.clone(),
+            idx,
         )));
     }
     // Warm-up, then the counted interval.
     let warm = Duration::from_secs(1);
     for s in pubs {
-        tasks.push(tokio::spawn(publisher(s, stop.clone(), accepted.clone())));
+        tasks.push(tokio::spawn(publisher(s, flow.clone())));
     }
     tokio::time::sleep(warm).await;
-    let (a0, d0) = (
-        accepted.load(Ordering::Relaxed),
-        delivered.load(Ordering::Relaxed),
-    );
+    let (a0, d0) = (flow.accepted.load(Ordering::Relaxed), flow.delivered());
     let t0 = Instant::now();
     tokio::time::sleep(duration).await;
-    let (a1, d1) = (
-        accepted.load(Ordering::Relaxed),
-        delivered.load(Ordering::Relaxed),
-    );
+    let (a1, d1) = (flow.accepted.load(Ordering::Relaxed), flow.delivered());
     let secs = t0.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
+    flow.stop.store(true, Ordering::Relaxed);
     for t in tasks {
         if let Err(e) = t.await.context("a bench task")? {
-            let log = dep.cluster.daemon_logs();
+            let log = format!(
+                "{}\n--- ejabberd ---\n{}",
+                dep.cluster.daemon_logs(),
+                brokers.log(0)
+            );
             let tail: Vec<&str> = log.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             return Err(e.context(format!("bridge log:\n{}", tail.join("\n"))));
