@@ -268,9 +268,18 @@ impl RawMqtt {
 
     /// Publishes `payload` on `topic` at QoS 1 and returns the PUBACK reason code.
     pub fn publish(&self, topic: &str, payload: &[u8]) -> u8 {
+        self.publish_with(topic, payload, false)
+    }
+
+    /// Publishes `payload` retained on `topic` at QoS 1 and returns the PUBACK reason code.
+    pub fn publish_retained(&self, topic: &str, payload: &[u8]) -> u8 {
+        self.publish_with(topic, payload, true)
+    }
+
+    fn publish_with(&self, topic: &str, payload: &[u8], retain: bool) -> u8 {
         let before = self.log.lock().unwrap().pubacks.len();
         self.client
-            .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+            .publish(topic, QoS::AtLeastOnce, retain, payload.to_vec())
             .unwrap();
         self.wait("PUBACK", |l| l.pubacks.len() > before);
         self.log.lock().unwrap().pubacks[before]

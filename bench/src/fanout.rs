@@ -298,7 +298,11 @@ impl Fleet {
     }
 }
 
-async fn enroll_one(dep: &Deployment, id: &str, role: Role) -> anyhow::Result<Device> {
+/// Registers, enrolls and joins one device in `role` (then disconnects it).
+///
+/// # Errors
+/// Any refused step.
+pub async fn enroll_one(dep: &Deployment, id: &str, role: Role) -> anyhow::Result<Device> {
     let secret = dep.register(id, role)?;
     let tcp = TcpStream::connect(dep.bridge()).await?;
     tcp.set_nodelay(true)?;

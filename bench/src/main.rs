@@ -9,8 +9,10 @@
 mod cpu;
 mod fanout;
 mod mqtt;
+mod ota;
 mod quva;
 mod report;
+mod scale;
 mod setup;
 mod tls;
 
@@ -37,6 +39,11 @@ struct Cli {
 enum Cmd {
     /// Measure everything and write the results.
     Run(RunArgs),
+    /// Group OTA (PROTOCOL.md §7.2) against per-device encryption and an unprotected fetch.
+    Ota(OtaArgs),
+    /// Verified throughput: one bridge on one ejabberd node against two bridges on two
+    /// clustered nodes (docs/scale-out.md).
+    Scale(ScaleArgs),
     /// Run one client operation n+1 times (the first is a warm-up), for instruction counting.
     ClientOp {
         /// The operation.
@@ -45,6 +52,30 @@ enum Cmd {
         /// Counted runs.
         n: usize,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct OtaArgs {
+    /// Runs, each DEVICESxBYTES: devices × image size.
+    #[arg(
+        long = "case",
+        value_delimiter = ',',
+        default_value = "100x1048576,10x10485760"
+    )]
+    cases: Vec<String>,
+    /// Chunk size in bytes.
+    #[arg(long, default_value_t = 64 * 1024)]
+    chunk: u32,
+}
+
+#[derive(clap::Args, Debug)]
+struct ScaleArgs {
+    /// Subscribers in total (split across the bridges).
+    #[arg(long, default_value_t = 20)]
+    subscribers: usize,
+    /// Seconds counted in each setup (after a one-second warm-up).
+    #[arg(long, default_value_t = 5)]
+    duration_secs: u64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -189,10 +220,134 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn scale_runs(args: ScaleArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "quva-bench scale, {} (load: {})",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        uptime()
+    );
+    let duration = Duration::from_secs(args.duration_secs);
+    let mut rows = Vec::new();
+    for nodes in [1, 2] {
+        eprintln!(
+            "==> {nodes} ejabberd node(s), {nodes} bridge(s), {} subscribers",
+            args.subscribers
+        );
+        let row = runtime.block_on(scale::run(nodes, args.subscribers, duration))?;
+        eprintln!(
+            "    {:.0} accepted/s, {:.0} delivered/s",
+            row.accepted_per_s, row.delivered_per_s
+        );
+        rows.push(row);
+    }
+    println!();
+    println!(
+        "| broker nodes + bridges | publishers | subscribers | accepted PUBLISH/s | deliveries/s | ratio to one node |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    let base = rows
+        .first()
+        .map_or(1.0, |r| r.delivered_per_s.max(f64::MIN_POSITIVE));
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {:.0} | {:.0} | {:.2} |",
+            r.nodes,
+            r.nodes,
+            r.subscribers,
+            r.accepted_per_s,
+            r.delivered_per_s,
+            r.delivered_per_s / base
+        );
+    }
+    println!("\n(load after: {})", uptime());
+    Ok(())
+}
+
+fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
+    let cases = args
+        .cases
+        .iter()
+        .map(|c| {
+            let (n, bytes) = c
+                .split_once('x')
+                .with_context(|| format!("--case {c}: expected DEVICESxBYTES"))?;
+            Ok((n.parse::<usize>()?, bytes.parse::<usize>()?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let most = cases.iter().map(|c| c.0).max().unwrap_or(0);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let work = tempfile::tempdir()?;
+    println!(
+        "quva-bench ota, {} (load: {})",
+        std::env::args().collect::<Vec<_>>().join(" "),
+        uptime()
+    );
+    eprintln!("==> starting Mosquitto, quva-ca and quva-bridge, and a plain Mosquitto");
+    let plain = tls::PlainMosquitto::start(work.path())?;
+    let dep = quva::Deployment::start()?;
+    eprintln!("==> enrolling 1 signer and {most} devices");
+    let (mut signer, mut devices) = runtime.block_on(ota::enroll(&dep, most))?;
+    println!();
+    println!(
+        "| devices × image | system | signer CPU | published | retained | deposit | fetch p50 | fetch max | all done |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, &(n, bytes)) in cases.iter().enumerate() {
+        let image = ota::image(bytes);
+        let rest = devices.split_off(n.min(devices.len()));
+        let set = ota::Settings {
+            devices: n,
+            image_bytes: bytes,
+            chunk: args.chunk,
+            version: i as u64 + 1,
+        };
+        eprintln!("==> {n} devices × {bytes} bytes: group OTA");
+        let group = runtime.block_on(ota::group_ota(&dep, signer, devices, &image, set))?;
+        eprintln!("==> {n} devices × {bytes} bytes: plain");
+        let floor = runtime.block_on(ota::plain(plain.addr, &group.items, set))?;
+        eprintln!("==> {n} devices × {bytes} bytes: per device");
+        let single = runtime.block_on(ota::per_device(
+            &dep,
+            group.signer,
+            group.devices,
+            &image,
+            set,
+        ))?;
+        for row in [&floor, &group.row, &single.row] {
+            println!(
+                "| {n} × {:.1} MiB | {} | {:.1} ms | {:.2} MB ({:.3}× image) | {:.2} MB | {:.0} ms | {:.0} ms ({:.2}× plain) | {:.0} ms | {:.0} ms |",
+                bytes as f64 / 1_048_576.0,
+                row.system,
+                row.signer_cpu_ms,
+                row.published_bytes as f64 / 1e6,
+                row.published_bytes as f64 / bytes as f64,
+                row.retained_bytes as f64 / 1e6,
+                row.deposit_ms,
+                row.fetch_p50_ms,
+                row.fetch_p50_ms / floor.fetch_p50_ms.max(f64::MIN_POSITIVE),
+                row.fetch_max_ms,
+                row.all_done_ms,
+            );
+        }
+        signer = single.signer;
+        devices = single.devices;
+        devices.extend(rest);
+    }
+    println!("\n(load after: {})", uptime());
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Cmd::Run(args) => run(args),
+        Cmd::Ota(args) => ota_runs(args),
+        Cmd::Scale(args) => scale_runs(args),
         Cmd::ClientOp { op, n } => cpu::run(op, n).map(|_| ()),
     };
     match res {

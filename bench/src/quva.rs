@@ -13,7 +13,7 @@ use quva_client::rng::SystemRng;
 use quva_node::{
     Device, DeviceConfig, Enrollment, Output, Purpose, Subscription, cert_connect_auth, now_ms,
 };
-use quva_tests::Cluster;
+use quva_tests::{Cluster, Options};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
@@ -41,7 +41,16 @@ impl Deployment {
     /// # Errors
     /// A CA key that does not parse.
     pub fn start() -> anyhow::Result<Self> {
-        let cluster = Cluster::start(&[PROTECTED]);
+        Self::start_with(&Options::default())
+    }
+
+    /// As [`Deployment::start`], with the CA and bridge settings of `options` (for example
+    /// another broker instead of Mosquitto).
+    ///
+    /// # Errors
+    /// A CA key that does not parse.
+    pub fn start_with(options: &Options) -> anyhow::Result<Self> {
+        let cluster = Cluster::start_with(&[PROTECTED], options);
         cluster.create_group(GROUP);
         let ca_public = hex::decode(&cluster.ca_public)
             .ok()
