@@ -293,10 +293,7 @@ fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
     eprintln!("==> enrolling 1 signer and {most} devices");
     let (mut signer, mut devices) = runtime.block_on(ota::enroll(&dep, most))?;
     println!();
-    println!(
-        "| devices × image | system | signer CPU | published | retained | deposit | fetch p50 | fetch max | all done |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("{}", ota::TABLE_HEADER);
     for (i, &(n, bytes)) in cases.iter().enumerate() {
         let image = ota::image(bytes);
         let rest = devices.split_off(n.min(devices.len()));
@@ -319,20 +316,7 @@ fn ota_runs(args: OtaArgs) -> anyhow::Result<()> {
             set,
         ))?;
         for row in [&floor, &group.row, &single.row] {
-            println!(
-                "| {n} × {:.1} MiB | {} | {:.1} ms | {:.2} MB ({:.3}× image) | {:.2} MB | {:.0} ms | {:.0} ms ({:.2}× plain) | {:.0} ms | {:.0} ms |",
-                bytes as f64 / 1_048_576.0,
-                row.system,
-                row.signer_cpu_ms,
-                row.published_bytes as f64 / 1e6,
-                row.published_bytes as f64 / bytes as f64,
-                row.retained_bytes as f64 / 1e6,
-                row.deposit_ms,
-                row.fetch_p50_ms,
-                row.fetch_p50_ms / floor.fetch_p50_ms.max(f64::MIN_POSITIVE),
-                row.fetch_max_ms,
-                row.all_done_ms,
-            );
+            println!("{}", ota::table_row(row, &floor));
         }
         signer = single.signer;
         devices = single.devices;

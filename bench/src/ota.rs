@@ -76,8 +76,40 @@ pub struct Row {
     pub fetch_p50_ms: f64,
     /// The last device's time, in milliseconds.
     pub fetch_max_ms: f64,
+    /// One device fetching alone afterwards (the others idle), in milliseconds.
+    pub alone_ms: Option<f64>,
     /// From the first PUBLISH of the signer until every device holds the image.
     pub all_done_ms: f64,
+}
+
+/// The header of the table [`table_row`] fills.
+pub const TABLE_HEADER: &str = "| devices × image | system | signer CPU | published | retained | \
+    deposit | fetch p50 (concurrent) | fetch max | all done | one device alone |\n\
+    |---|---|---:|---:|---:|---:|---:|---:|---:|---:|";
+
+/// One markdown row, with ratios to the unprotected run `floor` of the same case.
+pub fn table_row(row: &Row, floor: &Row) -> String {
+    let ratio = |a: f64, b: f64| a / b.max(f64::MIN_POSITIVE);
+    let alone = match (row.alone_ms, floor.alone_ms) {
+        (Some(a), Some(p)) => format!("{a:.0} ms ({:.2}× plain)", ratio(a, p)),
+        _ => "–".to_owned(),
+    };
+    format!(
+        "| {} × {:.1} MiB | {} | {:.1} ms | {:.2} MB ({:.3}× image) | {:.2} MB | {:.0} ms | \
+         {:.0} ms ({:.2}× plain) | {:.0} ms | {:.0} ms | {alone} |",
+        row.devices,
+        row.image_bytes as f64 / 1_048_576.0,
+        row.system,
+        row.signer_cpu_ms,
+        row.published_bytes as f64 / 1e6,
+        ratio(row.published_bytes as f64, row.image_bytes as f64),
+        row.retained_bytes as f64 / 1e6,
+        row.deposit_ms,
+        row.fetch_p50_ms,
+        ratio(row.fetch_p50_ms, floor.fetch_p50_ms),
+        row.fetch_max_ms,
+        row.all_done_ms,
+    )
 }
 
 fn ms(d: Duration) -> f64 {
@@ -106,6 +138,16 @@ async fn joined(dep: &Deployment, device: Device, role: Role) -> anyhow::Result<
     s.join(&dep.group, role, false).await?;
     s.settle(&dep.group, role).await?;
     Ok(s)
+}
+
+/// Handles packets until the device holds the group's verified member list (it arrives, retained,
+/// after the join).
+async fn await_member_list(s: &mut Session<Rd, Wr>, group: &GroupId) -> anyhow::Result<()> {
+    while s.device.member_list(group).is_none() {
+        let p = s.reader.expect("the member list").await?;
+        s.handle(p).await?;
+    }
+    Ok(())
 }
 
 /// Publishes QoS 1 PUBLISHes (retained or not) and waits for every PUBACK; all must succeed.
@@ -171,33 +213,16 @@ pub async fn plain(
     deposit(&mut reader, &mut writer, &plain, true).await?;
     let deposit_ms = ms(started.elapsed());
     let total: usize = plain.iter().map(|(_, p)| p.len()).sum();
+    let filter = format!("{prefix}/#");
     let mut tasks = Vec::new();
     for i in 0..n {
-        let filter = format!("{prefix}/#");
+        let filter = filter.clone();
         tasks.push(tokio::spawn(async move {
-            let (r, w) = tcp(broker).await?;
-            let (mut reader, mut writer) = (Reader::new(r), Writer::new(w));
-            writer
-                .send(&mqtt::connect(&format!("ota-plain-{i}"), None))
-                .await?;
-            mqtt::connack_ok(reader.expect("CONNACK").await?)?;
-            let t0 = Instant::now();
-            writer
-                .send(&mqtt::subscribe(1, &[filter], Vec::new()))
-                .await?;
-            let mut got = 0usize;
-            while got < total {
-                if let Packet::Publish(p) = reader.expect("PUBLISH").await? {
-                    if p.pkid != 0 {
-                        writer.send(&mqtt::puback(p.pkid)).await?;
-                    }
-                    got += p.payload.len();
-                }
-            }
-            anyhow::Ok(t0.elapsed())
+            plain_fetch(broker, &format!("ota-plain-{i}"), &filter, total).await
         }));
     }
     let times = join_all(tasks).await?;
+    let alone = plain_fetch(broker, "ota-plain-alone", &filter, total).await?;
     let all_done_ms = deposit_ms + ms(times.iter().max().copied().unwrap_or_default());
     let (fetch_p50_ms, fetch_max_ms) = median_max(times);
     Ok(Row {
@@ -210,8 +235,37 @@ pub async fn plain(
         deposit_ms,
         fetch_p50_ms,
         fetch_max_ms,
+        alone_ms: Some(ms(alone)),
         all_done_ms,
     })
+}
+
+/// A plain client subscribes to `filter` and receives `total` payload bytes; returns the time
+/// from its SUBSCRIBE.
+async fn plain_fetch(
+    broker: SocketAddr,
+    client_id: &str,
+    filter: &str,
+    total: usize,
+) -> anyhow::Result<Duration> {
+    let (r, w) = tcp(broker).await?;
+    let (mut reader, mut writer) = (Reader::new(r), Writer::new(w));
+    writer.send(&mqtt::connect(client_id, None)).await?;
+    mqtt::connack_ok(reader.expect("CONNACK").await?)?;
+    let t0 = Instant::now();
+    writer
+        .send(&mqtt::subscribe(1, &[filter.to_owned()], Vec::new()))
+        .await?;
+    let mut got = 0usize;
+    while got < total {
+        if let Packet::Publish(p) = reader.expect("PUBLISH").await? {
+            if p.pkid != 0 {
+                writer.send(&mqtt::puback(p.pkid)).await?;
+            }
+            got += p.payload.len();
+        }
+    }
+    Ok(t0.elapsed())
 }
 
 async fn join_all<T>(
@@ -321,9 +375,19 @@ pub async fn group_ota(
             fetch_release(sess, &filter, &group, &signer_id, size).await
         }));
     }
-    let (times, devices): (Vec<Duration>, Vec<Device>) = join_all(tasks).await?.into_iter().unzip();
+    let (times, mut devices): (Vec<Duration>, Vec<Device>) =
+        join_all(tasks).await?.into_iter().unzip();
     let all_done_ms = deposit_ms + ms(times.iter().max().copied().unwrap_or_default());
     let (fetch_p50_ms, fetch_max_ms) = median_max(times);
+    // One device again, alone.
+    let mut alone = None;
+    if !devices.is_empty() {
+        let d = devices.swap_remove(0);
+        let sess = joined(dep, d, Role::Subscriber).await?;
+        let (t, d) = fetch_release(sess, &filter, &group, &signer_id, image.len()).await?;
+        devices.push(d);
+        alone = Some(ms(t));
+    }
     Ok(Outcome {
         row: Row {
             system: "group OTA",
@@ -335,6 +399,7 @@ pub async fn group_ota(
             deposit_ms,
             fetch_p50_ms,
             fetch_max_ms,
+            alone_ms: alone,
             all_done_ms,
         },
         items,
@@ -452,9 +517,11 @@ pub async fn per_device(
     let mut rng = SystemRng::new();
     let n = devices.len();
     let mut s = joined(dep, signer, Role::Publisher).await?;
+    await_member_list(&mut s, &dep.group).await?;
     let mut sessions = Vec::with_capacity(n);
     for d in devices {
         let mut sess = joined(dep, d, Role::Subscriber).await?;
+        await_member_list(&mut sess, &dep.group).await?;
         let own = topics::direct(sess.device.id());
         sess.writer
             .send(&mqtt::subscribe(60_001, &[own], Vec::new()))
@@ -473,6 +540,7 @@ pub async fn per_device(
         .clone();
     let pieces: Vec<&[u8]> = image.chunks(set.chunk as usize).collect();
 
+    let ids: Vec<DeviceId> = sessions.iter().map(|s| s.device.id().clone()).collect();
     // Devices receive while the signer sends.
     let mut tasks = Vec::with_capacity(n);
     let sender = s.device.id().clone();
@@ -496,7 +564,7 @@ pub async fn per_device(
         .members()
         .iter()
         .map(|m| &m.member)
-        .filter(|m| m.role == Role::Subscriber && m.id.as_str().starts_with("ota-dev-"))
+        .filter(|m| m.role == Role::Subscriber && ids.contains(&m.id))
         .map(|m| (m.id.clone(), m.q))
         .collect();
     anyhow::ensure!(
@@ -532,6 +600,7 @@ pub async fn per_device(
         deposit_ms,
         fetch_p50_ms,
         fetch_max_ms,
+        alone_ms: None,
         all_done_ms,
     };
     Ok(Outcome {
