@@ -303,8 +303,21 @@ impl Fleet {
 /// # Errors
 /// Any refused step.
 pub async fn enroll_one(dep: &Deployment, id: &str, role: Role) -> anyhow::Result<Device> {
+    enroll_via(dep, dep.bridge(), id, role).await
+}
+
+/// As [`enroll_one`], through the bridge at `bridge`.
+///
+/// # Errors
+/// Any refused step.
+pub async fn enroll_via(
+    dep: &Deployment,
+    bridge: std::net::SocketAddr,
+    id: &str,
+    role: Role,
+) -> anyhow::Result<Device> {
     let secret = dep.register(id, role)?;
-    let tcp = TcpStream::connect(dep.bridge()).await?;
+    let tcp = TcpStream::connect(bridge).await?;
     tcp.set_nodelay(true)?;
     let (r, w) = tcp.into_split();
     let mut s = Session::connect(r, w, id, dep.ca_public, Credential::Enroll(&secret)).await?;

@@ -22,7 +22,7 @@ use quva_tests::ejabberd::BrokerCluster;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use tokio::net::TcpStream;
 
-use crate::fanout::{Rd, Wr, enroll_one};
+use crate::fanout::{Rd, Wr, enroll_via};
 use crate::mqtt::{self, Reader, Writer};
 use crate::quva::{Credential, Deployment, Session};
 
@@ -180,6 +180,10 @@ pub async fn run(nodes: usize, subscribers: usize, duration: Duration) -> anyhow
     let bridges: Vec<std::net::SocketAddr> = std::iter::once(dep.bridge())
         .chain(extra.iter().map(|b| b.addr))
         .collect();
+    // A new bridge first catches up with the CA's notices (member lists, revocations).
+    if nodes > 1 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
     let data = data_topic(&dep.group);
     let flow = Arc::new(Flow {
         stop: AtomicBool::new(false),
@@ -190,13 +194,33 @@ pub async fn run(nodes: usize, subscribers: usize, duration: Duration) -> anyhow
 
     let mut subs = Vec::with_capacity(subscribers);
     for i in 0..subscribers {
-        let device = enroll_one(&dep, &format!("sub-{i:03}"), Role::Subscriber).await?;
-        let s = session(&dep, bridges[i % nodes], device, Role::Subscriber).await?;
+        // Enrolled through the bridge it will use: ejabberd may close a session that reconnects
+        // through another node right after the previous one closed.
+        let device = enroll_via(
+            &dep,
+            bridges[i % nodes],
+            &format!("sub-{i:03}"),
+            Role::Subscriber,
+        )
+        .await?;
+        let s = match session(&dep, bridges[i % nodes], device, Role::Subscriber).await {
+            Ok(s) => s,
+            Err(e) => {
+                let logs: Vec<String> = extra
+                    .iter()
+                    .map(|b| format!("{}{}", b.proc.out(), b.proc.err()))
+                    .collect();
+                return Err(e.context(format!(
+                    "subscriber {i}; other bridges:\n{}",
+                    logs.join("\n")
+                )));
+            }
+        };
         subs.push(s);
     }
     let mut pubs = Vec::with_capacity(nodes);
     for (i, &bridge) in bridges.iter().enumerate() {
-        let device = enroll_one(&dep, &format!("pub-{i}"), Role::Publisher).await?;
+        let device = enroll_via(&dep, bridge, &format!("pub-{i}"), Role::Publisher).await?;
         pubs.push(session(&dep, bridge, device, Role::Publisher).await?);
     }
     // Retained notices and member lists arrive before anything is counted.
