@@ -1099,20 +1099,11 @@ fn report(
     while detail.len() > quva_client::ota::MAX_DETAIL_LEN {
         detail.pop();
     }
-    let name = state_name(state);
-    let line = if detail.is_empty() {
-        format!("ota {group} v{version}: {name}")
-    } else {
-        format!("ota {group} v{version}: {name}: {detail}")
-    };
-    let level = if matches!(state, OtaState::Failed | OtaState::NeedKey) {
-        LogLevel::Warn
-    } else {
-        LogLevel::Info
-    };
-    let mut out = vec![OtaAction::Log {
-        level,
-        message: line,
+    let mut out = vec![OtaAction::Status {
+        group: group.clone(),
+        version,
+        state,
+        detail: detail.clone(),
     }];
     let report = StatusReport {
         version,
@@ -1133,7 +1124,8 @@ fn report(
     match sealed {
         Ok((topic, payload)) => out.push(OtaAction::Publish { topic, payload }),
         Err(e) => out.push(warn(format!(
-            "ota {group} v{version}: cannot send the {name} report: {e}"
+            "ota {group} v{version}: cannot send the {} report: {e}",
+            state_name(state)
         ))),
     }
     out

@@ -3,6 +3,7 @@
 use core::fmt;
 
 use quva_client::ids::GroupId;
+use quva_client::ota::OtaState;
 use zeroize::Zeroizing;
 
 /// One chunk of the staging file to read back and check after a restart.
@@ -123,6 +124,18 @@ pub enum OtaAction {
         /// The payload.
         payload: Vec<u8>,
     },
+    /// A state was reported (the [`OtaAction::Publish`] of the report follows), for a line on the
+    /// daemon's output.
+    Status {
+        /// The OTA group.
+        group: GroupId,
+        /// The release version.
+        version: u64,
+        /// The state.
+        state: OtaState,
+        /// The detail sent with it.
+        detail: String,
+    },
     /// A download's progress, for a progress line.
     Progress {
         /// The OTA group.
@@ -211,6 +224,18 @@ impl fmt::Debug for OtaAction {
                 .debug_struct("Publish")
                 .field("topic", topic)
                 .field("len", &payload.len())
+                .finish(),
+            OtaAction::Status {
+                group,
+                version,
+                state,
+                detail,
+            } => f
+                .debug_struct("Status")
+                .field("group", group)
+                .field("version", version)
+                .field("state", state)
+                .field("detail", detail)
                 .finish(),
             OtaAction::Progress {
                 group,

@@ -13,9 +13,9 @@ use crate::device::Device;
 /// re-checking staged chunks after a restart, hashing the image, recording the installed
 /// version, discarding. A failing write fails the release ([`OtaAgent::on_io_error`]).
 /// Returns the other actions — [`OtaAction::Subscribe`], [`OtaAction::Unsubscribe`],
-/// [`OtaAction::Publish`], [`OtaAction::Apply`], [`OtaAction::Progress`], [`OtaAction::Log`] —
-/// in order, for the caller. A version is recorded before the `applied` report that follows it
-/// is returned.
+/// [`OtaAction::Publish`], [`OtaAction::Apply`], [`OtaAction::Status`], [`OtaAction::Progress`],
+/// [`OtaAction::Log`] — in order, for the caller. A version is recorded before the `applied`
+/// report that follows it is returned.
 pub fn perform(
     agent: &mut OtaAgent,
     files: &OtaFiles,
