@@ -78,6 +78,10 @@ pub use perform::perform;
 /// subscribed, so at most this many chunk ciphertexts are in flight.
 pub const FETCH_WINDOW: usize = 8;
 
+/// How many versions after the installed one are subscribed by exact topic when the bridge
+/// refuses the wildcard filters `…/+/m` and `…/+/k`.
+pub const VERSION_LOOKAHEAD: u64 = 16;
+
 /// Releases (manifests or key messages) kept per group while they wait for a member list, a
 /// key or their manifest; the highest versions are kept.
 const MAX_PENDING: usize = 8;
@@ -129,6 +133,9 @@ struct GroupOta {
     saved: Option<SavedRelease>,
     active: Option<Active>,
     failed: BTreeSet<(u64, DeviceId)>,
+    /// Signers whose wildcard filters the bridge refused: their releases are subscribed by
+    /// exact topic, for the [`VERSION_LOOKAHEAD`] versions after the installed one.
+    exact: BTreeSet<DeviceId>,
     seen: Option<Seen>,
 }
 
@@ -214,15 +221,17 @@ impl OtaAgent {
     }
 
     /// The subscriptions to make on every (re)connection: each pinned signer's manifests and key
-    /// messages in each group (`<group>/_ota/<signer>/+/m` and `…/+/k`), and the chunks being
-    /// fetched.
+    /// messages in each group (`<group>/_ota/<signer>/+/m` and `…/+/k`, or the exact topics of
+    /// the next versions if the bridge refused those), and the chunks being fetched.
     pub fn start(&self) -> Vec<OtaAction> {
         let mut filters = Vec::new();
         for (g, state) in &self.groups {
             for s in &self.signers {
-                let base = format!("{}/{OTA_LEVEL}/{}/+", g.as_str(), s.as_str());
-                filters.push(format!("{base}/m"));
-                filters.push(format!("{base}/k"));
+                if state.exact.contains(s) {
+                    filters.extend(exact_filters(g, s, state.installed));
+                } else {
+                    filters.extend(wildcard_filters(g, s));
+                }
             }
             if let Some(a) = &state.active
                 && let Stage::Downloading { in_flight, .. } = &a.stage
@@ -235,6 +244,29 @@ impl OtaAgent {
             }
         }
         vec![OtaAction::Subscribe(filters)]
+    }
+
+    /// The bridge refused a subscription (`code` ≥ 0x80). A bridge that refuses wildcard filters
+    /// over protected groups refuses `…/+/m` and `…/+/k`: that signer's releases are then
+    /// subscribed by exact topic for the [`VERSION_LOOKAHEAD`] versions after the installed one
+    /// (a release further ahead is not seen until the device installs one in between).
+    pub fn on_subscription_refused(&mut self, filter: &str, code: u8) -> Vec<OtaAction> {
+        let mut out = Vec::new();
+        for (g, state) in &mut self.groups {
+            for s in &self.signers {
+                if !wildcard_filters(g, s).iter().any(|f| f == filter)
+                    || !state.exact.insert(s.clone())
+                {
+                    continue;
+                }
+                out.push(warn(format!(
+                    "ota {g}: the bridge refused {filter} (0x{code:02x}); following the next \
+                     {VERSION_LOOKAHEAD} versions of {s} by their exact topics"
+                )));
+                out.push(OtaAction::Subscribe(exact_filters(g, s, state.installed)));
+            }
+        }
+        out
     }
 
     /// Handles a PUBLISH on an OTA topic (anything else is ignored).
@@ -917,6 +949,7 @@ impl OtaAgent {
             return self.fail(group, &detail, dev, now_ms, rng);
         }
         state.active = None;
+        let previous = state.installed;
         state.installed = Some(version);
         state.manifests.retain(|(v, _), _| *v > version);
         state.keys.retain(|(v, _), _| *v > version);
@@ -924,6 +957,27 @@ impl OtaAgent {
             group: group.clone(),
             version,
         }];
+        // Exact-topic subscriptions move past the installed version.
+        for s in &state.exact {
+            let before = exact_filters(group, s, previous);
+            let after = exact_filters(group, s, Some(version));
+            let gone: Vec<String> = before
+                .iter()
+                .filter(|f| !after.contains(f))
+                .cloned()
+                .collect();
+            let new: Vec<String> = after
+                .iter()
+                .filter(|f| !before.contains(f))
+                .cloned()
+                .collect();
+            if !gone.is_empty() {
+                out.push(OtaAction::Unsubscribe(gone));
+            }
+            if !new.is_empty() {
+                out.push(OtaAction::Subscribe(new));
+            }
+        }
         out.extend(report(
             dev,
             group,
@@ -1029,6 +1083,30 @@ impl OtaAgent {
         }
         out
     }
+}
+
+/// `<group>/_ota/<signer>/+/m` and `…/+/k`.
+fn wildcard_filters(group: &GroupId, signer: &DeviceId) -> [String; 2] {
+    let base = format!("{}/{OTA_LEVEL}/{}/+", group.as_str(), signer.as_str());
+    [format!("{base}/m"), format!("{base}/k")]
+}
+
+/// The manifest and key topics of the [`VERSION_LOOKAHEAD`] versions after `installed`.
+fn exact_filters(group: &GroupId, signer: &DeviceId, installed: Option<u64>) -> Vec<String> {
+    let first = installed.map_or(0, |i| i.saturating_add(1));
+    (first..first.saturating_add(VERSION_LOOKAHEAD))
+        .flat_map(|version| {
+            [OtaItem::Manifest, OtaItem::Key].map(|item| {
+                OtaTopic {
+                    group: group.clone(),
+                    signer: signer.clone(),
+                    version,
+                    item,
+                }
+                .to_string()
+            })
+        })
+        .collect()
 }
 
 /// Opens a key message with the device's keys of the group (no time window: it is retained).

@@ -170,6 +170,7 @@ impl Rig {
             logs: Vec::new(),
             applied: 0,
             chunk_budget: None,
+            refuse_wildcards: false,
         }
     }
 }
@@ -188,6 +189,8 @@ struct Driver {
     applied: usize,
     /// How many more chunk deliveries the "network" carries (None: all).
     chunk_budget: Option<usize>,
+    /// A bridge that refuses wildcard filters over protected groups (0x87).
+    refuse_wildcards: bool,
 }
 
 fn matches(filter: &str, topic: &str) -> bool {
@@ -219,6 +222,10 @@ impl Driver {
                 match a {
                     OtaAction::Subscribe(filters) => {
                         for f in filters {
+                            if self.refuse_wildcards && f.contains('+') {
+                                queue.extend(self.agent.on_subscription_refused(&f, 0x87));
+                                continue;
+                            }
                             self.subs.insert(f.clone());
                             if let Some(OtaTopic {
                                 item: OtaItem::Chunk(j),
@@ -778,4 +785,29 @@ fn a_key_from_another_sender_is_not_accepted() {
         d.logs
     );
     assert!(d.fetched.is_empty());
+}
+
+#[test]
+fn a_bridge_refusing_wildcards_gets_exact_topics_of_the_next_versions() {
+    let mut r = rig(11);
+    r.files().record_installed(&r.g, 2).unwrap();
+    let img = image(2_500, 11);
+    r.release(5, &img, 1000);
+    let out = out_path(&r);
+    let mut d = r.boot(copy_to(&out));
+    d.refuse_wildcards = true;
+    d.start(&mut r);
+    assert_eq!(std::fs::read(&out).unwrap(), img);
+    assert!(d.subs.iter().all(|s| !s.contains('+')));
+    // After v5 the window starts at v6: v3..=v5 are unsubscribed, v6..=v21 subscribed.
+    let m = |v: u64| format!("{GROUP}/_ota/release-1/{v}/m");
+    assert!(!d.subs.contains(&m(5)) && d.subs.contains(&m(6)) && d.subs.contains(&m(21)));
+    assert!(!d.subs.contains(&m(22)));
+    // A release within the window is found; one beyond it is not (the documented limit).
+    let img7 = image(1_500, 7);
+    r.release(7, &img7, 1000);
+    r.release(40, &image(1_500, 40), 1000);
+    d.start(&mut r);
+    assert_eq!(std::fs::read(&out).unwrap(), img7);
+    assert_eq!(d.agent.installed(&r.g), Some(7));
 }
