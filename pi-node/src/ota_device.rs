@@ -345,6 +345,15 @@ impl OtaAgent {
         let Some(list) = dev.member_list(group) else {
             return out;
         };
+        // A release being hashed or applied is not superseded under the apply command's feet:
+        // newer manifests wait for its result.
+        if state
+            .active
+            .as_ref()
+            .is_some_and(|a| matches!(a.stage, Stage::Hashing(_) | Stage::Applying))
+        {
+            return out;
+        }
         let ids: Vec<(u64, DeviceId)> = state.manifests.keys().rev().cloned().collect();
         let mut found = None;
         for id in ids {
@@ -990,6 +999,8 @@ impl OtaAgent {
         out.push(OtaAction::Discard {
             group: group.clone(),
         });
+        // A newer release that arrived meanwhile.
+        out.extend(self.try_manifests(group, dev, now_ms, rng));
         out
     }
 
@@ -1052,6 +1063,8 @@ impl OtaAgent {
         out.push(OtaAction::Discard {
             group: group.clone(),
         });
+        // A newer release that arrived meanwhile.
+        out.extend(self.try_manifests(group, dev, now_ms, rng));
         out
     }
 

@@ -171,6 +171,8 @@ impl Rig {
             applied: 0,
             chunk_budget: None,
             refuse_wildcards: false,
+            hold_apply: false,
+            held: None,
         }
     }
 }
@@ -191,6 +193,9 @@ struct Driver {
     chunk_budget: Option<usize>,
     /// A bridge that refuses wildcard filters over protected groups (0x87).
     refuse_wildcards: bool,
+    /// Keep the next apply pending (its group and version in `held`) instead of running it.
+    hold_apply: bool,
+    held: Option<(GroupId, u64)>,
 }
 
 fn matches(filter: &str, topic: &str) -> bool {
@@ -278,6 +283,10 @@ impl Driver {
                         version,
                         name,
                     } => {
+                        if self.hold_apply {
+                            self.held = Some((group, version));
+                            continue;
+                        }
                         self.applied += 1;
                         let res = self.apply.run(
                             &self.files.staging_path(&group),
@@ -810,4 +819,49 @@ fn a_bridge_refusing_wildcards_gets_exact_topics_of_the_next_versions() {
     d.start(&mut r);
     assert_eq!(std::fs::read(&out).unwrap(), img7);
     assert_eq!(d.agent.installed(&r.g), Some(7));
+}
+
+#[test]
+fn a_newer_release_waits_while_one_is_applied_then_follows() {
+    let mut r = rig(12);
+    r.release(3, &image(2_000, 3), 1000);
+    let out = out_path(&r);
+    // The apply command of v3 is still running when v4 is published.
+    let mut d = r.boot(copy_to(&out));
+    d.hold_apply = true;
+    d.start(&mut r);
+    let (g, v) = d.held.take().expect("v3 is being applied");
+    assert_eq!(v, 3);
+    let img4 = image(2_000, 4);
+    let rel4 = r.release(4, &img4, 1000);
+    // Its manifest and key message arrive live on the release subscriptions.
+    for item in [OtaItem::Manifest, OtaItem::Key] {
+        let t = topic(rel4.manifest(), item);
+        let p = r.retained[&t].clone();
+        let a = d
+            .agent
+            .on_publish(&t, &p, &r.dev.dev, r.w.now, &mut r.w.rng);
+        d.run(&mut r, a);
+    }
+    assert!(
+        d.files.staging_path(&g).exists(),
+        "the image being applied was discarded"
+    );
+    assert_eq!(d.agent.installed(&g), None);
+    // v3's apply succeeds: recorded, then v4 is taken (its key message is retained).
+    d.hold_apply = false;
+    let res = d.apply.run(&d.files.staging_path(&g), &g, 3, "n");
+    let a = d
+        .agent
+        .on_apply_result(&g, 3, res, &r.dev.dev, r.w.now, &mut r.w.rng);
+    d.run(&mut r, a);
+    let versions: Vec<(u64, OtaState)> = r
+        .open_reports(&d.reports)
+        .into_iter()
+        .map(|(v, s, _)| (v, s))
+        .collect();
+    assert!(versions.contains(&(3, OtaState::Applied)), "{versions:?}");
+    assert_eq!(r.files().installed(&g).unwrap(), Some(4), "{versions:?}");
+    assert_eq!(versions.last(), Some(&(4, OtaState::Applied)));
+    assert_eq!(std::fs::read(&out).unwrap(), img4);
 }
