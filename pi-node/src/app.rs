@@ -3,7 +3,6 @@
 //! Standard output carries only the command's result (messages, replies, status); logs go to
 //! standard error through `tracing` and never contain keys, secrets or payloads.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use quva_client::curve::Point;
@@ -17,15 +16,18 @@ use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
 use crate::cli::{
-    AnswerArgs, Cli, Command, DEFAULT_SENSOR, EnrollArgs, PublishArgs, QueryArgs, StatusArgs,
-    SubscribeArgs,
+    AnswerArgs, Cli, Command, DEFAULT_SENSOR, EnrollArgs, OtaCommand, PublishArgs, QueryArgs,
+    RunArgs, SendArgs, StatusArgs, SubscribeArgs,
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
+use crate::daemon::show_direct;
 use crate::device::Device;
+use crate::direct::{DirectBook, seal_direct};
 use crate::enroll::{Enrollment, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::net::{Link, LinkConfig, LinkEvent, exchange, now_ms};
 use crate::store::KeyStore;
+use crate::terminal::{log_event, print_line, shutdown_signal};
 
 /// Runs a parsed command line.
 ///
@@ -41,6 +43,21 @@ pub async fn run(cli: Cli) -> Result<(), NodeError> {
         Command::Query(a) => query(&ctx, a).await,
         Command::Answer(a) => answer(&ctx, a).await,
         Command::Status(a) => status(&ctx, a),
+        Command::Send(a) => send(&ctx, a).await,
+        Command::Run(a) => run_daemon(&ctx, a).await,
+        Command::Ota(OtaCommand::Release(a)) => {
+            let group = group_id(&a.group)?;
+            let store = KeyStore::open(&ctx.store_dir)?;
+            let link = ctx.open_link(false)?;
+            let wait = ctx.cfg.connect_timeout() + std::time::Duration::from_secs(10);
+            crate::ota_commands::release(link, store, group, &a, wait).await
+        }
+        Command::Ota(OtaCommand::Status(a)) => {
+            let group = group_id(&a.group)?;
+            let store = KeyStore::open(&ctx.store_dir)?;
+            let link = ctx.open_link(false)?;
+            crate::ota_commands::status(link, store, group, a.wait, a.json).await
+        }
     }
 }
 
@@ -109,6 +126,14 @@ impl Context {
             self.link_config(address, persistent),
         ))
     }
+}
+
+fn device_id(text: &str) -> Result<DeviceId, NodeError> {
+    DeviceId::new(text).map_err(|_| {
+        NodeError::Input(format!(
+            "invalid device id {text:?}: 1–64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    })
 }
 
 fn group_id(text: &str) -> Result<GroupId, NodeError> {
@@ -352,38 +377,6 @@ async fn run_command(
     Ok(Zeroizing::new(bytes))
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-/// Logs link events the commands do not act on.
-fn log_event(ev: &LinkEvent) {
-    match ev {
-        LinkEvent::Ready { group, role, epoch } => {
-            tracing::info!(group = %group, ?role, epoch = epoch.0, "joined");
-        }
-        LinkEvent::Rekeyed { group, role, epoch } => {
-            tracing::info!(group = %group, ?role, epoch = epoch.0, "rekeyed");
-        }
-        LinkEvent::Disconnected { error, retry_in } => {
-            tracing::warn!(error = %error, retry_in_ms = retry_in.as_millis() as u64, "disconnected; reconnecting");
-        }
-        _ => {}
-    }
-}
-
 /// Publishes and waits for each message's acknowledgement; counts drops.
 struct Acks {
     dropped: usize,
@@ -552,17 +545,14 @@ fn render(m: &VerifiedMessage, json_out: bool) -> String {
     }
 }
 
-fn print_line(line: &str) -> Result<(), NodeError> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|()| out.flush())
-        .map_err(|e| NodeError::Input(format!("cannot write to stdout: {e}")))
-}
-
 async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> {
     let group = group_id(&args.group)?;
     let mut link = ctx.open_link(true)?;
     link.want(group, Role::Subscriber, true);
+    // Direct messages to this device are shown too (not counted in --count).
+    let store = KeyStore::open(&ctx.store_dir)?;
+    let mut book = DirectBook::load(&store)?;
+    link.watch(quva_client::topics::direct(link.device().id()));
     let limit = args.count.unwrap_or(u64::MAX);
     let mut seen = 0u64;
     let shutdown = shutdown_signal();
@@ -576,6 +566,10 @@ async fn subscribe(ctx: &Context, args: SubscribeArgs) -> Result<(), NodeError> 
                     LinkEvent::Message(m) => {
                         print_line(&render(&m, args.json))?;
                         seen += 1;
+                    }
+                    LinkEvent::Publish { topic, payload, .. } => {
+                        // An OTA key is not printed; subscribe has no OTA agent to hand it to.
+                        let _ = show_direct(link.device(), &mut book, &store, &topic, &payload, args.json)?;
                     }
                     LinkEvent::Removed { group, role: Role::Subscriber, epoch } => {
                         link.disconnect().await;
@@ -701,6 +695,120 @@ async fn answer(ctx: &Context, args: AnswerArgs) -> Result<(), NodeError> {
     }
     link.disconnect().await;
     acks.result()
+}
+
+/// The groups and roles whose keys the store holds: all of them, or those of `group`.
+fn held_roles(
+    store: &KeyStore,
+    group: Option<&GroupId>,
+) -> Result<Vec<(GroupId, Role)>, NodeError> {
+    let mut roles: Vec<(GroupId, Role)> = store
+        .load_group_keys()?
+        .into_iter()
+        .map(|(k, _)| (k.group, k.role))
+        .filter(|(g, _)| group.is_none_or(|want| want == g))
+        .collect();
+    roles.sort();
+    roles.dedup();
+    Ok(roles)
+}
+
+async fn send(ctx: &Context, args: SendArgs) -> Result<(), NodeError> {
+    let to = device_id(&args.to)?;
+    let group = args.group.as_deref().map(group_id).transpose()?;
+    let store = KeyStore::open(&ctx.store_dir)?;
+    let roles = held_roles(&store, group.as_ref())?;
+    if roles.is_empty() {
+        return Err(NodeError::Input(match &group {
+            Some(g) => format!(
+                "this device holds no key of {g}: its member list gives the recipient's \
+                 certificate, so join it first (quva-node publish or subscribe)"
+            ),
+            None => "this device is in no group yet: the recipient's certificate comes from \
+                     the member list of a group both belong to (join one first)"
+                .to_owned(),
+        }));
+    }
+    let mut link = ctx.open_link(false)?;
+    for (g, r) in &roles {
+        link.want(g.clone(), *r, false);
+    }
+    let wait = ctx.cfg.connect_timeout() + std::time::Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + wait;
+    let listing = loop {
+        let now = now_ms();
+        if let Some((g, _)) = roles
+            .iter()
+            .find(|(g, _)| link.device().member_key(g, &to, now).is_some())
+        {
+            break g.clone();
+        }
+        let all_known = roles.iter().all(|(g, r)| {
+            link.is_ready(g, *r)
+                && link.device().member_list(g).is_some_and(|l| {
+                    link.device()
+                        .keyring(g, *r)
+                        .is_some_and(|k| l.epoch() >= k.epoch())
+                })
+        });
+        if all_known {
+            link.disconnect().await;
+            let names: Vec<String> = roles.iter().map(|(g, _)| g.to_string()).collect();
+            return Err(NodeError::Input(format!(
+                "{to} is not listed with a valid certificate in the member list of {}",
+                names.join(", ")
+            )));
+        }
+        tokio::select! {
+            ev = link.next() => {
+                let ev = ev?;
+                log_event(&ev);
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                link.disconnect().await;
+                return Err(NodeError::Lost(format!(
+                    "no member list listing {to} arrived within {}s", wait.as_secs()
+                )));
+            }
+        }
+    };
+    let mut book = DirectBook::load(&store)?;
+    let (topic, bytes, t_ms) = seal_direct(
+        link.device(),
+        &mut book,
+        &listing,
+        &to,
+        args.message.as_bytes(),
+        now_ms(),
+        &mut SystemRng::new(),
+    )
+    .map_err(|e| NodeError::Protocol(e.to_string()))?;
+    // T_ms is durable before the message leaves: a crash cannot reuse it.
+    book.save(&store)?;
+    let id = link.publish_raw(topic, bytes, false);
+    let mut acks = Acks::new();
+    loop {
+        let ev = link.next().await?;
+        log_event(&ev);
+        acks.note(&ev);
+        match ev {
+            LinkEvent::Delivered { id: d } | LinkEvent::Refused { id: d, .. } if d == id => break,
+            _ => {}
+        }
+    }
+    link.disconnect().await;
+    acks.result()?;
+    print_line(&format!(
+        "sent a direct message to {to} (t_ms {t_ms}; certificate from the member list of {listing})"
+    ))
+}
+
+/// `run`: the daemon.
+async fn run_daemon(ctx: &Context, args: RunArgs) -> Result<(), NodeError> {
+    let store = KeyStore::open(&ctx.store_dir)?;
+    let roles = held_roles(&store, None)?;
+    let link = ctx.open_link(true)?;
+    crate::daemon::run(link, store, roles, args.json).await
 }
 
 fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {

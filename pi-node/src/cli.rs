@@ -61,6 +61,68 @@ pub enum Command {
     Answer(AnswerArgs),
     /// Show the certificate and the stored group keys.
     Status(StatusArgs),
+    /// Send one end-to-end encrypted direct message to another device (PROTOCOL.md §7.1).
+    Send(SendArgs),
+    /// Run as a daemon: show verified direct messages, and serve the stored OTA releases.
+    Run(RunArgs),
+    /// Group over-the-air updates, as a release signer (PROTOCOL.md §7.2).
+    #[command(subcommand)]
+    Ota(OtaCommand),
+}
+
+/// `ota` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum OtaCommand {
+    /// Encrypt, sign and deposit a release of FILE for a group, as a publisher of the group.
+    #[command(disable_version_flag = true)]
+    Release(OtaReleaseArgs),
+    /// Collect the devices' status reports and show what each reported.
+    Status(OtaStatusArgs),
+}
+
+/// The chunk size of a release: 1 byte to the largest chunk that fits a PUBLISH.
+fn parse_chunk_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s
+        .parse()
+        .map_err(|_| format!("invalid chunk size {s:?}: a number of bytes"))?;
+    let max = quva_client::ota::DEFAULT_MAX_CHUNK_SIZE;
+    if n == 0 || n > max {
+        return Err(format!("the chunk size must be 1 to {max} bytes"));
+    }
+    Ok(n)
+}
+
+/// `ota release`.
+#[derive(Debug, Args)]
+pub struct OtaReleaseArgs {
+    /// The OTA group (this device must be one of its publishers).
+    #[arg(long)]
+    pub group: String,
+    /// The release version: above every version released before (devices refuse rollbacks).
+    #[arg(long)]
+    pub version: u64,
+    /// The image name devices see (at most 255 bytes), travelling encrypted.
+    #[arg(long)]
+    pub name: String,
+    /// The bytes per chunk.
+    #[arg(long, value_parser = parse_chunk_size, default_value_t = quva_client::ota::DEFAULT_CHUNK_SIZE, value_name = "BYTES")]
+    pub chunk_size: u32,
+    /// The image file.
+    pub file: PathBuf,
+}
+
+/// `ota status`.
+#[derive(Debug, Args)]
+pub struct OtaStatusArgs {
+    /// The OTA group.
+    #[arg(long)]
+    pub group: String,
+    /// How long to collect reports.
+    #[arg(long, value_parser = parse_duration, default_value = "3", value_name = "SECS")]
+    pub wait: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `enroll`.
@@ -224,6 +286,28 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
+/// `send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The recipient device.
+    #[arg(long, value_name = "DEVICE")]
+    pub to: String,
+    /// The group whose member list gives the recipient's certificate [default: every group
+    /// whose key this device holds].
+    #[arg(long)]
+    pub group: Option<String>,
+    /// The message.
+    pub message: String,
+}
+
+/// `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Print one JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +316,30 @@ mod tests {
     #[test]
     fn the_command_line_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(parse_chunk_size("1"), Ok(1));
+        assert!(parse_chunk_size("0").is_err());
+        assert!(parse_chunk_size("300000").is_err());
+        let cli = Cli::try_parse_from([
+            "quva-node",
+            "ota",
+            "release",
+            "--group",
+            "fw/a",
+            "--version",
+            "3",
+            "--name",
+            "n",
+            "f",
+        ])
+        .unwrap();
+        let Command::Ota(OtaCommand::Release(a)) = cli.command else {
+            panic!("not a release");
+        };
+        assert_eq!(a.chunk_size, quva_client::ota::DEFAULT_CHUNK_SIZE);
     }
 
     #[test]

@@ -62,8 +62,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::{KeyPair, Point};
+use quva_client::direct::{
+    DirectFloor, DirectRejection, MembershipFn, StagedDirect, UnverifiedDirect,
+};
 use quva_client::ecies;
-use quva_client::enrollment::Credentials;
+use quva_client::enrollment::{Credentials, ImplicitCert};
 use quva_client::group::{
     GroupError, GroupKeyDelivery, GroupKeyRequest, SignedGroupInfo, key_context,
 };
@@ -538,6 +541,51 @@ impl Device {
     /// The newest verified member list of `group`.
     pub fn member_list(&self, group: &GroupId) -> Option<&MemberList> {
         self.groups.get(group)?.lists.values().next_back()
+    }
+
+    /// Q of `id` from the newest verified member list of `group`, if it lists `id` (in any role)
+    /// with a certificate valid at `now_ms`: the recipient key of a direct message (§7.1).
+    pub fn member_key(&self, group: &GroupId, id: &DeviceId, now_ms: u64) -> Option<Point> {
+        self.member_list(group)?.key_of(id, now_ms).map(|k| k.0)
+    }
+
+    /// Whether `id` is listed in `role` in the newest verified member list of `group`.
+    pub fn lists_member(&self, group: &GroupId, id: &DeviceId, role: Role) -> bool {
+        self.member_list(group)
+            .is_some_and(|l| l.contains(id, role))
+    }
+
+    /// Verifies and decrypts a direct message addressed to this device (PROTOCOL.md §7.1): the
+    /// sender's certificate opens under Q_CA and is valid at `now_ms`, the sender is listed with
+    /// exactly that certificate in the newest verified member list of one of this device's
+    /// groups, T_ms is above `floor` (the one stored for [`UnverifiedDirect::sender`]), the
+    /// signature verifies and the ciphertext opens. The caller persists
+    /// [`StagedDirect::floor`] before taking the payload.
+    ///
+    /// # Errors
+    /// The first failing check's [`DirectRejection`].
+    pub fn open_direct(
+        &self,
+        msg: &UnverifiedDirect,
+        floor: DirectFloor,
+        now_ms: u64,
+    ) -> Result<StagedDirect, DirectRejection> {
+        let current = MembershipFn(|cert: &ImplicitCert, q: &VerifyingKey| {
+            self.groups.values().any(|s| {
+                s.lists
+                    .values()
+                    .next_back()
+                    .is_some_and(|l| l.entries_of(cert, q).next().is_some())
+            })
+        });
+        msg.open(
+            self.id(),
+            self.creds.key(),
+            &self.ca_public,
+            &current,
+            floor,
+            now_ms,
+        )
     }
 
     /// Restores a stored key. The CA's signature and d·G are checked again, as for a delivery.

@@ -17,12 +17,17 @@
 mod app;
 pub mod cli;
 mod config;
+mod daemon;
 mod device;
+mod direct;
 mod enroll;
 mod error;
 mod net;
+mod ota_commands;
 mod ota_device;
+mod signer;
 mod store;
+mod terminal;
 #[cfg(test)]
 mod testkit;
 
@@ -36,6 +41,7 @@ pub use device::{
     Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, data_topic, query_topic,
     receive_topic, suback_meaning,
 };
+pub use direct::{DirectBook, DirectSendError, receive_direct, seal_direct};
 pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
 pub use error::{CLOCK_FLOOR_MS, NodeError, connack_meaning, puback_meaning, rfc3339};
 pub use net::{

@@ -213,17 +213,23 @@ fn connection_error(address: &str, e: &ConnectionError) -> NodeError {
     }
 }
 
-fn options(cfg: &LinkConfig, client_id: &str, auth: ConnectAuth) -> Result<MqttOptions, NodeError> {
+fn options(
+    cfg: &LinkConfig,
+    client_id: &str,
+    auth: ConnectAuth,
+    session_expiry_secs: Option<u32>,
+) -> Result<MqttOptions, NodeError> {
     let (host, port) = parse_address(&cfg.address)?;
     let mut o = MqttOptions::new(client_id, host, port);
     o.set_keep_alive(cfg.keep_alive);
-    o.set_clean_start(true);
+    o.set_clean_start(session_expiry_secs.is_none());
     o.set_connection_timeout(cfg.connect_timeout.as_secs().max(1));
     o.set_request_channel_capacity(256);
     let mut props = ConnectProperties::new();
     props.max_packet_size = Some(MAX_INCOMING_PACKET);
     props.authentication_method = Some(auth.method.to_owned());
     props.authentication_data = Some(Bytes::from(auth.data));
+    props.session_expiry_interval = session_expiry_secs;
     o.set_connect_properties(props);
     Ok(o)
 }
@@ -259,7 +265,7 @@ pub async fn exchange(
     client_id: &str,
     auth: ConnectAuth,
 ) -> Result<Option<Vec<u8>>, NodeError> {
-    let (client, eventloop) = AsyncClient::new(options(cfg, client_id, auth)?, 16);
+    let (client, eventloop) = AsyncClient::new(options(cfg, client_id, auth, None)?, 16);
     let (mut rx, task) = spawn_poll(eventloop);
     let wait = cfg.connect_timeout + Duration::from_secs(1);
     let result = match tokio::time::timeout(wait, rx.recv()).await {
@@ -282,14 +288,34 @@ pub async fn exchange(
     result
 }
 
+/// What a queued PUBLISH carries.
+enum Queued {
+    /// A group message, sealed when sent (again after a reconnection, with the then-current keys).
+    Group {
+        group: GroupId,
+        protection: Protection,
+        direction: Direction,
+        payload: Zeroizing<Vec<u8>>,
+    },
+    /// Bytes already sealed by the application, sent as they are on `topic`.
+    Raw {
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+    },
+}
+
 /// A message waiting for its PUBACK.
 struct Pending {
     id: u64,
-    group: GroupId,
-    protection: Protection,
-    direction: Direction,
-    payload: Zeroizing<Vec<u8>>,
+    what: Queued,
     sent: bool,
+}
+
+/// A SUBSCRIBE waiting for its SUBACK: the device's, or the application's extra filters.
+enum PendingSub {
+    Device(Subscription),
+    Extra(Vec<String>),
 }
 
 struct Conn {
@@ -298,8 +324,8 @@ struct Conn {
     task: JoinHandle<()>,
     connected: bool,
     /// SUBSCRIBEs handed to the client, waiting for their packet identifier.
-    subs_unnumbered: VecDeque<Subscription>,
-    subs: HashMap<u16, Subscription>,
+    subs_unnumbered: VecDeque<PendingSub>,
+    subs: HashMap<u16, PendingSub>,
     /// PUBLISHes handed to the client, waiting for their packet identifier.
     pubs_unnumbered: VecDeque<u64>,
     pubs: HashMap<u16, u64>,
@@ -337,6 +363,23 @@ pub enum LinkEvent {
     },
     /// A verified message.
     Message(VerifiedMessage),
+    /// A PUBLISH on a topic of an extra filter ([`Link::watch`]), as received: the application
+    /// verifies it (direct messages, OTA items).
+    Publish {
+        /// The topic it came on.
+        topic: String,
+        /// The payload, unverified.
+        payload: Bytes,
+        /// Whether the broker delivered it as a retained message.
+        retained: bool,
+    },
+    /// The answer to the SUBSCRIBE of an extra filter, at every (re)connection.
+    Watching {
+        /// The filter.
+        filter: String,
+        /// The SUBACK reason code (below 0x80: granted).
+        code: u8,
+    },
     /// A PUBACK with success for the message `id`.
     Delivered {
         /// The id [`Link::publish`] returned.
@@ -376,6 +419,10 @@ pub struct Link {
     rng: SystemRng,
     conn: Option<Conn>,
     wanted: Vec<(GroupId, Role, bool)>,
+    /// Extra topic filters whose PUBLISHes go to the application as they are.
+    extra: Vec<String>,
+    /// The session expiry interval of a persistent session; `None`: clean start.
+    session_expiry_secs: Option<u32>,
     ready: BTreeSet<(GroupId, Role)>,
     /// Roles whose traffic subscription was granted on this connection.
     listened: BTreeSet<(GroupId, Role)>,
@@ -413,6 +460,8 @@ impl Link {
             rng,
             conn: None,
             wanted: Vec::new(),
+            extra: Vec::new(),
+            session_expiry_secs: None,
             ready: BTreeSet::new(),
             listened: BTreeSet::new(),
             outbox: VecDeque::new(),
@@ -436,6 +485,32 @@ impl Link {
         self.wanted.push((group, role, receive));
     }
 
+    /// Also subscribes to `filter` (QoS 1) at every (re)connection; PUBLISHes on topics it
+    /// matches come as [`LinkEvent::Publish`], unverified, instead of going to the device, and
+    /// the SUBACK as [`LinkEvent::Watching`]. Takes effect at the next connection if already
+    /// connected.
+    pub fn watch(&mut self, filter: impl Into<String>) {
+        let filter = filter.into();
+        if !self.extra.contains(&filter) {
+            self.extra.push(filter.clone());
+            self.subscribe_extra(vec![filter]);
+        }
+    }
+
+    /// Uses a persistent session: the client identifier `<device>-<name>` at every connection
+    /// (the same across runs), clean start off and this session expiry interval, so that the
+    /// broker keeps the subscriptions and queues QoS 1 messages while the device is away. Set it
+    /// before the first [`next`](Self::next).
+    pub fn persistent_session(&mut self, name: &str, expiry_secs: u32) {
+        self.client_id = format!("{}-{name}", self.device.id());
+        self.session_expiry_secs = Some(expiry_secs.max(1));
+    }
+
+    /// The client identifier of the connections.
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
     /// Whether `group` is usable in `role`.
     pub fn is_ready(&self, group: &GroupId, role: Role) -> bool {
         self.ready.contains(&(group.clone(), role))
@@ -450,14 +525,37 @@ impl Link {
         direction: Direction,
         payload: Zeroizing<Vec<u8>>,
     ) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.outbox.push_back(Pending {
-            id,
+        self.enqueue(Queued::Group {
             group,
             protection,
             direction,
             payload,
+        })
+    }
+
+    /// Queues bytes the application sealed (a direct message, an OTA item) for `topic`, QoS 1,
+    /// retained if `retain`; sent as soon as connected, again unchanged after a reconnection
+    /// until a PUBACK arrives ([`LinkEvent::Delivered`] or [`LinkEvent::Refused`]). Returns its
+    /// id.
+    pub fn publish_raw(&mut self, topic: String, payload: impl Into<Bytes>, retain: bool) -> u64 {
+        self.enqueue(Queued::Raw {
+            topic,
+            payload: payload.into(),
+            retain,
+        })
+    }
+
+    /// Whether the link is connected now.
+    pub fn is_connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.connected)
+    }
+
+    fn enqueue(&mut self, what: Queued) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.outbox.push_back(Pending {
+            id,
+            what,
             sent: false,
         });
         self.flush_outbox();
@@ -532,7 +630,10 @@ impl Link {
             &mut self.rng,
         )
         .map_err(|e| NodeError::Protocol(e.to_string()))?;
-        let (client, eventloop) = AsyncClient::new(options(&self.cfg, &self.client_id, auth)?, 256);
+        let (client, eventloop) = AsyncClient::new(
+            options(&self.cfg, &self.client_id, auth, self.session_expiry_secs)?,
+            256,
+        );
         let (events, task) = spawn_poll(eventloop);
         tracing::debug!(address = %self.cfg.address, client_id = %self.client_id, "connecting");
         self.conn = Some(Conn {
@@ -584,10 +685,23 @@ impl Link {
                 self.join_all()?;
             }
             Event::Incoming(Packet::SubAck(ack)) => {
-                let Some(sub) = self.conn.as_mut().and_then(|c| c.subs.remove(&ack.pkid)) else {
+                let Some(pending) = self.conn.as_mut().and_then(|c| c.subs.remove(&ack.pkid))
+                else {
                     return Ok(());
                 };
                 let codes: Vec<u8> = ack.return_codes.iter().map(suback_code).collect();
+                let sub = match pending {
+                    PendingSub::Device(sub) => sub,
+                    PendingSub::Extra(filters) => {
+                        for (filter, code) in filters.into_iter().zip(codes) {
+                            if code >= 0x80 {
+                                tracing::warn!(filter = %filter, code, "subscription refused");
+                            }
+                            self.events.push_back(LinkEvent::Watching { filter, code });
+                        }
+                        return Ok(());
+                    }
+                };
                 let gk = ack.properties.as_ref().and_then(|p| {
                     p.user_properties
                         .iter()
@@ -606,6 +720,14 @@ impl Link {
             }
             Event::Incoming(Packet::Publish(p)) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if self.extra.iter().any(|f| filter_matches(f, &topic)) {
+                    self.events.push_back(LinkEvent::Publish {
+                        topic,
+                        payload: p.payload,
+                        retained: p.retain,
+                    });
+                    return Ok(());
+                }
                 let outs = self
                     .device
                     .on_publish(&topic, &p.payload, now_ms(), &mut self.rng);
@@ -694,7 +816,27 @@ impl Link {
         for s in subs {
             self.subscribe(s);
         }
+        self.subscribe_extra(self.extra.clone());
         Ok(())
+    }
+
+    /// One SUBSCRIBE for extra filters, if connected.
+    fn subscribe_extra(&mut self, filters: Vec<String>) {
+        let Some(conn) = self.conn.as_mut().filter(|c| c.connected) else {
+            return;
+        };
+        if filters.is_empty() {
+            return;
+        }
+        let list: Vec<Filter> = filters
+            .iter()
+            .map(|f| Filter::new(f.clone(), QoS::AtLeastOnce))
+            .collect();
+        tracing::debug!(filters = ?filters, "subscribing");
+        match conn.client.try_subscribe_many(list) {
+            Ok(()) => conn.subs_unnumbered.push_back(PendingSub::Extra(filters)),
+            Err(e) => tracing::warn!(error = %e, "subscription not queued"),
+        }
     }
 
     fn subscribe(&mut self, sub: Subscription) {
@@ -719,7 +861,7 @@ impl Link {
             .client
             .try_subscribe_many_with_properties(filters, props)
         {
-            Ok(()) => conn.subs_unnumbered.push_back(sub),
+            Ok(()) => conn.subs_unnumbered.push_back(PendingSub::Device(sub)),
             Err(e) => tracing::warn!(error = %e, "subscription not queued"),
         }
     }
@@ -815,28 +957,43 @@ impl Link {
         }
         let now = now_ms();
         for p in self.outbox.iter_mut().filter(|p| !p.sent) {
-            let role = p.direction.sender_role();
-            if !self.ready.contains(&(p.group.clone(), role)) {
-                continue;
-            }
-            let sealed = self.device.seal(
-                &p.group,
-                p.protection,
-                p.direction,
-                &p.payload,
-                now,
-                &mut self.rng,
-            );
-            let (topic, bytes) = match sealed {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, id = p.id, "cannot seal");
-                    continue;
+            let (topic, bytes, retain) = match &p.what {
+                Queued::Raw {
+                    topic,
+                    payload,
+                    retain,
+                } => (topic.clone(), payload.clone(), *retain),
+                Queued::Group {
+                    group,
+                    protection,
+                    direction,
+                    payload,
+                } => {
+                    if !self
+                        .ready
+                        .contains(&(group.clone(), direction.sender_role()))
+                    {
+                        continue;
+                    }
+                    match self.device.seal(
+                        group,
+                        *protection,
+                        *direction,
+                        payload,
+                        now,
+                        &mut self.rng,
+                    ) {
+                        Ok((topic, bytes)) => (topic, Bytes::from(bytes), false),
+                        Err(e) => {
+                            tracing::warn!(error = %e, id = p.id, "cannot seal");
+                            continue;
+                        }
+                    }
                 }
             };
             match conn
                 .client
-                .try_publish(topic, QoS::AtLeastOnce, false, bytes)
+                .try_publish(topic, QoS::AtLeastOnce, retain, bytes)
             {
                 Ok(()) => {
                     p.sent = true;
@@ -845,6 +1002,25 @@ impl Link {
                 // The request channel is full: try again on the next event.
                 Err(_) => break,
             }
+        }
+    }
+}
+
+/// Whether the MQTT topic filter `filter` matches the topic name `topic` (MQTT 5 §4.7); topics
+/// starting with `$` match no filter starting with a wildcard.
+fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
         }
     }
 }
@@ -859,6 +1035,21 @@ mod tests {
         assert!(parse_address("host:0").is_err());
         assert!(parse_address("host:x").is_err());
         assert_eq!(parse_address("pi.local:1884").unwrap().1, 1884);
+    }
+
+    #[test]
+    fn extra_filters_match_like_mqtt() {
+        assert!(filter_matches("quva/d/dev-1", "quva/d/dev-1"));
+        assert!(!filter_matches("quva/d/dev-1", "quva/d/dev-10"));
+        assert!(!filter_matches("quva/d/dev-1", "quva/d/dev-1/x"));
+        let ota = "fw/a/_ota/rel-1/#";
+        assert!(filter_matches(ota, "fw/a/_ota/rel-1/7/m"));
+        assert!(filter_matches(ota, "fw/a/_ota/rel-1/7/c/12"));
+        assert!(filter_matches(ota, "fw/a/_ota/rel-1"));
+        assert!(!filter_matches(ota, "fw/a/_ota/rel-2/7/m"));
+        assert!(!filter_matches(ota, "fw/a"));
+        assert!(filter_matches("fw/+/_q", "fw/a/_q"));
+        assert!(!filter_matches("+/x", "$SYS/x"));
     }
 
     #[test]

@@ -146,6 +146,33 @@ impl KeyStore {
         &self.root
     }
 
+    /// Saves `body` as the record `name` (a file name, or `dir/file` under the store) of
+    /// `kind`, atomically, for the daemon's other state (direct-message floors, releases,
+    /// status reports).
+    pub(crate) fn save_named(&self, name: &str, kind: u8, body: &[u8]) -> Result<(), StoreError> {
+        let path = self.file(name);
+        if let Some(parent) = path.parent()
+            && parent != self.root
+            && !parent.exists()
+        {
+            create_private_dir(parent)?;
+        }
+        self.write_record(&path, kind, body)
+    }
+
+    /// The record `name` of `kind`, if it exists.
+    pub(crate) fn load_named(
+        &self,
+        name: &str,
+        kind: u8,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, StoreError> {
+        let path = self.file(name);
+        if !path.exists() {
+            return Ok(None);
+        }
+        self.read_record(&path, kind).map(Some)
+    }
+
     fn file(&self, name: &str) -> PathBuf {
         self.root.join(name)
     }

@@ -26,6 +26,60 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// A key store with credentials of `id` from a throw-away CA, and no group key.
+fn enrolled_store(dir: &std::path::Path, id: &str) {
+    use quva_client::curve::KeyPair;
+    use quva_client::enrollment::{EnrollmentSecret, PendingEnrollment};
+    use quva_client::ids::DeviceId;
+    let mut rng = quva_client::rng::SystemRng::new();
+    let now = quva_node::now_ms();
+    let ca = KeyPair::random(&mut rng);
+    let secret = EnrollmentSecret::random(&mut rng);
+    let p = PendingEnrollment::new(DeviceId::new(id).unwrap(), now, &mut rng);
+    let resp = p
+        .enroll_request(&secret)
+        .verify(&secret, now, 60_000)
+        .unwrap()
+        .issue(&ca, 1, now - 1000, now + 86_400_000, &mut rng)
+        .unwrap();
+    let creds = p.accept(&resp, ca.public()).unwrap();
+    let store = quva_node::KeyStore::create(dir.join("store")).unwrap();
+    store.save_credentials(&creds, ca.public()).unwrap();
+    store.save_broker("127.0.0.1:9").unwrap();
+}
+
+#[test]
+fn send_needs_a_group_that_lists_the_recipient() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = node(&["send", "--to", "sensor-01", "hello"], dir.path());
+    assert!(
+        stderr(&o).contains("run `quva-node enroll` first"),
+        "{}",
+        stderr(&o)
+    );
+    enrolled_store(dir.path(), "owner");
+    let o = node(&["send", "--to", "sensor 01", "hello"], dir.path());
+    assert!(stderr(&o).contains("invalid device id"), "{}", stderr(&o));
+    let o = node(&["send", "--to", "sensor-01", "hello"], dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("in no group yet"), "{}", stderr(&o));
+    let o = node(
+        &["send", "--to", "sensor-01", "--group", "fw/a", "hello"],
+        dir.path(),
+    );
+    assert!(
+        stderr(&o).contains("holds no key of fw/a"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        !stderr(&o).contains("hello"),
+        "the message leaked into the log"
+    );
+    let o = node(&["send", "--group", "fw/a", "hello"], dir.path());
+    assert_eq!(o.status.code(), Some(2), "--to is required");
+}
+
 #[test]
 fn every_command_has_help() {
     let dir = tempfile::tempdir().unwrap();
@@ -37,6 +91,9 @@ fn every_command_has_help() {
         "query",
         "answer",
         "status",
+        "send",
+        "run",
+        "ota",
     ] {
         let o = node(&[cmd, "--help"], dir.path());
         assert!(o.status.success(), "{cmd}: {}", stderr(&o));
@@ -168,4 +225,45 @@ fn a_bad_configuration_is_named() {
     let o = node(&["status"], dir.path());
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("node.toml"), "{}", stderr(&o));
+}
+
+#[test]
+fn ota_release_checks_its_input_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["release", "status"] {
+        let o = node(&["ota", sub, "--help"], dir.path());
+        assert!(o.status.success(), "{sub}: {}", stderr(&o));
+    }
+    enrolled_store(dir.path(), "rel-1");
+    let base = [
+        "ota",
+        "release",
+        "--group",
+        "fw/a",
+        "--version",
+        "1",
+        "--name",
+        "fw.bin",
+    ];
+    let missing = dir.path().join("missing.bin");
+    let mut args = base.to_vec();
+    args.push(missing.to_str().unwrap());
+    let o = node(&args, dir.path());
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("cannot read"), "{}", stderr(&o));
+
+    let empty = dir.path().join("empty.bin");
+    std::fs::write(&empty, b"").unwrap();
+    let mut args = base.to_vec();
+    args.push(empty.to_str().unwrap());
+    let o = node(&args, dir.path());
+    assert!(stderr(&o).contains("is empty"), "{}", stderr(&o));
+
+    let image = dir.path().join("fw.bin");
+    std::fs::write(&image, b"firmware").unwrap();
+    let mut args = base.to_vec();
+    args.extend(["--chunk-size", "0", image.to_str().unwrap()]);
+    let o = node(&args, dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("chunk size"), "{}", stderr(&o));
 }
