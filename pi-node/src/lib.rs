@@ -49,6 +49,6 @@ pub use net::{
 };
 pub use ota_device::{
     ApplyCommand, ChunkSpan, FETCH_WINDOW, LogLevel, OtaAction, OtaAgent, OtaFiles, RestoredGroup,
-    SavedRelease, apply_outcome, perform, state_name,
+    SavedRelease, apply_outcome, perform,
 };
 pub use store::{DEFAULT_STORE_DIR, KeyStore, StoreError, StoredCredentials};

@@ -60,11 +60,13 @@ use rand_core::CryptoRngCore;
 
 use crate::config::OtaSettings;
 use crate::device::Device;
+use crate::signer::state_name;
 
 mod action;
 mod apply;
 mod files;
 mod perform;
+mod service;
 
 #[cfg(test)]
 mod tests;
@@ -73,6 +75,7 @@ pub use action::{ChunkSpan, LogLevel, OtaAction};
 pub use apply::{ApplyCommand, outcome as apply_outcome};
 pub use files::{OtaFiles, RestoredGroup, SavedRelease};
 pub use perform::perform;
+pub(crate) use service::{OtaService, next_applied};
 
 /// Chunks requested at once: each stored chunk's topic is unsubscribed and the next missing one
 /// subscribed, so at most this many chunk ciphertexts are in flight.
@@ -1220,18 +1223,6 @@ fn report(
         ))),
     }
     out
-}
-
-/// The name of a state as the spec writes it.
-pub fn state_name(state: OtaState) -> &'static str {
-    match state {
-        OtaState::Available => "available",
-        OtaState::Downloading => "downloading",
-        OtaState::Verified => "verified",
-        OtaState::Applied => "applied",
-        OtaState::Failed => "failed",
-        OtaState::NeedKey => "need-key",
-    }
 }
 
 fn info(message: String) -> OtaAction {
