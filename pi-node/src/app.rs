@@ -807,8 +807,22 @@ async fn send(ctx: &Context, args: SendArgs) -> Result<(), NodeError> {
 async fn run_daemon(ctx: &Context, args: RunArgs) -> Result<(), NodeError> {
     let store = KeyStore::open(&ctx.store_dir)?;
     let roles = held_roles(&store, None)?;
+    // Groups in [ota]: the device side of group OTA, its files under the effective store.
+    let ota_settings = ctx
+        .cfg
+        .ota
+        .settings(&ctx.store_dir)
+        .map_err(NodeError::Input)?;
+    let ota = if ota_settings.groups.is_empty() {
+        None
+    } else {
+        Some(crate::ota_device::OtaService::new(
+            &ota_settings,
+            args.json,
+        )?)
+    };
     let link = ctx.open_link(true)?;
-    crate::daemon::run(link, store, roles, args.json).await
+    crate::daemon::run(link, store, roles, args.json, ota).await
 }
 
 fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {

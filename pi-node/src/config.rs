@@ -12,6 +12,13 @@
 //! grace_ms = 30000               # PROTOCOL.md §5
 //! window_ms = 60000              # PROTOCOL.md §6
 //! max_payload = 262144
+//!
+//! [ota]                          # group OTA, PROTOCOL.md §7.2 (off without groups)
+//! groups = ["fw/sensor-v2"]      # OTA groups this device follows as a subscriber
+//! signers = ["release-1"]        # pinned release signers: no other device's release is accepted
+//! download_dir = "/var/lib/quva-node/ota"   # default: <store>/ota
+//! apply_command = ["/usr/lib/quva-node/quva-node-apply-binary"]  # + the image path
+//! max_image_bytes = 67108864     # 64 MiB
 //! ```
 //!
 //! # Usage
@@ -27,6 +34,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use quva_client::ids::{DeviceId, GroupId};
+use quva_client::topics::OTA_LEVEL;
 
 use crate::device::DeviceConfig;
 use crate::store::DEFAULT_STORE_DIR;
@@ -52,6 +62,14 @@ pub enum ConfigError {
         /// The file.
         path: PathBuf,
         /// The parser's message.
+        message: String,
+    },
+    /// The file parses but a value is not acceptable.
+    #[error("invalid configuration {path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
         message: String,
     },
 }
@@ -83,6 +101,137 @@ pub struct Config {
     /// Largest accepted message.
     #[serde(default = "default_max_payload")]
     pub max_payload: usize,
+    /// Group OTA (PROTOCOL.md §7.2): the `[ota]` table.
+    #[serde(default)]
+    pub ota: OtaConfig,
+}
+
+/// The default largest OTA image a device accepts: 64 MiB.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The `[ota]` table: which releases this device follows and how it applies them.
+///
+/// With no `groups` the device takes no part in group OTA. With groups, `signers` and
+/// `apply_command` are required: a release is accepted only from a pinned signer, and a verified
+/// image is useless without a command that applies it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtaConfig {
+    /// The OTA groups this device follows as a subscriber (group IDs, e.g. `fw/sensor-v2`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The pinned release signers (device IDs): releases signed by anyone else are refused.
+    #[serde(default)]
+    pub signers: Vec<String>,
+    /// Where downloads are staged and progress is kept (default `<store>/ota`).
+    #[serde(default)]
+    pub download_dir: Option<PathBuf>,
+    /// The command that applies a verified image, as an argument list: it runs with the image
+    /// path appended and `QUVA_OTA_GROUP`, `QUVA_OTA_VERSION` and `QUVA_OTA_NAME` in its
+    /// environment; exit status 0 means applied.
+    #[serde(default)]
+    pub apply_command: Vec<String>,
+    /// The largest image accepted, in bytes (default 64 MiB).
+    #[serde(default = "default_max_image_bytes")]
+    pub max_image_bytes: u64,
+}
+
+fn default_max_image_bytes() -> u64 {
+    DEFAULT_MAX_IMAGE_BYTES
+}
+
+impl Default for OtaConfig {
+    fn default() -> Self {
+        OtaConfig {
+            groups: Vec::new(),
+            signers: Vec::new(),
+            download_dir: None,
+            apply_command: Vec::new(),
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+        }
+    }
+}
+
+/// The `[ota]` table checked and typed, with the download directory resolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtaSettings {
+    /// The OTA groups followed.
+    pub groups: Vec<GroupId>,
+    /// The pinned signers.
+    pub signers: Vec<DeviceId>,
+    /// The download directory.
+    pub download_dir: PathBuf,
+    /// The apply command (program first); the image path is appended.
+    pub apply_command: Vec<String>,
+    /// The largest image accepted, in bytes.
+    pub max_image_bytes: u64,
+}
+
+impl OtaConfig {
+    /// Whether OTA is configured (at least one group).
+    pub fn is_enabled(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// Checks the table and types it; `store` is the key store, under which the download
+    /// directory defaults to `ota`.
+    ///
+    /// # Errors
+    /// A message naming the bad value: an invalid or reserved group ID (a level starting with
+    /// `_`), an invalid signer ID, groups without signers or without an apply command, a
+    /// relative apply program, or a zero size limit.
+    pub fn settings(&self, store: &Path) -> Result<OtaSettings, String> {
+        let mut groups = Vec::new();
+        for g in &self.groups {
+            let id = GroupId::new(g).map_err(|e| format!("ota.groups: {g:?}: {e}"))?;
+            if g.split('/').any(|level| level.starts_with('_')) {
+                return Err(format!(
+                    "ota.groups: {g:?}: a level starting with '_' is reserved ({OTA_LEVEL}, _q)"
+                ));
+            }
+            if !groups.contains(&id) {
+                groups.push(id);
+            }
+        }
+        let mut signers = Vec::new();
+        for s in &self.signers {
+            let id = DeviceId::new(s).map_err(|e| format!("ota.signers: {s:?}: {e}"))?;
+            if !signers.contains(&id) {
+                signers.push(id);
+            }
+        }
+        if !groups.is_empty() {
+            if signers.is_empty() {
+                return Err(
+                    "ota.signers: at least one pinned signer is needed with ota.groups".to_owned(),
+                );
+            }
+            match self.apply_command.first() {
+                None => {
+                    return Err("ota.apply_command: a command is needed with ota.groups".to_owned());
+                }
+                Some(p) if !Path::new(p).is_absolute() => {
+                    return Err(format!(
+                        "ota.apply_command: {p:?} must be an absolute path (no PATH lookup)"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if self.max_image_bytes == 0 {
+            return Err("ota.max_image_bytes: must be at least 1".to_owned());
+        }
+        Ok(OtaSettings {
+            groups,
+            signers,
+            download_dir: self
+                .download_dir
+                .clone()
+                .unwrap_or_else(|| store.join("ota")),
+            apply_command: self.apply_command.clone(),
+            max_image_bytes: self.max_image_bytes,
+        })
+    }
 }
 
 fn default_store() -> PathBuf {
@@ -118,6 +267,7 @@ impl Default for Config {
             grace_ms: default_grace(),
             window_ms: default_window(),
             max_payload: default_max_payload(),
+            ota: OtaConfig::default(),
         }
     }
 }
@@ -126,12 +276,26 @@ impl Config {
     /// Parses TOML text.
     ///
     /// # Errors
-    /// [`ConfigError::Parse`] for invalid TOML or unknown keys.
+    /// [`ConfigError::Parse`] for invalid TOML or unknown keys, [`ConfigError::Invalid`] for an
+    /// `[ota]` table that does not pass [`OtaConfig::settings`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::from("<text>"),
             message: e.message().to_owned(),
-        })
+        })?;
+        cfg.ota_settings().map_err(|message| ConfigError::Invalid {
+            path: PathBuf::from("<text>"),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// The `[ota]` settings, with the download directory under this configuration's store.
+    ///
+    /// # Errors
+    /// As [`OtaConfig::settings`].
+    pub fn ota_settings(&self) -> Result<OtaSettings, String> {
+        self.ota.settings(&self.store)
     }
 
     /// Loads `path`; with `required` false a missing file gives the defaults.
@@ -153,6 +317,10 @@ impl Config {
         };
         Self::from_toml(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
                 path: path.to_path_buf(),
                 message,
             },
@@ -214,6 +382,62 @@ mod tests {
         assert_eq!(cfg.device_config().policy.max_payload, 1024);
         std::fs::write(&missing, "grace_ms = \"soon\"\n").unwrap();
         let err = Config::load(&missing, true).unwrap_err();
+        assert!(err.to_string().contains("node.toml"), "{err}");
+    }
+
+    #[test]
+    fn ota_defaults_and_settings() {
+        let cfg = Config::from_toml("store = \"/srv/q\"").unwrap();
+        assert!(!cfg.ota.is_enabled());
+        let s = cfg.ota_settings().unwrap();
+        assert!(s.groups.is_empty());
+        assert_eq!(s.download_dir, PathBuf::from("/srv/q/ota"));
+        assert_eq!(s.max_image_bytes, 64 * 1024 * 1024);
+        let cfg = Config::from_toml(
+            "[ota]\ngroups = [\"fw/sensor-v2\"]\nsigners = [\"release-1\"]\n\
+             apply_command = [\"/usr/bin/apply\", \"--now\"]\nmax_image_bytes = 1000\n\
+             download_dir = \"/tmp/ota\"\n",
+        )
+        .unwrap();
+        let s = cfg.ota_settings().unwrap();
+        assert!(cfg.ota.is_enabled());
+        assert_eq!(s.groups, vec![GroupId::new("fw/sensor-v2").unwrap()]);
+        assert_eq!(s.signers, vec![DeviceId::new("release-1").unwrap()]);
+        assert_eq!(s.apply_command, vec!["/usr/bin/apply", "--now"]);
+        assert_eq!(s.max_image_bytes, 1000);
+        assert_eq!(s.download_dir, PathBuf::from("/tmp/ota"));
+    }
+
+    #[test]
+    fn ota_refuses_what_would_weaken_it() {
+        let ok = "signers = [\"r\"]\napply_command = [\"/bin/true\"]\n";
+        for (bad, needle) in [
+            (
+                "[ota]\ngroups = [\"fw\"]\napply_command = [\"/bin/true\"]",
+                "signers",
+            ),
+            (
+                "[ota]\ngroups = [\"fw\"]\nsigners = [\"r\"]",
+                "apply_command",
+            ),
+            (
+                "[ota]\ngroups = [\"fw\"]\nsigners = [\"r\"]\napply_command = [\"apply\"]",
+                "absolute",
+            ),
+            (&format!("[ota]\ngroups = [\"fw/_ota\"]\n{ok}"), "reserved"),
+            (&format!("[ota]\ngroups = [\"fw/+\"]\n{ok}"), "ota.groups"),
+            ("[ota]\nsigners = [\"bad id\"]", "ota.signers"),
+            ("[ota]\nmax_image_bytes = 0", "max_image_bytes"),
+            ("[ota]\ngroup = [\"fw\"]", "unknown field"),
+        ] {
+            let err = Config::from_toml(bad).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "[ota]\nmax_image_bytes = 0\n").unwrap();
+        let err = Config::load(&path, true).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err}");
         assert!(err.to_string().contains("node.toml"), "{err}");
     }
 }

@@ -17,6 +17,11 @@
 //! reports sent on `<group>/_q` (kept in the store, highest T_ms per device and version), and
 //! answers a `need-key` report with a direct message carrying the key message's M, after checking
 //! that the device is still a subscriber of the group.
+//!
+//! As a device following OTA groups (the `[ota]` table), it takes part in each as a subscriber
+//! and runs the OTA agent ([`crate::ota_device`]): releases of the pinned signers are fetched,
+//! verified, applied by the configured command and reported; a progress line and each state are
+//! printed.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -32,6 +37,7 @@ use serde_json::json;
 use crate::direct::{DirectBook, DirectOutcome, accept_direct};
 use crate::error::NodeError;
 use crate::net::{Link, LinkEvent, now_ms};
+use crate::ota_device::{OtaService, next_applied};
 use crate::signer::{KeyArchive, Releases, StatusLedger, signer_is_listed, state_name};
 use crate::store::KeyStore;
 use crate::terminal::{log_event, print_line, shutdown_signal};
@@ -153,6 +159,8 @@ struct Daemon {
     /// [`MANIFEST_RETRY_MS`], or at the next epoch).
     manifests_offered_ms: Option<u64>,
     rng: SystemRng,
+    /// The device side of group OTA, with an `[ota]` table that names groups.
+    ota: Option<OtaService>,
 }
 
 impl Daemon {
@@ -201,8 +209,11 @@ impl Daemon {
             self.json,
         )?;
         if let Some(msg) = key {
-            // The OTA agent accepts it with VerifiedManifest::accept_direct_key.
             tracing::info!(sender = %msg.sender(), "OTA key received by direct message");
+            match self.ota.as_mut() {
+                Some(ota) => ota.on_direct(&mut self.link, &msg),
+                None => tracing::info!("no [ota] groups: the key is ignored"),
+            }
         }
         Ok(())
     }
@@ -376,11 +387,21 @@ impl Daemon {
             LinkEvent::Publish { topic, payload, .. } if topics::parse_direct(&topic).is_some() => {
                 self.on_direct(topic, payload)?;
             }
+            LinkEvent::Publish { topic, payload, .. }
+                if self.ota.as_ref().is_some_and(|o| o.handles(&topic)) =>
+            {
+                if let Some(ota) = self.ota.as_mut() {
+                    ota.on_publish(&mut self.link, &topic, &payload);
+                }
+            }
             LinkEvent::Publish { topic, .. } => {
                 tracing::debug!(topic = %topic, "unexpected publish");
             }
             LinkEvent::Watching { filter, code } if code >= 0x80 => {
                 tracing::warn!(filter = %filter, code, "the bridge refused a subscription");
+                if let Some(ota) = self.ota.as_mut() {
+                    ota.on_refused(&mut self.link, &filter, code);
+                }
             }
             LinkEvent::Removed { group, role, epoch } => {
                 tracing::warn!(group = %group, ?role, epoch = epoch.0, "this device was removed from the group");
@@ -409,6 +430,7 @@ pub(crate) async fn run(
     store: KeyStore,
     mut roles: Vec<(GroupId, Role)>,
     json: bool,
+    mut ota: Option<OtaService>,
 ) -> Result<(), NodeError> {
     let book = DirectBook::load(&store)?;
     let mut releases = Releases::load(&store)?;
@@ -431,6 +453,13 @@ pub(crate) async fn run(
         link.watch(topics::query(&g));
         tracing::info!(group = %g, "serving releases");
     }
+    // An OTA group is followed as a subscriber: its key opens the key messages and its member
+    // list vouches for the signer.
+    for g in ota.as_ref().map(OtaService::groups).unwrap_or_default() {
+        if !roles.contains(&(g.clone(), Role::Subscriber)) {
+            roles.push((g, Role::Subscriber));
+        }
+    }
     for (g, r) in &roles {
         link.want(g.clone(), *r, false);
     }
@@ -440,6 +469,10 @@ pub(crate) async fn run(
         );
     }
     link.watch(topics::direct(link.device().id()));
+    let mut applied = ota.as_mut().and_then(OtaService::take_results);
+    if let Some(o) = ota.as_mut() {
+        o.start(&mut link);
+    }
     tracing::info!(client_id = %link.client_id(), groups = roles.len(), "running");
     let mut d = Daemon {
         link,
@@ -457,6 +490,7 @@ pub(crate) async fn run(
         unsent_manifests,
         manifests_offered_ms: None,
         rng: SystemRng::new(),
+        ota,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -470,6 +504,14 @@ pub(crate) async fn run(
                 d.process_reports()?;
                 for g in d.releases.groups() {
                     d.serve_group(&g, false);
+                }
+                if let Some(ota) = d.ota.as_mut() {
+                    ota.tick(&mut d.link);
+                }
+            }
+            done = next_applied(&mut applied) => {
+                if let (Some(done), Some(ota)) = (done, d.ota.as_mut()) {
+                    ota.on_applied(&mut d.link, done);
                 }
             }
             () = &mut shutdown => break,

@@ -497,6 +497,21 @@ impl Link {
         }
     }
 
+    /// Stops watching `filter` ([`watch`](Self::watch)): UNSUBSCRIBE now if connected, and not
+    /// subscribed again at the next connection.
+    pub fn unwatch(&mut self, filter: &str) {
+        let before = self.extra.len();
+        self.extra.retain(|f| f != filter);
+        if self.extra.len() == before {
+            return;
+        }
+        if let Some(conn) = self.conn.as_mut().filter(|c| c.connected)
+            && let Err(e) = conn.client.try_unsubscribe(filter.to_owned())
+        {
+            tracing::warn!(error = %e, filter, "unsubscribe not queued");
+        }
+    }
+
     /// Uses a persistent session: the client identifier `<device>-<name>` at every connection
     /// (the same across runs), clean start off and this session expiry interval, so that the
     /// broker keeps the subscriptions and queues QoS 1 messages while the device is away. Set it

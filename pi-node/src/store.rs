@@ -362,7 +362,13 @@ impl KeyStore {
         }
     }
 
-    fn write_record(&self, path: &Path, kind: u8, body: &[u8]) -> Result<(), StoreError> {
+    /// Writes `path` as one checksummed record of `kind`, atomically (also the OTA files').
+    pub(crate) fn write_record(
+        &self,
+        path: &Path,
+        kind: u8,
+        body: &[u8],
+    ) -> Result<(), StoreError> {
         let mut bytes = Zeroizing::new(Vec::with_capacity(body.len() + 41));
         bytes.extend_from_slice(MAGIC);
         put_u8(&mut bytes, kind);
@@ -372,7 +378,12 @@ impl KeyStore {
         write_atomic(path, &bytes)
     }
 
-    fn read_record(&self, path: &Path, kind: u8) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+    /// Reads and checks a record of `kind` written by [`write_record`](Self::write_record).
+    pub(crate) fn read_record(
+        &self,
+        path: &Path,
+        kind: u8,
+    ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
         check_mode(path, 0o600)?;
         let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
         let corrupt = |what| StoreError::Corrupt {
