@@ -101,7 +101,11 @@ fn wait_applied(node: &Node, version: u64, daemon: &Proc) -> Vec<u8> {
 /// The signer's view of the devices' reports: (device, version, state).
 fn status(signer: &Node) -> Vec<(String, u64, String)> {
     let out = signer.run(&["ota", "status", "--group", GROUP, "--json", "--wait", "3"]);
-    out.json_lines()
+    let lines = out.json_lines();
+    let Some(reports) = lines.first().and_then(|v| v["reports"].as_array()) else {
+        return Vec::new();
+    };
+    reports
         .iter()
         .map(|l| {
             (
