@@ -763,8 +763,9 @@ impl Cluster {
     /// The daemons' logs, for failure messages.
     pub fn daemon_logs(&self) -> String {
         format!(
-            "--- quva-ca ---\n{}\n--- quva-bridge ---\n{}",
+            "--- quva-ca ---\n{}\n--- quva-bridge ---\n{}{}",
             self.ca.err(),
+            self.bridge_proc.out(),
             self.bridge_proc.err()
         )
     }
@@ -790,7 +791,10 @@ fn spawn_ca(
 fn spawn_bridge(bins: &Binaries, conf: &Path, listen: SocketAddr, logs: &Path) -> Proc {
     let mut cmd = Command::new(&bins.bridge);
     cmd.arg("--config").arg(conf);
-    cmd.env("RUST_LOG", "info");
+    cmd.env(
+        "RUST_LOG",
+        std::env::var("QUVA_TEST_BRIDGE_LOG").unwrap_or_else(|_| "info".to_owned()),
+    );
     let mut bridge = Proc::spawn(cmd, "quva-bridge", logs);
     wait_port(listen, &mut bridge.child, "quva-bridge");
     bridge

@@ -360,6 +360,15 @@ impl Daemon {
                     tracing::warn!(error = %e, "cannot save the report keys");
                 }
             }
+            LinkEvent::Ready {
+                group,
+                role: Role::Subscriber,
+                ..
+            } if self.ota.is_some() => {
+                if let Some(ota) = self.ota.as_mut() {
+                    ota.start_group(&mut self.link, &group);
+                }
+            }
             LinkEvent::Publish { topic, payload, .. }
                 if let Some(group) = self.report_group(&topic) =>
             {
@@ -470,8 +479,8 @@ pub(crate) async fn run(
     }
     link.watch(topics::direct(link.device().id()));
     let mut applied = ota.as_mut().and_then(OtaService::take_results);
-    if let Some(o) = ota.as_mut() {
-        o.start(&mut link);
+    if let Some(o) = ota.as_ref() {
+        o.announce();
     }
     tracing::info!(client_id = %link.client_id(), groups = roles.len(), "running");
     let mut d = Daemon {

@@ -711,6 +711,8 @@ impl Link {
                         for (filter, code) in filters.into_iter().zip(codes) {
                             if code >= 0x80 {
                                 tracing::warn!(filter = %filter, code, "subscription refused");
+                            } else {
+                                tracing::debug!(filter = %filter, code, "subscribed");
                             }
                             self.events.push_back(LinkEvent::Watching { filter, code });
                         }

@@ -227,8 +227,27 @@ impl OtaAgent {
     /// messages in each group (`<group>/_ota/<signer>/+/m` and `…/+/k`, or the exact topics of
     /// the next versions if the bridge refused those), and the chunks being fetched.
     pub fn start(&self) -> Vec<OtaAction> {
+        let filters = self
+            .groups
+            .keys()
+            .flat_map(|g| self.group_filters(g))
+            .collect();
+        vec![OtaAction::Subscribe(filters)]
+    }
+
+    /// The subscriptions of one group's releases, for when the device has joined it (the bridge
+    /// lets only the group's subscribers read its OTA topics).
+    pub fn start_group(&self, group: &GroupId) -> Vec<OtaAction> {
+        let filters = self.group_filters(group);
+        if filters.is_empty() {
+            return Vec::new();
+        }
+        vec![OtaAction::Subscribe(filters)]
+    }
+
+    fn group_filters(&self, group: &GroupId) -> Vec<String> {
         let mut filters = Vec::new();
-        for (g, state) in &self.groups {
+        if let Some((g, state)) = self.groups.get_key_value(group) {
             for s in &self.signers {
                 if state.exact.contains(s) {
                     filters.extend(exact_filters(g, s, state.installed));
@@ -246,7 +265,7 @@ impl OtaAgent {
                 );
             }
         }
-        vec![OtaAction::Subscribe(filters)]
+        filters
     }
 
     /// The bridge refused a subscription (`code` ≥ 0x80). A bridge that refuses wildcard filters
@@ -386,7 +405,10 @@ impl OtaAgent {
                     break;
                 }
                 // The list may not name a renewed signer certificate yet: keep it for the next.
-                Err(OtaError::SignerNotListed) => {}
+                Err(OtaError::SignerNotListed) => {
+                    tracing::debug!(group = %group, signer = %id.1, version = id.0,
+                        "manifest waits: its signer certificate is not in the member list held");
+                }
                 Err(OtaError::Rollback) => {
                     state.manifests.remove(&id);
                 }

@@ -78,13 +78,18 @@ impl OtaService {
         self.agent.groups().cloned().collect()
     }
 
-    /// Subscribes to the releases of the pinned signers.
-    pub(crate) fn start(&mut self, link: &mut Link) {
+    /// Logs what the daemon follows.
+    pub(crate) fn announce(&self) {
         for g in self.agent.groups() {
             tracing::info!(group = %g, installed = ?self.agent.installed(g), "following OTA releases");
         }
-        let first = self.agent.start();
-        self.execute(link, first);
+    }
+
+    /// The device holds `group`'s subscriber key on this connection: subscribe to its releases
+    /// (the bridge lets only the group's joined subscribers read them).
+    pub(crate) fn start_group(&mut self, link: &mut Link, group: &GroupId) {
+        let actions = self.agent.start_group(group);
+        self.execute(link, actions);
     }
 
     /// Whether `topic` is an OTA topic this service follows.
@@ -94,6 +99,7 @@ impl OtaService {
 
     /// A PUBLISH on an OTA topic.
     pub(crate) fn on_publish(&mut self, link: &mut Link, topic: &str, payload: &[u8]) {
+        tracing::debug!(topic, bytes = payload.len(), "OTA item received");
         let now = now_ms();
         let actions = self
             .agent
