@@ -9,6 +9,7 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use rmqtt_codec::v5;
 use tokio_util::codec::Decoder as _;
 
+use crate::dialect::Dialect;
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
 use crate::session::machine::{Action, Answer, DeviceFailure, Limits, Session, Work};
@@ -165,7 +166,7 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
         max_batch: 3,
         idle_ms: Some(1_000),
     };
-    let mut s = Session::new(policy, identity.clone(), limits, 0);
+    let mut s = Session::new(policy, identity.clone(), Dialect::Mqtt5, limits, 0);
     let mut codec = v5::Codec::new(MAX, 0);
     let mut buf = BytesMut::from(data);
     let mut choices = data.iter().rev().copied().cycle();
@@ -298,7 +299,7 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
 /// The broker-side framing never loses or invents bytes: the PUBLISH frames it passes on are
 /// exact slices of the input, and it stops at the first frame it cannot take.
 fn upstream_frames(data: &[u8]) {
-    let mut codec = UpstreamCodec::new(MAX);
+    let mut codec = UpstreamCodec::new(Dialect::Mqtt5, MAX);
     let mut buf = BytesMut::from(data);
     let mut offset = 0;
     loop {

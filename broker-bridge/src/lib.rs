@@ -33,6 +33,7 @@
 #[doc(hidden)]
 pub mod __fuzz;
 mod bridge;
+mod dialect;
 mod frames;
 mod gateway;
 mod identity;

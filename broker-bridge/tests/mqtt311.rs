@@ -402,3 +402,16 @@ async fn mqtt311_silent_oversize_and_misbehaving_clients_are_closed() {
     assert!(odd.closed().await);
     bridge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt311_clients_are_closed_when_the_broker_goes_or_the_bridge_stops() {
+    let mut broker = Mosquitto::start().await;
+    let bridge = start_bridge(config(broker.addr), None).await;
+    let mut c = Raw3::connect(bridge.local_addr(), "b").await;
+    broker.kill();
+    assert!(c.closed().await);
+    broker.restart().await;
+    let mut c = Raw3::connect(bridge.local_addr(), "s").await;
+    bridge.shutdown().await;
+    assert!(c.closed().await);
+}

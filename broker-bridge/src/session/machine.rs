@@ -1,8 +1,14 @@
-//! The sans-IO core of one MQTT 5 connection once it is accepted: a state machine that takes
+//! The sans-IO core of one device connection once it is accepted: a state machine that takes
 //! events (a packet from the device or the broker, the answer to work it asked for, a tick, a
 //! kick) and returns actions (a packet to the device or upstream, work for the CA or the publish
 //! checker, a metric, the end of the connection). It never touches a socket, a clock or a lock;
 //! the driver in [`crate::session`] moves the bytes and runs the work.
+//!
+//! It decides in MQTT 5 packets. An MQTT 3.1.1 connection uses the same machine: its packets are
+//! translated to and from MQTT 5 ([`crate::dialect`]), and where MQTT 3.1.1 cannot say what MQTT 5
+//! says, the machine follows the [`Dialect`]: a PUBLISH the bridge refuses ends the connection
+//! (MQTT 3.1.1 has no negative PUBACK, §3.3.5), and a SUBSCRIBE with a misplaced wildcard gets the
+//! failure 0x80 for that filter instead of ending the connection.
 //!
 //! Ordering rules it keeps:
 //! - PUBLISHes are checked in batches (whatever the device sent at once, up to `max_batch`), and
@@ -29,6 +35,7 @@ use rmqtt_codec::v5::{
 };
 
 use super::rules::{self, AckEvent, AckQueue, Aliases, FilterPlan, PendingSub, Target};
+use crate::dialect::Dialect;
 use crate::frames::Upstream;
 use crate::identity::Identity;
 use crate::topics::TopicPolicy;
@@ -184,11 +191,12 @@ struct SubscribeInProgress {
     decided: Vec<Option<Result<Option<String>, u8>>>,
 }
 
-/// One MQTT 5 connection's relay state (module docs).
+/// One connection's relay state (module docs).
 #[derive(Debug)]
 pub(crate) struct Session<'p> {
     policy: &'p TopicPolicy,
     identity: Identity,
+    dialect: Dialect,
     limits: Limits,
     aliases: Aliases,
     acks: AckQueue,
@@ -205,16 +213,18 @@ pub(crate) struct Session<'p> {
 }
 
 impl<'p> Session<'p> {
-    /// A session for an accepted connection of `identity`, at `now_ms`.
+    /// A session for an accepted connection of `identity` speaking `dialect`, at `now_ms`.
     pub(crate) fn new(
         policy: &'p TopicPolicy,
         identity: Identity,
+        dialect: Dialect,
         limits: Limits,
         now_ms: u64,
     ) -> Self {
         Session {
             policy,
             identity,
+            dialect,
             limits,
             aliases: Aliases::default(),
             acks: AckQueue::default(),
@@ -312,8 +322,11 @@ impl<'p> Session<'p> {
     /// Handles a device packet other than PUBLISH, with no batch pending.
     fn handle(&mut self, packet: v5::Packet) {
         match packet {
-            // A misplaced wildcard is a malformed packet, as at the broker (MQTT 5 §4.7.1).
-            v5::Packet::Subscribe(s) if rules::has_malformed_filter(&s) => {
+            // A misplaced wildcard is a malformed packet, as at the broker (MQTT 5 §4.7.1); an
+            // MQTT 3.1.1 client gets the failure 0x80 for that filter ([`rules::plan_filter`]).
+            v5::Packet::Subscribe(s)
+                if self.dialect == Dialect::Mqtt5 && rules::has_malformed_filter(&s) =>
+            {
                 self.note(Note::Refused("malformed"));
                 self.end(Ending::bridge(DisconnectReasonCode::MalformedPacket));
             }
@@ -428,6 +441,11 @@ impl<'p> Session<'p> {
             topic: publish.topic.clone(),
             drop,
         });
+        if self.dialect == Dialect::Mqtt311 {
+            // MQTT 3.1.1 cannot refuse a PUBLISH (§3.3.5): the connection ends, unacknowledged.
+            self.end(Ending::bridge(DisconnectReasonCode::NotAuthorized));
+            return;
+        }
         let Some(id) = publish.packet_id else {
             return;
         };

@@ -16,6 +16,7 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::Direction;
 use quva_client::topics::OtaTopic;
 use rmqtt_codec::types::Publish;
+use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode, SubscribeAckReason};
 
 use crate::identity::Identity;
@@ -54,6 +55,21 @@ pub(crate) fn upstream_connect(
         .max_packet_size
         .map_or(up.max_packet_size, |m| m.get().min(up.max_packet_size));
     c.max_packet_size = Some(NonZeroU32::new(max).unwrap_or(NonZeroU32::MIN));
+    c
+}
+
+/// The upstream CONNECT for an MQTT 3.1.1 client's CONNECT: the bridge's broker credentials in
+/// place of the client's, the client identifier namespaced as an unauthenticated one's
+/// (PROTOCOL.md §8); the rest (Will, keep-alive, clean session) as the client sent it.
+pub(crate) fn upstream_connect_v3(
+    connect: &v3::Connect,
+    client_id: &str,
+    up: &Upstream,
+) -> v3::Connect {
+    let mut c = connect.clone();
+    c.username.clone_from(&up.username);
+    c.password.clone_from(&up.password);
+    c.client_id = ByteString::from(Identity::Anonymous.upstream_client_id(client_id));
     c
 }
 
@@ -437,6 +453,30 @@ mod tests {
         assert_eq!(u.topic_alias_max, 0);
         assert_eq!(u.max_packet_size, NonZeroU32::new(1000));
         assert_eq!(u.client_id, id.upstream_client_id("dev-c"));
+    }
+
+    #[test]
+    fn the_mqtt311_upstream_connect_has_the_bridge_credentials_and_a_namespaced_id() {
+        let c = v3::Connect {
+            client_id: "plain".into(),
+            username: Some("someone".into()),
+            password: Some(Bytes::from_static(b"theirs")),
+            keep_alive: 17,
+            ..Default::default()
+        };
+        let u = upstream_connect_v3(&c, "plain", &up());
+        assert_eq!(u.username.as_deref(), Some("bridge"));
+        assert_eq!(u.password.as_deref(), Some(&b"pw"[..]));
+        assert_eq!(u.client_id, Identity::Anonymous.upstream_client_id("plain"));
+        assert_ne!(u.client_id, "plain");
+        assert_eq!(u.keep_alive, 17);
+        let none = Upstream {
+            username: None,
+            password: None,
+            max_packet_size: 1000,
+        };
+        let u = upstream_connect_v3(&c, "plain", &none);
+        assert_eq!((u.username, u.password), (None, None));
     }
 
     #[test]
