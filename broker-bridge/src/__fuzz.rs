@@ -12,6 +12,7 @@ use tokio_util::codec::Decoder as _;
 use crate::dialect::Dialect;
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
+use crate::reasons::SubscribeRefusal;
 use crate::session::machine::{Action, Answer, DeviceFailure, Limits, Session, Work};
 use crate::session::rules::{
     self, AckEvent, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target,
@@ -149,7 +150,7 @@ fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
             "{filter}"
         ),
         FilterPlan::IfMember(..) | FilterPlan::Join(..) => assert!(identity.is_authenticated()),
-        FilterPlan::Refuse(code) => assert!(*code >= 0x80),
+        FilterPlan::Refuse(reason) => assert!(reason.code() >= 0x80),
     }
     if !identity.is_authenticated() && plan == FilterPlan::Relay && !inner.contains(['+', '#']) {
         assert_eq!(policy.classify(inner), TopicKind::Unprotected, "{filter}");
@@ -250,7 +251,7 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
                             .map(|_| match pick() % 3 {
                                 0 => Ok(None),
                                 1 => Ok(Some("delivery".to_owned())),
-                                _ => Err(0x87),
+                                _ => Err(SubscribeRefusal::NotAuthorized),
                             })
                             .collect(),
                     )

@@ -39,6 +39,7 @@ mod gateway;
 mod identity;
 mod notices;
 mod ota;
+mod reasons;
 mod registry;
 mod session;
 mod shared;

@@ -24,10 +24,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use quva_client::codec::{Decode, Encode};
-use quva_client::enrollment::{
-    AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof, REASON_NOT_AUTHORIZED,
-    REASON_PAYLOAD_FORMAT_INVALID,
-};
+use quva_client::enrollment::{AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof};
 use quva_client::group::{GroupKeyRequest, Privacy};
 use quva_client::ids::GroupId;
 use quva_client::schnorr::VerifyingKey;
@@ -46,6 +43,7 @@ use crate::ca::{connack_reason, suback_reason};
 use crate::dialect::{Dialect, connack_to_v3, to_v5};
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
+use crate::reasons::{ConnectRefusal, SubscribeRefusal};
 use crate::shared::{Shared, now_ms};
 use crate::topics::topic_device_id;
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
@@ -96,7 +94,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         Ok(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
             shared.metrics.refused("oversize");
             if version == ProtocolVersion::MQTT5 {
-                let ack = connack(ConnectAckReason::PacketTooLarge);
+                let ack = connack(ConnectRefusal::PacketTooLarge.v5());
                 let _ = writer.send(MqttPacket::V5(ack)).await;
             }
         }
@@ -106,7 +104,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             // An empty client identifier with Clean Start 0: there is no session to resume, and
             // the broker would refuse it too (MQTT 5 §3.1.3.1).
             shared.metrics.refused("client_id");
-            let ack = connack(ConnectAckReason::ClientIdentifierNotValid);
+            let ack = connack(ConnectRefusal::ClientIdentifierNotValid.v5());
             let _ = writer.send(MqttPacket::V5(ack)).await;
         }
         Err(_) => shared.metrics.refused("handshake_timeout"),
@@ -119,10 +117,6 @@ fn connack(reason: ConnectAckReason) -> v5::Packet {
         reason_code: reason,
         ..Default::default()
     }))
-}
-
-fn connack_code(code: u8) -> ConnectAckReason {
-    ConnectAckReason::try_from(code).unwrap_or(ConnectAckReason::NotAuthorized)
 }
 
 fn disconnect(reason: DisconnectReasonCode) -> v5::Packet {
@@ -143,8 +137,8 @@ struct Admission {
     data: Option<Bytes>,
 }
 
-/// Checks the CONNECT's authentication (PROTOCOL.md §3 and §6). `Err` is a CONNACK reason code.
-async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> {
+/// Checks the CONNECT's authentication (PROTOCOL.md §3 and §6). `Err` is the CONNACK refusal.
+async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, ConnectRefusal> {
     let Some(method_name) = connect.auth_method.as_ref() else {
         return if shared.cfg.topics.unauthenticated_allowed() {
             Ok(Admission {
@@ -153,21 +147,24 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 data: None,
             })
         } else {
-            Err(REASON_NOT_AUTHORIZED)
+            Err(ConnectRefusal::NotAuthorized)
         };
     };
-    let method = AuthMethod::from_name(method_name).ok_or(0x8C_u8)?;
+    let method =
+        AuthMethod::from_name(method_name).ok_or(ConnectRefusal::BadAuthenticationMethod)?;
     let data = connect
         .auth_data
         .as_ref()
-        .ok_or(REASON_PAYLOAD_FORMAT_INVALID)?
+        .ok_or(ConnectRefusal::PayloadFormatInvalid)?
         .to_vec();
     let now = now_ms();
     let window = shared.cfg.windows.timestamp_ms;
     let echo = Some(method_name.clone());
     match method {
         AuthMethod::Enroll | AuthMethod::Renew => {
-            let ca = shared.ca_client().ok_or(0x88_u8)?;
+            let ca = shared
+                .ca_client()
+                .ok_or(ConnectRefusal::ServerUnavailable)?;
             let call = match method {
                 AuthMethod::Enroll => ("enroll", ca.enroll(data)),
                 _ => ("renew", ca.renew(data)),
@@ -176,8 +173,10 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 .ca_call(call.0, call.1)
                 .await
                 .map_err(|e| connack_reason(&e))?;
-            let parsed = EnrollResponse::from_bytes(&response).map_err(|_| 0x88_u8)?;
-            let id = topic_device_id(parsed.cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
+            let parsed = EnrollResponse::from_bytes(&response)
+                .map_err(|_| ConnectRefusal::ServerUnavailable)?;
+            let id =
+                topic_device_id(parsed.cert.id().as_str()).ok_or(ConnectRefusal::NotAuthorized)?;
             Ok(Admission {
                 identity: Identity::Device(id),
                 method: echo,
@@ -185,18 +184,20 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
             })
         }
         AuthMethod::Cert => {
-            let ca_key = shared.ca_public().ok_or(0x88_u8)?;
+            let ca_key = shared
+                .ca_public()
+                .ok_or(ConnectRefusal::ServerUnavailable)?;
             let proof = CertConnectProof::from_bytes(&data)
-                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+                .map_err(|e| refusal(&quva_client::enrollment::EnrollError::from(e)))?;
             proof
                 .verify(&ca_key, &connect.client_id, now, window)
-                .map_err(|e| e.connack_reason())?;
+                .map_err(|e| refusal(&e))?;
             let cert = &proof.cert;
-            let id = topic_device_id(cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
+            let id = topic_device_id(cert.id().as_str()).ok_or(ConnectRefusal::NotAuthorized)?;
             if shared.dir.is_superseded(&id, cert.serial())
                 || !shared.certificate_usable(cert.serial(), &data).await?
             {
-                return Err(REASON_NOT_AUTHORIZED);
+                return Err(ConnectRefusal::NotAuthorized);
             }
             let identity = Identity::Device(id);
             shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
@@ -208,19 +209,21 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
         }
         AuthMethod::Group => {
             let proof = GroupConnectProof::from_bytes(&data)
-                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+                .map_err(|e| refusal(&quva_client::enrollment::EnrollError::from(e)))?;
             match shared.ensure_group(&proof.group).await {
                 Ok(()) => {}
-                Err(crate::ca::CaError::Unavailable) => return Err(0x88),
-                Err(_) => return Err(REASON_NOT_AUTHORIZED),
+                Err(crate::ca::CaError::Unavailable) => {
+                    return Err(ConnectRefusal::ServerUnavailable);
+                }
+                Err(_) => return Err(ConnectRefusal::NotAuthorized),
             }
             if shared.dir.privacy(&proof.group) != Some(Privacy::Anonymous) {
-                return Err(REASON_NOT_AUTHORIZED);
+                return Err(ConnectRefusal::NotAuthorized);
             }
             let keys = shared
                 .dir
                 .current_keys(&proof.group)
-                .ok_or(REASON_NOT_AUTHORIZED)?;
+                .ok_or(ConnectRefusal::NotAuthorized)?;
             proof
                 .verify(
                     &VerifyingKey(keys.q_p),
@@ -229,7 +232,7 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                     now,
                     window,
                 )
-                .map_err(|e| e.connack_reason())?;
+                .map_err(|e| refusal(&e))?;
             let identity = Identity::Group(proof.group.clone(), proof.role);
             shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
             Ok(Admission {
@@ -239,6 +242,11 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
             })
         }
     }
+}
+
+/// The refusal for a failed connect proof.
+fn refusal(e: &quva_client::enrollment::EnrollError) -> ConnectRefusal {
+    ConnectRefusal::from_code(e.connack_reason())
 }
 
 /// Opens the upstream TCP connection.
@@ -291,18 +299,16 @@ async fn run_v5(
         shared.metrics.refused("will");
         tracing::info!(client_id = %client_id, topic = %will.topic, "CONNECT refused: Will on a protected or reserved topic");
         let _ = writer
-            .send(MqttPacket::V5(connack(ConnectAckReason::NotAuthorized)))
+            .send(MqttPacket::V5(connack(ConnectRefusal::NotAuthorized.v5())))
             .await;
         return;
     }
     let admission = match admit(&shared, &connect).await {
         Ok(a) => a,
-        Err(code) => {
+        Err(refusal) => {
             shared.metrics.refused("auth");
-            tracing::info!(client_id = %client_id, reason = code, "CONNECT refused");
-            let _ = writer
-                .send(MqttPacket::V5(connack(connack_code(code))))
-                .await;
+            tracing::info!(client_id = %client_id, reason = refusal.code(), "CONNECT refused");
+            let _ = writer.send(MqttPacket::V5(connack(refusal.v5()))).await;
             return;
         }
     };
@@ -348,7 +354,9 @@ async fn run_v5(
                 .await;
         } else {
             let _ = writer
-                .send(MqttPacket::V5(connack(ConnectAckReason::ServerUnavailable)))
+                .send(MqttPacket::V5(connack(
+                    ConnectRefusal::ServerUnavailable.v5(),
+                )))
                 .await;
         }
         return;
@@ -399,7 +407,7 @@ async fn run_v3(
     if let Some(label) = refusal {
         shared.metrics.refused(label);
         tracing::info!(client_id = %client_id, reason = label, "MQTT 3.1.1 CONNECT refused");
-        let ack = connack_v3(v3::ConnectAckReason::NotAuthorized, false);
+        let ack = connack_v3(ConnectRefusal::NotAuthorized.v3(), false);
         let _ = writer.send(ack).await;
         return;
     }
@@ -419,7 +427,7 @@ async fn run_v3(
         connect_upstream(&shared, Dialect::Mqtt311, up_connect).await
     else {
         shared.metrics.refused("upstream_unavailable");
-        let ack = connack_v3(v3::ConnectAckReason::ServiceUnavailable, false);
+        let ack = connack_v3(ConnectRefusal::ServerUnavailable.v3(), false);
         let _ = writer.send(ack).await;
         return;
     };
@@ -669,10 +677,12 @@ fn note(shared: &Shared, client_id: &str, note: Note) {
     match note {
         Note::Accepted => shared.metrics.accepted(),
         Note::Dropped { topic, drop } => {
-            tracing::info!(client_id, topic = %topic, reason = drop.label, "PUBLISH dropped");
+            let code = drop.reason.code();
+            tracing::info!(client_id, topic = %topic, reason = drop.label, code, "PUBLISH dropped");
             shared.metrics.dropped(drop.label);
         }
-        Note::FilterRefused { filter, code } => {
+        Note::FilterRefused { filter, reason } => {
+            let code = reason.code();
             tracing::info!(client_id, filter = %filter, code, "subscription refused");
         }
         Note::Refused(label) => shared.metrics.refused(label),
@@ -723,7 +733,7 @@ async fn authorize(
     shared: &Arc<Shared>,
     identity: &Identity,
     asks: Vec<Ask>,
-) -> Vec<Result<Option<String>, u8>> {
+) -> Vec<Result<Option<String>, SubscribeRefusal>> {
     let mut out = Vec::with_capacity(asks.len());
     for ask in asks {
         out.push(match ask {
@@ -732,7 +742,11 @@ async fn authorize(
                 let member = identity
                     .connection()
                     .is_some_and(|c| has_role(&c, &shared.dir, &group, role));
-                if member { Ok(None) } else { Err(0x87) }
+                if member {
+                    Ok(None)
+                } else {
+                    Err(SubscribeRefusal::NotAuthorized)
+                }
             }
             Ask::Join(req) => join(shared, &req).await.map(Some),
         });
@@ -742,8 +756,8 @@ async fn authorize(
 
 /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into the
 /// SUBACK.
-async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, u8> {
-    let ca = shared.ca_client().ok_or(0x80_u8)?;
+async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, SubscribeRefusal> {
+    let ca = shared.ca_client().ok_or(SubscribeRefusal::Unspecified)?;
     let (delivery, _epoch) = shared
         .ca_call("join_group", ca.join_group(req.to_bytes()))
         .await

@@ -30,14 +30,13 @@ use bytestring::ByteString;
 use quva_client::group::{GK_PROPERTY, GroupKeyRequest};
 use quva_client::ids::{GroupId, Role};
 use rmqtt_codec::types::{Publish, QoS};
-use rmqtt_codec::v5::{
-    self, DisconnectReasonCode, PublishAck, PublishAckReason, SubscribeAckReason,
-};
+use rmqtt_codec::v5::{self, DisconnectReasonCode, PublishAck};
 
 use super::rules::{self, AckEvent, AckQueue, Aliases, FilterPlan, PendingSub, Target};
 use crate::dialect::Dialect;
 use crate::frames::Upstream;
 use crate::identity::Identity;
+use crate::reasons::SubscribeRefusal;
 use crate::topics::TopicPolicy;
 use crate::verify::{Addressed, Dropped, Protected, Verdict};
 
@@ -103,8 +102,8 @@ pub(crate) enum Answer {
     /// One verdict per [`Work::Check`] item.
     Checked(Vec<Verdict>),
     /// Per [`Ask`]: `Ok(None)` granted, `Ok(Some(v))` granted with the `quva-gk` value `v` for
-    /// the SUBACK, `Err(code)` refused with this SUBACK reason code.
-    Authorized(Vec<Result<Option<String>, u8>>),
+    /// the SUBACK, `Err(reason)` refused with this SUBACK reason.
+    Authorized(Vec<Result<Option<String>, SubscribeRefusal>>),
 }
 
 /// What happened, for metrics and logs.
@@ -114,8 +113,11 @@ pub(crate) enum Note {
     Accepted,
     /// A PUBLISH was dropped.
     Dropped { topic: ByteString, drop: Dropped },
-    /// A subscription filter was refused with this SUBACK reason code.
-    FilterRefused { filter: ByteString, code: u8 },
+    /// A subscription filter was refused with this SUBACK reason.
+    FilterRefused {
+        filter: ByteString,
+        reason: SubscribeRefusal,
+    },
     /// The connection is ended for this reason (metric label).
     Refused(&'static str),
 }
@@ -188,7 +190,7 @@ enum Waiting {
 struct SubscribeInProgress {
     subscribe: v5::Subscribe,
     /// Per filter: decided (`Some`) or waiting for the next answer (`None`).
-    decided: Vec<Option<Result<Option<String>, u8>>>,
+    decided: Vec<Option<Result<Option<String>, SubscribeRefusal>>>,
 }
 
 /// One connection's relay state (module docs).
@@ -451,8 +453,7 @@ impl<'p> Session<'p> {
         };
         let ack = PublishAck {
             packet_id: id,
-            reason_code: PublishAckReason::try_from(drop.code)
-                .unwrap_or(PublishAckReason::NotAuthorized),
+            reason_code: drop.reason.v5(),
             properties: Vec::new(),
             reason_string: None,
         };
@@ -480,7 +481,7 @@ impl<'p> Session<'p> {
         for (filter, _) in &s.topic_filters {
             match rules::plan_filter(self.policy, &self.identity, filter, gk_unused) {
                 FilterPlan::Relay => decided.push(Some(Ok(None))),
-                FilterPlan::Refuse(code) => decided.push(Some(Err(code))),
+                FilterPlan::Refuse(reason) => decided.push(Some(Err(reason))),
                 FilterPlan::IfMember(g, role) => {
                     decided.push(None);
                     asks.push(Ask::Member(g, role));
@@ -494,7 +495,7 @@ impl<'p> Session<'p> {
                             decided.push(None);
                             asks.push(Ask::Join(req));
                         }
-                        None => decided.push(Some(Err(0x87))),
+                        None => decided.push(Some(Err(SubscribeRefusal::NotAuthorized))),
                     }
                 }
             }
@@ -521,7 +522,7 @@ impl<'p> Session<'p> {
     fn finish_subscribe(
         &mut self,
         progress: SubscribeInProgress,
-        answers: Vec<Result<Option<String>, u8>>,
+        answers: Vec<Result<Option<String>, SubscribeRefusal>>,
     ) {
         let SubscribeInProgress {
             subscribe: mut s,
@@ -534,7 +535,8 @@ impl<'p> Session<'p> {
         let mut reason = None;
         let filters = std::mem::take(&mut s.topic_filters);
         for (i, ((filter, opts), decision)) in filters.into_iter().zip(decided).enumerate() {
-            let decision = decision.unwrap_or_else(|| answers.next().unwrap_or(Err(0x80)));
+            let decision = decision
+                .unwrap_or_else(|| answers.next().unwrap_or(Err(SubscribeRefusal::Unspecified)));
             match decision {
                 Ok(delivery) => {
                     if let Some(d) = delivery {
@@ -543,13 +545,13 @@ impl<'p> Session<'p> {
                     slots.push(None);
                     forwarded.push((filter, opts));
                 }
-                Err(code) => {
+                Err(refusal) => {
                     reason = reason.or_else(|| rules::refusal_reason(self.policy, &filter));
-                    self.note(Note::FilterRefused { filter, code });
-                    slots.push(Some(
-                        SubscribeAckReason::try_from(code)
-                            .unwrap_or(SubscribeAckReason::NotAuthorized),
-                    ));
+                    self.note(Note::FilterRefused {
+                        filter,
+                        reason: refusal,
+                    });
+                    slots.push(Some(refusal.v5()));
                 }
             }
         }

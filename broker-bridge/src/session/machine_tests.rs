@@ -99,7 +99,9 @@ fn shape(actions: &[Action]) -> Vec<String> {
             Action::Work(Work::Authorize(asks)) => format!("authorize {}", asks.len()),
             Action::Note(Note::Accepted) => "accepted".into(),
             Action::Note(Note::Dropped { drop, .. }) => format!("dropped {}", drop.label),
-            Action::Note(Note::FilterRefused { code, .. }) => format!("refused filter {code:#x}"),
+            Action::Note(Note::FilterRefused { reason, .. }) => {
+                format!("refused filter {:#x}", reason.code())
+            }
             Action::Note(Note::Refused(l)) => format!("refused {l}"),
             Action::Close(e) => format!(
                 "close device={:?} upstream={:?}",
@@ -313,7 +315,10 @@ fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
         ["authorize 1"],
         "only plant/a needs the CA (membership)"
     );
-    s.answered(Answer::Authorized(vec![Err(0x87)]), 2);
+    s.answered(
+        Answer::Authorized(vec![Err(SubscribeRefusal::NotAuthorized)]),
+        2,
+    );
     assert_eq!(
         shape(&drain(&mut s)),
         [
@@ -751,7 +756,13 @@ fn ota_subscriptions_are_for_the_groups_subscribers() {
         matches!(&asks[..], [Ask::Member(a, Role::Subscriber), Ask::Member(b, Role::Subscriber)] if *a == g && *b == g)
     );
     // A non-member is refused both; the cross-group wildcard was refused without asking.
-    s.answered(Answer::Authorized(vec![Err(0x87), Err(0x87)]), 2);
+    s.answered(
+        Answer::Authorized(vec![
+            Err(SubscribeRefusal::NotAuthorized),
+            Err(SubscribeRefusal::NotAuthorized),
+        ]),
+        2,
+    );
     assert_eq!(
         shape(&drain(&mut s)),
         [
