@@ -15,12 +15,15 @@
 //!   and towards the broker a 3.1.1 DISCONNECT would discard the client's Will, which an end the
 //!   bridge decides must publish; so both sides just see the connection close.
 
+use bytes::BytesMut;
+use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::v5::{
     self, ConnectAckReason, DisconnectReasonCode, PublishAck2Reason, PublishAckReason,
     SubscribeAckReason,
 };
 use rmqtt_codec::{MqttCodec, MqttPacket, v3};
+use tokio_util::codec::Decoder as _;
 
 /// The MQTT version of a device connection (and of its upstream connection).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +51,22 @@ impl Dialect {
             Dialect::Mqtt311 => to_v3(packet).map(MqttPacket::V3),
         }
     }
+}
+
+/// The next packet in `buf` as the session sees it: an MQTT 5 packet as it is, an MQTT 3.1.1
+/// packet as its MQTT 5 twin ([`to_v5`]); `None` until a whole packet is there.
+///
+/// # Errors
+/// The codec's, for bytes that are not a packet of its version or exceed its size limit.
+pub(crate) fn decode(
+    codec: &mut MqttCodec,
+    buf: &mut BytesMut,
+) -> Result<Option<v5::Packet>, DecodeError> {
+    Ok(match codec {
+        MqttCodec::V5(c) => c.decode(buf)?.map(|(p, _)| p),
+        MqttCodec::V3(c) => c.decode(buf)?.map(|(p, _)| to_v5(p)),
+        MqttCodec::Version(_) => None,
+    })
 }
 
 /// The MQTT 5 reason of a 3.1.1 CONNACK return code (MQTT 5 §3.2.2.2 names the same refusals).

@@ -16,7 +16,7 @@ use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::{MqttCodec, v5};
 use tokio_util::codec::Decoder;
 
-use crate::dialect::{Dialect, to_v5};
+use crate::dialect::{Dialect, decode};
 
 /// One frame from the broker.
 #[derive(Debug)]
@@ -90,12 +90,7 @@ impl Decoder for UpstreamCodec {
         }
         // A whole frame: the inner codec decodes it in one call and is back at a frame boundary.
         let mut frame = src.split_to(total);
-        let packet = match &mut self.inner {
-            MqttCodec::V5(c) => c.decode(&mut frame)?.map(|(p, _)| p),
-            MqttCodec::V3(c) => c.decode(&mut frame)?.map(|(p, _)| to_v5(p)),
-            MqttCodec::Version(_) => None,
-        };
-        match packet {
+        match decode(&mut self.inner, &mut frame)? {
             Some(p) if !frame.has_remaining() => Ok(Some(Upstream::Packet(p))),
             _ => Err(DecodeError::MalformedPacket),
         }
