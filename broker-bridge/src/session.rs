@@ -86,10 +86,10 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
     *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(WRITE_BUFFER);
     match first {
         Ok(Some(Ok((MqttPacket::V5(v5::Packet::Connect(c)), _)))) => {
-            run_v5(reader, writer, c, shared).await;
+            accept_v5(reader, writer, c, shared).await;
         }
         Ok(Some(Ok((MqttPacket::V3(v3::Packet::Connect(c)), _)))) => {
-            run_v3(reader, writer, c, shared).await;
+            accept_v3(reader, writer, c, shared).await;
         }
         Ok(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
             shared.metrics.refused("oversize");
@@ -286,7 +286,9 @@ async fn connect_upstream(
     }
 }
 
-async fn run_v5(
+/// An MQTT 5 CONNECT: the Will and authentication are checked (PROTOCOL.md §3, §8) and the
+/// CONNECT relayed; then [`Relay`] runs the connection.
+async fn accept_v5(
     reader: DeviceReader,
     mut writer: DeviceWriter,
     connect: Box<v5::Connect>,
@@ -386,7 +388,7 @@ async fn run_v5(
 
 /// An MQTT 3.1.1 client: unauthenticated, unprotected topics only (PROTOCOL.md §8). The CONNECT
 /// is checked and relayed here; then the same [`Session`] as for MQTT 5 runs the connection.
-async fn run_v3(
+async fn accept_v3(
     reader: DeviceReader,
     mut writer: DeviceWriter,
     connect: Box<v3::Connect>,

@@ -222,6 +222,14 @@ async fn mqtt311_client_ids_are_namespaced_upstream() {
     );
     second.send(v3::Packet::PingRequest).await;
     assert_eq!(second.recv().await, Some(v3::Packet::PingResponse));
+    // Empty client ids (clean session) each get their own identifier: two such clients do not
+    // take each other over.
+    let mut anon1 = Raw3::connect(addr, "").await;
+    let mut anon2 = Raw3::connect(addr, "").await;
+    for c in [&mut anon1, &mut anon2] {
+        c.send(v3::Packet::PingRequest).await;
+        assert_eq!(c.recv().await, Some(v3::Packet::PingResponse));
+    }
     bridge.shutdown().await;
 }
 
