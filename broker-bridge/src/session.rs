@@ -454,6 +454,7 @@ async fn accept_v3(
         .await;
 }
 
+/// An MQTT 3.1.1 CONNACK.
 fn connack_v3(return_code: v3::ConnectAckReason, session_present: bool) -> MqttPacket {
     MqttPacket::V3(v3::Packet::ConnectAck(v3::ConnectAck {
         return_code,
