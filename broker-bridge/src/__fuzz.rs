@@ -9,8 +9,10 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use rmqtt_codec::v5;
 use tokio_util::codec::Decoder as _;
 
+use crate::dialect::Dialect;
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::{DEVICE_PREFIX, Identity};
+use crate::reasons::SubscribeRefusal;
 use crate::session::machine::{Action, Answer, DeviceFailure, Limits, Session, Work};
 use crate::session::rules::{
     self, AckEvent, AckQueue, Aliases, FilterPlan, TOPIC_ALIAS_MAX, Target,
@@ -20,28 +22,38 @@ use crate::verify::{Dropped, Verdict};
 
 const MAX: u32 = 64 * 1024;
 
-/// Decodes `data[1..]` as the packets a device sends (the first byte picks the connection's
-/// identity) and runs every decision a session makes on them, asserting its invariants; the
-/// same bytes also go through the broker-side framing.
+/// Decodes `data[1..]` as the packets a device sends and runs every decision a session makes on
+/// them, asserting its invariants; the same bytes also go through the broker-side framing. The
+/// first byte picks the protocol version (high bit set: MQTT 3.1.1, whose packets reach the
+/// session through the [`crate::dialect`] adapter, as an unauthenticated client) and otherwise
+/// the connection's identity.
 pub fn session(data: &[u8]) {
     let Some((&who, rest)) = data.split_first() else {
         return;
     };
-    let identity = match who % 3 {
-        0 => Identity::Anonymous,
-        1 => Identity::Device(DeviceId::new("dev-1").unwrap()),
+    let dialect = if who & 0x80 == 0 {
+        Dialect::Mqtt5
+    } else {
+        Dialect::Mqtt311
+    };
+    let identity = match (dialect, who % 3) {
+        (Dialect::Mqtt311, _) | (_, 0) => Identity::Anonymous,
+        (_, 1) => Identity::Device(DeviceId::new("dev-1").unwrap()),
         _ => Identity::Group(GroupId::new("plant/a").unwrap(), Role::Publisher),
     };
     let policy = TopicPolicy::new(["plant/#", "hall/+/temp"]).unwrap();
-    upstream_frames(rest);
-    drive(&identity, &policy, rest);
+    upstream_frames(dialect, rest);
+    drive(dialect, &identity, &policy, rest);
+    if dialect == Dialect::Mqtt311 {
+        mqtt311_round_trips(rest);
+    }
 
-    let mut codec = v5::Codec::new(MAX, 0);
+    let mut codec = dialect.codec(MAX);
     let mut buf = BytesMut::from(rest);
     let mut aliases = Aliases::default();
     let mut acks = AckQueue::default();
     let (mut awaited, mut released) = (0usize, 0usize);
-    while let Ok(Some((packet, _))) = codec.decode(&mut buf) {
+    while let Ok(Some(packet)) = crate::dialect::decode(&mut codec, &mut buf) {
         match packet {
             v5::Packet::Connect(c) => connect(&c, &identity, &policy),
             v5::Packet::Subscribe(s) => {
@@ -148,10 +160,24 @@ fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
             "{filter}"
         ),
         FilterPlan::IfMember(..) | FilterPlan::Join(..) => assert!(identity.is_authenticated()),
-        FilterPlan::Refuse(code) => assert!(*code >= 0x80),
+        FilterPlan::Refuse(reason) => assert!(reason.code() >= 0x80),
     }
     if !identity.is_authenticated() && plan == FilterPlan::Relay && !inner.contains(['+', '#']) {
         assert_eq!(policy.classify(inner), TopicKind::Unprotected, "{filter}");
+    }
+}
+
+/// Every MQTT 3.1.1 packet a client sends but CONNECT (which the handshake reads, not the
+/// session) comes out of the adapter as it went in.
+fn mqtt311_round_trips(data: &[u8]) {
+    use rmqtt_codec::v3;
+    let mut codec = v3::Codec::new(MAX);
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some((packet, _))) = codec.decode(&mut buf) {
+        if !matches!(packet, v3::Packet::Connect(_)) {
+            let back = crate::dialect::to_v3(crate::dialect::to_v5(packet.clone()));
+            assert_eq!(back, Some(packet));
+        }
     }
 }
 
@@ -159,14 +185,16 @@ fn subscribe(policy: &TopicPolicy, identity: &Identity, filter: &str) {
 /// events, work answers, ticks and kicks chosen by the input bytes, and checks its invariants:
 /// nothing after the end; one piece of work at a time; no work at all for an unauthenticated
 /// connection; no protected PUBLISH relayed without an `Accept` verdict; no `quva-gk` property
-/// and (unauthenticated) no protected filter upstream.
-fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
+/// and (unauthenticated) no protected filter upstream. Over MQTT 3.1.1 also: no refusal reaches
+/// the client as an acknowledgement (a refused PUBLISH ends the connection) and the end sends no
+/// DISCONNECT to either side.
+fn drive(dialect: Dialect, identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
     let limits = Limits {
         max_batch: 3,
         idle_ms: Some(1_000),
     };
-    let mut s = Session::new(policy, identity.clone(), limits, 0);
-    let mut codec = v5::Codec::new(MAX, 0);
+    let mut s = Session::new(policy, identity.clone(), dialect, limits, 0);
+    let mut codec = dialect.codec(MAX);
     let mut buf = BytesMut::from(data);
     let mut choices = data.iter().rev().copied().cycle();
     let mut pick = move || choices.next().unwrap_or(0);
@@ -212,6 +240,30 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
                         }
                     }
                 }
+                Action::Device(crate::session::machine::Out::Packet(
+                    v5::Packet::PublishAck(a) | v5::Packet::PublishReceived(a),
+                )) if dialect == Dialect::Mqtt311 => {
+                    assert!(
+                        u8::from(a.reason_code) < 0x80,
+                        "a refusal acknowledged to an MQTT 3.1.1 client"
+                    );
+                }
+                Action::Close(e) if dialect == Dialect::Mqtt311 => {
+                    let said = |c: Option<v5::DisconnectReasonCode>| {
+                        c.and_then(|c| {
+                            dialect.wire(v5::Packet::Disconnect(v5::Disconnect {
+                                reason_code: c,
+                                session_expiry_interval_secs: None,
+                                server_reference: None,
+                                reason_string: None,
+                                user_properties: Vec::new(),
+                            }))
+                        })
+                        .is_some()
+                    };
+                    assert!(!said(e.device) && !said(e.upstream), "last words in 3.1.1");
+                    ended = true;
+                }
                 Action::Close(_) => ended = true,
                 _ => {}
             }
@@ -249,7 +301,7 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
                             .map(|_| match pick() % 3 {
                                 0 => Ok(None),
                                 1 => Ok(Some("delivery".to_owned())),
-                                _ => Err(0x87),
+                                _ => Err(SubscribeRefusal::NotAuthorized),
                             })
                             .collect(),
                     )
@@ -272,24 +324,26 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
                 s.tick(now);
             }
             5 if pick() == 0 => s.kick(),
-            _ if s.wants_device_input() && !input_done => match codec.decode(&mut buf) {
-                // The CONNECT was the handshake's, before the session.
-                Ok(Some((v5::Packet::Connect(_), _))) => {}
-                Ok(Some((packet, _))) => {
-                    s.device_packet(packet, now);
-                    if pick() % 2 == 0 {
-                        s.input_drained();
+            _ if s.wants_device_input() && !input_done => {
+                match crate::dialect::decode(&mut codec, &mut buf) {
+                    // The CONNECT was the handshake's, before the session.
+                    Ok(Some(v5::Packet::Connect(_))) => {}
+                    Ok(Some(packet)) => {
+                        s.device_packet(packet, now);
+                        if pick() % 2 == 0 {
+                            s.input_drained();
+                        }
+                    }
+                    Ok(None) => {
+                        input_done = true;
+                        s.device_failed(DeviceFailure::Gone);
+                    }
+                    Err(_) => {
+                        input_done = true;
+                        s.device_failed(DeviceFailure::Malformed);
                     }
                 }
-                Ok(None) => {
-                    input_done = true;
-                    s.device_failed(DeviceFailure::Gone);
-                }
-                Err(_) => {
-                    input_done = true;
-                    s.device_failed(DeviceFailure::Malformed);
-                }
-            },
+            }
             _ => s.input_drained(),
         }
     }
@@ -297,8 +351,8 @@ fn drive(identity: &Identity, policy: &TopicPolicy, data: &[u8]) {
 
 /// The broker-side framing never loses or invents bytes: the PUBLISH frames it passes on are
 /// exact slices of the input, and it stops at the first frame it cannot take.
-fn upstream_frames(data: &[u8]) {
-    let mut codec = UpstreamCodec::new(MAX);
+fn upstream_frames(dialect: Dialect, data: &[u8]) {
+    let mut codec = UpstreamCodec::new(dialect, MAX);
     let mut buf = BytesMut::from(data);
     let mut offset = 0;
     loop {
@@ -317,7 +371,7 @@ fn upstream_frames(data: &[u8]) {
 }
 
 /// Valid inputs for [`session`]: a CONNECT with a Will, a SUBSCRIBE with several filters and
-/// PUBLISHes with aliases, for each identity.
+/// PUBLISHes with aliases, for each identity; and an MQTT 3.1.1 client's packets.
 pub fn seeds() -> Vec<Vec<u8>> {
     use bytestring::ByteString;
     use rmqtt_codec::types::{Publish, QoS};
@@ -383,9 +437,65 @@ pub fn seeds() -> Vec<Vec<u8>> {
         enc.encode(v5::Packet::Publish(Box::new(p)), &mut stream)
             .unwrap();
     }
-    (0..3u8)
+    let mut seeds: Vec<Vec<u8>> = (0..3u8)
         .map(|who| [&[who][..], &stream[..]].concat())
-        .collect()
+        .collect();
+    seeds.push([&[0x80][..], &mqtt311_stream()[..]].concat());
+    seeds
+}
+
+/// An MQTT 3.1.1 client's packets: a CONNECT with a Will, a SUBSCRIBE mixing allowed, refused
+/// and invalid filters, PUBLISHes on a protected and an unprotected topic, an acknowledgement,
+/// a ping and a DISCONNECT.
+fn mqtt311_stream() -> BytesMut {
+    use rmqtt_codec::types::{Publish, QoS};
+    use rmqtt_codec::v3;
+    use tokio_util::codec::Encoder as _;
+    let mut stream = BytesMut::new();
+    let mut enc = v3::Codec::new(0);
+    let id = std::num::NonZeroU16::MIN;
+    let connect = v3::Connect {
+        client_id: "plain".into(),
+        keep_alive: 30,
+        clean_session: true,
+        last_will: Some(v3::LastWill {
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "status/plain".into(),
+            message: Bytes::from_static(b"gone"),
+        }),
+        ..Default::default()
+    };
+    let publish = |topic: &str| {
+        v3::Packet::Publish(Box::new(Publish {
+            dup: false,
+            retain: false,
+            qos: QoS::AtLeastOnce,
+            topic: topic.into(),
+            packet_id: Some(id),
+            payload: Bytes::from_static(b"payload"),
+            properties: None,
+        }))
+    };
+    let packets = [
+        v3::Packet::Connect(Box::new(connect)),
+        v3::Packet::Subscribe {
+            packet_id: id,
+            topic_filters: ["weather/#", "plant/a", "a#", "+/+", "quva/d/dev-1"]
+                .iter()
+                .map(|f| ((*f).into(), QoS::AtLeastOnce))
+                .collect(),
+        },
+        publish("plant/a"),
+        publish("weather"),
+        v3::Packet::PublishAck { packet_id: id },
+        v3::Packet::PingRequest,
+        v3::Packet::Disconnect,
+    ];
+    for p in packets {
+        enc.encode(p, &mut stream).unwrap();
+    }
+    stream
 }
 
 #[cfg(test)]

@@ -8,15 +8,18 @@
 //!
 //! # Usage
 //! ```
-//! use quva_bridge::ca::{CaError, connack_reason};
-//! assert_eq!(connack_reason(&CaError::Unavailable), 0x88);
-//! assert_eq!(connack_reason(&CaError::Refused), 0x87);
+//! use quva_bridge::ca::CaError;
+//! // An unreachable CA is its own error: the device hears "server unavailable", not a refusal.
+//! assert_eq!(CaError::Unavailable.to_string(), "CA unavailable");
+//! assert_ne!(CaError::Unavailable, CaError::Refused);
 //! ```
 
 use std::future::Future;
 use std::pin::Pin;
 
 use quva_client::ids::{Epoch, GroupId};
+
+use crate::reasons::{ConnectRefusal, SubscribeRefusal};
 
 /// A boxed future, so that the trait is object-safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -42,21 +45,23 @@ pub enum CaError {
     InvalidResponse,
 }
 
-/// The MQTT 5 CONNACK reason code for a failed enrollment or renewal (PROTOCOL.md §3): 0x87 not
-/// authorized, 0x99 payload format invalid for malformed data, 0x88 server unavailable.
-pub fn connack_reason(e: &CaError) -> u8 {
+/// The CONNACK refusal for a failed enrollment or renewal (PROTOCOL.md §3): not authorized,
+/// payload format invalid for malformed data, server unavailable.
+pub(crate) fn connack_reason(e: &CaError) -> ConnectRefusal {
     match e {
-        CaError::Refused | CaError::NotFound => 0x87,
-        CaError::Malformed => 0x99,
-        CaError::Unavailable | CaError::InvalidResponse => 0x88,
+        CaError::Refused | CaError::NotFound => ConnectRefusal::NotAuthorized,
+        CaError::Malformed => ConnectRefusal::PayloadFormatInvalid,
+        CaError::Unavailable | CaError::InvalidResponse => ConnectRefusal::ServerUnavailable,
     }
 }
 
-/// The MQTT 5 SUBACK reason code for a refused group-key request.
-pub fn suback_reason(e: &CaError) -> u8 {
+/// The SUBACK refusal for a refused group-key request.
+pub(crate) fn suback_reason(e: &CaError) -> SubscribeRefusal {
     match e {
-        CaError::Refused | CaError::NotFound | CaError::Malformed => 0x87,
-        CaError::Unavailable | CaError::InvalidResponse => 0x80,
+        CaError::Refused | CaError::NotFound | CaError::Malformed => {
+            SubscribeRefusal::NotAuthorized
+        }
+        CaError::Unavailable | CaError::InvalidResponse => SubscribeRefusal::Unspecified,
     }
 }
 
@@ -175,11 +180,11 @@ mod tests {
 
     #[test]
     fn reason_codes_follow_protocol_section_3() {
-        assert_eq!(connack_reason(&CaError::Refused), 0x87);
-        assert_eq!(connack_reason(&CaError::NotFound), 0x87);
-        assert_eq!(connack_reason(&CaError::Malformed), 0x99);
-        assert_eq!(connack_reason(&CaError::Unavailable), 0x88);
-        assert_eq!(suback_reason(&CaError::Refused), 0x87);
-        assert_eq!(suback_reason(&CaError::Unavailable), 0x80);
+        assert_eq!(connack_reason(&CaError::Refused).code(), 0x87);
+        assert_eq!(connack_reason(&CaError::NotFound).code(), 0x87);
+        assert_eq!(connack_reason(&CaError::Malformed).code(), 0x99);
+        assert_eq!(connack_reason(&CaError::Unavailable).code(), 0x88);
+        assert_eq!(suback_reason(&CaError::Refused).code(), 0x87);
+        assert_eq!(suback_reason(&CaError::Unavailable).code(), 0x80);
     }
 }

@@ -6,12 +6,17 @@
 //! device's Maximum Packet Size, which the bridge forwards), so decoding it and encoding it again
 //! would only cost time and a copy per subscriber. This codec cuts the stream into whole MQTT
 //! frames (MQTT 5 §2.1: fixed header, then the remaining length as a variable byte integer); a
-//! PUBLISH frame (type 3) is returned as it is, any other frame is decoded by rmqtt-codec.
+//! PUBLISH frame (type 3) is returned as it is, any other frame is decoded by rmqtt-codec. A PUBLISH
+//! frame has the same form in MQTT 3.1.1 (§2.2), so an MQTT 3.1.1 connection's deliveries pass as
+//! bytes too; its other frames are decoded as 3.1.1 and handed on as their MQTT 5 twins
+//! ([`crate::dialect`]).
 
 use bytes::{Buf as _, Bytes, BytesMut};
 use rmqtt_codec::error::DecodeError;
-use rmqtt_codec::v5;
+use rmqtt_codec::{MqttCodec, v5};
 use tokio_util::codec::Decoder;
+
+use crate::dialect::{Dialect, decode};
 
 /// One frame from the broker.
 #[derive(Debug)]
@@ -28,15 +33,16 @@ const PUBLISH: u8 = 3;
 /// Cuts the broker's byte stream into [`Upstream`] frames.
 #[derive(Debug)]
 pub(crate) struct UpstreamCodec {
-    inner: v5::Codec,
+    inner: MqttCodec,
     max_in: u32,
 }
 
 impl UpstreamCodec {
-    /// A codec refusing frames whose remaining length exceeds `max_in` (0: no limit).
-    pub(crate) fn new(max_in: u32) -> Self {
+    /// A codec for a broker connection speaking `dialect`, refusing frames whose remaining length
+    /// exceeds `max_in` (0: no limit).
+    pub(crate) fn new(dialect: Dialect, max_in: u32) -> Self {
         UpstreamCodec {
-            inner: v5::Codec::new(max_in, 0),
+            inner: dialect.codec(max_in),
             max_in,
         }
     }
@@ -84,9 +90,8 @@ impl Decoder for UpstreamCodec {
         }
         // A whole frame: the inner codec decodes it in one call and is back at a frame boundary.
         let mut frame = src.split_to(total);
-        let packet = self.inner.decode(&mut frame)?;
-        match packet {
-            Some((p, _)) if !frame.has_remaining() => Ok(Some(Upstream::Packet(p))),
+        match decode(&mut self.inner, &mut frame)? {
+            Some(p) if !frame.has_remaining() => Ok(Some(Upstream::Packet(p))),
             _ => Err(DecodeError::MalformedPacket),
         }
     }
@@ -127,7 +132,7 @@ mod tests {
         for part in [&p1, &ping, &p2] {
             stream.extend_from_slice(part);
         }
-        let mut codec = UpstreamCodec::new(0);
+        let mut codec = UpstreamCodec::new(Dialect::Mqtt5, 0);
         // Fed one byte at a time, the frames come out whole and in order.
         let mut fed = BytesMut::new();
         let mut out = Vec::new();
@@ -149,7 +154,7 @@ mod tests {
 
     #[test]
     fn oversized_and_malformed_frames_are_errors() {
-        let mut codec = UpstreamCodec::new(100);
+        let mut codec = UpstreamCodec::new(Dialect::Mqtt5, 100);
         let mut big = encode(publish(&[0; 200]));
         assert!(matches!(
             codec.decode(&mut big),
@@ -157,9 +162,17 @@ mod tests {
         ));
         // Five length bytes.
         let mut bad = BytesMut::from(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01][..]);
-        assert!(UpstreamCodec::new(0).decode(&mut bad).is_err());
+        assert!(
+            UpstreamCodec::new(Dialect::Mqtt5, 0)
+                .decode(&mut bad)
+                .is_err()
+        );
         // A SUBACK too short for its packet identifier.
         let mut short = BytesMut::from(&[0x90, 0x01, 0x00][..]);
-        assert!(UpstreamCodec::new(0).decode(&mut short).is_err());
+        assert!(
+            UpstreamCodec::new(Dialect::Mqtt5, 0)
+                .decode(&mut short)
+                .is_err()
+        );
     }
 }

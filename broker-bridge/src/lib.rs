@@ -33,11 +33,13 @@
 #[doc(hidden)]
 pub mod __fuzz;
 mod bridge;
+mod dialect;
 mod frames;
 mod gateway;
 mod identity;
 mod notices;
 mod ota;
+mod reasons;
 mod registry;
 mod session;
 mod shared;

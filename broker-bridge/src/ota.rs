@@ -36,6 +36,8 @@ use quva_client::ota::{OtaError, OtaPolicy, SignerListing, UnverifiedManifest, V
 use quva_client::replay::ReplayError;
 use quva_client::topics::{OtaItem, OtaTopic};
 
+use crate::reasons::PublishRefusal;
+
 /// Why an OTA publish was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum OtaRefusal {
@@ -60,12 +62,13 @@ impl OtaRefusal {
         }
     }
 
-    /// The PUBACK reason code: 0x99 for malformed or oversize payloads, 0x87 otherwise.
-    pub(crate) fn puback_reason_code(&self) -> u8 {
+    /// The PUBACK reason: payload format invalid for malformed or oversize payloads, not
+    /// authorized otherwise.
+    pub(crate) fn puback_reason(&self) -> PublishRefusal {
         match self {
-            OtaRefusal::Ota(e) => e.puback_reason_code(),
-            OtaRefusal::Message(r) => r.puback_reason_code(),
-            OtaRefusal::UnknownRelease => 0x87,
+            OtaRefusal::Ota(e) => PublishRefusal::from_code(e.puback_reason_code()),
+            OtaRefusal::Message(r) => PublishRefusal::from_code(r.puback_reason_code()),
+            OtaRefusal::UnknownRelease => PublishRefusal::NotAuthorized,
         }
     }
 }

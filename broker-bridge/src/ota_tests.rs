@@ -250,14 +250,14 @@ fn a_manifest_is_refused_for_each_broken_rule() {
     // Garbage and oversize payloads: 0x99 before any cryptography.
     let garbage = refused(M7, "rel-1", b"not a manifest", &listed, NOW);
     assert!(matches!(garbage, OtaRefusal::Ota(OtaError::Malformed(_))));
-    assert_eq!(garbage.puback_reason_code(), 0x99);
+    assert_eq!(garbage.puback_reason().code(), 0x99);
     let limits = OtaPolicy {
         max_manifest_len: msg.len() - 1,
         ..OtaPolicy::default()
     };
     let big = check_with(&w, &listed, limits, M7, "rel-1", &msg, &mut fresh(), NOW).unwrap_err();
     assert_eq!(big, OtaRefusal::Ota(OtaError::TooLarge));
-    assert_eq!(big.puback_reason_code(), 0x99);
+    assert_eq!(big.puback_reason().code(), 0x99);
     // An image over the configured limit.
     let limits = OtaPolicy {
         max_image_size: 2_499,

@@ -5,18 +5,18 @@
 //! `quva-gk` SUBSCRIBE/SUBACK exchange) and §6 (PUBLISH checks), over MQTT 5 (MQTT 3.1.1 clients
 //! only for unprotected topics). The decisions live in sans-IO parts: [`rules`] (CONNECT,
 //! CONNACK, filters, topics, acknowledgement order) and [`machine`] (the per-connection
-//! [`Session`] state machine that turns events into actions). This file only moves bytes,
-//! timers and work: one task per connection reads both sockets, carries out the session's
-//! actions and runs the work it asks for (the CA gateway, the publish checker).
+//! [`Session`] state machine that turns events into actions), the same for both MQTT versions
+//! (MQTT 3.1.1 packets pass through [`crate::dialect`]). This file only moves bytes, timers and
+//! work: one task per connection reads both sockets, carries out the session's actions and runs
+//! the work it asks for (the CA gateway, the publish checker).
 
 pub(crate) mod machine;
 pub(crate) mod rules;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::num::NonZeroU16;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -24,10 +24,7 @@ use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::{FutureExt as _, SinkExt as _, StreamExt as _};
 use quva_client::codec::{Decode, Encode};
-use quva_client::enrollment::{
-    AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof, REASON_NOT_AUTHORIZED,
-    REASON_PAYLOAD_FORMAT_INVALID,
-};
+use quva_client::enrollment::{AuthMethod, CertConnectProof, EnrollResponse, GroupConnectProof};
 use quva_client::group::{GroupKeyRequest, Privacy};
 use quva_client::ids::GroupId;
 use quva_client::schnorr::VerifyingKey;
@@ -36,7 +33,6 @@ use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket, v3};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -44,12 +40,12 @@ use self::machine::{
     Action, Answer, Ask, DeviceFailure, Ending, Limits, Note, Out, Session, UpstreamFailure, Work,
 };
 use crate::ca::{connack_reason, suback_reason};
+use crate::dialect::{Dialect, connack_to_v3, to_v5};
 use crate::frames::{Upstream, UpstreamCodec};
 use crate::identity::Identity;
+use crate::reasons::{ConnectRefusal, SubscribeRefusal};
 use crate::shared::{Shared, now_ms};
-use crate::sync::lock;
 use crate::topics::topic_device_id;
-use crate::topics::{TopicKind, unshare, valid_filter};
 use crate::verify::{Dropped, Protected, Verdict, check_batch, has_role};
 
 type DeviceReader = FramedRead<OwnedReadHalf, MqttCodec>;
@@ -74,11 +70,11 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
-    let max_in = shared.cfg.limits.max_packet_size;
-    *reader.decoder_mut() = match version {
-        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(max_in, 0)),
-        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(max_in)),
+    let dialect = match version {
+        ProtocolVersion::MQTT5 => Dialect::Mqtt5,
+        ProtocolVersion::MQTT3 => Dialect::Mqtt311,
     };
+    *reader.decoder_mut() = dialect.codec(shared.cfg.limits.max_packet_size);
     if version == ProtocolVersion::MQTT5
         && let Some(at) = rules::empty_id_without_clean_start(reader.read_buffer())
         && let Some(flags) = reader.read_buffer_mut().get_mut(at)
@@ -86,23 +82,19 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
         *flags |= 0x02;
     }
     let first = tokio::time::timeout_at(deadline.into(), reader.next()).await;
-    let writer_codec = match version {
-        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(0, 0)),
-        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(0)),
-    };
-    let mut writer = FramedWrite::new(wr, writer_codec);
+    let mut writer = FramedWrite::new(wr, dialect.codec(0));
     *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(WRITE_BUFFER);
     match first {
         Ok(Some(Ok((MqttPacket::V5(v5::Packet::Connect(c)), _)))) => {
-            run_v5(reader, writer, c, shared).await;
+            accept_v5(reader, writer, c, shared).await;
         }
         Ok(Some(Ok((MqttPacket::V3(v3::Packet::Connect(c)), _)))) => {
-            run_v3(reader, writer, c, shared).await;
+            accept_v3(reader, writer, c, shared).await;
         }
         Ok(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
             shared.metrics.refused("oversize");
             if version == ProtocolVersion::MQTT5 {
-                let ack = connack(ConnectAckReason::PacketTooLarge);
+                let ack = connack(ConnectRefusal::PacketTooLarge.v5());
                 let _ = writer.send(MqttPacket::V5(ack)).await;
             }
         }
@@ -112,7 +104,7 @@ pub(crate) async fn serve(stream: TcpStream, shared: Arc<Shared>) {
             // An empty client identifier with Clean Start 0: there is no session to resume, and
             // the broker would refuse it too (MQTT 5 §3.1.3.1).
             shared.metrics.refused("client_id");
-            let ack = connack(ConnectAckReason::ClientIdentifierNotValid);
+            let ack = connack(ConnectRefusal::ClientIdentifierNotValid.v5());
             let _ = writer.send(MqttPacket::V5(ack)).await;
         }
         Err(_) => shared.metrics.refused("handshake_timeout"),
@@ -125,10 +117,6 @@ fn connack(reason: ConnectAckReason) -> v5::Packet {
         reason_code: reason,
         ..Default::default()
     }))
-}
-
-fn connack_code(code: u8) -> ConnectAckReason {
-    ConnectAckReason::try_from(code).unwrap_or(ConnectAckReason::NotAuthorized)
 }
 
 fn disconnect(reason: DisconnectReasonCode) -> v5::Packet {
@@ -149,8 +137,8 @@ struct Admission {
     data: Option<Bytes>,
 }
 
-/// Checks the CONNECT's authentication (PROTOCOL.md §3 and §6). `Err` is a CONNACK reason code.
-async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> {
+/// Checks the CONNECT's authentication (PROTOCOL.md §3 and §6). `Err` is the CONNACK refusal.
+async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, ConnectRefusal> {
     let Some(method_name) = connect.auth_method.as_ref() else {
         return if shared.cfg.topics.unauthenticated_allowed() {
             Ok(Admission {
@@ -159,21 +147,24 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 data: None,
             })
         } else {
-            Err(REASON_NOT_AUTHORIZED)
+            Err(ConnectRefusal::NotAuthorized)
         };
     };
-    let method = AuthMethod::from_name(method_name).ok_or(0x8C_u8)?;
+    let method =
+        AuthMethod::from_name(method_name).ok_or(ConnectRefusal::BadAuthenticationMethod)?;
     let data = connect
         .auth_data
         .as_ref()
-        .ok_or(REASON_PAYLOAD_FORMAT_INVALID)?
+        .ok_or(ConnectRefusal::PayloadFormatInvalid)?
         .to_vec();
     let now = now_ms();
     let window = shared.cfg.windows.timestamp_ms;
     let echo = Some(method_name.clone());
     match method {
         AuthMethod::Enroll | AuthMethod::Renew => {
-            let ca = shared.ca_client().ok_or(0x88_u8)?;
+            let ca = shared
+                .ca_client()
+                .ok_or(ConnectRefusal::ServerUnavailable)?;
             let call = match method {
                 AuthMethod::Enroll => ("enroll", ca.enroll(data)),
                 _ => ("renew", ca.renew(data)),
@@ -182,8 +173,10 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                 .ca_call(call.0, call.1)
                 .await
                 .map_err(|e| connack_reason(&e))?;
-            let parsed = EnrollResponse::from_bytes(&response).map_err(|_| 0x88_u8)?;
-            let id = topic_device_id(parsed.cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
+            let parsed = EnrollResponse::from_bytes(&response)
+                .map_err(|_| ConnectRefusal::ServerUnavailable)?;
+            let id =
+                topic_device_id(parsed.cert.id().as_str()).ok_or(ConnectRefusal::NotAuthorized)?;
             Ok(Admission {
                 identity: Identity::Device(id),
                 method: echo,
@@ -191,18 +184,20 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
             })
         }
         AuthMethod::Cert => {
-            let ca_key = shared.ca_public().ok_or(0x88_u8)?;
+            let ca_key = shared
+                .ca_public()
+                .ok_or(ConnectRefusal::ServerUnavailable)?;
             let proof = CertConnectProof::from_bytes(&data)
-                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+                .map_err(|e| refusal(&quva_client::enrollment::EnrollError::from(e)))?;
             proof
                 .verify(&ca_key, &connect.client_id, now, window)
-                .map_err(|e| e.connack_reason())?;
+                .map_err(|e| refusal(&e))?;
             let cert = &proof.cert;
-            let id = topic_device_id(cert.id().as_str()).ok_or(REASON_NOT_AUTHORIZED)?;
+            let id = topic_device_id(cert.id().as_str()).ok_or(ConnectRefusal::NotAuthorized)?;
             if shared.dir.is_superseded(&id, cert.serial())
                 || !shared.certificate_usable(cert.serial(), &data).await?
             {
-                return Err(REASON_NOT_AUTHORIZED);
+                return Err(ConnectRefusal::NotAuthorized);
             }
             let identity = Identity::Device(id);
             shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
@@ -214,19 +209,21 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
         }
         AuthMethod::Group => {
             let proof = GroupConnectProof::from_bytes(&data)
-                .map_err(|e| quva_client::enrollment::EnrollError::from(e).connack_reason())?;
+                .map_err(|e| refusal(&quva_client::enrollment::EnrollError::from(e)))?;
             match shared.ensure_group(&proof.group).await {
                 Ok(()) => {}
-                Err(crate::ca::CaError::Unavailable) => return Err(0x88),
-                Err(_) => return Err(REASON_NOT_AUTHORIZED),
+                Err(crate::ca::CaError::Unavailable) => {
+                    return Err(ConnectRefusal::ServerUnavailable);
+                }
+                Err(_) => return Err(ConnectRefusal::NotAuthorized),
             }
             if shared.dir.privacy(&proof.group) != Some(Privacy::Anonymous) {
-                return Err(REASON_NOT_AUTHORIZED);
+                return Err(ConnectRefusal::NotAuthorized);
             }
             let keys = shared
                 .dir
                 .current_keys(&proof.group)
-                .ok_or(REASON_NOT_AUTHORIZED)?;
+                .ok_or(ConnectRefusal::NotAuthorized)?;
             proof
                 .verify(
                     &VerifyingKey(keys.q_p),
@@ -235,7 +232,7 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
                     now,
                     window,
                 )
-                .map_err(|e| e.connack_reason())?;
+                .map_err(|e| refusal(&e))?;
             let identity = Identity::Group(proof.group.clone(), proof.role);
             shared.check_nonce(&identity, proof.nonce, proof.t_ms, now)?;
             Ok(Admission {
@@ -245,6 +242,11 @@ async fn admit(shared: &Shared, connect: &v5::Connect) -> Result<Admission, u8> 
             })
         }
     }
+}
+
+/// The refusal for a failed connect proof.
+fn refusal(e: &quva_client::enrollment::EnrollError) -> ConnectRefusal {
+    ConnectRefusal::from_code(e.connack_reason())
 }
 
 /// Opens the upstream TCP connection.
@@ -262,21 +264,21 @@ async fn dial_upstream(shared: &Shared) -> Option<TcpStream> {
 type UpReader = FramedRead<OwnedReadHalf, UpstreamCodec>;
 type UpWriter = FramedWrite<OwnedWriteHalf, MqttCodec>;
 
-/// Connects upstream and sends `connect`; returns the streams and the broker's CONNACK.
-async fn connect_upstream_v5(
+/// Connects upstream in `dialect` and sends `connect`; returns the streams and the broker's
+/// CONNACK (as MQTT 5, [`crate::dialect`]).
+async fn connect_upstream(
     shared: &Shared,
-    connect: v5::Connect,
+    dialect: Dialect,
+    connect: MqttPacket,
 ) -> Option<(UpReader, UpWriter, Box<v5::ConnectAck>)> {
     let stream = dial_upstream(shared).await?;
     let (rd, wr) = stream.into_split();
     let max_in = shared.cfg.limits.max_packet_size;
-    let mut reader = FramedRead::with_capacity(rd, UpstreamCodec::new(max_in), READ_BUFFER);
-    let mut writer = FramedWrite::new(wr, MqttCodec::V5(v5::Codec::new(0, 0)));
+    let codec = UpstreamCodec::new(dialect, max_in);
+    let mut reader = FramedRead::with_capacity(rd, codec, READ_BUFFER);
+    let mut writer = FramedWrite::new(wr, dialect.codec(0));
     *writer.write_buffer_mut() = bytes::BytesMut::with_capacity(WRITE_BUFFER);
-    writer
-        .send(MqttPacket::V5(v5::Packet::Connect(Box::new(connect))))
-        .await
-        .ok()?;
+    writer.send(connect).await.ok()?;
     let t = Duration::from_millis(shared.cfg.upstream.connect_timeout_ms);
     match tokio::time::timeout(t, reader.next()).await {
         Ok(Some(Ok(Upstream::Packet(v5::Packet::ConnectAck(ack))))) => Some((reader, writer, ack)),
@@ -284,7 +286,9 @@ async fn connect_upstream_v5(
     }
 }
 
-async fn run_v5(
+/// An MQTT 5 CONNECT: the Will and authentication are checked (PROTOCOL.md §3, §8) and the
+/// CONNECT relayed; then [`Relay`] runs the connection.
+async fn accept_v5(
     reader: DeviceReader,
     mut writer: DeviceWriter,
     connect: Box<v5::Connect>,
@@ -297,18 +301,16 @@ async fn run_v5(
         shared.metrics.refused("will");
         tracing::info!(client_id = %client_id, topic = %will.topic, "CONNECT refused: Will on a protected or reserved topic");
         let _ = writer
-            .send(MqttPacket::V5(connack(ConnectAckReason::NotAuthorized)))
+            .send(MqttPacket::V5(connack(ConnectRefusal::NotAuthorized.v5())))
             .await;
         return;
     }
     let admission = match admit(&shared, &connect).await {
         Ok(a) => a,
-        Err(code) => {
+        Err(refusal) => {
             shared.metrics.refused("auth");
-            tracing::info!(client_id = %client_id, reason = code, "CONNECT refused");
-            let _ = writer
-                .send(MqttPacket::V5(connack(connack_code(code))))
-                .await;
+            tracing::info!(client_id = %client_id, reason = refusal.code(), "CONNECT refused");
+            let _ = writer.send(MqttPacket::V5(connack(refusal.v5()))).await;
             return;
         }
     };
@@ -334,7 +336,9 @@ async fn run_v5(
     {
         c.set_max_outbound_size(m.get());
     }
-    let Some((up_reader, up_writer, up_ack)) = connect_upstream_v5(&shared, up_connect).await
+    let up_connect = MqttPacket::V5(v5::Packet::Connect(Box::new(up_connect)));
+    let Some((up_reader, up_writer, up_ack)) =
+        connect_upstream(&shared, Dialect::Mqtt5, up_connect).await
     else {
         shared.metrics.refused("upstream_unavailable");
         if admission.data.is_some() {
@@ -352,7 +356,9 @@ async fn run_v5(
                 .await;
         } else {
             let _ = writer
-                .send(MqttPacket::V5(connack(ConnectAckReason::ServerUnavailable)))
+                .send(MqttPacket::V5(connack(
+                    ConnectRefusal::ServerUnavailable.v5(),
+                )))
                 .await;
         }
         return;
@@ -370,19 +376,90 @@ async fn run_v5(
         return;
     }
     tracing::debug!(client_id = %client_id, identity = ?admission.identity, "connected");
-    let kick = shared.sessions.register(&admission.identity);
-    let limits = Limits {
-        max_batch: shared.cfg.limits.max_batch,
-        idle_ms: idle_ms(keep_alive, shared.cfg.limits.idle_timeout_ms),
-    };
     let relay = Relay {
+        dialect: Dialect::Mqtt5,
         device: (reader, writer),
         upstream: (up_reader, up_writer),
     };
     relay
-        .run(&shared, &admission.identity, &client_id, limits, &kick)
+        .serve(&shared, &admission.identity, &client_id, keep_alive)
         .await;
-    shared.sessions.unregister(&admission.identity, &kick);
+}
+
+/// An MQTT 3.1.1 client: unauthenticated, unprotected topics only (PROTOCOL.md §8). The CONNECT
+/// is checked and relayed here; then the same [`Session`] as for MQTT 5 runs the connection.
+async fn accept_v3(
+    reader: DeviceReader,
+    mut writer: DeviceWriter,
+    connect: Box<v3::Connect>,
+    shared: Arc<Shared>,
+) {
+    let client_id = connect.client_id.clone();
+    let refusal = if connect
+        .last_will
+        .as_ref()
+        .is_some_and(|w| !shared.policy.will_allowed(&w.topic))
+    {
+        Some("will")
+    } else if !shared.cfg.topics.unauthenticated_allowed() {
+        Some("auth")
+    } else {
+        None
+    };
+    if let Some(label) = refusal {
+        shared.metrics.refused(label);
+        tracing::info!(client_id = %client_id, reason = label, "MQTT 3.1.1 CONNECT refused");
+        let ack = connack_v3(ConnectRefusal::NotAuthorized.v3(), false);
+        let _ = writer.send(ack).await;
+        return;
+    }
+    let effective_id = if client_id.is_empty() {
+        assigned_client_id()
+    } else {
+        client_id.clone()
+    };
+    let upstream = rules::Upstream {
+        username: shared.cfg.upstream.username.clone().map(ByteString::from),
+        password: shared.upstream_password.clone().map(Bytes::from),
+        max_packet_size: shared.cfg.limits.max_packet_size,
+    };
+    let up_connect = rules::upstream_connect_v3(&connect, &effective_id, &upstream);
+    let up_connect = MqttPacket::V3(v3::Packet::Connect(Box::new(up_connect)));
+    let Some((up_reader, up_writer, up_ack)) =
+        connect_upstream(&shared, Dialect::Mqtt311, up_connect).await
+    else {
+        shared.metrics.refused("upstream_unavailable");
+        let ack = connack_v3(ConnectRefusal::ServerUnavailable.v3(), false);
+        let _ = writer.send(ack).await;
+        return;
+    };
+    // The broker's answer, a refusal too, reaches the client as the broker gave it.
+    let code = connack_to_v3(up_ack.reason_code);
+    let ack = connack_v3(code, up_ack.session_present);
+    if writer.send(ack).await.is_err() || code != v3::ConnectAckReason::ConnectionAccepted {
+        return;
+    }
+    let keep_alive = rules::keep_alive_for(
+        &Identity::Anonymous,
+        connect.keep_alive,
+        shared.cfg.limits.idle_timeout_ms,
+    );
+    let relay = Relay {
+        dialect: Dialect::Mqtt311,
+        device: (reader, writer),
+        upstream: (up_reader, up_writer),
+    };
+    relay
+        .serve(&shared, &Identity::Anonymous, &client_id, keep_alive)
+        .await;
+}
+
+/// An MQTT 3.1.1 CONNACK.
+fn connack_v3(return_code: v3::ConnectAckReason, session_present: bool) -> MqttPacket {
+    MqttPacket::V3(v3::Packet::ConnectAck(v3::ConnectAck {
+        return_code,
+        session_present,
+    }))
 }
 
 /// Silence after which a connection ends: 1.5 × the keep-alive (MQTT 5 §3.1.2.10), or the idle
@@ -422,13 +499,31 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Work running for a session ([`Work`]).
 type WorkFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
-/// Both ends of an accepted MQTT 5 connection.
+/// Both ends of an accepted connection.
 struct Relay {
+    dialect: Dialect,
     device: (DeviceReader, DeviceWriter),
     upstream: (UpReader, UpWriter),
 }
 
 impl Relay {
+    /// Runs the accepted connection of `identity` until it ends, reachable by kicks meanwhile.
+    async fn serve(
+        self,
+        shared: &Arc<Shared>,
+        identity: &Identity,
+        client_id: &str,
+        keep_alive: u16,
+    ) {
+        let kick = shared.sessions.register(identity);
+        let limits = Limits {
+            max_batch: shared.cfg.limits.max_batch,
+            idle_ms: idle_ms(keep_alive, shared.cfg.limits.idle_timeout_ms),
+        };
+        self.run(shared, identity, client_id, limits, &kick).await;
+        shared.sessions.unregister(identity, &kick);
+    }
+
     /// Moves bytes, timers and work for the connection's [`Session`] until it ends. Whatever is
     /// ready at once is read in one go and written in one go: raw deliveries are appended to the
     /// device's write buffer as they are, packets are encoded into it, and each side is flushed
@@ -442,12 +537,13 @@ impl Relay {
         kick: &CancellationToken,
     ) {
         let Relay {
+            dialect,
             device: (mut device_rd, mut device_wr),
             upstream: (mut up_rd, mut up_wr),
         } = self;
         let started = tokio::time::Instant::now();
         let now = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let mut session = Session::new(&shared.policy, identity.clone(), limits, 0);
+        let mut session = Session::new(&shared.policy, identity.clone(), dialect, limits, 0);
         let mut work: Option<WorkFuture> = None;
         loop {
             while let Some(action) = session.next_action() {
@@ -461,19 +557,23 @@ impl Relay {
                         }
                     }
                     Action::Device(Out::Packet(p)) => {
-                        if device_wr.feed(MqttPacket::V5(p)).await.is_err() {
+                        if let Some(p) = dialect.wire(p)
+                            && device_wr.feed(p).await.is_err()
+                        {
                             session.device_failed(DeviceFailure::Gone);
                         }
                     }
                     Action::Upstream(p) => {
-                        if up_wr.feed(MqttPacket::V5(p)).await.is_err() {
+                        if let Some(p) = dialect.wire(p)
+                            && up_wr.feed(p).await.is_err()
+                        {
                             session.upstream_failed(UpstreamFailure::Closed);
                         }
                     }
                     Action::Work(w) => work = Some(start_work(shared.clone(), identity.clone(), w)),
                     Action::Note(n) => note(shared, client_id, n),
                     Action::Close(ending) => {
-                        let last_words = close(device_wr, up_wr, ending);
+                        let last_words = close(dialect, device_wr, up_wr, ending);
                         let _ = tokio::time::timeout(CLOSE_TIMEOUT, last_words).await;
                         return;
                     }
@@ -539,6 +639,7 @@ fn from_device(session: &mut Session<'_>, next: Option<Decoded>, now_ms: u64) {
     use rmqtt_codec::error::DecodeError as E;
     match next {
         Some(Ok((MqttPacket::V5(p), _))) => session.device_packet(p, now_ms),
+        Some(Ok((MqttPacket::V3(p), _))) => session.device_packet(to_v5(p), now_ms),
         None | Some(Err(E::Io(_))) => session.device_failed(DeviceFailure::Gone),
         Some(Err(E::MaxSizeExceeded { .. })) => session.device_failed(DeviceFailure::Oversize),
         Some(_) => session.device_failed(DeviceFailure::Malformed),
@@ -556,14 +657,20 @@ fn from_upstream(
     }
 }
 
-/// The last words to each side ([`Ending`]), then both sockets close.
-async fn close(mut device: DeviceWriter, mut up: UpWriter, ending: Ending) {
-    if let Some(code) = ending.device {
-        let _ = device.send(MqttPacket::V5(disconnect(code))).await;
+/// The last words to each side ([`Ending`], none in MQTT 3.1.1), then both sockets close.
+async fn close(dialect: Dialect, mut device: DeviceWriter, mut up: UpWriter, ending: Ending) {
+    if let Some(p) = ending
+        .device
+        .and_then(|code| dialect.wire(disconnect(code)))
+    {
+        let _ = device.send(p).await;
     }
     let _ = device.close().await;
-    if let Some(code) = ending.upstream {
-        let _ = up.send(MqttPacket::V5(disconnect(code))).await;
+    if let Some(p) = ending
+        .upstream
+        .and_then(|code| dialect.wire(disconnect(code)))
+    {
+        let _ = up.send(p).await;
     }
     let _ = up.close().await;
 }
@@ -573,10 +680,12 @@ fn note(shared: &Shared, client_id: &str, note: Note) {
     match note {
         Note::Accepted => shared.metrics.accepted(),
         Note::Dropped { topic, drop } => {
-            tracing::info!(client_id, topic = %topic, reason = drop.label, "PUBLISH dropped");
+            let code = drop.reason.code();
+            tracing::info!(client_id, topic = %topic, reason = drop.label, code, "PUBLISH dropped");
             shared.metrics.dropped(drop.label);
         }
-        Note::FilterRefused { filter, code } => {
+        Note::FilterRefused { filter, reason } => {
+            let code = reason.code();
             tracing::info!(client_id, filter = %filter, code, "subscription refused");
         }
         Note::Refused(label) => shared.metrics.refused(label),
@@ -627,7 +736,7 @@ async fn authorize(
     shared: &Arc<Shared>,
     identity: &Identity,
     asks: Vec<Ask>,
-) -> Vec<Result<Option<String>, u8>> {
+) -> Vec<Result<Option<String>, SubscribeRefusal>> {
     let mut out = Vec::with_capacity(asks.len());
     for ask in asks {
         out.push(match ask {
@@ -636,7 +745,11 @@ async fn authorize(
                 let member = identity
                     .connection()
                     .is_some_and(|c| has_role(&c, &shared.dir, &group, role));
-                if member { Ok(None) } else { Err(0x87) }
+                if member {
+                    Ok(None)
+                } else {
+                    Err(SubscribeRefusal::NotAuthorized)
+                }
             }
             Ask::Join(req) => join(shared, &req).await.map(Some),
         });
@@ -646,8 +759,8 @@ async fn authorize(
 
 /// The `quva-gk` exchange (PROTOCOL.md §4): the CA checks the request; the answer goes into the
 /// SUBACK.
-async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, u8> {
-    let ca = shared.ca_client().ok_or(0x80_u8)?;
+async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, SubscribeRefusal> {
+    let ca = shared.ca_client().ok_or(SubscribeRefusal::Unspecified)?;
     let (delivery, _epoch) = shared
         .ca_call("join_group", ca.join_group(req.to_bytes()))
         .await
@@ -655,223 +768,4 @@ async fn join(shared: &Shared, req: &GroupKeyRequest) -> Result<String, u8> {
     // The membership changed: refresh the cached group so that data subscriptions pass.
     let _ = shared.refresh_group(req.group()).await;
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(delivery))
-}
-
-// ------------------------------------------------------------------------------------------
-// MQTT 3.1.1: unprotected topics only.
-// ------------------------------------------------------------------------------------------
-
-async fn run_v3(
-    mut reader: DeviceReader,
-    mut writer: DeviceWriter,
-    connect: Box<v3::Connect>,
-    shared: Arc<Shared>,
-) {
-    use v3::ConnectAckReason as R;
-    let bad_will = connect
-        .last_will
-        .as_ref()
-        .is_some_and(|w| !shared.policy.will_allowed(&w.topic));
-    if bad_will || !shared.cfg.topics.unauthenticated_allowed() {
-        shared
-            .metrics
-            .refused(if bad_will { "will" } else { "auth" });
-        let ack = v3::ConnectAck {
-            return_code: R::NotAuthorized,
-            session_present: false,
-        };
-        let _ = writer
-            .send(MqttPacket::V3(v3::Packet::ConnectAck(ack)))
-            .await;
-        return;
-    }
-    let mut up_connect = (*connect).clone();
-    up_connect.username = shared.cfg.upstream.username.clone().map(ByteString::from);
-    up_connect.password = shared.upstream_password.clone().map(Bytes::from);
-    let own_id = if connect.client_id.is_empty() {
-        assigned_client_id()
-    } else {
-        connect.client_id.clone()
-    };
-    up_connect.client_id = ByteString::from(Identity::Anonymous.upstream_client_id(&own_id));
-    let Some(stream) = dial_upstream(&shared).await else {
-        shared.metrics.refused("upstream_unavailable");
-        let ack = v3::ConnectAck {
-            return_code: R::ServiceUnavailable,
-            session_present: false,
-        };
-        let _ = writer
-            .send(MqttPacket::V3(v3::Packet::ConnectAck(ack)))
-            .await;
-        return;
-    };
-    let (rd, wr) = stream.into_split();
-    let max_in = shared.cfg.limits.max_packet_size;
-    let mut up_reader = FramedRead::new(rd, MqttCodec::V3(v3::Codec::new(max_in)));
-    let mut up_writer = FramedWrite::new(wr, MqttCodec::V3(v3::Codec::new(0)));
-    if up_writer
-        .send(MqttPacket::V3(v3::Packet::Connect(Box::new(up_connect))))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let end = CancellationToken::new();
-    let subs: Arc<Mutex<HashMap<NonZeroU16, Vec<Option<v3::SubscribeReturnCode>>>>> =
-        Arc::default();
-    let (tx, mut rx) = mpsc::channel::<v3::Packet>(256);
-    let writer_task = tokio::spawn(async move {
-        while let Some(p) = rx.recv().await {
-            if writer.send(MqttPacket::V3(p)).await.is_err() {
-                break;
-            }
-        }
-        let _ = writer.close().await;
-    });
-    let up_task = {
-        let tx = tx.clone();
-        let end = end.clone();
-        let subs = subs.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    () = end.cancelled() => break,
-                    n = up_reader.next() => n,
-                };
-                let p = match next {
-                    Some(Ok((
-                        MqttPacket::V3(v3::Packet::SubscribeAck { packet_id, status }),
-                        _,
-                    ))) => {
-                        let pending = lock(&subs).remove(&packet_id);
-                        let status = match pending {
-                            Some(slots) => {
-                                let mut up = status.into_iter();
-                                slots
-                                    .into_iter()
-                                    .map(|s| {
-                                        s.unwrap_or_else(|| {
-                                            up.next().unwrap_or(v3::SubscribeReturnCode::Failure)
-                                        })
-                                    })
-                                    .collect()
-                            }
-                            None => status,
-                        };
-                        v3::Packet::SubscribeAck { packet_id, status }
-                    }
-                    Some(Ok((MqttPacket::V3(p), _))) => p,
-                    _ => break,
-                };
-                if tx.send(p).await.is_err() {
-                    break;
-                }
-            }
-            end.cancel();
-        })
-    };
-    let keep_alive = rules::keep_alive_for(
-        &Identity::Anonymous,
-        connect.keep_alive,
-        shared.cfg.limits.idle_timeout_ms,
-    );
-    let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-    loop {
-        let read = async {
-            match idle {
-                Some(t) => tokio::time::timeout(t, reader.next()).await.ok(),
-                None => Some(reader.next().await),
-            }
-        };
-        let next = tokio::select! {
-            () = shared.stop.cancelled() => break,
-            () = end.cancelled() => break,
-            r = read => r,
-        };
-        let packet = match next {
-            Some(Some(Ok((MqttPacket::V3(p), _)))) => p,
-            Some(Some(Err(rmqtt_codec::error::DecodeError::MaxSizeExceeded { .. }))) => {
-                shared.metrics.refused("oversize");
-                break;
-            }
-            Some(None) => break,
-            None => {
-                shared.metrics.refused("keep_alive");
-                break;
-            }
-            _ => {
-                shared.metrics.refused("malformed");
-                break;
-            }
-        };
-        let forward = match packet {
-            v3::Packet::Publish(p) => {
-                if shared.policy.classify(&p.topic) != TopicKind::Unprotected {
-                    // MQTT 3.1.1 cannot refuse a PUBLISH: close the connection (§3.3.5).
-                    shared.metrics.dropped("unauthenticated");
-                    break;
-                }
-                Some(v3::Packet::Publish(p))
-            }
-            v3::Packet::Subscribe {
-                packet_id,
-                topic_filters,
-            } => {
-                let mut slots = Vec::new();
-                let mut allowed = Vec::new();
-                for (f, qos) in topic_filters {
-                    let inner = unshare(&f);
-                    let ok = valid_filter(inner)
-                        && if inner.contains(['+', '#']) {
-                            !shared.policy.filter_touches_protected(inner)
-                        } else {
-                            shared.policy.classify(inner) == TopicKind::Unprotected
-                        };
-                    if ok {
-                        slots.push(None);
-                        allowed.push((f, qos));
-                    } else {
-                        slots.push(Some(v3::SubscribeReturnCode::Failure));
-                    }
-                }
-                if allowed.is_empty() {
-                    let status = slots.into_iter().flatten().collect();
-                    if tx
-                        .send(v3::Packet::SubscribeAck { packet_id, status })
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                    None
-                } else {
-                    lock(&subs).insert(packet_id, slots);
-                    Some(v3::Packet::Subscribe {
-                        packet_id,
-                        topic_filters: allowed,
-                    })
-                }
-            }
-            v3::Packet::Disconnect => {
-                let _ = up_writer.send(MqttPacket::V3(v3::Packet::Disconnect)).await;
-                break;
-            }
-            v3::Packet::Connect(_)
-            | v3::Packet::ConnectAck(_)
-            | v3::Packet::SubscribeAck { .. }
-            | v3::Packet::UnsubscribeAck { .. }
-            | v3::Packet::PingResponse => break,
-            p => Some(p),
-        };
-        if let Some(p) = forward
-            && up_writer.send(MqttPacket::V3(p)).await.is_err()
-        {
-            break;
-        }
-    }
-    end.cancel();
-    let _ = up_writer.close().await;
-    drop(tx);
-    let _ = up_task.await;
-    let _ = writer_task.await;
 }

@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 
 use quva_client::curve::Point;
 use quva_client::direct::DirectReplay;
-use quva_client::enrollment::REASON_NOT_AUTHORIZED;
 use quva_client::ids::{DeviceId, GroupId};
 use quva_client::message::BridgeReplay;
 use quva_client::replay::PartitionedReplay;
@@ -26,6 +25,7 @@ use crate::gateway::CaGateway;
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::ota::Releases;
+use crate::reasons::ConnectRefusal;
 use crate::registry::Registry;
 use crate::sync::lock;
 use crate::topics::TopicPolicy;
@@ -150,12 +150,13 @@ impl Shared {
     /// (`ConfirmCertificateUse`: its first use spends the enrollment secret and revokes the
     /// device's previous certificate); later connections are answered from the notices once
     /// they are current. If the CA cannot answer, the notices decide once they are current (the
-    /// use is reported at the next connection); before that the answer is `Err` (0x88).
+    /// use is reported at the next connection); before that the answer is `Err` (server
+    /// unavailable).
     pub(crate) async fn certificate_usable(
         &self,
         serial: u64,
         auth_data: &[u8],
-    ) -> Result<bool, u8> {
+    ) -> Result<bool, ConnectRefusal> {
         if self.dir.is_revoked(serial) {
             return Ok(false);
         }
@@ -164,7 +165,11 @@ impl Shared {
             return Ok(true);
         }
         let Some(ca) = self.ca_client() else {
-            return if current { Ok(true) } else { Err(0x88) };
+            return if current {
+                Ok(true)
+            } else {
+                Err(ConnectRefusal::ServerUnavailable)
+            };
         };
         match self
             .ca_call("confirm_use", ca.confirm_use(serial, auth_data.to_vec()))
@@ -186,11 +191,11 @@ impl Shared {
                 );
                 Ok(true)
             }
-            Err(_) => Err(0x88),
+            Err(_) => Err(ConnectRefusal::ServerUnavailable),
         }
     }
 
-    /// Records a CONNECT proof's nonce in the identity's partition; `Err` (0x87) if it was seen
+    /// Records a CONNECT proof's nonce in the identity's partition; `Err` (not authorized) if it was seen
     /// inside the window.
     pub(crate) fn check_nonce(
         &self,
@@ -198,10 +203,10 @@ impl Shared {
         nonce: [u8; 16],
         t_ms: u64,
         now: u64,
-    ) -> Result<(), u8> {
+    ) -> Result<(), ConnectRefusal> {
         lock(&self.nonces)
             .check_and_insert(identity.clone(), nonce, t_ms, now)
-            .map_err(|_| REASON_NOT_AUTHORIZED)
+            .map_err(|_| ConnectRefusal::NotAuthorized)
     }
 
     /// Forgets expired replay entries and idle partitions.

@@ -26,32 +26,36 @@ use rand_core::OsRng;
 
 use crate::directory::BridgeDirectory;
 use crate::ota::{self, ManifestChecks, OtaRefusal};
+use crate::reasons::PublishRefusal;
 use crate::shared::{Shared, now_ms};
 use crate::sync::lock;
 
-/// A drop decision: the counter label and the PUBACK/PUBREC reason code.
+/// A drop decision: the counter label and the PUBACK/PUBREC reason.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Dropped {
     pub(crate) label: &'static str,
-    pub(crate) code: u8,
+    pub(crate) reason: PublishRefusal,
 }
 
 impl Dropped {
     pub(crate) fn from_rejection(r: &Rejection) -> Self {
         Dropped {
             label: r.label(),
-            code: r.puback_reason_code(),
+            reason: PublishRefusal::from_code(r.puback_reason_code()),
         }
     }
 
     pub(crate) const fn not_authorized(label: &'static str) -> Self {
-        Dropped { label, code: 0x87 }
+        Dropped {
+            label,
+            reason: PublishRefusal::NotAuthorized,
+        }
     }
 
     pub(crate) fn from_ota(r: &OtaRefusal) -> Self {
         Dropped {
             label: r.label(),
-            code: r.puback_reason_code(),
+            reason: r.puback_reason(),
         }
     }
 }
@@ -166,7 +170,7 @@ fn check_direct(
         Ok(_) => Verdict::Drop(Dropped::not_authorized("topic_mismatch")),
         Err(r) => Verdict::Drop(Dropped {
             label: r.label(),
-            code: r.puback_reason_code(),
+            reason: PublishRefusal::from_code(r.puback_reason_code()),
         }),
     }
 }

@@ -1,8 +1,14 @@
-//! The sans-IO core of one MQTT 5 connection once it is accepted: a state machine that takes
+//! The sans-IO core of one device connection once it is accepted: a state machine that takes
 //! events (a packet from the device or the broker, the answer to work it asked for, a tick, a
 //! kick) and returns actions (a packet to the device or upstream, work for the CA or the publish
 //! checker, a metric, the end of the connection). It never touches a socket, a clock or a lock;
 //! the driver in [`crate::session`] moves the bytes and runs the work.
+//!
+//! It decides in MQTT 5 packets. An MQTT 3.1.1 connection uses the same machine: its packets are
+//! translated to and from MQTT 5 ([`crate::dialect`]), and where MQTT 3.1.1 cannot say what MQTT 5
+//! says, the machine follows the [`Dialect`]: a PUBLISH the bridge refuses ends the connection
+//! (MQTT 3.1.1 has no negative PUBACK, §3.3.5), and a SUBSCRIBE with a misplaced wildcard gets the
+//! failure 0x80 for that filter instead of ending the connection.
 //!
 //! Ordering rules it keeps:
 //! - PUBLISHes are checked in batches (whatever the device sent at once, up to `max_batch`), and
@@ -24,13 +30,13 @@ use bytestring::ByteString;
 use quva_client::group::{GK_PROPERTY, GroupKeyRequest};
 use quva_client::ids::{GroupId, Role};
 use rmqtt_codec::types::{Publish, QoS};
-use rmqtt_codec::v5::{
-    self, DisconnectReasonCode, PublishAck, PublishAckReason, SubscribeAckReason,
-};
+use rmqtt_codec::v5::{self, DisconnectReasonCode, PublishAck};
 
 use super::rules::{self, AckEvent, AckQueue, Aliases, FilterPlan, PendingSub, Target};
+use crate::dialect::Dialect;
 use crate::frames::Upstream;
 use crate::identity::Identity;
+use crate::reasons::SubscribeRefusal;
 use crate::topics::TopicPolicy;
 use crate::verify::{Addressed, Dropped, Protected, Verdict};
 
@@ -96,8 +102,8 @@ pub(crate) enum Answer {
     /// One verdict per [`Work::Check`] item.
     Checked(Vec<Verdict>),
     /// Per [`Ask`]: `Ok(None)` granted, `Ok(Some(v))` granted with the `quva-gk` value `v` for
-    /// the SUBACK, `Err(code)` refused with this SUBACK reason code.
-    Authorized(Vec<Result<Option<String>, u8>>),
+    /// the SUBACK, `Err(reason)` refused with this SUBACK reason.
+    Authorized(Vec<Result<Option<String>, SubscribeRefusal>>),
 }
 
 /// What happened, for metrics and logs.
@@ -107,8 +113,11 @@ pub(crate) enum Note {
     Accepted,
     /// A PUBLISH was dropped.
     Dropped { topic: ByteString, drop: Dropped },
-    /// A subscription filter was refused with this SUBACK reason code.
-    FilterRefused { filter: ByteString, code: u8 },
+    /// A subscription filter was refused with this SUBACK reason.
+    FilterRefused {
+        filter: ByteString,
+        reason: SubscribeRefusal,
+    },
     /// The connection is ended for this reason (metric label).
     Refused(&'static str),
 }
@@ -181,14 +190,15 @@ enum Waiting {
 struct SubscribeInProgress {
     subscribe: v5::Subscribe,
     /// Per filter: decided (`Some`) or waiting for the next answer (`None`).
-    decided: Vec<Option<Result<Option<String>, u8>>>,
+    decided: Vec<Option<Result<Option<String>, SubscribeRefusal>>>,
 }
 
-/// One MQTT 5 connection's relay state (module docs).
+/// One connection's relay state (module docs).
 #[derive(Debug)]
 pub(crate) struct Session<'p> {
     policy: &'p TopicPolicy,
     identity: Identity,
+    dialect: Dialect,
     limits: Limits,
     aliases: Aliases,
     acks: AckQueue,
@@ -205,16 +215,18 @@ pub(crate) struct Session<'p> {
 }
 
 impl<'p> Session<'p> {
-    /// A session for an accepted connection of `identity`, at `now_ms`.
+    /// A session for an accepted connection of `identity` speaking `dialect`, at `now_ms`.
     pub(crate) fn new(
         policy: &'p TopicPolicy,
         identity: Identity,
+        dialect: Dialect,
         limits: Limits,
         now_ms: u64,
     ) -> Self {
         Session {
             policy,
             identity,
+            dialect,
             limits,
             aliases: Aliases::default(),
             acks: AckQueue::default(),
@@ -312,8 +324,11 @@ impl<'p> Session<'p> {
     /// Handles a device packet other than PUBLISH, with no batch pending.
     fn handle(&mut self, packet: v5::Packet) {
         match packet {
-            // A misplaced wildcard is a malformed packet, as at the broker (MQTT 5 §4.7.1).
-            v5::Packet::Subscribe(s) if rules::has_malformed_filter(&s) => {
+            // A misplaced wildcard is a malformed packet, as at the broker (MQTT 5 §4.7.1); an
+            // MQTT 3.1.1 client gets the failure 0x80 for that filter ([`rules::plan_filter`]).
+            v5::Packet::Subscribe(s)
+                if self.dialect == Dialect::Mqtt5 && rules::has_malformed_filter(&s) =>
+            {
                 self.note(Note::Refused("malformed"));
                 self.end(Ending::bridge(DisconnectReasonCode::MalformedPacket));
             }
@@ -428,13 +443,17 @@ impl<'p> Session<'p> {
             topic: publish.topic.clone(),
             drop,
         });
+        if self.dialect == Dialect::Mqtt311 {
+            // MQTT 3.1.1 cannot refuse a PUBLISH (§3.3.5): the connection ends, unacknowledged.
+            self.end(Ending::bridge(DisconnectReasonCode::NotAuthorized));
+            return;
+        }
         let Some(id) = publish.packet_id else {
             return;
         };
         let ack = PublishAck {
             packet_id: id,
-            reason_code: PublishAckReason::try_from(drop.code)
-                .unwrap_or(PublishAckReason::NotAuthorized),
+            reason_code: drop.reason.v5(),
             properties: Vec::new(),
             reason_string: None,
         };
@@ -462,7 +481,7 @@ impl<'p> Session<'p> {
         for (filter, _) in &s.topic_filters {
             match rules::plan_filter(self.policy, &self.identity, filter, gk_unused) {
                 FilterPlan::Relay => decided.push(Some(Ok(None))),
-                FilterPlan::Refuse(code) => decided.push(Some(Err(code))),
+                FilterPlan::Refuse(reason) => decided.push(Some(Err(reason))),
                 FilterPlan::IfMember(g, role) => {
                     decided.push(None);
                     asks.push(Ask::Member(g, role));
@@ -476,7 +495,7 @@ impl<'p> Session<'p> {
                             decided.push(None);
                             asks.push(Ask::Join(req));
                         }
-                        None => decided.push(Some(Err(0x87))),
+                        None => decided.push(Some(Err(SubscribeRefusal::NotAuthorized))),
                     }
                 }
             }
@@ -503,7 +522,7 @@ impl<'p> Session<'p> {
     fn finish_subscribe(
         &mut self,
         progress: SubscribeInProgress,
-        answers: Vec<Result<Option<String>, u8>>,
+        answers: Vec<Result<Option<String>, SubscribeRefusal>>,
     ) {
         let SubscribeInProgress {
             subscribe: mut s,
@@ -516,7 +535,8 @@ impl<'p> Session<'p> {
         let mut reason = None;
         let filters = std::mem::take(&mut s.topic_filters);
         for (i, ((filter, opts), decision)) in filters.into_iter().zip(decided).enumerate() {
-            let decision = decision.unwrap_or_else(|| answers.next().unwrap_or(Err(0x80)));
+            let decision = decision
+                .unwrap_or_else(|| answers.next().unwrap_or(Err(SubscribeRefusal::Unspecified)));
             match decision {
                 Ok(delivery) => {
                     if let Some(d) = delivery {
@@ -525,13 +545,13 @@ impl<'p> Session<'p> {
                     slots.push(None);
                     forwarded.push((filter, opts));
                 }
-                Err(code) => {
+                Err(refusal) => {
                     reason = reason.or_else(|| rules::refusal_reason(self.policy, &filter));
-                    self.note(Note::FilterRefused { filter, code });
-                    slots.push(Some(
-                        SubscribeAckReason::try_from(code)
-                            .unwrap_or(SubscribeAckReason::NotAuthorized),
-                    ));
+                    self.note(Note::FilterRefused {
+                        filter,
+                        reason: refusal,
+                    });
+                    slots.push(Some(refusal.v5()));
                 }
             }
         }

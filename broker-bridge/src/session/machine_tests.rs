@@ -99,7 +99,9 @@ fn shape(actions: &[Action]) -> Vec<String> {
             Action::Work(Work::Authorize(asks)) => format!("authorize {}", asks.len()),
             Action::Note(Note::Accepted) => "accepted".into(),
             Action::Note(Note::Dropped { drop, .. }) => format!("dropped {}", drop.label),
-            Action::Note(Note::FilterRefused { code, .. }) => format!("refused filter {code:#x}"),
+            Action::Note(Note::FilterRefused { reason, .. }) => {
+                format!("refused filter {:#x}", reason.code())
+            }
             Action::Note(Note::Refused(l)) => format!("refused {l}"),
             Action::Close(e) => format!(
                 "close device={:?} upstream={:?}",
@@ -140,7 +142,7 @@ fn packet(p: &v5::Packet) -> String {
 #[test]
 fn unprotected_publishes_pass_in_order_without_work() {
     let p = policy();
-    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("weather", 1), 1);
     s.device_packet(publish("weather", 0), 1);
     assert!(
@@ -162,7 +164,7 @@ fn unprotected_publishes_pass_in_order_without_work() {
 #[test]
 fn an_unauthenticated_protected_publish_is_dropped_with_no_check_and_no_ca_lookup() {
     let p = policy();
-    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 7), 1);
     s.device_packet(publish("quva/k/plant/a/sub", 8), 1);
     s.input_drained();
@@ -180,7 +182,7 @@ fn an_unauthenticated_protected_publish_is_dropped_with_no_check_and_no_ca_looku
 #[test]
 fn a_drop_waits_behind_the_acknowledgements_pending_upstream() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("weather", 1), 1);
     s.device_packet(publish("plant/a", 2), 1);
     s.input_drained();
@@ -206,7 +208,7 @@ fn a_drop_waits_behind_the_acknowledgements_pending_upstream() {
 #[test]
 fn a_batch_is_checked_as_one_piece_of_work_and_relayed_in_order() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 1);
     s.device_packet(publish("weather", 2), 1);
     s.device_packet(publish("plant/a/_q", 3), 1);
@@ -247,7 +249,7 @@ fn a_batch_is_checked_as_one_piece_of_work_and_relayed_in_order() {
 #[test]
 fn a_full_batch_is_submitted_at_once() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     for id in 1..=4 {
         s.device_packet(publish("plant/a", id), 1);
     }
@@ -258,7 +260,7 @@ fn a_full_batch_is_submitted_at_once() {
 #[test]
 fn a_missing_verdict_is_a_drop_never_a_relay() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 1);
     s.input_drained();
     drain(&mut s);
@@ -272,7 +274,7 @@ fn a_missing_verdict_is_a_drop_never_a_relay() {
 #[test]
 fn a_packet_after_a_batch_waits_for_its_verdicts() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 1);
     s.device_packet(v5::Packet::PingRequest, 1);
     assert_eq!(shape(&drain(&mut s)), ["check 1"]);
@@ -290,7 +292,7 @@ fn a_packet_after_a_batch_waits_for_its_verdicts() {
 #[test]
 fn a_wrong_answer_ends_the_connection_instead_of_relaying() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.answered(Answer::Checked(vec![Verdict::Accept]), 1);
     assert_eq!(
         shape(&drain(&mut s)),
@@ -302,7 +304,7 @@ fn a_wrong_answer_ends_the_connection_instead_of_relaying() {
 #[test]
 fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(
         subscribe(5, &["weather/#", "plant/a", "quva/c/plant/a", "+/+"], None),
         1,
@@ -313,7 +315,10 @@ fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
         ["authorize 1"],
         "only plant/a needs the CA (membership)"
     );
-    s.answered(Answer::Authorized(vec![Err(0x87)]), 2);
+    s.answered(
+        Answer::Authorized(vec![Err(SubscribeRefusal::NotAuthorized)]),
+        2,
+    );
     assert_eq!(
         shape(&drain(&mut s)),
         [
@@ -338,7 +343,7 @@ fn subscriptions_ask_the_ca_only_for_group_filters_and_merge_the_suback() {
 #[test]
 fn an_unauthenticated_subscribe_to_protected_topics_needs_no_ca() {
     let p = policy();
-    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(subscribe(6, &["plant/a", "quva/k/plant/a/sub"], None), 1);
     assert_eq!(
         shape(&drain(&mut s)),
@@ -374,7 +379,7 @@ fn a_join_runs_only_for_the_connections_own_request() {
     let someone_elses = gk_request("dev-2", "plant/a", Role::Subscriber).to_property();
     let other_role = gk_request("dev-1", "plant/a", Role::Publisher).to_property();
     for (text, asks) in [(own, 1), (someone_elses, 0), (other_role, 0)] {
-        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
         s.device_packet(subscribe(9, &["quva/k/plant/a/sub"], Some(text)), 1);
         let actions = drain(&mut s);
         if asks == 1 {
@@ -402,7 +407,7 @@ fn a_join_runs_only_for_the_connections_own_request() {
 #[test]
 fn a_misplaced_wildcard_is_a_malformed_packet() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(subscribe(4, &["weather", "app/a#"], None), 1);
     assert_eq!(
         shape(&drain(&mut s)),
@@ -416,7 +421,7 @@ fn a_misplaced_wildcard_is_a_malformed_packet() {
 #[test]
 fn the_gk_property_never_reaches_the_broker() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(subscribe(3, &["weather"], Some("whatever".into())), 1);
     let actions = drain(&mut s);
     let Some(Action::Upstream(v5::Packet::Subscribe(sub))) = actions.first() else {
@@ -428,7 +433,7 @@ fn the_gk_property_never_reaches_the_broker() {
 #[test]
 fn silence_beyond_the_limit_ends_the_connection_as_abnormal_upstream() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     assert_eq!(s.deadline_ms(), Some(1_500));
     s.device_packet(v5::Packet::PingRequest, 1_000);
     assert_eq!(s.deadline_ms(), Some(2_500));
@@ -448,7 +453,7 @@ fn silence_beyond_the_limit_ends_the_connection_as_abnormal_upstream() {
 #[test]
 fn waiting_for_work_is_not_idleness() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 0);
     s.input_drained();
     drain(&mut s);
@@ -462,7 +467,7 @@ fn waiting_for_work_is_not_idleness() {
 #[test]
 fn a_normal_disconnect_is_relayed_and_nothing_else_is_sent_upstream() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(disconnect(DisconnectReasonCode::NormalDisconnection), 1);
     assert_eq!(
         shape(&drain(&mut s)),
@@ -496,7 +501,7 @@ fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
         ),
     ];
     for (name, event, code) in cases {
-        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
         event(&mut s);
         let actions = drain(&mut s);
         let Some(Action::Close(e)) = actions.last() else {
@@ -506,7 +511,7 @@ fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
         assert_eq!(e.upstream.map(u8::from), Some(0x04), "{name}");
     }
     // The device going away is abnormal by itself: nothing to say to anyone.
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_failed(DeviceFailure::Gone);
     assert_eq!(shape(&drain(&mut s)), ["close device=None upstream=None"]);
 }
@@ -514,7 +519,7 @@ fn ends_the_bridge_decides_are_abnormal_upstream_so_wills_are_published() {
 #[test]
 fn what_the_device_sent_before_an_error_is_still_checked_and_relayed() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 1);
     s.device_failed(DeviceFailure::Malformed);
     assert_eq!(shape(&drain(&mut s)), ["refused malformed", "check 1"]);
@@ -532,7 +537,7 @@ fn what_the_device_sent_before_an_error_is_still_checked_and_relayed() {
 #[test]
 fn an_unknown_topic_alias_ends_the_connection() {
     let p = policy();
-    let mut s = Session::new(&p, Identity::Anonymous, LIMITS, 0);
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt5, LIMITS, 0);
     let v5::Packet::Publish(mut pkt) = publish("", 1) else {
         unreachable!()
     };
@@ -549,7 +554,7 @@ fn an_unknown_topic_alias_ends_the_connection() {
 #[test]
 fn the_brokers_traffic_reaches_the_device_and_its_disconnect_ends_quietly() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.upstream(Upstream::Publish(Bytes::from_static(b"\x30\x03\x00\x01a")));
     s.upstream(Upstream::Packet(v5::Packet::PingResponse));
     s.upstream(Upstream::Packet(disconnect(
@@ -573,12 +578,12 @@ fn a_broker_that_goes_away_or_speaks_nonsense_ends_the_connection() {
         (UpstreamFailure::Closed, None),
         (UpstreamFailure::Malformed, Some(0x80)),
     ] {
-        let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+        let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
         s.upstream_failed(failure);
         let actions = drain(&mut s);
         assert!(matches!(actions.as_slice(), [Action::Close(e)] if e.device.map(u8::from) == code));
     }
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.upstream(Upstream::Packet(v5::Packet::ConnectAck(Box::default())));
     assert!(s.is_ended());
 }
@@ -586,7 +591,7 @@ fn a_broker_that_goes_away_or_speaks_nonsense_ends_the_connection() {
 #[test]
 fn a_kick_while_work_is_outstanding_ends_at_once() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a", 1), 1);
     s.input_drained();
     drain(&mut s);
@@ -602,7 +607,7 @@ fn a_kick_while_work_is_outstanding_ends_at_once() {
 #[test]
 fn direct_messages_are_checked_for_devices_and_dropped_for_anyone_else() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("quva/d/dev-2", 1), 1);
     s.input_drained();
     let actions = drain(&mut s);
@@ -617,7 +622,7 @@ fn direct_messages_are_checked_for_devices_and_dropped_for_anyone_else() {
         Identity::Anonymous,
         Identity::Group(GroupId::new("plant/a").unwrap(), Role::Publisher),
     ] {
-        let mut s = Session::new(&p, identity, LIMITS, 0);
+        let mut s = Session::new(&p, identity, Dialect::Mqtt5, LIMITS, 0);
         s.device_packet(publish("quva/d/dev-2", 1), 1);
         s.input_drained();
         let actions = shape(&drain(&mut s));
@@ -644,7 +649,7 @@ fn ota_items_go_to_the_checks_only_from_the_signers_device_connection() {
     let k = "plant/a/_ota/rel-1/7/k";
     let c = "plant/a/_ota/rel-1/7/c/0";
     // The signer, retained (as OTA items are published): all three are checked.
-    let mut s = Session::new(&p, device("rel-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("rel-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(retained(m, 1), 1);
     s.device_packet(retained(k, 2), 1);
     s.device_packet(retained(c, 3), 1);
@@ -691,7 +696,7 @@ fn ota_items_go_to_the_checks_only_from_the_signers_device_connection() {
         (Identity::Anonymous, "unauthenticated"),
     ] {
         for t in [m, k, c] {
-            let mut s = Session::new(&p, identity.clone(), LIMITS, 0);
+            let mut s = Session::new(&p, identity.clone(), Dialect::Mqtt5, LIMITS, 0);
             s.device_packet(retained(t, 9), 1);
             s.input_drained();
             assert_eq!(
@@ -709,7 +714,7 @@ fn ota_items_go_to_the_checks_only_from_the_signers_device_connection() {
 #[test]
 fn anything_else_under_ota_and_retained_group_messages_are_refused() {
     let p = policy();
-    let mut s = Session::new(&p, device("rel-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("rel-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(publish("plant/a/_ota/rel-1/7/x", 1), 1);
     s.device_packet(publish("plant/a/_ota/rel-1/07/m", 2), 1);
     s.device_packet(publish("plant/a/_ota/rel-1/7/c/x", 3), 1);
@@ -733,7 +738,7 @@ fn anything_else_under_ota_and_retained_group_messages_are_refused() {
 #[test]
 fn ota_subscriptions_are_for_the_groups_subscribers() {
     let p = policy();
-    let mut s = Session::new(&p, device("dev-1"), LIMITS, 0);
+    let mut s = Session::new(&p, device("dev-1"), Dialect::Mqtt5, LIMITS, 0);
     s.device_packet(
         subscribe(
             5,
@@ -751,7 +756,13 @@ fn ota_subscriptions_are_for_the_groups_subscribers() {
         matches!(&asks[..], [Ask::Member(a, Role::Subscriber), Ask::Member(b, Role::Subscriber)] if *a == g && *b == g)
     );
     // A non-member is refused both; the cross-group wildcard was refused without asking.
-    s.answered(Answer::Authorized(vec![Err(0x87), Err(0x87)]), 2);
+    s.answered(
+        Answer::Authorized(vec![
+            Err(SubscribeRefusal::NotAuthorized),
+            Err(SubscribeRefusal::NotAuthorized),
+        ]),
+        2,
+    );
     assert_eq!(
         shape(&drain(&mut s)),
         [
@@ -760,5 +771,221 @@ fn ota_subscriptions_are_for_the_groups_subscribers() {
             "refused filter 0x87",
             "device suback [135, 135, 135] gk=false"
         ]
+    );
+}
+
+// -------------------------------------------------------------------------------------------
+// MQTT 3.1.1: the same machine, packets through the dialect adapter.
+// -------------------------------------------------------------------------------------------
+
+fn v3_in(s: &mut Session<'_>, p: rmqtt_codec::v3::Packet, now: u64) {
+    s.device_packet(crate::dialect::to_v5(p), now);
+}
+
+/// What an MQTT 3.1.1 device and its broker connection would see of the actions.
+fn v3_shape(actions: Vec<Action>) -> Vec<String> {
+    actions
+        .into_iter()
+        .map(|a| match a {
+            Action::Device(Out::Packet(p)) => match crate::dialect::to_v3(p) {
+                Some(p) => format!("device {p:?}"),
+                None => "device nothing".into(),
+            },
+            Action::Upstream(p) => match crate::dialect::to_v3(p) {
+                Some(p) => format!("upstream {p:?}"),
+                None => "upstream nothing".into(),
+            },
+            Action::Close(e) => format!(
+                "close device={} upstream={}",
+                e.device
+                    .and_then(|c| crate::dialect::to_v3(disconnect(c)))
+                    .is_some(),
+                e.upstream
+                    .and_then(|c| crate::dialect::to_v3(disconnect(c)))
+                    .is_some()
+            ),
+            other => shape(&[other]).concat(),
+        })
+        .collect()
+}
+
+fn v3_publish(topic: &str, id: u16) -> rmqtt_codec::v3::Packet {
+    rmqtt_codec::v3::Packet::Publish(Box::new(Publish {
+        dup: false,
+        retain: false,
+        qos: if id == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        },
+        topic: topic.into(),
+        packet_id: NonZeroU16::new(id),
+        payload: Bytes::from_static(b"m"),
+        properties: None,
+    }))
+}
+
+#[test]
+fn mqtt311_a_refused_publish_ends_the_connection_unacknowledged_after_what_came_before() {
+    let p = policy();
+    for topic in [
+        "plant/a",
+        "quva/k/plant/a/sub",
+        "quva/d/dev-1",
+        "plant/a/_ota/s/1/m",
+    ] {
+        let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt311, LIMITS, 0);
+        v3_in(&mut s, v3_publish("weather", 1), 1);
+        v3_in(&mut s, v3_publish(topic, 2), 1);
+        v3_in(&mut s, v3_publish("weather", 3), 1);
+        s.input_drained();
+        let out = v3_shape(drain(&mut s));
+        assert_eq!(out.len(), 3, "{topic}: {out:?}");
+        assert!(out[0].starts_with("upstream Publish"), "{out:?}");
+        assert!(out[1].starts_with("dropped "), "{out:?}");
+        // Nothing to either side: no PUBACK, no DISCONNECT; the broker sees an abnormal end and
+        // publishes the Will.
+        assert_eq!(out[2], "close device=false upstream=false", "{topic}");
+        assert!(s.is_ended());
+    }
+    // The same PUBLISH over MQTT 5 is refused with a PUBACK and the connection stays.
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt5, LIMITS, 0);
+    s.device_packet(publish("plant/a", 2), 1);
+    s.input_drained();
+    assert_eq!(
+        shape(&drain(&mut s)),
+        ["dropped unauthenticated", "device puback 2 0x87"]
+    );
+    assert!(!s.is_ended());
+}
+
+#[test]
+fn mqtt311_acknowledgements_and_subscriptions_flow_through_the_adapter() {
+    use rmqtt_codec::v3::{Packet as P3, SubscribeReturnCode as C};
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt311, LIMITS, 0);
+    v3_in(&mut s, v3_publish("weather", 5), 1);
+    s.input_drained();
+    assert_eq!(drain(&mut s).len(), 1);
+    let id = |n| NonZeroU16::new(n).unwrap();
+    s.upstream(Upstream::Packet(crate::dialect::to_v5(P3::PublishAck {
+        packet_id: id(5),
+    })));
+    assert_eq!(
+        v3_shape(drain(&mut s)),
+        [format!("device {:?}", P3::PublishAck { packet_id: id(5) })]
+    );
+    // A misplaced wildcard is one refused filter, not a malformed packet: the rest go upstream
+    // and the failures take their places in the broker's SUBACK.
+    v3_in(
+        &mut s,
+        P3::Subscribe {
+            packet_id: id(9),
+            topic_filters: vec![
+                ("a#".into(), QoS::AtLeastOnce),
+                ("weather/#".into(), QoS::AtLeastOnce),
+                ("plant/a".into(), QoS::AtMostOnce),
+                ("+/+".into(), QoS::AtMostOnce),
+            ],
+        },
+        2,
+    );
+    let out = v3_shape(drain(&mut s));
+    let upstream = format!(
+        "upstream {:?}",
+        P3::Subscribe {
+            packet_id: id(9),
+            topic_filters: vec![("weather/#".into(), QoS::AtLeastOnce)],
+        }
+    );
+    assert_eq!(
+        out,
+        [
+            "refused filter 0x8f".to_string(),
+            "refused filter 0x87".into(),
+            "refused filter 0x87".into(),
+            upstream
+        ]
+    );
+    s.upstream(Upstream::Packet(crate::dialect::to_v5(P3::SubscribeAck {
+        packet_id: id(9),
+        status: vec![C::Success(QoS::AtLeastOnce)],
+    })));
+    let merged = P3::SubscribeAck {
+        packet_id: id(9),
+        status: vec![
+            C::Failure,
+            C::Success(QoS::AtLeastOnce),
+            C::Failure,
+            C::Failure,
+        ],
+    };
+    assert_eq!(v3_shape(drain(&mut s)), [format!("device {merged:?}")]);
+    // Every filter refused: the bridge answers alone.
+    v3_in(
+        &mut s,
+        P3::Subscribe {
+            packet_id: id(10),
+            topic_filters: vec![("quva/#".into(), QoS::AtMostOnce)],
+        },
+        3,
+    );
+    let alone = P3::SubscribeAck {
+        packet_id: id(10),
+        status: vec![C::Failure],
+    };
+    assert_eq!(
+        v3_shape(drain(&mut s)),
+        [
+            "refused filter 0x87".to_string(),
+            format!("device {alone:?}")
+        ]
+    );
+    assert!(!s.is_ended());
+    // The client's DISCONNECT is relayed as one (no Will); then both sides close.
+    v3_in(&mut s, P3::Disconnect, 4);
+    assert_eq!(
+        v3_shape(drain(&mut s)),
+        [
+            format!("upstream {:?}", P3::Disconnect),
+            "close device=false upstream=false".into()
+        ]
+    );
+}
+
+#[test]
+fn mqtt311_silence_server_packets_and_shutdown_end_with_no_last_words() {
+    use rmqtt_codec::v3::Packet as P3;
+    let p = policy();
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt311, LIMITS, 0);
+    s.tick(1_499);
+    assert!(drain(&mut s).is_empty());
+    s.tick(1_500);
+    assert_eq!(
+        v3_shape(drain(&mut s)),
+        ["refused keep_alive", "close device=false upstream=false"]
+    );
+    for server_packet in [
+        P3::PingResponse,
+        P3::UnsubscribeAck {
+            packet_id: NonZeroU16::MIN,
+        },
+        P3::ConnectAck(rmqtt_codec::v3::ConnectAck {
+            return_code: rmqtt_codec::v3::ConnectAckReason::ConnectionAccepted,
+            session_present: false,
+        }),
+    ] {
+        let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt311, LIMITS, 0);
+        v3_in(&mut s, server_packet, 1);
+        assert_eq!(
+            v3_shape(drain(&mut s)),
+            ["refused protocol", "close device=false upstream=false"]
+        );
+    }
+    let mut s = Session::new(&p, Identity::Anonymous, Dialect::Mqtt311, LIMITS, 0);
+    s.shutdown();
+    assert_eq!(
+        v3_shape(drain(&mut s)),
+        ["close device=false upstream=false"]
     );
 }

@@ -16,9 +16,11 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::Direction;
 use quva_client::topics::OtaTopic;
 use rmqtt_codec::types::Publish;
+use rmqtt_codec::v3;
 use rmqtt_codec::v5::{self, DisconnectReasonCode, SubscribeAckReason};
 
 use crate::identity::Identity;
+use crate::reasons::SubscribeRefusal;
 use crate::topics::{TopicKind, TopicPolicy, unshare, valid_filter};
 
 /// Topic aliases a device may use towards the bridge (MQTT 5 §3.3.2.3.4).
@@ -54,6 +56,21 @@ pub(crate) fn upstream_connect(
         .max_packet_size
         .map_or(up.max_packet_size, |m| m.get().min(up.max_packet_size));
     c.max_packet_size = Some(NonZeroU32::new(max).unwrap_or(NonZeroU32::MIN));
+    c
+}
+
+/// The upstream CONNECT for an MQTT 3.1.1 client's CONNECT: the bridge's broker credentials in
+/// place of the client's, the client identifier namespaced as an unauthenticated one's
+/// (PROTOCOL.md §8); the rest (Will, keep-alive, clean session) as the client sent it.
+pub(crate) fn upstream_connect_v3(
+    connect: &v3::Connect,
+    client_id: &str,
+    up: &Upstream,
+) -> v3::Connect {
+    let mut c = connect.clone();
+    c.username.clone_from(&up.username);
+    c.password.clone_from(&up.password);
+    c.client_id = ByteString::from(Identity::Anonymous.upstream_client_id(client_id));
     c
 }
 
@@ -151,14 +168,16 @@ pub(crate) fn empty_id_without_clean_start(buf: &[u8]) -> Option<usize> {
 pub(crate) enum FilterPlan {
     /// Relay to the broker.
     Relay,
-    /// Refuse with this SUBACK reason code.
-    Refuse(u8),
+    /// Refuse with this SUBACK reason.
+    Refuse(SubscribeRefusal),
     /// Relay if the connection is a current member of the group in the role (resumption,
-    /// PROTOCOL.md §4), else refuse with 0x87.
+    /// PROTOCOL.md §4), else refuse as not authorized.
     IfMember(GroupId, Role),
     /// Run the `quva-gk` join with the CA; relay with the delivery on the SUBACK.
     Join(GroupId, Role),
 }
+
+const NOT_AUTHORIZED: SubscribeRefusal = SubscribeRefusal::NotAuthorized;
 
 /// Plans one subscription filter (PROTOCOL.md §4, §8). `gk_request` says whether the SUBSCRIBE
 /// still carries an unused `quva-gk` request (one per SUBSCRIBE, for its first key topic).
@@ -170,7 +189,7 @@ pub(crate) fn plan_filter(
 ) -> FilterPlan {
     let inner = unshare(filter);
     if !valid_filter(inner) {
-        return FilterPlan::Refuse(0x8F);
+        return FilterPlan::Refuse(SubscribeRefusal::TopicFilterInvalid);
     }
     if inner.contains(['+', '#']) {
         // A wildcard inside one group's OTA topics (`<group>/_ota/#`): granted as the group's
@@ -179,20 +198,20 @@ pub(crate) fn plan_filter(
             return if identity.is_authenticated() {
                 FilterPlan::IfMember(g, Role::Subscriber)
             } else {
-                FilterPlan::Refuse(0x87)
+                FilterPlan::Refuse(NOT_AUTHORIZED)
             };
         }
         return if policy.filter_touches_protected(inner) {
-            FilterPlan::Refuse(0x87)
+            FilterPlan::Refuse(NOT_AUTHORIZED)
         } else {
             FilterPlan::Relay
         };
     }
     match policy.classify(inner) {
         TopicKind::Unprotected => FilterPlan::Relay,
-        TopicKind::Reserved => FilterPlan::Refuse(0x87),
+        TopicKind::Reserved => FilterPlan::Refuse(NOT_AUTHORIZED),
         // Nothing protected is looked up or granted for an unauthenticated connection.
-        _ if !identity.is_authenticated() => FilterPlan::Refuse(0x87),
+        _ if !identity.is_authenticated() => FilterPlan::Refuse(NOT_AUTHORIZED),
         TopicKind::Data(g) | TopicKind::Ota(g) => FilterPlan::IfMember(g, Role::Subscriber),
         TopicKind::Query(g) => FilterPlan::IfMember(g, Role::Publisher),
         TopicKind::Certificates(_) => FilterPlan::Relay,
@@ -200,7 +219,7 @@ pub(crate) fn plan_filter(
             if identity.device() == Some(&device) {
                 FilterPlan::Relay
             } else {
-                FilterPlan::Refuse(0x87)
+                FilterPlan::Refuse(NOT_AUTHORIZED)
             }
         }
         TopicKind::Key(g, role) if gk_request => FilterPlan::Join(g, role),
@@ -440,6 +459,30 @@ mod tests {
     }
 
     #[test]
+    fn the_mqtt311_upstream_connect_has_the_bridge_credentials_and_a_namespaced_id() {
+        let c = v3::Connect {
+            client_id: "plain".into(),
+            username: Some("someone".into()),
+            password: Some(Bytes::from_static(b"theirs")),
+            keep_alive: 17,
+            ..Default::default()
+        };
+        let u = upstream_connect_v3(&c, "plain", &up());
+        assert_eq!(u.username.as_deref(), Some("bridge"));
+        assert_eq!(u.password.as_deref(), Some(&b"pw"[..]));
+        assert_eq!(u.client_id, Identity::Anonymous.upstream_client_id("plain"));
+        assert_ne!(u.client_id, "plain");
+        assert_eq!(u.keep_alive, 17);
+        let none = Upstream {
+            username: None,
+            password: None,
+            max_packet_size: 1000,
+        };
+        let u = upstream_connect_v3(&c, "plain", &none);
+        assert_eq!((u.username, u.password), (None, None));
+    }
+
+    #[test]
     fn an_empty_client_id_without_clean_start_is_found_in_the_connect() {
         use tokio_util::codec::Encoder as _;
         let encode = |clean_start: bool, id: &str| {
@@ -506,11 +549,21 @@ mod tests {
         let cases = [
             (&dev, "weather/today", false, FilterPlan::Relay),
             (&anon, "weather/#", false, FilterPlan::Relay),
-            (&dev, "+/+", false, FilterPlan::Refuse(0x87)),
-            (&dev, "a/#/b", false, FilterPlan::Refuse(0x8F)),
-            (&dev, "$SYS/x", false, FilterPlan::Refuse(0x87)),
-            (&anon, "plant/a", false, FilterPlan::Refuse(0x87)),
-            (&anon, "quva/c/plant/a", false, FilterPlan::Refuse(0x87)),
+            (&dev, "+/+", false, FilterPlan::Refuse(NOT_AUTHORIZED)),
+            (
+                &dev,
+                "a/#/b",
+                false,
+                FilterPlan::Refuse(SubscribeRefusal::TopicFilterInvalid),
+            ),
+            (&dev, "$SYS/x", false, FilterPlan::Refuse(NOT_AUTHORIZED)),
+            (&anon, "plant/a", false, FilterPlan::Refuse(NOT_AUTHORIZED)),
+            (
+                &anon,
+                "quva/c/plant/a",
+                false,
+                FilterPlan::Refuse(NOT_AUTHORIZED),
+            ),
             (
                 &dev,
                 "plant/a",
@@ -535,10 +588,15 @@ mod tests {
                 &dev,
                 "quva/k/plant/a/sub/dev-2",
                 false,
-                FilterPlan::Refuse(0x87),
+                FilterPlan::Refuse(NOT_AUTHORIZED),
             ),
             (&dev, "quva/d/dev-1", false, FilterPlan::Relay),
-            (&dev, "quva/d/dev-2", false, FilterPlan::Refuse(0x87)),
+            (
+                &dev,
+                "quva/d/dev-2",
+                false,
+                FilterPlan::Refuse(NOT_AUTHORIZED),
+            ),
             (
                 &dev,
                 "quva/k/plant/a/sub",
@@ -571,13 +629,23 @@ mod tests {
                 false,
                 FilterPlan::IfMember(g("plant/a"), Role::Subscriber),
             ),
-            (&dev, "plant/+/_ota/#", false, FilterPlan::Refuse(0x87)),
-            (&anon, "plant/a/_ota/#", false, FilterPlan::Refuse(0x87)),
+            (
+                &dev,
+                "plant/+/_ota/#",
+                false,
+                FilterPlan::Refuse(NOT_AUTHORIZED),
+            ),
+            (
+                &anon,
+                "plant/a/_ota/#",
+                false,
+                FilterPlan::Refuse(NOT_AUTHORIZED),
+            ),
             (
                 &anon,
                 "plant/a/_ota/rel-1/7/m",
                 false,
-                FilterPlan::Refuse(0x87),
+                FilterPlan::Refuse(NOT_AUTHORIZED),
             ),
         ];
         for (id, filter, gk, want) in cases {
