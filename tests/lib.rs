@@ -788,6 +788,8 @@ fn spawn_ca(
     ca
 }
 
+/// Starts a bridge with info logs, or the `RUST_LOG` filter in `QUVA_TEST_BRIDGE_LOG` (for
+/// example `quva_bridge=debug` to see every connection while a test is investigated).
 fn spawn_bridge(bins: &Binaries, conf: &Path, listen: SocketAddr, logs: &Path) -> Proc {
     let mut cmd = Command::new(&bins.bridge);
     cmd.arg("--config").arg(conf);
