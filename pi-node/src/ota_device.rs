@@ -1012,20 +1012,7 @@ impl OtaAgent {
                 out.push(OtaAction::Subscribe(new));
             }
         }
-        out.extend(report(
-            dev,
-            group,
-            version,
-            OtaState::Applied,
-            "",
-            now_ms,
-            rng,
-        ));
-        out.push(OtaAction::Discard {
-            group: group.clone(),
-        });
-        // A newer release that arrived meanwhile.
-        out.extend(self.try_manifests(group, dev, now_ms, rng));
+        out.extend(self.close_release(group, version, OtaState::Applied, "", dev, now_ms, rng));
         out
     }
 
@@ -1076,19 +1063,27 @@ impl OtaAgent {
                     .collect(),
             ));
         }
-        out.extend(report(
-            dev,
-            group,
-            id.0,
-            OtaState::Failed,
-            detail,
-            now_ms,
-            rng,
-        ));
+        out.extend(self.close_release(group, id.0, OtaState::Failed, detail, dev, now_ms, rng));
+        out
+    }
+
+    /// The end of a release, applied or failed: the final report, its files discarded, and a
+    /// newer release that arrived meanwhile started.
+    #[allow(clippy::too_many_arguments)]
+    fn close_release(
+        &mut self,
+        group: &GroupId,
+        version: u64,
+        outcome: OtaState,
+        detail: &str,
+        dev: &Device,
+        now_ms: u64,
+        rng: &mut impl CryptoRngCore,
+    ) -> Vec<OtaAction> {
+        let mut out = report(dev, group, version, outcome, detail, now_ms, rng);
         out.push(OtaAction::Discard {
             group: group.clone(),
         });
-        // A newer release that arrived meanwhile.
         out.extend(self.try_manifests(group, dev, now_ms, rng));
         out
     }
