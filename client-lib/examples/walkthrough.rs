@@ -13,13 +13,14 @@ use quva_client::curve::KeyPair;
 use quva_client::enrollment::{
     Credentials, EnrollRequest, EnrollResponse, EnrollmentSecret, PendingEnrollment,
 };
-use quva_client::group::{GroupKeyDelivery, GroupKeyRequest, Member, Privacy};
+use quva_client::group::{GroupKeyRequest, Member, Privacy};
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Sealer,
     UnverifiedMessage,
 };
-use quva_client::rekey::{Change, DEFAULT_GRACE_MS, GroupState, Keyring, Plan, RekeyNotice};
+use quva_client::rekey::tree::TreeNotice;
+use quva_client::rekey::{Change, DEFAULT_GRACE_MS, GroupKeyDelivery, GroupState, Keyring, Plan};
 use quva_client::replay::ReplayCache;
 use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
@@ -269,22 +270,18 @@ fn main() {
     for n in &notices {
         let wire = n.payload();
         println!(
-            "  notice on {} ({} B, {:?})",
+            "  tree notice on {} ({} B, {} wraps)",
             n.topic,
             wire.len(),
-            n.notice.kind()
+            n.notice.wraps().len()
         );
         for d in devices.values_mut() {
-            let addressed = match &n.recipient {
-                Some(r) => r == d.creds.id(),
-                None => n.role == d.role,
-            };
-            if !addressed || d.creds.id().as_str() == "sub-2" {
+            if n.role != d.role {
                 continue;
             }
-            let notice = RekeyNotice::from_bytes(&wire).unwrap();
+            let notice = TreeNotice::from_bytes(&wire).unwrap();
             let ring = d.keyring.as_mut().unwrap();
-            match ring.apply_notice(d.creds.key(), &notice, now) {
+            match ring.apply_tree_notice(&notice, now) {
                 Ok(e) => println!("    {:<6} adopted epoch {e}", d.creds.id()),
                 Err(e) => println!("    {:<6} ignored it: {e}", d.creds.id()),
             }

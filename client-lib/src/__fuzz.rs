@@ -39,8 +39,7 @@ use crate::enrollment::{
     GroupConnectProof, ImplicitCert, PendingEnrollment, RenewRequest,
 };
 use crate::group::{
-    GroupInfo, GroupKeyDelivery, GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy,
-    SignedGroupInfo,
+    GroupInfo, GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
 };
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::message::{
@@ -52,7 +51,7 @@ use crate::ota::{
     SignerListing, StatusReport, UnverifiedManifest, VerifiedManifest,
 };
 use crate::rekey::tree::{KeyTree, NodeKey, TreeChanges, TreeHolder, TreeKeySet, TreeNotice};
-use crate::rekey::{DEFAULT_GRACE_MS, GroupState, Plan, RekeyNotice};
+use crate::rekey::{DEFAULT_GRACE_MS, GroupKeyDelivery, GroupState, Keyring, Plan};
 use crate::replay::ReplayCache;
 use crate::schnorr::{Signature, VerifyingKey};
 
@@ -80,7 +79,6 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("group_key_request_property", group_key_request_property),
     ("group_key_delivery", group_key_delivery),
     ("group_key_delivery_property", group_key_delivery_property),
-    ("rekey_notice", rekey_notice),
     ("group_record", group_record),
     ("message_verify", message_verify),
     ("enrollment_verify", enrollment_verify),
@@ -261,17 +259,11 @@ pub fn group_key_delivery_property(data: &[u8]) {
     }
 }
 
-/// [`RekeyNotice`] (broadcast and individual).
-pub fn rekey_notice(data: &[u8]) {
-    round_trip::<RekeyNotice>(data);
-}
-
 /// [`GroupState::from_record`] under the fixture's CA key: a record it accepts (signed info,
 /// matching shares, keys that re-derive) re-encodes to the same bytes.
 pub fn group_record(data: &[u8]) {
     let f = fixture();
-    let members = f.members.iter().map(|(_, j)| j.clone());
-    if let Ok(state) = GroupState::from_record(&f.ca, data, members) {
+    if let Ok(state) = GroupState::from_record(&f.ca, data, f.stored_members(), f.stored_nodes()) {
         assert!(
             state.to_record()[..] == *data,
             "group record does not re-encode"
@@ -380,8 +372,8 @@ pub fn enrollment_verify(data: &[u8]) {
 
 /// Decodes and checks the group-key structures of §4 and §5 against the fixture's CA, group and
 /// devices. The first byte selects: 0 [`GroupKeyRequest`] (CA opens it), 1 [`GroupKeyDelivery`]
-/// (device accepts it), 2 [`RekeyNotice`] (a subscriber's keyring applies it, or starts from
-/// it); the rest is its encoding.
+/// (device accepts it), 2 [`TreeNotice`] (a subscriber's keyring applies it); the rest is its
+/// encoding.
 pub fn group_key_verify(data: &[u8]) {
     let Some((&selector, data)) = data.split_first() else {
         return;
@@ -415,42 +407,37 @@ pub fn group_key_verify(data: &[u8]) {
             for (key, joined) in &f.members {
                 let role = joined.member().role;
                 let q_ca = f.ca.verifying_key();
-                if let Ok(held) = delivery.accept(&q_ca, key, &f.group, role) {
+                if let Ok((tree, held)) = delivery.accept(&q_ca, key, &f.group, role) {
                     assert_eq!(held.key().public(), held.info().held_public_key(role));
                     assert_eq!(held.info().group, f.group);
+                    assert_eq!(tree.epoch(), held.epoch());
                 }
             }
         }
         _ => {
-            let Ok(notice) = RekeyNotice::from_bytes(data) else {
+            let Ok(notice) = TreeNotice::from_bytes(data) else {
                 return;
             };
-            let (device, _) = &f.members[1];
             let mut ring = f.keyring.clone();
             let before = ring.epoch();
-            if let Ok(epoch) = ring.apply_notice(device, &notice, f.now) {
-                assert!(epoch > before);
-                assert_eq!(ring.epoch(), epoch);
-                assert_eq!(
-                    ring.current_key().public(),
-                    ring.group_info().held_public_key(Role::Subscriber)
-                );
-                assert!(ring.key_for(before, f.now).is_some());
-            }
-            let q_ca = f.ca.verifying_key();
-            let started = crate::rekey::Keyring::from_notice(
-                q_ca,
-                &f.group,
-                Role::Subscriber,
-                device,
-                &notice,
-                DEFAULT_GRACE_MS,
-            );
-            if let Ok(ring) = started {
-                assert_eq!(
-                    ring.current_key().public(),
-                    ring.group_info().held_public_key(Role::Subscriber)
-                );
+            match ring.apply_tree_notice(&notice, f.now) {
+                Ok(epoch) => {
+                    assert!(epoch > before);
+                    assert_eq!(ring.epoch(), epoch);
+                    assert_eq!(
+                        ring.current_key().public(),
+                        ring.group_info().held_public_key(Role::Subscriber)
+                    );
+                    assert!(ring.key_for(before, f.now).is_some());
+                    assert_eq!(ring.tree().epoch(), epoch);
+                }
+                Err(_) => {
+                    assert_eq!(ring.epoch(), before);
+                    assert!(
+                        ring.tree() == f.keyring.tree(),
+                        "a refused notice moved the tree"
+                    );
+                }
             }
         }
     }
@@ -505,6 +492,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push(("tree_notice", t.notice.clone()));
     seeds.push(("tree_key_set", t.key_set.clone()));
     seeds.push(("tree_notice_verify", t.notice.clone()));
+    seeds.push(("group_key_verify", [vec![2], t.notice.clone()].concat()));
     seeds.extend(ota_seeds());
     seeds
 }
@@ -517,11 +505,16 @@ struct TreeFixture {
     key_set: Vec<u8>,
 }
 
+/// The fixed key of node `n` in the fixture's subscriber tree.
+fn tree_node_key(n: u32) -> NodeKey {
+    NodeKey::from_bytes(&sha256(&[b"quva/fuzz/tree", &n.to_be_bytes()]))
+}
+
 fn tree_fixture() -> &'static TreeFixture {
     static TREE: OnceLock<TreeFixture> = OnceLock::new();
     TREE.get_or_init(|| {
         let f = fixture();
-        let key = |n: u32| NodeKey::from_bytes(&sha256(&[b"quva/fuzz/tree", &n.to_be_bytes()]));
+        let key = tree_node_key;
         let holders = ["sub-1", "sub-2", "sub-3", "sub-4"];
         let tree = ok(
             KeyTree::from_parts(
@@ -534,17 +527,7 @@ fn tree_fixture() -> &'static TreeFixture {
             ),
             "tree",
         );
-        let holder = ok(
-            TreeHolder::from_parts(
-                f.group.clone(),
-                Role::Subscriber,
-                Epoch(7),
-                4,
-                0,
-                vec![(0, key(0)), (1, key(1)), (3, key(3))],
-            ),
-            "tree holder",
-        );
+        let holder = f.keyring.tree().clone();
         let info = f.keys.group_info();
         let joined = f.members.iter().map(|(_, j)| j);
         let next = ok(
@@ -856,7 +839,9 @@ struct Fixture {
     keys: GroupKeys,
     signed: SignedGroupInfo,
     /// The subscriber's keyring at the current epoch.
-    keyring: crate::rekey::Keyring,
+    keyring: Keyring,
+    /// The CA's state with both members joined at epoch 7.
+    state: GroupState,
     enroll_secret: EnrollmentSecret,
     pending: PendingEnrollment,
     credentials: Credentials,
@@ -951,18 +936,23 @@ impl Fixture {
             SignedGroupInfo::sign_with_entropy(&ca, keys.group_info().clone(), &[0x51; 32]),
             "signed info",
         );
+        // sub-1 sits on leaf 0 of the four-leaf subscriber tree of `tree_fixture`.
         let sub_member = members[1].1.member();
-        let delivery = ok(
-            GroupKeyDelivery::seal_with_ephemeral(
-                &signed,
-                &keys,
-                sub_member,
-                &KeyPair::from_secret(secret(0x41)),
+        let set = ok(
+            TreeKeySet::new(
+                keys.held_by(Role::Subscriber).secret().clone(),
+                4,
+                0,
+                [0, 1, 3].map(|n| (n, tree_node_key(n))).to_vec(),
             ),
+            "key set",
+        );
+        let delivery = ok(
+            GroupKeyDelivery::seal(&signed, &keys, &set, sub_member, &mut CounterRng(0x41)),
             "delivery",
         );
         let keyring = ok(
-            crate::rekey::Keyring::from_delivery(
+            Keyring::from_delivery(
                 ca.verifying_key(),
                 &group,
                 Role::Subscriber,
@@ -999,8 +989,10 @@ impl Fixture {
         let pending = new_pending("sensor-8", 0x34, 0x35);
         let response = issue(&pending, 0x36);
 
+        let state = group_state(&ca, &group, &members, now);
         let mut f = Fixture {
             now,
+            state,
             ca,
             group,
             members,
@@ -1110,11 +1102,7 @@ impl Fixture {
         ));
         seeds.push(("group_key_verify", [vec![0], request.to_bytes()].concat()));
         seeds.push(("group_key_verify", [vec![1], delivery.to_bytes()].concat()));
-        for notice in self.notices() {
-            seeds.push(("rekey_notice", notice.to_bytes()));
-            seeds.push(("group_key_verify", [vec![2], notice.to_bytes()].concat()));
-        }
-        seeds.push(("group_record", self.record()));
+        seeds.push(("group_record", self.state.to_record()));
         seeds
     }
 
@@ -1152,64 +1140,59 @@ impl Fixture {
         out
     }
 
-    /// The subscribers' notices of epoch 8: a broadcast under d_P of epoch 7 and an individual
-    /// notice to the subscriber.
-    fn notices(&self) -> Vec<RekeyNotice> {
-        let info = self.keys.group_info();
-        let Some(next) = info.epoch.next() else {
-            return Vec::new();
-        };
-        let joined = self.members.iter().map(|(_, j)| j);
-        let keys = ok(
-            GroupKeys::derive(&self.ca, &self.group, next, info.privacy, joined),
-            "next keys",
-        );
-        let signed = ok(
-            SignedGroupInfo::sign_with_entropy(&self.ca, keys.group_info().clone(), &[0x52; 32]),
-            "next info",
-        );
-        let old = self.keys.held_by(Role::Subscriber).secret();
-        let new = keys.held_by(Role::Subscriber).secret();
-        let broadcast = ok(
-            RekeyNotice::broadcast(&signed, Role::Subscriber, old, new),
-            "broadcast",
-        );
-        let recipient = self.members[1].1.member().q;
-        let eph = KeyPair::from_secret(secret(0x42));
-        let individual = RekeyNotice::individual_with_ephemeral(
-            &signed,
-            Role::Subscriber,
-            &recipient,
-            new,
-            &eph,
-        );
-        vec![broadcast, individual]
+    /// The members as the CA stores them: each with its leaf.
+    fn stored_members(&self) -> Vec<(JoinedMember, u32)> {
+        self.members
+            .iter()
+            .filter_map(|(_, j)| {
+                let m = j.member();
+                let leaf = self.state.tree(m.role).leaf_of(&m.id)?;
+                Some((j.clone(), leaf))
+            })
+            .collect()
     }
 
-    /// The CA's record of the group with both members joined.
-    fn record(&self) -> Vec<u8> {
-        let mut rng = CounterRng(0);
-        let info = self.keys.group_info();
-        let state = ok(
-            GroupState::create(
-                &self.ca,
-                self.group.clone(),
-                info.privacy,
-                Epoch(6),
-                self.now,
-                &mut rng,
-            ),
-            "group state",
-        );
-        let changes = self
-            .members
-            .iter()
-            .map(|(_, j)| crate::rekey::Change::Join(j.clone()));
-        match ok(state.stage(&self.ca, changes, self.now, &mut rng), "stage") {
-            Plan::Rekey(staged) => staged.state_record(),
-            Plan::Unchanged => Vec::new(),
-        }
+    /// The node keys of both trees as the CA stores them.
+    fn stored_nodes(&self) -> Vec<(Role, u32, NodeKey)> {
+        [Role::Publisher, Role::Subscriber]
+            .into_iter()
+            .flat_map(|role| {
+                self.state
+                    .tree(role)
+                    .node_keys()
+                    .map(move |(n, k)| (role, n, k.clone()))
+            })
+            .collect()
     }
+}
+
+/// The CA's state of the group with both members joined at epoch 7.
+fn group_state(
+    ca: &KeyPair,
+    group: &GroupId,
+    members: &[(KeyPair, JoinedMember)],
+    now: u64,
+) -> GroupState {
+    let mut rng = CounterRng(0);
+    let mut state = ok(
+        GroupState::create(
+            ca,
+            group.clone(),
+            Privacy::Standard,
+            Epoch(6),
+            now,
+            &mut rng,
+        ),
+        "group state",
+    );
+    let changes = members
+        .iter()
+        .map(|(_, j)| crate::rekey::Change::Join(j.clone()));
+    match ok(state.stage(ca, changes, now, &mut rng), "stage") {
+        Plan::Rekey(staged) => ok(state.commit(*staged), "commit"),
+        Plan::Unchanged => panic!("fuzz fixture: members join"),
+    }
+    state
 }
 
 /// A pending renewal for the enrolled device (new r_i, same g_i).
@@ -1335,15 +1318,16 @@ mod tests {
     #[test]
     fn the_fixture_accepts_its_own_notices_and_record() {
         let f = fixture();
-        for notice in f.notices() {
-            let mut ring = f.keyring.clone();
-            assert_eq!(
-                ring.apply_notice(&f.members[1].0, &notice, f.now),
-                Ok(Epoch(8))
-            );
-        }
-        let members = f.members.iter().map(|(_, j)| j.clone());
-        let state = GroupState::from_record(&f.ca, &f.record(), members).unwrap();
+        let notice = TreeNotice::from_bytes(&tree_fixture().notice).unwrap();
+        let mut ring = f.keyring.clone();
+        assert_eq!(ring.apply_tree_notice(&notice, f.now), Ok(Epoch(8)));
+        let state = GroupState::from_record(
+            &f.ca,
+            &f.state.to_record(),
+            f.stored_members(),
+            f.stored_nodes(),
+        )
+        .unwrap();
         assert_eq!(state.epoch(), Epoch(7));
         assert_eq!(state.members().count(), 2);
     }

@@ -10,8 +10,8 @@
 //!
 //! - [`GroupInfo`] / [`SignedGroupInfo`]: the public `ginfo` and the CA's signature over it.
 //! - [`GroupKeyRequest`]: the device's proof of possession of its share (`quva-gk` on SUBSCRIBE).
-//! - [`GroupKeyDelivery`]: the CA's answer (`quva-gk` on SUBACK): ginfo, signature and the held
-//!   key under ECIES.
+//! - The CA's answer (`quva-gk` on SUBACK) is [`crate::rekey::GroupKeyDelivery`]: ginfo,
+//!   signature and, under ECIES, the held key with the holder's key-tree path (§5.1).
 //!
 //! Identifier order: publisher and subscriber IDs are sorted by their UTF-8 bytes before they are
 //! written as `str`; the `members_digest` entries `u8 role || str(id) || pt(Q_i) || pt(G_i)` are
@@ -21,8 +21,7 @@
 //! ```
 //! use quva_client::curve::{KeyPair, SecretScalar};
 //! use quva_client::group::{
-//!     GroupKeyDelivery, GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy,
-//!     SignedGroupInfo,
+//!     GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
 //! };
 //! use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 //! use quva_client::rng::SystemRng;
@@ -52,14 +51,10 @@
 //! let joined: JoinedMember = req.open(&ca, &member, now, 60_000).unwrap();
 //! let keys = GroupKeys::derive(&ca, &group, Epoch(1), Privacy::Standard, &[joined]).unwrap();
 //! let signed = SignedGroupInfo::sign(&ca, keys.group_info().clone(), &mut rng).unwrap();
-//! let delivery = GroupKeyDelivery::seal(&signed, &keys, &member, &mut rng).unwrap();
-//!
-//! // Device: accept the SUBACK property; a subscriber now holds d_P.
-//! let delivery = GroupKeyDelivery::from_property(&delivery.to_property()).unwrap();
-//! let held = delivery
-//!     .accept(&ca.verifying_key(), &device, &group, Role::Subscriber)
-//!     .unwrap();
-//! assert_eq!(held.key().public(), &held.info().q_p);
+//! // The subscriber's d_P is d·G = Q_P of the signed info; the CA delivers it with the
+//! // subscriber's key-tree path (`quva_client::rekey::GroupState::delivery`).
+//! let info = signed.verify(&ca.verifying_key()).unwrap();
+//! assert_eq!(keys.held_by(Role::Subscriber).public(), &info.q_p);
 //! ```
 
 use std::collections::BTreeSet;
@@ -77,11 +72,11 @@ use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::schnorr::{Signature, VerifyingKey};
 use crate::symmetric::{HmacSha256, VerifyError};
 
-mod delivery;
+mod accepted;
 mod request;
 mod roster;
 
-pub use delivery::{AcceptedGroupKey, GroupKeyDelivery, SEALED_KEY_LEN};
+pub use accepted::AcceptedGroupKey;
 pub use request::{GroupKeyRequest, POP_CIPHERTEXT_LEN};
 pub(crate) use roster::{Roster, RosterDiff};
 
@@ -91,7 +86,8 @@ pub const GK_PROPERTY: &str = "quva-gk";
 pub const GINFO_SIGNATURE_TAG: &str = "quva/v1/ginfo";
 /// Length of an encoded `ginfo` without the group name's bytes.
 const GINFO_FIXED_LEN: usize = 1 + 2 + 4 + 4 * 33 + 1 + 4 + 4 + 32;
-/// Longest `quva-gk` property text accepted before any decoding (a delivery is ≤ 608 characters).
+/// Longest `quva-gk` property text accepted before any decoding (a delivery is ≤ 1,822 characters:
+/// a 128-byte group name and a key-tree path through the widest tree).
 pub const MAX_PROPERTY_LEN: usize = 2048;
 
 /// Why a group-key step failed.
@@ -675,7 +671,7 @@ pub fn key_context(group: &GroupId, epoch: Epoch, role: Role) -> Vec<u8> {
 }
 
 /// Decodes a `quva-gk` property: base64url without padding, bounded before decoding.
-fn property_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
+pub(crate) fn property_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
     use base64::Engine;
     if text.len() > MAX_PROPERTY_LEN {
         return Err(DecodeError::TooLarge("quva-gk property"));
@@ -685,7 +681,7 @@ fn property_bytes(text: &str) -> Result<Vec<u8>, DecodeError> {
         .map_err(|_| DecodeError::InvalidValue("quva-gk base64"))
 }
 
-fn property_text(bytes: &[u8]) -> String {
+pub(crate) fn property_text(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }

@@ -1,27 +1,28 @@
-//! Rekeying: the CA's group state and rekey planner, rekey notices, and the device's keyring.
+//! Rekeying: the CA's group state and rekey planner, key delivery, tree notices, and the device's
+//! keyring.
 //!
-//! Implements PROTOCOL.md §5 (the paper's §4.4 with the fixes of §9.4, §9.5, §9.7 and §9.8).
+//! Implements PROTOCOL.md §5 with the v1.1 key trees of §5.1 (the paper's §4.4 with the fixes of
+//! §9.4, §9.5, §9.7 and §9.8).
 //!
 //! CA side, sans-IO and staged ([`GroupState`]): the daemon's single writer task gathers the
 //! changes of a batching window (joins, leaves — a leave, denial, revocation or expiry are all
 //! leaves —, new certificates, the periodic timer) and calls [`GroupState::stage`], which
 //! coalesces them into one epoch E → E+1 and returns a [`StagedRekey`]: the next state (with
-//! [`StagedRekey::state_record`] to persist) and the notices to publish. After the write is
-//! durable, [`GroupState::commit`] makes it current. A join with the share already joined changes
-//! nothing ([`Plan::Unchanged`]); the caller answers it with [`GroupState::delivery`].
+//! [`StagedRekey::state_record`] and the key-tree rows of [`StagedRekey::tree`] to persist) and
+//! the notices to publish. After the write is durable, [`GroupState::commit`] makes it current.
+//! A join with the share already joined changes nothing ([`Plan::Unchanged`]); the caller answers
+//! it, and every joiner once committed, with [`GroupState::delivery`].
 //!
-//! Delivery rule for each key X ∈ {d_P, d_S}: if a departing member held X, the new X goes to every
-//! remaining holder individually (ECIES); otherwise one broadcast under the previous X plus ECIES
-//! to each new holder. Holders of d_P are the subscribers, holders of d_S the publishers. An
-//! individual notice names its recipient by topic only: `quva/k/<group>/<pub|sub>/<device>`
-//! ([`device_key_topic`]); broadcasts go to `quva/k/<group>/<pub|sub>` ([`key_topic`]).
+//! Delivery (§5.1): each key X ∈ {d_P, d_S} has a key tree whose leaves are its holders (the
+//! subscribers hold d_P, the publishers d_S). Every epoch changes both keys, so every epoch
+//! sends one kind-3 [`TreeNotice`] per tree that has holders, on [`key_topic`]: O(log n)
+//! symmetric wraps that exactly the remaining holders open. Joiners receive X and their path in
+//! the ECIES key set of their [`GroupKeyDelivery`].
 //!
-//! Device side ([`Keyring`]): applies notices (signature, group, role, epoch order, decryption and
-//! d·G against the signed info), catches up from a retained individual notice of a later epoch,
-//! and keeps superseded keys for a grace period (default [`DEFAULT_GRACE_MS`]).
-//!
-//! v1.1 key trees ([`tree`], PROTOCOL.md §5.1): one kind-3 notice of O(log n) symmetric wraps per
-//! epoch and role replaces the broadcast and the individual notices.
+//! Device side ([`Keyring`]): starts from a delivery, applies tree notices (signature, group,
+//! role, epoch order, wraps and X·G against the signed info), and keeps superseded keys for a
+//! grace period (default [`DEFAULT_GRACE_MS`]). A device that missed an epoch gets
+//! [`tree::TreeError::MissedEpoch`] and joins again.
 //!
 //! # Usage
 //! ```
@@ -44,47 +45,53 @@
 //!     let d = KeyPair::random(&mut rng);
 //!     let g = SecretScalar::random(&mut rng);
 //!     let id = DeviceId::new(name).unwrap();
-//!     changes.push(Change::Join(
-//!         JoinedMember::from_keys(id, Role::Subscriber, d.secret(), &g).unwrap(),
-//!     ));
-//!     devices.push(d);
+//!     let joined = JoinedMember::from_keys(id, Role::Subscriber, d.secret(), &g).unwrap();
+//!     changes.push(Change::Join(joined.clone()));
+//!     devices.push((d, joined));
 //! }
 //! let Plan::Rekey(staged) = state.stage(&ca, changes, 1_000, &mut rng).unwrap() else {
 //!     unreachable!()
 //! };
-//! // ... persist staged.state_record() and the notices atomically, then:
-//! let notices = staged.notices().to_vec();
+//! // ... persist staged.state_record(), the tree rows and the shares atomically, then:
 //! state.commit(*staged).unwrap();
 //! assert_eq!(state.epoch(), Epoch(1));
 //!
-//! // sub-1 adopts d_P from its individual notice.
-//! let mine = notices
-//!     .iter()
-//!     .find(|n| n.recipient.as_ref().map(|r| r.as_str()) == Some("sub-1"))
-//!     .unwrap();
-//! assert_eq!(mine.topic, "quva/k/plant/line-3/temp/sub/sub-1");
-//! let ring = Keyring::from_notice(ca.verifying_key(), &group, Role::Subscriber, &devices[0],
-//!     &mine.notice, DEFAULT_GRACE_MS).unwrap();
-//! assert_eq!(ring.current_key().public(), &state.signed_info().info_unverified().q_p);
+//! // Each joiner's SUBACK carries d_P and its key-tree path.
+//! let mut rings: Vec<Keyring> = devices.iter().map(|(d, joined)| {
+//!     let delivery = state.delivery(joined.member(), &mut rng).unwrap();
+//!     Keyring::from_delivery(ca.verifying_key(), &group, Role::Subscriber, d, &delivery,
+//!         DEFAULT_GRACE_MS).unwrap()
+//! }).collect();
+//!
+//! // sub-2 leaves: one tree notice of O(log n) wraps that sub-1 opens and sub-2 cannot.
+//! let leave = Change::Leave { id: DeviceId::new("sub-2").unwrap(), role: Role::Subscriber };
+//! let Plan::Rekey(staged) = state.stage(&ca, [leave], 2_000, &mut rng).unwrap() else {
+//!     unreachable!()
+//! };
+//! let notice = staged.notices()[0].notice.clone();
+//! state.commit(*staged).unwrap();
+//! assert_eq!(rings[0].apply_tree_notice(&notice, 2_000).unwrap(), Epoch(2));
+//! assert_eq!(rings[0].current_key().public(), &state.signed_info().info_unverified().q_p);
+//! assert!(rings[1].apply_tree_notice(&notice, 2_000).is_err());
 //! ```
 
 use rand_core::CryptoRngCore;
 
-use crate::codec::{Decode, DecodeError, Encode, Reader, put_u8, put_u64};
+use crate::codec::{Decode, DecodeError, Encode, Reader, put_u8, put_u32, put_u64};
 use crate::curve::{CurveError, KeyPair};
 use crate::group::{
-    GroupError, GroupKeyDelivery, GroupKeys, JoinedMember, Member, Privacy, Roster, RosterDiff,
-    SignedGroupInfo,
+    GroupError, GroupKeys, JoinedMember, Member, Privacy, Roster, RosterDiff, SignedGroupInfo,
 };
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::symmetric::VerifyError;
 
+mod delivery;
 mod keyring;
-mod notice;
 pub mod tree;
 
+pub use delivery::{GroupKeyDelivery, MAX_SEALED_LEN, MIN_SEALED_LEN};
 pub use keyring::{DEFAULT_GRACE_MS, Keyring, MAX_PREVIOUS_KEYS};
-pub use notice::{BROADCAST_CIPHERTEXT_LEN, NoticeBody, NoticeKind, RekeyNotice};
+use tree::{KeyTree, NodeKey, StagedTree, TreeChanges, TreeError, TreeNotice};
 
 /// Changes that arrive within this window coalesce into one epoch (PROTOCOL.md §5).
 pub const DEFAULT_BATCH_WINDOW_MS: u64 = 200;
@@ -111,12 +118,9 @@ pub enum RekeyError {
     /// The notice is for another group.
     #[error("wrong group in {0}")]
     WrongGroup(&'static str),
-    /// The notice's epoch is not after the current one (a replay or a retained old notice).
+    /// The delivery's epoch is not after the current one (a replay or an old answer).
     #[error("epoch not after the current one")]
     StaleEpoch,
-    /// A broadcast that does not follow the current epoch: keys were missed, ask the CA again.
-    #[error("missed epochs: request the group key again")]
-    EpochGap,
     /// The epoch counter is at `u32::MAX`.
     #[error("epoch counter exhausted")]
     EpochExhausted,
@@ -131,17 +135,12 @@ pub enum RekeyError {
     RecordMismatch,
     /// A key-tree step failed (PROTOCOL.md §5.1).
     #[error(transparent)]
-    Tree(tree::TreeError),
+    Tree(TreeError),
 }
 
-/// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (broadcast notices, requests).
+/// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (tree notices, requests).
 pub fn key_topic(group: &GroupId, role: Role) -> String {
     crate::topics::key(group, role)
-}
-
-/// The individual notice topic `quva/k/<group>/<pub|sub>/<device>`.
-pub fn device_key_topic(group: &GroupId, role: Role, device: &DeviceId) -> String {
-    crate::topics::individual(group, role, device)
 }
 
 /// One membership change, or the periodic timer.
@@ -175,17 +174,15 @@ pub enum Plan {
     Rekey(Box<StagedRekey>),
 }
 
-/// One notice to publish (QoS 1, retained).
+/// One tree notice to publish (QoS 1, retained) on the holders' key topic.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OutgoingNotice {
-    /// The individual recipient, or `None` for a broadcast to every holder of `role`.
-    pub recipient: Option<DeviceId>,
     /// The holders' role: publishers receive d_S, subscribers d_P.
     pub role: Role,
-    /// [`device_key_topic`] for an individual notice, [`key_topic`] for a broadcast.
+    /// [`key_topic`] of the role.
     pub topic: String,
     /// The notice.
-    pub notice: RekeyNotice,
+    pub notice: TreeNotice,
 }
 
 impl OutgoingNotice {
@@ -195,8 +192,24 @@ impl OutgoingNotice {
     }
 }
 
-/// A planned epoch E → E+1: the membership change, the new keys and their notices, to persist
-/// and then commit.
+/// The two key trees of a group, by holders' role.
+#[derive(Clone, Debug)]
+struct Trees<T> {
+    publishers: T,
+    subscribers: T,
+}
+
+impl<T> Trees<T> {
+    fn get(&self, role: Role) -> &T {
+        match role {
+            Role::Publisher => &self.publishers,
+            Role::Subscriber => &self.subscribers,
+        }
+    }
+}
+
+/// A planned epoch E → E+1: the membership change, the new keys, the key-tree changes and their
+/// notices, to persist and then commit.
 #[derive(Debug)]
 pub struct StagedRekey {
     base: crate::group::GroupInfo,
@@ -204,6 +217,7 @@ pub struct StagedRekey {
     signed: SignedGroupInfo,
     diff: RosterDiff,
     rekeyed_at_ms: u64,
+    trees: Trees<StagedTree>,
     notices: Vec<OutgoingNotice>,
     joined: Vec<Member>,
     departed: Vec<Member>,
@@ -225,9 +239,24 @@ impl StagedRekey {
         &self.signed
     }
 
-    /// The notices to publish, d_P's first.
+    /// The tree notices to publish, d_P's first; none for a tree without holders.
     pub fn notices(&self) -> &[OutgoingNotice] {
         &self.notices
+    }
+
+    /// The planned change of the key tree whose leaves hold `role`'s key: the node rows and leaves
+    /// to write (O(log n) per joiner or departure).
+    pub fn tree(&self, role: Role) -> &StagedTree {
+        self.trees.get(role)
+    }
+
+    /// The leaf a member of this epoch's joiners takes in its role's tree.
+    pub fn joined_leaf(&self, role: Role, id: &DeviceId) -> Option<u32> {
+        self.tree(role)
+            .leaf_changes()
+            .iter()
+            .find(|(_, h)| h.as_ref() == Some(id))
+            .map(|(l, _)| *l)
     }
 
     /// Members new in this epoch (first joins and new certificates).
@@ -235,21 +264,27 @@ impl StagedRekey {
         &self.joined
     }
 
-    /// Members gone in this epoch (including the old certificate of a renewed member); their
-    /// retained individual notices can be cleared.
+    /// Members gone in this epoch (including the old certificate of a renewed member).
     pub fn departed(&self) -> &[Member] {
         &self.departed
     }
 
     /// The record of the new epoch ([`GroupState::to_record`]), to write atomically with the
-    /// members' shares before committing.
+    /// members' shares and leaves and the tree's node rows before committing.
     pub fn state_record(&self) -> Vec<u8> {
-        state_record(&self.signed, self.rekeyed_at_ms)
+        state_record(
+            &self.signed,
+            self.rekeyed_at_ms,
+            Trees {
+                publishers: self.trees.publishers.width(),
+                subscribers: self.trees.subscribers.width(),
+            },
+        )
     }
 }
 
-/// The CA's state of one group: epoch, privacy, joined members with their shares, and the keys
-/// and signed info of the current epoch.
+/// The CA's state of one group: epoch, privacy, joined members with their shares, the keys and
+/// signed info of the current epoch, and the two key trees.
 ///
 /// An epoch change costs O(k log n) for k changed members plus one streaming pass over the
 /// sorted member IDs and `members_digest` entries (both fixed by PROTOCOL.md §4); the membership
@@ -260,6 +295,7 @@ pub struct GroupState {
     signed: SignedGroupInfo,
     roster: Roster,
     rekeyed_at_ms: u64,
+    trees: Trees<KeyTree>,
 }
 
 impl GroupState {
@@ -279,11 +315,16 @@ impl GroupState {
         let roster = Roster::default();
         let keys = roster.derive_keys(&roster.diff([]), ca, &group, epoch, privacy)?;
         let signed = SignedGroupInfo::sign(ca, keys.group_info().clone(), rng)?;
+        let trees = Trees {
+            publishers: KeyTree::new(group.clone(), Role::Publisher, epoch),
+            subscribers: KeyTree::new(group, Role::Subscriber, epoch),
+        };
         Ok(GroupState {
             keys,
             signed,
             roster,
             rekeyed_at_ms: now_ms,
+            trees,
         })
     }
 
@@ -317,6 +358,11 @@ impl GroupState {
         &self.signed
     }
 
+    /// The key tree whose leaves hold `role`'s key.
+    pub fn tree(&self, role: Role) -> &KeyTree {
+        self.trees.get(role)
+    }
+
     /// The joined members, ordered by (role, ID).
     pub fn members(&self) -> impl Iterator<Item = &JoinedMember> {
         self.roster.members()
@@ -327,7 +373,7 @@ impl GroupState {
         self.roster.get(id, role)
     }
 
-    /// The SUBACK delivery of the current key to a joined member.
+    /// The SUBACK delivery of the current key and key-tree path to a joined member.
     ///
     /// # Errors
     /// [`RekeyError::NotAMember`] unless `member` is joined with exactly these public points.
@@ -337,12 +383,17 @@ impl GroupState {
         rng: &mut impl CryptoRngCore,
     ) -> Result<GroupKeyDelivery, RekeyError> {
         match self.member(&member.id, member.role) {
-            Some(m) if m.member() == member => Ok(GroupKeyDelivery::seal(
-                &self.signed,
-                &self.keys,
-                member,
-                rng,
-            )?),
+            Some(m) if m.member() == member => {
+                let x = self.keys.held_by(member.role).secret();
+                let set = self.tree(member.role).key_set(&member.id, x)?;
+                Ok(GroupKeyDelivery::seal(
+                    &self.signed,
+                    &self.keys,
+                    &set,
+                    member,
+                    rng,
+                )?)
+            }
             _ => Err(RekeyError::NotAMember),
         }
     }
@@ -395,8 +446,9 @@ impl GroupState {
     /// asked for.
     ///
     /// # Errors
-    /// [`RekeyError::EpochExhausted`] at `u32::MAX`; [`RekeyError::Group`] or
-    /// [`RekeyError::Curve`] with probability 2⁻²⁵⁶.
+    /// [`RekeyError::EpochExhausted`] at `u32::MAX`; [`RekeyError::Tree`] for a tree that would
+    /// exceed its widest size; [`RekeyError::Group`] or [`RekeyError::Curve`] with probability
+    /// 2⁻²⁵⁶.
     pub fn stage(
         &self,
         ca: &KeyPair,
@@ -430,9 +482,38 @@ impl GroupState {
             .derive_keys(&diff, ca, self.group(), epoch, self.privacy())?;
         let signed = SignedGroupInfo::sign(ca, keys.group_info().clone(), rng)?;
         let mut notices = Vec::new();
-        for kind in [GroupKeyKind::P, GroupKeyKind::S] {
-            self.plan_key(kind, &keys, &signed, &diff, &mut notices, rng)?;
-        }
+        // Both keys change every epoch; d_P's tree (the subscribers') first.
+        let mut plan = |kind: GroupKeyKind, rng: &mut _| -> Result<StagedTree, RekeyError> {
+            let role = kind.holder_role();
+            let changes = TreeChanges {
+                departed: self
+                    .roster
+                    .departing(&diff)
+                    .map(JoinedMember::member)
+                    .filter(|m| m.role == role)
+                    .map(|m| m.id.clone())
+                    .collect(),
+                joined: diff
+                    .joined()
+                    .map(JoinedMember::member)
+                    .filter(|m| m.role == role)
+                    .map(|m| m.id.clone())
+                    .collect(),
+            };
+            let staged = self
+                .tree(role)
+                .plan(&changes, keys.key(kind).secret(), &signed, rng)?;
+            if let Some(notice) = staged.notice() {
+                notices.push(OutgoingNotice {
+                    role,
+                    topic: key_topic(self.group(), role),
+                    notice: notice.clone(),
+                });
+            }
+            Ok(staged)
+        };
+        let subscribers = plan(GroupKeyKind::P, rng)?;
+        let publishers = plan(GroupKeyKind::S, rng)?;
         let departed = self
             .roster
             .departing(&diff)
@@ -445,58 +526,14 @@ impl GroupState {
             signed,
             diff,
             rekeyed_at_ms: now_ms,
+            trees: Trees {
+                publishers,
+                subscribers,
+            },
             notices,
             joined,
             departed,
         })))
-    }
-
-    /// The delivery rule for the key `kind` (PROTOCOL.md §5, §9.4).
-    fn plan_key(
-        &self,
-        kind: GroupKeyKind,
-        keys: &GroupKeys,
-        signed: &SignedGroupInfo,
-        diff: &RosterDiff,
-        out: &mut Vec<OutgoingNotice>,
-        rng: &mut impl CryptoRngCore,
-    ) -> Result<(), RekeyError> {
-        let role = kind.holder_role();
-        let group = self.group();
-        let new = keys.key(kind).secret();
-        let individual = |m: &Member, rng: &mut _| OutgoingNotice {
-            recipient: Some(m.id.clone()),
-            role,
-            topic: device_key_topic(group, role, &m.id),
-            notice: RekeyNotice::individual(signed, role, &m.q, new, rng),
-        };
-        if self.roster.departing(diff).any(|m| m.member().role == role) {
-            for m in self.roster.members_after(diff) {
-                if m.member().role == role {
-                    out.push(individual(m.member(), rng));
-                }
-            }
-            return Ok(());
-        }
-        let fresh: Vec<&Member> = diff
-            .joined()
-            .map(JoinedMember::member)
-            .filter(|m| m.role == role)
-            .collect();
-        // No holder departed, so every holder before the change is still one.
-        if self.roster.count(role) > 0 {
-            let old = self.keys.key(kind).secret();
-            out.push(OutgoingNotice {
-                recipient: None,
-                role,
-                topic: key_topic(group, role),
-                notice: RekeyNotice::broadcast(signed, role, old, new)?,
-            });
-        }
-        for m in fresh {
-            out.push(individual(m, rng));
-        }
-        Ok(())
     }
 
     /// Makes a staged rekey current, after the caller persisted it.
@@ -505,9 +542,14 @@ impl GroupState {
     /// [`RekeyError::Conflict`] if it was staged from another state (another rekey was committed
     /// in between); the state is then unchanged.
     pub fn commit(&mut self, staged: StagedRekey) -> Result<(), RekeyError> {
-        if &staged.base != self.keys.group_info() {
+        if &staged.base != self.keys.group_info()
+            || !self.trees.publishers.follows(&staged.trees.publishers)
+            || !self.trees.subscribers.follows(&staged.trees.subscribers)
+        {
             return Err(RekeyError::Conflict);
         }
+        self.trees.publishers.commit(staged.trees.publishers)?;
+        self.trees.subscribers.commit(staged.trees.subscribers)?;
         self.roster.apply(staged.diff);
         self.keys = staged.keys;
         self.signed = staged.signed;
@@ -515,33 +557,88 @@ impl GroupState {
         Ok(())
     }
 
-    /// The storage record of the current epoch: `u8 1 || ginfo || sig || u64 rekeyed_at_ms`.
-    /// It holds no secret; the members' shares are stored apart, one row per member, and come
-    /// back through [`GroupState::from_record`].
+    /// The storage record of the current epoch: `u8 1 || ginfo || sig || u64 rekeyed_at_ms ||
+    /// u32 W of the publishers' tree || u32 W of the subscribers' tree`. It holds no secret; the
+    /// members' shares and leaves are stored apart, one row per member, the tree's node keys one
+    /// row per node, and come back through [`GroupState::from_record`].
     pub fn to_record(&self) -> Vec<u8> {
-        state_record(&self.signed, self.rekeyed_at_ms)
+        state_record(
+            &self.signed,
+            self.rekeyed_at_ms,
+            Trees {
+                publishers: self.trees.publishers.width(),
+                subscribers: self.trees.subscribers.width(),
+            },
+        )
     }
 
-    /// Restores a state from [`GroupState::to_record`] and the joined members: checks the CA's
-    /// signature and that the keys re-derived from the members equal the signed info.
+    /// Restores a state from [`GroupState::to_record`], the joined members with their leaves,
+    /// and the node keys of both trees as (holders' role, node, key): checks the CA's
+    /// signature, that the keys re-derived from the members equal the signed info, and that each
+    /// tree holds exactly the members of its role with a key on every non-blank node.
     ///
     /// # Errors
     /// [`RekeyError::Decode`], [`RekeyError::Verify`], [`RekeyError::Group`] for a repeated
-    /// member, [`RekeyError::RecordMismatch`] if the members do not give the signed keys.
+    /// member, [`RekeyError::Tree`] for rows that do not form a tree,
+    /// [`RekeyError::RecordMismatch`] if the members do not give the signed keys.
     pub fn from_record(
         ca: &KeyPair,
         bytes: &[u8],
-        members: impl IntoIterator<Item = JoinedMember>,
+        members: impl IntoIterator<Item = (JoinedMember, u32)>,
+        nodes: impl IntoIterator<Item = (Role, u32, NodeKey)>,
     ) -> Result<Self, RekeyError> {
         let mut r = Reader::new(bytes);
         r.version("group record")?;
         let signed = SignedGroupInfo::read(&mut r)?;
         let rekeyed_at_ms = r.u64("group record time")?;
+        let pub_width = r.u32("group record publishers' tree width")?;
+        let sub_width = r.u32("group record subscribers' tree width")?;
         r.finish("group record")?;
         let info = signed.verify(&ca.verifying_key())?;
-        let roster = Roster::from_members(members)?;
+        let mut leaves: Trees<Vec<(DeviceId, u32)>> = Trees {
+            publishers: Vec::new(),
+            subscribers: Vec::new(),
+        };
+        let mut joined = Vec::new();
+        for (m, leaf) in members {
+            let id = m.member().id.clone();
+            match m.member().role {
+                Role::Publisher => leaves.publishers.push((id, leaf)),
+                Role::Subscriber => leaves.subscribers.push((id, leaf)),
+            }
+            joined.push(m);
+        }
+        let mut keys: Trees<Vec<(u32, NodeKey)>> = Trees {
+            publishers: Vec::new(),
+            subscribers: Vec::new(),
+        };
+        for (role, node, key) in nodes {
+            match role {
+                Role::Publisher => keys.publishers.push((node, key)),
+                Role::Subscriber => keys.subscribers.push((node, key)),
+            }
+        }
+        let tree = |role: Role, width: u32, holders, nodes| {
+            KeyTree::from_parts(info.group.clone(), role, info.epoch, width, holders, nodes)
+        };
+        let trees = Trees {
+            publishers: tree(
+                Role::Publisher,
+                pub_width,
+                leaves.publishers,
+                keys.publishers,
+            )?,
+            subscribers: tree(
+                Role::Subscriber,
+                sub_width,
+                leaves.subscribers,
+                keys.subscribers,
+            )?,
+        };
+        let roster = Roster::from_members(joined)?;
         let keys =
             roster.derive_keys(&roster.diff([]), ca, &info.group, info.epoch, info.privacy)?;
+        // The trees were built from exactly the members' leaves, one leaf each.
         if keys.group_info() != info {
             return Err(RekeyError::RecordMismatch);
         }
@@ -550,15 +647,18 @@ impl GroupState {
             signed,
             roster,
             rekeyed_at_ms,
+            trees,
         })
     }
 }
 
-fn state_record(signed: &SignedGroupInfo, rekeyed_at_ms: u64) -> Vec<u8> {
+fn state_record(signed: &SignedGroupInfo, rekeyed_at_ms: u64, widths: Trees<u32>) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     put_u8(&mut out, 1);
     signed.encode(&mut out);
     put_u64(&mut out, rekeyed_at_ms);
+    put_u32(&mut out, widths.publishers);
+    put_u32(&mut out, widths.subscribers);
     out
 }
 
@@ -652,7 +752,9 @@ mod tests {
             self.ca.verifying_key()
         }
 
-        /// Stages, checks, commits and delivers; `None` if nothing changed.
+        /// Stages, checks, commits and delivers; `None` if nothing changed. Remaining holders
+        /// apply their role's tree notice; joiners start from their delivery and ignore the
+        /// notice of their own epoch; non-members open nothing and get no delivery.
         fn run(&mut self, changes: Vec<Change>) -> Option<(Vec<OutgoingNotice>, Vec<Member>)> {
             self.now += 1_000;
             let before = self.state.epoch();
@@ -669,99 +771,120 @@ mod tests {
             assert_eq!(staged.epoch(), before.next().unwrap());
             let notices = staged.notices().to_vec();
             let departed = staged.departed().to_vec();
+            let joined = staged.joined().to_vec();
             let group = self.state.group().clone();
             for n in &notices {
-                match &n.recipient {
-                    None => {
-                        // §9.4: never under a key that a departing member held.
-                        assert!(departed.iter().all(|m| m.role != n.role));
-                        assert_eq!(n.notice.kind(), NoticeKind::Broadcast);
-                        assert_eq!(n.topic, key_topic(&group, n.role));
-                    }
-                    Some(id) => {
-                        assert_eq!(n.notice.kind(), NoticeKind::Individual);
-                        assert_eq!(n.topic, device_key_topic(&group, n.role, id));
-                    }
-                }
-                assert_eq!(RekeyNotice::from_bytes(&n.payload()).unwrap(), n.notice);
+                assert_eq!(n.topic, key_topic(&group, n.role));
+                assert_eq!(n.notice.epoch(), staged.epoch());
+                assert_eq!(TreeNotice::from_bytes(&n.payload()).unwrap(), n.notice);
+            }
+            for m in &joined {
+                assert!(
+                    staged.joined_leaf(m.role, &m.id).is_some(),
+                    "{m:?} has a leaf"
+                );
             }
             let record = staged.state_record();
             self.state.commit(staged).unwrap();
-            let restored =
-                GroupState::from_record(&self.ca, &record, self.state.members().cloned()).unwrap();
+            assert_eq!(self.state.to_record(), record);
+            let restored = GroupState::from_record(
+                &self.ca,
+                &record,
+                stored_members(&self.state),
+                stored_nodes(&self.state),
+            )
+            .unwrap();
             assert_eq!(restored.to_record(), record);
-            assert_eq!(
-                restored.keys().key(GroupKeyKind::S),
-                self.state.keys().key(GroupKeyKind::S)
-            );
+            for kind in [GroupKeyKind::P, GroupKeyKind::S] {
+                assert_eq!(restored.keys().key(kind), self.state.keys().key(kind));
+            }
+            // One notice per tree that has holders.
+            for role in [Role::Publisher, Role::Subscriber] {
+                let sent = notices.iter().filter(|n| n.role == role).count();
+                assert_eq!(sent, usize::from(!self.state.tree(role).is_empty()));
+            }
             let epoch = self.state.epoch();
             let q_ca = self.ca.verifying_key();
             for dev in self.devs.values_mut().chain(self.ghosts.iter_mut()) {
                 let m = dev.t.member().clone();
                 let is_member = self.state.member(&m.id, m.role) == Some(&dev.t.joined);
-                if is_member {
-                    // It reads its key topic (broadcasts) and its own topic, in the worst
-                    // order: broadcasts first. A new holder cannot use the broadcast.
-                    let mut mine: Vec<&OutgoingNotice> = notices
-                        .iter()
-                        .filter(|n| {
-                            n.role == m.role && n.recipient.as_ref().is_none_or(|r| *r == m.id)
-                        })
-                        .collect();
-                    mine.sort_by_key(|n| n.recipient.is_some());
-                    let mut adopted = 0;
-                    for n in mine {
-                        let result = match &mut dev.ring {
-                            Some(ring) => ring.apply_notice(&dev.t.key, &n.notice, self.now),
-                            None => Keyring::from_notice(
-                                q_ca,
-                                &group,
-                                m.role,
-                                &dev.t.key,
-                                &n.notice,
-                                DEFAULT_GRACE_MS,
-                            )
-                            .map(|ring| {
-                                dev.ring = Some(ring);
-                                epoch
-                            }),
-                        };
-                        match result {
-                            Ok(e) => {
-                                assert_eq!(e, epoch);
-                                adopted += 1;
-                            }
-                            Err(e) => assert_eq!(e, RekeyError::EpochGap, "{m:?}"),
+                let notice = notices.iter().find(|n| n.role == m.role);
+                if !is_member {
+                    if let Some(ring) = &dev.ring {
+                        for n in &notices {
+                            assert!(ring.clone().apply_tree_notice(&n.notice, self.now).is_err());
                         }
+                        assert!(ring.epoch() < epoch);
                     }
-                    assert_eq!(adopted, 1, "{m:?} adopts the new key once");
-                    let ring = dev.ring.as_ref().unwrap();
-                    assert_eq!(ring.epoch(), epoch);
-                    assert_eq!(ring.current_key(), self.state.keys().held_by(m.role));
-                    dev.held.push(ring.current_key().clone());
-                } else {
-                    // Not a member (never joined, departed, or an old certificate): nothing opens.
-                    for n in &notices {
-                        if let Some(ring) = &dev.ring {
-                            let mut ring = ring.clone();
-                            assert!(ring.apply_notice(&dev.t.key, &n.notice, self.now).is_err());
-                        }
-                        for role in [Role::Publisher, Role::Subscriber] {
-                            assert!(
-                                Keyring::from_notice(q_ca, &group, role, &dev.t.key, &n.notice, 1)
-                                    .is_err()
+                    assert_eq!(
+                        self.state.delivery(&m, &mut self.rng).err(),
+                        Some(RekeyError::NotAMember)
+                    );
+                    continue;
+                }
+                let ring = match dev.ring.as_mut() {
+                    Some(ring) if !joined.contains(&m) => {
+                        let n = notice.expect("a holder's tree sends a notice");
+                        assert_eq!(ring.apply_tree_notice(&n.notice, self.now), Ok(epoch));
+                        ring
+                    }
+                    _ => {
+                        let delivery = self.state.delivery(&m, &mut self.rng).unwrap();
+                        let ring = Keyring::from_delivery(
+                            q_ca,
+                            &group,
+                            m.role,
+                            &dev.t.key,
+                            &delivery,
+                            DEFAULT_GRACE_MS,
+                        )
+                        .unwrap();
+                        if let Some(n) = notice {
+                            assert_eq!(
+                                ring.clone().apply_tree_notice(&n.notice, self.now),
+                                Err(RekeyError::Tree(TreeError::StaleEpoch))
                             );
                         }
-                        assert!(n.notice.open_individual(&dev.t.key).is_err());
-                        for k in &dev.held {
-                            assert!(n.notice.open_broadcast(k.secret()).is_err());
-                        }
+                        dev.ring.insert(ring)
                     }
-                    assert!(dev.ring.as_ref().is_none_or(|r| r.epoch() < epoch));
-                }
+                };
+                assert_eq!(ring.epoch(), epoch);
+                assert_eq!(ring.current_key(), self.state.keys().held_by(m.role));
+                let tree = self.state.tree(m.role);
+                let leaf = tree.leaf_of(&m.id).unwrap();
+                let want: Vec<(u32, NodeKey)> = tree::index::path(leaf, tree.width())
+                    .into_iter()
+                    .map(|n| (n, tree.key(n).unwrap().clone()))
+                    .collect();
+                assert_eq!(ring.tree().path(), &want[..], "{m:?}'s path is the CA's");
+                dev.held.push(ring.current_key().clone());
             }
             Some((notices, departed))
         }
+    }
+
+    /// The members as the CA stores them: each with its leaf.
+    fn stored_members(state: &GroupState) -> Vec<(JoinedMember, u32)> {
+        state
+            .members()
+            .map(|j| {
+                let m = j.member();
+                (j.clone(), state.tree(m.role).leaf_of(&m.id).unwrap())
+            })
+            .collect()
+    }
+
+    /// Both trees' node keys as the CA stores them.
+    fn stored_nodes(state: &GroupState) -> Vec<(Role, u32, NodeKey)> {
+        [Role::Publisher, Role::Subscriber]
+            .into_iter()
+            .flat_map(|role| {
+                state
+                    .tree(role)
+                    .node_keys()
+                    .map(move |(n, k)| (role, n, k.clone()))
+            })
+            .collect()
     }
 
     #[derive(Clone, Debug)]
@@ -787,9 +910,9 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
 
-        /// §9.4 and key-level secrecy over random change sets: members always end with the CA's
-        /// key; no broadcast is under a key a departing member held; no non-member (departed,
-        /// replaced certificate, not yet joined) opens any notice.
+        /// Key-level secrecy over random change sets: members always end with the CA's key and
+        /// path; no non-member (departed, replaced certificate, not yet joined) opens any notice
+        /// or gets a delivery; every state restores from its stored rows.
         #[test]
         fn planner_delivers_to_members_only(
             seed in any::<u64>(),
@@ -827,8 +950,10 @@ mod tests {
         ];
         let (notices, _) = sim.run(changes).unwrap();
         assert_eq!(sim.state.epoch(), Epoch(1));
-        // Every holder is new: five individual notices, no broadcast.
-        assert_eq!(notices.len(), 5);
+        // Every holder is new (each gets its key set in its SUBACK): one tree notice per role,
+        // with no wrap, since no holder remains from before.
+        assert_eq!(notices.len(), 2);
+        assert!(notices.iter().all(|n| n.notice.wraps().is_empty()));
         let changes = vec![
             Change::Leave {
                 id: DeviceId::new("s3").unwrap(),
@@ -846,18 +971,12 @@ mod tests {
         let (notices, departed) = sim.run(changes).unwrap();
         assert_eq!(sim.state.epoch(), Epoch(2));
         assert_eq!(departed.len(), 1);
-        // d_P: a subscriber departed, so s1, s2, s4 individually. d_S: nobody departed among
-        // the publishers, so a broadcast to p1, p2 and ECIES to p3.
-        let count = |role: Role, broadcast: bool| {
-            notices
-                .iter()
-                .filter(|n| n.role == role && n.recipient.is_none() == broadcast)
-                .count()
-        };
-        assert_eq!(count(Role::Subscriber, false), 3);
-        assert_eq!(count(Role::Subscriber, true), 0);
-        assert_eq!(count(Role::Publisher, true), 1);
-        assert_eq!(count(Role::Publisher, false), 1);
+        // One notice per role: s4 takes s3's leaf; p3 doubles the publishers' tree.
+        assert_eq!(notices.len(), 2);
+        let subs = notices.iter().find(|n| n.role == Role::Subscriber).unwrap();
+        assert_eq!(subs.notice.joined_leaves(), &[2]);
+        let pubs = notices.iter().find(|n| n.role == Role::Publisher).unwrap();
+        assert_eq!(pubs.notice.width(), 4);
         assert_eq!(sim.state.signed_info().info_unverified().n_sub, 3);
         assert_eq!(sim.state.signed_info().info_unverified().n_pub, 3);
     }
@@ -927,13 +1046,15 @@ mod tests {
         let (notices, departed) = sim.run(vec![renew]).unwrap();
         assert_eq!(departed.len(), 1);
         assert_eq!(departed[0].id.as_str(), "s1");
-        // The old certificate held d_P: d_P goes individually (s1's new key, s2); d_S broadcast.
+        // The new certificate takes the leaf the old one left, under fresh path keys that only
+        // s2 receives by wraps (the old certificate's ring opens nothing: checked in `run`).
         let subs: Vec<_> = notices
             .iter()
             .filter(|n| n.role == Role::Subscriber)
             .collect();
-        assert_eq!(subs.len(), 2);
-        assert!(subs.iter().all(|n| n.recipient.is_some()));
+        assert_eq!(subs.len(), 1);
+        assert_eq!(subs[0].notice.joined_leaves().len(), 1);
+        assert!(!subs[0].notice.wraps().is_empty());
         assert_eq!(sim.ghosts.len(), 1);
     }
 
@@ -953,9 +1074,9 @@ mod tests {
             assert_ne!(old.key(kind), new.key(kind));
             assert_ne!(old.cag_secret(kind), new.cag_secret(kind));
         }
-        // No departure: one broadcast per role under the previous key.
+        // No membership change: one notice per role, only the root wrap under unchanged trees.
         assert_eq!(notices.len(), 2);
-        assert!(notices.iter().all(|n| n.recipient.is_none()));
+        assert!(notices.iter().all(|n| n.notice.wraps().is_empty()));
         assert_eq!(sim.state.rekeyed_at_ms(), sim.now);
         // The periodic timer on an empty group still works and sends nothing.
         let mut empty = Sim::new(5);
@@ -1145,8 +1266,8 @@ mod tests {
         assert_ne!(d_p - v, d_p2);
     }
 
-    /// After a subscriber leaves it can open neither the next broadcast nor any individual
-    /// notice, and the joiner of a later epoch opens nothing from before its join.
+    /// After a subscriber leaves it opens no later notice, and a later joiner receives no node
+    /// key of any earlier epoch.
     #[test]
     fn departed_and_future_members_learn_nothing() {
         let mut sim = Sim::new(9);
@@ -1155,37 +1276,50 @@ mod tests {
             sim.join("p2", Role::Publisher),
             sim.join("s1", Role::Subscriber),
             sim.join("s2", Role::Subscriber),
+            sim.join("s3", Role::Subscriber),
         ];
         sim.run(changes);
-        let periodic = sim.run(vec![Change::Periodic]).unwrap().0;
-        let leaver_key = sim.devs[&(Role::Subscriber, "s1".to_owned())].t.key.clone();
-        let leaver_held = sim.devs[&(Role::Subscriber, "s1".to_owned())].held.clone();
+        sim.run(vec![Change::Periodic]).unwrap();
+        let mut earlier: Vec<[u8; 32]> = Vec::new();
+        let remember = |state: &GroupState, out: &mut Vec<[u8; 32]>| {
+            for role in [Role::Publisher, Role::Subscriber] {
+                out.extend(state.tree(role).node_keys().map(|(_, k)| *k.as_bytes()));
+            }
+        };
+        remember(&sim.state, &mut earlier);
+        let leaver = sim.devs[&(Role::Subscriber, "s1".to_owned())]
+            .ring
+            .clone()
+            .unwrap();
         let (notices, _) = sim
             .run(vec![Change::Leave {
                 id: DeviceId::new("s1").unwrap(),
                 role: Role::Subscriber,
             }])
             .unwrap();
-        // d_S still goes by broadcast (no publisher left), under a key s1 never held.
-        let broadcast = notices.iter().find(|n| n.recipient.is_none()).unwrap();
-        assert_eq!(broadcast.role, Role::Publisher);
-        for n in &notices {
-            for k in &leaver_held {
-                assert!(n.notice.open_broadcast(k.secret()).is_err());
-            }
-            assert!(n.notice.open_individual(&leaver_key).is_err());
+        remember(&sim.state, &mut earlier);
+        let later = sim.run(vec![Change::Periodic]).unwrap().0;
+        for n in notices.iter().chain(&later) {
+            assert!(
+                leaver
+                    .clone()
+                    .apply_tree_notice(&n.notice, sim.now)
+                    .is_err()
+            );
         }
-        // A device joining later opens nothing from before its join.
-        let join = sim.join("s3", Role::Subscriber);
-        let newcomer = sim.devs[&(Role::Subscriber, "s3".to_owned())].t.key.clone();
+        remember(&sim.state, &mut earlier);
+        // A device joining later takes s1's blank leaf; its path holds no earlier key.
+        let join = sim.join("s4", Role::Subscriber);
         sim.run(vec![join]);
-        for n in periodic.iter().chain(&notices) {
-            assert!(n.notice.open_individual(&newcomer).is_err());
-        }
-        let new_d_p = sim.state.keys().key(GroupKeyKind::P).clone();
-        for n in periodic.iter().chain(&notices) {
-            // Its new key does not open earlier broadcasts either.
-            assert!(n.notice.open_broadcast(new_d_p.secret()).is_err());
+        let ring = sim.devs[&(Role::Subscriber, "s4".to_owned())]
+            .ring
+            .as_ref()
+            .unwrap();
+        for (_, k) in ring.tree().path() {
+            assert!(
+                !earlier.contains(k.as_bytes()),
+                "the joiner got an earlier node key"
+            );
         }
     }
 
@@ -1226,15 +1360,20 @@ mod tests {
         let mut sim = Sim::new(12);
         let changes = vec![
             sim.join("s1", Role::Subscriber),
+            sim.join("s2", Role::Subscriber),
             sim.join("p1", Role::Publisher),
         ];
         sim.run(changes);
         let record = sim.state.to_record();
-        let members: Vec<JoinedMember> = sim.state.members().cloned().collect();
-        let restore = |ca: &KeyPair, record: &[u8], members: &[JoinedMember]| {
-            GroupState::from_record(ca, record, members.iter().cloned())
+        let members = stored_members(&sim.state);
+        let nodes = stored_nodes(&sim.state);
+        let restore = |ca: &KeyPair,
+                       record: &[u8],
+                       members: &[(JoinedMember, u32)],
+                       nodes: &[(Role, u32, NodeKey)]| {
+            GroupState::from_record(ca, record, members.iter().cloned(), nodes.iter().cloned())
         };
-        let back = restore(&sim.ca, &record, &members).unwrap();
+        let back = restore(&sim.ca, &record, &members, &nodes).unwrap();
         assert_eq!(back.epoch(), sim.state.epoch());
         assert_eq!(back.privacy(), Privacy::Standard);
         assert_eq!(back.rekeyed_at_ms(), sim.now);
@@ -1243,8 +1382,9 @@ mod tests {
             back.keys().key(GroupKeyKind::P),
             sim.state.keys().key(GroupKeyKind::P)
         );
+        assert_eq!(back.tree(Role::Subscriber).width(), 2);
         let other_ca = KeyPair::random(&mut sim.rng);
-        assert!(restore(&other_ca, &record, &members).is_err());
+        assert!(restore(&other_ca, &record, &members, &nodes).is_err());
         let time_at = 1 + sim.state.signed_info().to_bytes().len();
         for i in 0..record.len() {
             if (time_at..time_at + 8).contains(&i) {
@@ -1253,59 +1393,57 @@ mod tests {
             let mut bad = record.clone();
             bad[i] ^= 0x01;
             assert!(
-                restore(&sim.ca, &bad, &members).is_err(),
+                restore(&sim.ca, &bad, &members, &nodes).is_err(),
                 "flipped byte {i} restored"
             );
         }
-        assert!(restore(&sim.ca, &record[..record.len() - 1], &members).is_err());
-        // The members must be exactly those the signed info was derived from.
-        assert_eq!(
-            restore(&sim.ca, &record, &members[..1]).err(),
-            Some(RekeyError::RecordMismatch)
-        );
-        let Change::Join(stranger) = sim.join("s2", Role::Subscriber) else {
+        assert!(restore(&sim.ca, &record[..record.len() - 1], &members, &nodes).is_err());
+        // The members must be exactly those the signed info was derived from, each on a leaf
+        // whose path has keys, and the node keys exactly those of the holders' paths.
+        let s1_gone: Vec<_> = members
+            .iter()
+            .filter(|(j, _)| j.member().id.as_str() != "s1")
+            .cloned()
+            .collect();
+        assert!(restore(&sim.ca, &record, &s1_gone, &nodes).is_err());
+        let Change::Join(stranger) = sim.join("s3", Role::Subscriber) else {
             unreachable!()
         };
         let mut extra = members.clone();
-        extra.push(stranger);
-        assert_eq!(
-            restore(&sim.ca, &record, &extra).err(),
-            Some(RekeyError::RecordMismatch)
-        );
+        extra.push((stranger, 3));
+        assert!(restore(&sim.ca, &record, &extra, &nodes).is_err());
+        let mut moved = members.clone();
+        for (_, leaf) in moved.iter_mut() {
+            *leaf += 2;
+        }
+        assert!(restore(&sim.ca, &record, &moved, &nodes).is_err());
+        assert!(restore(&sim.ca, &record, &members, &nodes[1..]).is_err());
         let Change::Join(renewed) = sim.renew("s1", Role::Subscriber) else {
             unreachable!()
         };
-        let swapped: Vec<JoinedMember> = members
+        let swapped: Vec<(JoinedMember, u32)> = members
             .iter()
-            .map(|m| {
+            .map(|(m, l)| {
                 if m.member().id == renewed.member().id {
-                    renewed.clone()
+                    (renewed.clone(), *l)
                 } else {
-                    m.clone()
+                    (m.clone(), *l)
                 }
             })
             .collect();
         assert_eq!(
-            restore(&sim.ca, &record, &swapped).err(),
+            restore(&sim.ca, &record, &swapped, &nodes).err(),
             Some(RekeyError::RecordMismatch)
         );
         let mut twice = members.clone();
         twice.push(members[0].clone());
-        assert!(matches!(
-            restore(&sim.ca, &record, &twice),
-            Err(RekeyError::Group(GroupError::DuplicateMember(_)))
-        ));
+        assert!(restore(&sim.ca, &record, &twice, &nodes).is_err());
     }
 
     #[test]
     fn topics_follow_the_layout() {
         let g = GroupId::new("a/b").unwrap();
-        let d = DeviceId::new("dev-1").unwrap();
         assert_eq!(key_topic(&g, Role::Publisher), "quva/k/a/b/pub");
         assert_eq!(key_topic(&g, Role::Subscriber), "quva/k/a/b/sub");
-        assert_eq!(
-            device_key_topic(&g, Role::Subscriber, &d),
-            "quva/k/a/b/sub/dev-1"
-        );
     }
 }

@@ -209,6 +209,7 @@ impl Roster {
     }
 
     /// The number of members of `role`.
+    #[cfg(test)]
     pub(crate) fn count(&self, role: Role) -> usize {
         match role {
             Role::Publisher => self.sums.n_pub,
@@ -254,6 +255,7 @@ impl Roster {
     }
 
     /// The members after `diff`, ordered by (role, ID).
+    #[cfg(test)]
     pub(crate) fn members_after<'a>(
         &'a self,
         diff: &'a RosterDiff,

@@ -1,33 +1,33 @@
-//! The device's epoch keyring, PROTOCOL.md §5: the current group key, previous ones for a grace
-//! period, and the application of rekey notices.
+//! The device's epoch keyring, PROTOCOL.md §5 and §5.1: the current group key with the holder's
+//! key-tree path, previous keys for a grace period, and the application of tree notices.
 
 use super::tree::{TreeError, TreeHolder, TreeKeySet, TreeNotice};
-use super::{NoticeBody, RekeyError, RekeyNotice};
+use super::{GroupKeyDelivery, RekeyError};
 use crate::curve::KeyPair;
-use crate::group::{AcceptedGroupKey, GroupError, GroupInfo, GroupKeyDelivery, SignedGroupInfo};
+use crate::group::{AcceptedGroupKey, GroupError, GroupInfo, SignedGroupInfo};
 use crate::ids::{Epoch, GroupId, Role};
 use crate::schnorr::VerifyingKey;
-use crate::symmetric::VerifyError;
 
 /// How long receivers keep epoch E's key after adopting a later one (PROTOCOL.md §5).
 pub const DEFAULT_GRACE_MS: u64 = 30_000;
 /// Superseded keys kept at most, however short the interval between rekeys.
 pub const MAX_PREVIOUS_KEYS: usize = 4;
 
-/// One device's keys for one (group, role): d_P for a subscriber, d_S for a publisher.
+/// One device's keys for one (group, role): d_P for a subscriber, d_S for a publisher, and its
+/// path in that key's tree (which moves with the key, epoch by epoch).
 #[derive(Clone, Debug)]
 pub struct Keyring {
     q_ca: VerifyingKey,
     role: Role,
     grace_ms: u64,
     current: AcceptedGroupKey,
-    /// (epoch, key, usable while now_ms < this), oldest first.
+    tree: TreeHolder,
     /// Earlier epochs' keys with the time their grace period ends, oldest first.
     previous: Vec<(AcceptedGroupKey, u64)>,
 }
 
 impl Keyring {
-    /// Starts from a key accepted from a SUBACK delivery.
+    /// Starts from a SUBACK delivery: the key and the key-tree path.
     ///
     /// # Errors
     /// [`GroupError`] (wrapped) from [`GroupKeyDelivery::accept`].
@@ -39,45 +39,19 @@ impl Keyring {
         delivery: &GroupKeyDelivery,
         grace_ms: u64,
     ) -> Result<Self, RekeyError> {
-        let current = delivery.accept(&q_ca, device, group, role)?;
+        let (tree, current) = delivery.accept(&q_ca, device, group, role)?;
         Ok(Keyring {
             q_ca,
             role,
             grace_ms,
             current,
+            tree,
             previous: Vec::new(),
         })
     }
 
-    /// Starts from an individual rekey notice (a new holder whose SUBACK was lost, or a device
-    /// reading its retained notice).
-    ///
-    /// # Errors
-    /// As [`Keyring::apply_notice`]; a broadcast is [`RekeyError::EpochGap`] (no previous key).
-    pub fn from_notice(
-        q_ca: VerifyingKey,
-        group: &GroupId,
-        role: Role,
-        device: &KeyPair,
-        notice: &RekeyNotice,
-        grace_ms: u64,
-    ) -> Result<Self, RekeyError> {
-        check_notice(&q_ca, group, role, notice)?;
-        if !matches!(notice.body(), NoticeBody::Individual { .. }) {
-            return Err(RekeyError::EpochGap);
-        }
-        let current = open_notice(notice, role, device, None)?;
-        Ok(Keyring {
-            q_ca,
-            role,
-            grace_ms,
-            current,
-            previous: Vec::new(),
-        })
-    }
-
-    /// Starts from a v1.1 key set (PROTOCOL.md §5.1, the ECIES plaintext of a key delivery, with
-    /// the signed info it came with): returns the ring and the holder's tree state.
+    /// Starts from a key set (PROTOCOL.md §5.1) with the signed info of its epoch, for instance
+    /// one restored from the device's key store: the same checks as a delivery's.
     ///
     /// # Errors
     /// [`RekeyError::Tree`] from [`TreeHolder::from_key_set`].
@@ -88,39 +62,53 @@ impl Keyring {
         role: Role,
         set: &TreeKeySet,
         grace_ms: u64,
-    ) -> Result<(Self, TreeHolder), RekeyError> {
+    ) -> Result<Self, RekeyError> {
         let (tree, current) = TreeHolder::from_key_set(&q_ca, signed, group, role, set)?;
-        let ring = Keyring {
+        Ok(Keyring {
             q_ca,
             role,
             grace_ms,
             current,
+            tree,
             previous: Vec::new(),
-        };
-        Ok((ring, tree))
+        })
     }
 
-    /// Applies a v1.1 tree notice (kind 3) with the holder's tree state `tree`, which must be of
-    /// this ring's group, role and epoch: on success both move to the new epoch (the old key
-    /// stays for the grace period); on any error neither changes.
+    /// Applies the tree notice (kind 3) of the next epoch: on success the key and the path move
+    /// to it (the old key stays for the grace period); on any error nothing changes.
     ///
     /// # Errors
     /// [`RekeyError::Tree`]: [`TreeError::StaleEpoch`] for a notice already applied or older
     /// (ignore it), [`TreeError::MissedEpoch`] when an epoch was missed (join again), and the
-    /// others of [`TreeHolder::apply`]; [`TreeError::Inconsistent`] if `tree` does not belong to
-    /// this ring.
+    /// others of [`TreeHolder::apply`].
     pub fn apply_tree_notice(
         &mut self,
-        tree: &mut TreeHolder,
         notice: &TreeNotice,
         now_ms: u64,
     ) -> Result<Epoch, RekeyError> {
-        if tree.group() != self.group() || tree.role() != self.role || tree.epoch() != self.epoch()
-        {
-            return Err(TreeError::Inconsistent("tree state does not match the keyring").into());
-        }
-        let adopted = tree.apply(&self.q_ca, notice)?;
+        // TreeHolder::apply changes nothing unless every step succeeds.
+        let adopted = self.tree.apply(&self.q_ca, notice)?;
         Ok(self.adopt(adopted.into_key(), now_ms))
+    }
+
+    /// Applies a later SUBACK delivery (after joining again). Returns the adopted epoch.
+    ///
+    /// # Errors
+    /// [`RekeyError::StaleEpoch`] for an epoch not after the current one, or what
+    /// [`GroupKeyDelivery::accept`] returns.
+    pub fn apply_delivery(
+        &mut self,
+        device: &KeyPair,
+        delivery: &GroupKeyDelivery,
+        now_ms: u64,
+    ) -> Result<Epoch, RekeyError> {
+        let group = self.group().clone();
+        let (tree, accepted) = delivery.accept(&self.q_ca, device, &group, self.role)?;
+        if accepted.epoch() <= self.epoch() {
+            return Err(RekeyError::StaleEpoch);
+        }
+        self.tree = tree;
+        Ok(self.adopt(accepted, now_ms))
     }
 
     /// The group.
@@ -136,6 +124,17 @@ impl Keyring {
     /// The current epoch.
     pub fn epoch(&self) -> Epoch {
         self.current.epoch()
+    }
+
+    /// The holder's key-tree state of the current epoch (W, leaf, path), to store with the key.
+    pub fn tree(&self) -> &TreeHolder {
+        &self.tree
+    }
+
+    /// The current key as a key set (X and the path), to store: [`Keyring::from_tree_key_set`]
+    /// restores it with the signed info.
+    pub fn key_set(&self) -> TreeKeySet {
+        TreeKeySet::from_holder(self.current.key().secret().clone(), &self.tree)
     }
 
     /// The verified group info of the current epoch (Q_P and Q_S to encrypt to).
@@ -183,53 +182,6 @@ impl Keyring {
         self.previous.retain(|(_, until)| now_ms < *until);
     }
 
-    /// Applies a rekey notice for a later epoch: the CA signed its info, it is for this group
-    /// and role, a broadcast follows the current epoch and opens under the current key, an
-    /// individual notice (any later epoch: catching up from a retained notice) opens with d_i,
-    /// and the new key matches the info. Returns the adopted epoch.
-    ///
-    /// # Errors
-    /// [`RekeyError::WrongRole`], [`RekeyError::WrongGroup`], [`RekeyError::StaleEpoch`] for an
-    /// epoch not after the current one, [`RekeyError::EpochGap`] for a broadcast that does not
-    /// follow the current epoch (ask the CA again), or the opaque [`RekeyError::Verify`].
-    pub fn apply_notice(
-        &mut self,
-        device: &KeyPair,
-        notice: &RekeyNotice,
-        now_ms: u64,
-    ) -> Result<Epoch, RekeyError> {
-        let info = check_notice(&self.q_ca, self.group(), self.role, notice)?;
-        if info.epoch <= self.epoch() {
-            return Err(RekeyError::StaleEpoch);
-        }
-        if let NoticeBody::Broadcast { previous_epoch, .. } = notice.body() {
-            if *previous_epoch != self.epoch() {
-                return Err(RekeyError::EpochGap);
-            }
-        }
-        let accepted = open_notice(notice, self.role, device, Some(self.current.key()))?;
-        Ok(self.adopt(accepted, now_ms))
-    }
-
-    /// Applies a later SUBACK delivery (after asking the CA again). Returns the adopted epoch.
-    ///
-    /// # Errors
-    /// [`RekeyError::StaleEpoch`] for an epoch not after the current one, or what
-    /// [`GroupKeyDelivery::accept`] returns.
-    pub fn apply_delivery(
-        &mut self,
-        device: &KeyPair,
-        delivery: &GroupKeyDelivery,
-        now_ms: u64,
-    ) -> Result<Epoch, RekeyError> {
-        let group = self.group().clone();
-        let accepted = delivery.accept(&self.q_ca, device, &group, self.role)?;
-        if accepted.epoch() <= self.epoch() {
-            return Err(RekeyError::StaleEpoch);
-        }
-        Ok(self.adopt(accepted, now_ms))
-    }
-
     fn adopt(&mut self, accepted: AcceptedGroupKey, now_ms: u64) -> Epoch {
         self.prune(now_ms);
         let old = core::mem::replace(&mut self.current, accepted);
@@ -240,44 +192,6 @@ impl Keyring {
         }
         self.epoch()
     }
-}
-
-/// Role, signature and group checks shared by every notice path.
-fn check_notice<'a>(
-    q_ca: &VerifyingKey,
-    group: &GroupId,
-    role: Role,
-    notice: &'a RekeyNotice,
-) -> Result<&'a GroupInfo, RekeyError> {
-    if notice.role() != role {
-        return Err(RekeyError::WrongRole("rekey notice"));
-    }
-    let info = notice.signed_info().verify(q_ca)?;
-    if &info.group != group {
-        return Err(RekeyError::WrongGroup("rekey notice"));
-    }
-    Ok(info)
-}
-
-/// Opens a verified notice: a broadcast with `previous`, an individual one with d_i; then
-/// checks d·G against the info.
-fn open_notice(
-    notice: &RekeyNotice,
-    role: Role,
-    device: &KeyPair,
-    previous: Option<&KeyPair>,
-) -> Result<AcceptedGroupKey, RekeyError> {
-    let secret = match (notice.body(), previous) {
-        (NoticeBody::Broadcast { .. }, Some(prev)) => notice.open_broadcast(prev.secret())?,
-        (NoticeBody::Broadcast { .. }, None) => return Err(RekeyError::EpochGap),
-        (NoticeBody::Individual { .. }, _) => notice.open_individual(device)?,
-    };
-    let key = KeyPair::from_secret(secret);
-    let signed = notice.signed_info();
-    if key.public() != signed.info_unverified().held_public_key(role) {
-        return Err(RekeyError::Verify(VerifyError));
-    }
-    Ok(AcceptedGroupKey::new_verified(signed.clone(), role, key))
 }
 
 impl From<GroupError> for RekeyError {
@@ -305,9 +219,8 @@ mod tests {
 
     use super::*;
     use crate::codec::{Decode, Encode};
-    use crate::curve::SecretScalar;
+    use crate::group::Privacy;
     use crate::group::testing::TestDevice;
-    use crate::group::{GroupKeyDelivery, Privacy};
     use crate::rekey::{Change, GroupState, OutgoingNotice, Plan};
 
     struct Setup {
@@ -320,7 +233,7 @@ mod tests {
     const SUB: usize = 0;
 
     impl Setup {
-        /// Subscribers s0, s1 and publisher p0 joined at epoch 1.
+        /// Subscribers s0, s1, s2 and publisher p0 joined at epoch 1.
         fn new(seed: u64) -> Self {
             let mut rng = ChaCha20Rng::seed_from_u64(seed);
             let ca = KeyPair::random(&mut rng);
@@ -328,6 +241,7 @@ mod tests {
             let devs = vec![
                 TestDevice::new("s0", Role::Subscriber, &mut rng),
                 TestDevice::new("s1", Role::Subscriber, &mut rng),
+                TestDevice::new("s2", Role::Subscriber, &mut rng),
                 TestDevice::new("p0", Role::Publisher, &mut rng),
             ];
             let state =
@@ -360,6 +274,15 @@ mod tests {
             notices
         }
 
+        fn leave(&mut self, dev: usize, now: u64) -> Vec<OutgoingNotice> {
+            let m = self.devs[dev].member();
+            let change = Change::Leave {
+                id: m.id.clone(),
+                role: m.role,
+            };
+            self.step(vec![change], now)
+        }
+
         fn delivery(&mut self, dev: usize) -> GroupKeyDelivery {
             self.state
                 .delivery(self.devs[dev].member(), &mut self.rng)
@@ -380,10 +303,10 @@ mod tests {
             .unwrap()
         }
 
-        fn notice_for(notices: &[OutgoingNotice], role: Role, id: &str) -> RekeyNotice {
+        fn notice_for(notices: &[OutgoingNotice], role: Role) -> TreeNotice {
             notices
                 .iter()
-                .find(|n| n.role == role && n.recipient.as_ref().is_none_or(|r| r.as_str() == id))
+                .find(|n| n.role == role)
                 .unwrap()
                 .notice
                 .clone()
@@ -397,13 +320,13 @@ mod tests {
         let e1 = ring.epoch();
         let k1 = ring.current_key().clone();
         let notices = s.step(vec![Change::Periodic], 10_000);
-        let n = Setup::notice_for(&notices, Role::Subscriber, "s0");
-        assert_eq!(n.kind(), super::super::NoticeKind::Broadcast);
-        let e2 = ring.apply_notice(&s.devs[SUB].key, &n, 10_000).unwrap();
+        let n = Setup::notice_for(&notices, Role::Subscriber);
+        let e2 = ring.apply_tree_notice(&n, 10_000).unwrap();
         assert_eq!(e2, Epoch(e1.0 + 1));
         assert_eq!(ring.current_key(), s.state.keys().held_by(Role::Subscriber));
         assert_eq!(ring.group_info(), s.state.signed_info().info_unverified());
         assert_eq!(ring.signed_group_info(), s.state.signed_info());
+        assert_eq!(ring.tree().epoch(), e2);
         assert_eq!(ring.key_for(e2, u64::MAX), Some(ring.current_key()));
         assert_eq!(ring.key_for(e1, 10_000 + DEFAULT_GRACE_MS - 1), Some(&k1));
         assert_eq!(ring.key_for(e1, 10_000 + DEFAULT_GRACE_MS), None);
@@ -414,9 +337,9 @@ mod tests {
         // A configured grace period.
         let mut short = s.ring(SUB, 5);
         let notices = s.step(vec![Change::Periodic], 20_000);
-        let n = Setup::notice_for(&notices, Role::Subscriber, "s0");
+        let n = Setup::notice_for(&notices, Role::Subscriber);
         let before = short.epoch();
-        short.apply_notice(&s.devs[SUB].key, &n, 20_000).unwrap();
+        short.apply_tree_notice(&n, 20_000).unwrap();
         assert!(short.key_for(before, 20_004).is_some());
         assert!(short.key_for(before, 20_005).is_none());
     }
@@ -428,8 +351,8 @@ mod tests {
         let first = ring.epoch();
         for i in 0..(MAX_PREVIOUS_KEYS as u64 + 2) {
             let notices = s.step(vec![Change::Periodic], 100 + i);
-            let n = Setup::notice_for(&notices, Role::Subscriber, "s0");
-            ring.apply_notice(&s.devs[SUB].key, &n, 100 + i).unwrap();
+            let n = Setup::notice_for(&notices, Role::Subscriber);
+            ring.apply_tree_notice(&n, 100 + i).unwrap();
         }
         assert_eq!(ring.previous.len(), MAX_PREVIOUS_KEYS);
         assert!(ring.key_for(first, 200).is_none());
@@ -437,55 +360,40 @@ mod tests {
     }
 
     #[test]
-    fn catches_up_from_an_individual_notice_but_not_a_broadcast() {
+    fn a_missed_epoch_needs_a_new_delivery() {
         let mut s = Setup::new(3);
         let mut ring = s.ring(SUB, DEFAULT_GRACE_MS);
         let start = ring.epoch();
-        // Offline for two epochs: a broadcast (periodic) then individual notices (s1 left).
-        let missed = s.step(vec![Change::Periodic], 1);
-        let leave = Change::Leave {
-            id: s.devs[1].member().id.clone(),
-            role: Role::Subscriber,
-        };
-        let latest = s.step(vec![leave], 2);
-        let periodic = s.step(vec![Change::Periodic], 3);
-        // The retained broadcast of epoch +3 does not follow epoch +0.
-        let n3 = Setup::notice_for(&periodic, Role::Subscriber, "s0");
+        // Offline for two epochs: s1 leaves, then a periodic rekey. Only the latest notice
+        // is retained, and it does not follow the held epoch.
+        let missed = Setup::notice_for(&s.leave(1, 1), Role::Subscriber);
+        let latest = Setup::notice_for(&s.step(vec![Change::Periodic], 2), Role::Subscriber);
+        let before = ring.clone();
         assert_eq!(
-            ring.apply_notice(&s.devs[SUB].key, &n3, 10),
-            Err(RekeyError::EpochGap)
+            ring.apply_tree_notice(&latest, 10),
+            Err(RekeyError::Tree(TreeError::MissedEpoch))
         );
-        // The retained individual notice of epoch +2 does, then +3 follows.
-        let n2 = Setup::notice_for(&latest, Role::Subscriber, "s0");
-        assert_eq!(n2.kind(), super::super::NoticeKind::Individual);
+        assert_eq!(ring.tree(), before.tree());
+        assert_eq!(ring.epoch(), start);
+        // Joining again: the delivery carries the whole path; then notices follow again.
+        let delivery = s.delivery(SUB);
         assert_eq!(
-            ring.apply_notice(&s.devs[SUB].key, &n2, 10),
+            ring.apply_delivery(&s.devs[SUB].key, &delivery, 10),
             Ok(Epoch(start.0 + 2))
         );
-        assert_eq!(
-            ring.apply_notice(&s.devs[SUB].key, &n3, 10),
-            Ok(Epoch(start.0 + 3))
-        );
+        let next = Setup::notice_for(&s.leave(2, 3), Role::Subscriber);
+        assert_eq!(ring.apply_tree_notice(&next, 10), Ok(Epoch(start.0 + 3)));
         assert_eq!(ring.current_key(), s.state.keys().held_by(Role::Subscriber));
-        // Older notices are stale now, and so is a replay.
-        let n1 = Setup::notice_for(&missed, Role::Subscriber, "s0");
-        for n in [&n1, &n2, &n3] {
+        // Older notices are stale now, and so is a replay; so is an old delivery.
+        for n in [&missed, &latest, &next] {
             assert_eq!(
-                ring.apply_notice(&s.devs[SUB].key, n, 10),
-                Err(RekeyError::StaleEpoch)
+                ring.apply_tree_notice(n, 10),
+                Err(RekeyError::Tree(TreeError::StaleEpoch))
             );
         }
-        // A later SUBACK delivery also moves the ring on; an equal one is stale.
-        let delivery = s.delivery(SUB);
         assert_eq!(
             ring.apply_delivery(&s.devs[SUB].key, &delivery, 10),
             Err(RekeyError::StaleEpoch)
-        );
-        s.step(vec![Change::Periodic], 4);
-        let delivery = s.delivery(SUB);
-        assert_eq!(
-            ring.apply_delivery(&s.devs[SUB].key, &delivery, 10),
-            Ok(s.state.epoch())
         );
     }
 
@@ -493,90 +401,61 @@ mod tests {
     fn notice_rejections() {
         let mut s = Setup::new(4);
         let ring = s.ring(SUB, DEFAULT_GRACE_MS);
-        let dev = s.devs[SUB].key.clone();
-        let old_p = s.state.keys().key(crate::ids::GroupKeyKind::P).clone();
+        let publisher = s.ring(3, DEFAULT_GRACE_MS);
         let notices = s.step(vec![Change::Periodic], 1);
-        let good = Setup::notice_for(&notices, Role::Subscriber, "s0");
-        assert!(ring.clone().apply_notice(&dev, &good, 1).is_ok());
-        // Wrong role: the publishers' notice.
-        let for_pubs = Setup::notice_for(&notices, Role::Publisher, "p0");
+        let good = Setup::notice_for(&notices, Role::Subscriber);
+        assert!(ring.clone().apply_tree_notice(&good, 1).is_ok());
+        // Wrong role: the publishers' notice, and the other way round.
+        let for_pubs = Setup::notice_for(&notices, Role::Publisher);
         assert_eq!(
-            ring.clone().apply_notice(&dev, &for_pubs, 1),
-            Err(RekeyError::WrongRole("rekey notice"))
+            ring.clone().apply_tree_notice(&for_pubs, 1),
+            Err(RekeyError::Tree(TreeError::WrongRole("tree notice")))
         );
-        // Signed by another CA (otherwise perfect).
-        let new_p = s.state.keys().key(crate::ids::GroupKeyKind::P).clone();
-        let other_ca = KeyPair::random(&mut s.rng);
-        let resigned = crate::group::SignedGroupInfo::sign(
-            &other_ca,
-            s.state.signed_info().info_unverified().clone(),
-            &mut s.rng,
-        )
-        .unwrap();
-        let forged =
-            RekeyNotice::broadcast(&resigned, Role::Subscriber, old_p.secret(), new_p.secret())
-                .unwrap();
+        assert!(publisher.clone().apply_tree_notice(&good, 1).is_err());
         assert_eq!(
-            ring.clone().apply_notice(&dev, &forged, 1),
-            Err(RekeyError::Verify(VerifyError))
+            publisher.clone().apply_tree_notice(&for_pubs, 1),
+            Ok(Epoch(2))
         );
-        // A key that does not match the signed info.
-        let wrong = SecretScalar::random(&mut s.rng);
-        let forged = RekeyNotice::broadcast(
-            s.state.signed_info(),
-            Role::Subscriber,
-            old_p.secret(),
-            &wrong,
-        )
-        .unwrap();
-        assert_eq!(
-            ring.clone().apply_notice(&dev, &forged, 1),
-            Err(RekeyError::Verify(VerifyError))
-        );
-        let forged = RekeyNotice::individual(
-            s.state.signed_info(),
-            Role::Subscriber,
-            dev.public(),
-            &wrong,
-            &mut s.rng,
-        );
-        assert_eq!(
-            ring.clone().apply_notice(&dev, &forged, 1),
-            Err(RekeyError::Verify(VerifyError))
-        );
-        // Another group of the same CA.
-        let other = GroupState::create(
+        // A notice of another group of the same CA.
+        let mut other = Setup::new(4);
+        other.ca = s.ca.clone();
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        other.state = GroupState::create(
             &s.ca,
             GroupId::new("other").unwrap(),
             Privacy::Standard,
-            Epoch(7),
+            Epoch(1),
             0,
-            &mut s.rng,
+            &mut rng,
         )
         .unwrap();
-        let forged = RekeyNotice::individual(
-            other.signed_info(),
-            Role::Subscriber,
-            dev.public(),
-            other.keys().key(crate::ids::GroupKeyKind::P).secret(),
-            &mut s.rng,
-        );
+        let joins = other
+            .devs
+            .iter()
+            .map(|d| Change::Join(d.joined.clone()))
+            .collect();
+        let foreign = Setup::notice_for(&other.step(joins, 1), Role::Subscriber);
         assert_eq!(
-            ring.clone().apply_notice(&dev, &forged, 1),
-            Err(RekeyError::WrongGroup("rekey notice"))
+            ring.clone().apply_tree_notice(&foreign, 1),
+            Err(RekeyError::Tree(TreeError::WrongGroup("tree notice")))
         );
-        // A broadcast cannot start a ring.
+    }
+
+    #[test]
+    fn a_departed_holder_opens_nothing() {
+        let mut s = Setup::new(6);
+        let mut gone = s.ring(1, DEFAULT_GRACE_MS);
+        let mut stays = s.ring(SUB, DEFAULT_GRACE_MS);
+        let n = Setup::notice_for(&s.leave(1, 1), Role::Subscriber);
+        assert!(stays.apply_tree_notice(&n, 1).is_ok());
+        assert!(gone.apply_tree_notice(&n, 1).is_err());
+        let n = Setup::notice_for(&s.step(vec![Change::Periodic], 2), Role::Subscriber);
+        assert!(stays.apply_tree_notice(&n, 2).is_ok());
+        assert!(gone.apply_tree_notice(&n, 2).is_err());
+        // Nor can it ask for a delivery.
         assert_eq!(
-            Keyring::from_notice(
-                s.ca.verifying_key(),
-                s.state.group(),
-                Role::Subscriber,
-                &dev,
-                &good,
-                1
-            )
-            .err(),
-            Some(RekeyError::EpochGap)
+            s.state.delivery(s.devs[1].member(), &mut s.rng).err(),
+            Some(RekeyError::NotAMember)
         );
     }
 
@@ -584,95 +463,64 @@ mod tests {
     fn notice_tamper_fails() {
         let mut s = Setup::new(5);
         let ring = s.ring(SUB, DEFAULT_GRACE_MS);
-        let dev = s.devs[SUB].key.clone();
-        // A broadcast (periodic) and an individual notice (s1 leaves), each to s0.
-        let broadcast =
-            Setup::notice_for(&s.step(vec![Change::Periodic], 1), Role::Subscriber, "s0");
-        let leave = Change::Leave {
-            id: s.devs[1].member().id.clone(),
-            role: Role::Subscriber,
-        };
-        let individual = Setup::notice_for(&s.step(vec![leave], 2), Role::Subscriber, "s0");
-        let mut after_broadcast = ring.clone();
-        after_broadcast.apply_notice(&dev, &broadcast, 1).unwrap();
-        for (base, notice) in [(&ring, &broadcast), (&after_broadcast, &individual)] {
-            let bytes = notice.to_bytes();
-            assert!(base.clone().apply_notice(&dev, notice, 3).is_ok());
-            for i in 0..bytes.len() {
-                for mask in [0x01u8, 0x80] {
-                    let mut bad = bytes.clone();
-                    bad[i] ^= mask;
-                    let ok = RekeyNotice::from_bytes(&bad)
-                        .is_ok_and(|n| base.clone().apply_notice(&dev, &n, 3).is_ok());
-                    assert!(
-                        !ok,
-                        "flipped byte {i} of a {:?} notice applied",
-                        notice.kind()
-                    );
-                }
+        let notice = Setup::notice_for(&s.leave(1, 1), Role::Subscriber);
+        let bytes = notice.to_bytes();
+        assert!(ring.clone().apply_tree_notice(&notice, 3).is_ok());
+        for i in 0..bytes.len() {
+            for mask in [0x01u8, 0x80] {
+                let mut bad = bytes.clone();
+                bad[i] ^= mask;
+                let ok = TreeNotice::from_bytes(&bad)
+                    .is_ok_and(|n| ring.clone().apply_tree_notice(&n, 3).is_ok());
+                assert!(!ok, "flipped byte {i} of a tree notice applied");
             }
-            assert!(RekeyNotice::from_bytes(&bytes[..bytes.len() - 1]).is_err());
-            let mut long = bytes.clone();
-            long.push(0);
-            assert!(RekeyNotice::from_bytes(&long).is_err());
         }
+        assert!(TreeNotice::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(TreeNotice::from_bytes(&long).is_err());
     }
 
     #[test]
-    fn tree_notices_move_the_ring_and_the_tree_together() {
-        use crate::rekey::tree::TreeChanges;
-        use crate::rekey::tree::testkit::{Sim, id};
-        let mut sim = Sim::new(40, Role::Subscriber);
-        let epoch = Epoch(1);
-        let x = KeyPair::random(&mut sim.rng);
-        let signed = sim.signed(epoch, &x);
-        let changes = TreeChanges::joining(vec![id("a"), id("b")]);
-        let staged = sim
-            .tree
-            .plan(&changes, x.secret(), &signed, &mut sim.rng)
-            .unwrap();
-        let set = staged.key_set(&id("a")).unwrap().clone();
-        sim.tree.commit(staged).unwrap();
-        let q_ca = sim.ca.verifying_key();
-        let group = sim.tree.group().clone();
-        let (mut ring, mut tree) =
-            Keyring::from_tree_key_set(q_ca, &signed, &group, Role::Subscriber, &set, 100).unwrap();
-        assert_eq!(ring.current_key(), &x);
-        // Epoch 2: b leaves.
-        let x2 = KeyPair::random(&mut sim.rng);
-        let signed2 = sim.signed(Epoch(2), &x2);
-        let staged = sim
-            .tree
-            .plan(
-                &TreeChanges::leaving(vec![id("b")]),
-                x2.secret(),
-                &signed2,
-                &mut sim.rng,
-            )
-            .unwrap();
-        let notice = staged.notice().unwrap().clone();
-        sim.tree.commit(staged).unwrap();
-        assert_eq!(ring.apply_tree_notice(&mut tree, &notice, 10), Ok(Epoch(2)));
-        assert_eq!(ring.current_key(), &x2);
-        assert_eq!(tree.epoch(), Epoch(2));
-        assert_eq!(ring.key_for(Epoch(1), 50), Some(&x));
-        assert_eq!(
-            ring.apply_tree_notice(&mut tree, &notice, 10),
-            Err(RekeyError::Tree(TreeError::StaleEpoch))
-        );
-        // A tree state of another epoch is refused before anything is opened.
-        let mut stale = TreeHolder::from_parts(
-            group,
+    fn a_stored_key_set_restores_the_ring() {
+        let mut s = Setup::new(7);
+        let mut ring = s.ring(SUB, DEFAULT_GRACE_MS);
+        let n = Setup::notice_for(&s.leave(1, 1), Role::Subscriber);
+        ring.apply_tree_notice(&n, 1).unwrap();
+        let set = TreeKeySet::from_bytes(&ring.key_set().to_bytes()).unwrap();
+        let mut back = Keyring::from_tree_key_set(
+            s.ca.verifying_key(),
+            ring.signed_group_info(),
+            s.state.group(),
             Role::Subscriber,
-            Epoch(1),
-            tree.width(),
-            tree.leaf(),
-            tree.path().to_vec(),
+            &set,
+            DEFAULT_GRACE_MS,
         )
         .unwrap();
-        assert!(matches!(
-            ring.apply_tree_notice(&mut stale, &notice, 10),
-            Err(RekeyError::Tree(TreeError::Inconsistent(_)))
-        ));
+        assert_eq!(back.tree(), ring.tree());
+        assert_eq!(back.current_key(), ring.current_key());
+        // The restored ring follows the next notice like the original.
+        let n = Setup::notice_for(&s.leave(2, 2), Role::Subscriber);
+        assert_eq!(back.apply_tree_notice(&n, 2), ring.apply_tree_notice(&n, 2));
+        assert_eq!(back.tree(), ring.tree());
+        // A key set whose X is not the signed key is refused.
+        let forged = TreeKeySet::new(
+            crate::curve::SecretScalar::random(&mut s.rng),
+            set.width(),
+            set.leaf(),
+            set.path().to_vec(),
+        )
+        .unwrap();
+        assert!(
+            Keyring::from_tree_key_set(
+                s.ca.verifying_key(),
+                back.signed_group_info(),
+                s.state.group(),
+                Role::Subscriber,
+                &forged,
+                DEFAULT_GRACE_MS,
+            )
+            .is_err()
+        );
     }
 }

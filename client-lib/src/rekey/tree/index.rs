@@ -9,6 +9,8 @@
 /// The widest tree supported: 2^24 leaves (paths of 25 keys). A notice or key set naming a wider
 /// tree is refused before anything is allocated.
 pub const MAX_WIDTH: u32 = 1 << 24;
+/// Nodes on a path from a leaf to the root of a [`MAX_WIDTH`] tree.
+pub const MAX_PATH_LEN: usize = MAX_WIDTH.trailing_zeros() as usize + 1;
 
 /// `level(x)`: the number of trailing 1 bits of `x` (0 for leaves).
 pub fn level(x: u32) -> u32 {

@@ -5,7 +5,7 @@
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use super::{NodeKey, index};
+use super::{NodeKey, TreeHolder, index};
 use crate::codec::{Decode, DecodeError, Reader, put_u8, put_u32};
 use crate::curve::{KeyPair, Point, SecretScalar};
 use crate::ecies;
@@ -23,6 +23,11 @@ pub struct TreeKeySet {
 }
 
 impl TreeKeySet {
+    /// Length of the encoding of a key set whose path has `path_len` nodes.
+    pub const fn encoded_len(path_len: usize) -> usize {
+        32 + 4 + 4 + 1 + 36 * path_len
+    }
+
     /// A key set; `path` must be the nodes of `leaf`'s path in a width-`width` tree, leaf first.
     ///
     /// # Errors
@@ -43,6 +48,16 @@ impl TreeKeySet {
             leaf,
             path,
         })
+    }
+
+    /// The key set of a holder's current state with its key `x`, to store and restore.
+    pub fn from_holder(x: SecretScalar, holder: &TreeHolder) -> Self {
+        TreeKeySet {
+            x,
+            width: holder.width(),
+            leaf: holder.leaf(),
+            path: holder.path().to_vec(),
+        }
     }
 
     /// X_new: d_P for subscribers, d_S for publishers.
@@ -67,7 +82,7 @@ impl TreeKeySet {
 
     /// The encoding, zeroized when dropped.
     pub fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(32 + 9 + 36 * self.path.len()));
+        let mut out = Zeroizing::new(Vec::with_capacity(Self::encoded_len(self.path.len())));
         out.extend_from_slice(&self.x.to_bytes()[..]);
         put_u32(&mut out, self.width);
         put_u32(&mut out, self.leaf);

@@ -500,13 +500,19 @@ impl KeyTree {
         Ok(out)
     }
 
+    /// Whether `staged` was planned from this tree as it is now, so that
+    /// [`KeyTree::commit`] accepts it.
+    pub fn follows(&self, staged: &StagedTree) -> bool {
+        staged.from_epoch == self.epoch && staged.width_before == self.width
+    }
+
     /// Applies a planned epoch once it is durably stored.
     ///
     /// # Errors
     /// [`TreeError::Inconsistent`] if `staged` was not planned from this tree as it is now (then
     /// nothing changes).
     pub fn commit(&mut self, staged: StagedTree) -> Result<(), TreeError> {
-        if staged.from_epoch != self.epoch || staged.width_before != self.width {
+        if !self.follows(&staged) {
             return Err(TreeError::Inconsistent(
                 "staged change does not follow the tree",
             ));

@@ -368,7 +368,5 @@ mod tests {
             TreeNotice::from_bytes(&kind),
             Err(invalid("tree notice kind"))
         );
-        // The v1 decoder does not take a tree notice for one of its kinds.
-        assert!(crate::rekey::RekeyNotice::from_bytes(&all).is_err());
     }
 }

@@ -1,64 +1,54 @@
-//! Group-key delivery in SUBACK, PROTOCOL.md §4.
+//! Group-key delivery in SUBACK, PROTOCOL.md §4, carrying the v1.1 key set of §5.1.
 
 use rand_core::CryptoRngCore;
 
-use super::{
-    GroupError, GroupInfo, GroupKeys, Member, SignedGroupInfo, key_context, property_bytes,
-    property_text,
-};
+use super::tree::{TreeError, TreeHolder, TreeKeySet, index};
 use crate::codec::{Decode, DecodeError, Encode, Reader};
 use crate::curve::KeyPair;
 use crate::ecies;
-use crate::ids::{Epoch, GroupId, Role};
+use crate::group::{
+    AcceptedGroupKey, GroupError, GroupKeys, Member, SignedGroupInfo, property_bytes, property_text,
+};
+use crate::ids::{GroupId, Role};
 use crate::schnorr::VerifyingKey;
 use crate::symmetric::VerifyError;
 
-/// Length of `ecies(Q_i, ctx, sc(d))`: the ephemeral point, 32 bytes and the tag.
-pub const SEALED_KEY_LEN: usize = ecies::OVERHEAD + 32;
+/// Shortest `ecies(Q_i, ctx, key set)`: a key set of a one-leaf tree.
+pub const MIN_SEALED_LEN: usize = ecies::OVERHEAD + TreeKeySet::encoded_len(1);
+/// Longest `ecies(Q_i, ctx, key set)`: a path through the widest tree.
+pub const MAX_SEALED_LEN: usize = ecies::OVERHEAD + TreeKeySet::encoded_len(index::MAX_PATH_LEN);
 
-/// `ginfo || sig || ecies(Q_i, ctx, sc(d))`, the `quva-gk` user property of the SUBACK; d = d_P
-/// for a subscriber, d_S for a publisher, ctx = [`key_context`]`(group, E, role)`.
+/// `ginfo || sig || ecies(Q_i, ctx, key set)`, the `quva-gk` user property of the SUBACK. The key
+/// set (§5.1) is `sc(d) || u32 W || u32 leaf || u8 count || count × (u32 node || 32-byte key)`:
+/// d = d_P for a subscriber, d_S for a publisher, and the holder's path in that key's tree;
+/// ctx = [`crate::group::key_context`]`(group, E, role)`. The ECIES output is the last field.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupKeyDelivery {
     signed: SignedGroupInfo,
-    sealed: [u8; SEALED_KEY_LEN],
+    sealed: Vec<u8>,
 }
 
 impl GroupKeyDelivery {
-    /// The CA seals the key that `recipient`'s role holds, with a fresh ephemeral key.
+    /// The CA seals `set` (the key `recipient`'s role holds and its path) with a fresh ephemeral
+    /// key.
     ///
     /// # Errors
-    /// [`GroupError::InfoMismatch`] if `signed` is not the info of `keys`.
+    /// [`GroupError::InfoMismatch`] if `signed` is not the info of `keys` or the key set does not
+    /// carry the key that `recipient`'s role holds.
     pub fn seal(
         signed: &SignedGroupInfo,
         keys: &GroupKeys,
+        set: &TreeKeySet,
         recipient: &Member,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Self, GroupError> {
-        Self::seal_with_ephemeral(signed, keys, recipient, &KeyPair::random(rng))
-    }
-
-    /// As [`GroupKeyDelivery::seal`] with the given ephemeral key pair, which must be fresh.
-    pub(crate) fn seal_with_ephemeral(
-        signed: &SignedGroupInfo,
-        keys: &GroupKeys,
-        recipient: &Member,
-        ephemeral: &KeyPair,
-    ) -> Result<Self, GroupError> {
         let info = signed.info_unverified();
-        if info != keys.group_info() {
+        if info != keys.group_info() || set.x() != keys.held_by(recipient.role).secret() {
             return Err(GroupError::InfoMismatch);
         }
-        let ctx = key_context(&info.group, info.epoch, recipient.role);
-        let d = keys.held_by(recipient.role).secret().to_bytes();
-        let out = ecies::seal_with_ephemeral(ephemeral, &recipient.q, &ctx, &d[..]);
-        let sealed = out
-            .as_slice()
-            .try_into()
-            .map_err(|_| GroupError::InfoMismatch)?;
         Ok(GroupKeyDelivery {
             signed: signed.clone(),
-            sealed,
+            sealed: set.seal(&recipient.q, &info.group, info.epoch, recipient.role, rng),
         })
     }
 
@@ -81,32 +71,28 @@ impl GroupKeyDelivery {
     }
 
     /// The device's check: the CA signed the info (pre-loaded `q_ca`), it is for `group`, the key
-    /// opens with d_i under the context of `role`, and d·G equals the info's key for the role.
+    /// set opens with d_i under the context of `role`, and d·G equals the info's key for the
+    /// role. Returns the holder's tree state and the key.
     ///
     /// # Errors
     /// [`GroupError::WrongGroup`], or the opaque [`GroupError::Verify`] for a bad signature, a
-    /// failed decryption (also for the wrong role) or a key that does not match.
+    /// failed decryption (also for the wrong role), a malformed key set or a key that does not
+    /// match.
     pub fn accept(
         &self,
         q_ca: &VerifyingKey,
         device: &KeyPair,
         group: &GroupId,
         role: Role,
-    ) -> Result<AcceptedGroupKey, GroupError> {
+    ) -> Result<(TreeHolder, AcceptedGroupKey), GroupError> {
         let info = self.signed.verify(q_ca)?;
         if &info.group != group {
             return Err(GroupError::WrongGroup("group-key delivery"));
         }
-        let ctx = key_context(group, info.epoch, role);
-        let d = ecies::open_scalar(device, &ctx, &self.sealed)?;
-        let key = KeyPair::from_secret(d);
-        if key.public() != info.held_public_key(role) {
-            return Err(GroupError::Verify(VerifyError));
-        }
-        Ok(AcceptedGroupKey {
-            signed: self.signed.clone(),
-            role,
-            key,
+        let set = TreeKeySet::open(device, group, info.epoch, role, &self.sealed)?;
+        TreeHolder::from_key_set(q_ca, &self.signed, group, role, &set).map_err(|e| match e {
+            TreeError::WrongGroup(w) => GroupError::WrongGroup(w),
+            _ => GroupError::Verify(VerifyError),
         })
     }
 }
@@ -120,62 +106,33 @@ impl Encode for GroupKeyDelivery {
 
 impl Decode for GroupKeyDelivery {
     fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let signed = SignedGroupInfo::read(r)?;
+        let sealed = r.rest();
+        if sealed.len() < MIN_SEALED_LEN {
+            return Err(DecodeError::InvalidValue("group-key delivery ecies"));
+        }
+        if sealed.len() > MAX_SEALED_LEN {
+            return Err(DecodeError::TooLarge("group-key delivery ecies"));
+        }
         Ok(GroupKeyDelivery {
-            signed: SignedGroupInfo::read(r)?,
-            sealed: r.take_array("group-key delivery ecies")?,
+            signed,
+            sealed: sealed.to_vec(),
         })
-    }
-}
-
-/// A group key the device accepted: the verified info and the held key (d_P or d_S).
-#[derive(Clone, Debug)]
-pub struct AcceptedGroupKey {
-    signed: SignedGroupInfo,
-    role: Role,
-    key: KeyPair,
-}
-
-impl AcceptedGroupKey {
-    /// The verified group info.
-    pub fn info(&self) -> &GroupInfo {
-        self.signed.info_unverified()
-    }
-
-    /// The signed info, as received (verified).
-    pub fn signed_info(&self) -> &SignedGroupInfo {
-        &self.signed
-    }
-
-    /// The epoch of the key.
-    pub fn epoch(&self) -> Epoch {
-        self.info().epoch
-    }
-
-    /// The role the key was delivered for.
-    pub fn role(&self) -> Role {
-        self.role
-    }
-
-    /// The held key: d_P for a subscriber, d_S for a publisher.
-    pub fn key(&self) -> &KeyPair {
-        &self.key
-    }
-
-    /// Only the crate builds accepted keys (after verification).
-    pub(crate) fn new_verified(signed: SignedGroupInfo, role: Role, key: KeyPair) -> Self {
-        AcceptedGroupKey { signed, role, key }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::TestDevice;
-    use super::super::{Privacy, SignedGroupInfo};
-    use super::*;
-    use crate::ids::GroupKeyKind;
     use proptest::prelude::*;
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
+
+    use super::*;
+    use crate::curve::SecretScalar;
+    use crate::group::testing::TestDevice;
+    use crate::group::{GroupKeys, Privacy, key_context};
+    use crate::ids::{Epoch, GroupKeyKind};
+    use crate::rekey::tree::NodeKey;
 
     struct Setup {
         ca: KeyPair,
@@ -212,6 +169,18 @@ mod tests {
         }
     }
 
+    /// A key set of leaf 1 in a two-leaf tree with `x`.
+    fn key_set(x: &SecretScalar, rng: &mut ChaCha20Rng) -> TreeKeySet {
+        let path = vec![(2, NodeKey::random(rng)), (1, NodeKey::random(rng))];
+        TreeKeySet::new(x.clone(), 2, 1, path).unwrap()
+    }
+
+    fn seal(s: &Setup, dev: &TestDevice, rng: &mut ChaCha20Rng) -> (GroupKeyDelivery, TreeKeySet) {
+        let set = key_set(s.keys.held_by(dev.member().role).secret(), rng);
+        let d = GroupKeyDelivery::seal(&s.signed, &s.keys, &set, dev.member(), rng).unwrap();
+        (d, set)
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(16))]
 
@@ -220,14 +189,18 @@ mod tests {
             let s = setup(seed);
             let mut rng = ChaCha20Rng::seed_from_u64(seed ^ 1);
             let dev = &s.devs[which];
-            let d = GroupKeyDelivery::seal(&s.signed, &s.keys, dev.member(), &mut rng).unwrap();
+            let (d, set) = seal(&s, dev, &mut rng);
             let back = GroupKeyDelivery::from_property(&d.to_property()).unwrap();
             prop_assert_eq!(&back, &d);
             prop_assert_eq!(GroupKeyDelivery::from_bytes(&d.to_bytes()).unwrap(), d);
             let role = dev.member().role;
-            let held = back.accept(&s.ca.verifying_key(), &dev.key, &s.group, role).unwrap();
+            let (tree, held) =
+                back.accept(&s.ca.verifying_key(), &dev.key, &s.group, role).unwrap();
             prop_assert_eq!(held.key(), s.keys.held_by(role));
             prop_assert_eq!(held.epoch(), Epoch(4));
+            prop_assert_eq!((tree.width(), tree.leaf()), (2, 1));
+            prop_assert_eq!(tree.path(), set.path());
+            prop_assert_eq!(tree.epoch(), Epoch(4));
         }
     }
 
@@ -239,8 +212,8 @@ mod tests {
         let q_ca = s.ca.verifying_key();
         for dev in &s.devs {
             let role = dev.member().role;
-            let d = GroupKeyDelivery::seal(&s.signed, &s.keys, dev.member(), &mut rng).unwrap();
-            let held = d.accept(&q_ca, &dev.key, &s.group, role).unwrap();
+            let (d, _) = seal(&s, dev, &mut rng);
+            let (_, held) = d.accept(&q_ca, &dev.key, &s.group, role).unwrap();
             let want = match role {
                 Role::Subscriber => GroupKeyKind::P,
                 Role::Publisher => GroupKeyKind::S,
@@ -255,9 +228,7 @@ mod tests {
         let s = setup(3);
         let mut rng = ChaCha20Rng::seed_from_u64(4);
         let dev = &s.devs[1];
-        let bytes = GroupKeyDelivery::seal(&s.signed, &s.keys, dev.member(), &mut rng)
-            .unwrap()
-            .to_bytes();
+        let bytes = seal(&s, dev, &mut rng).0.to_bytes();
         let q_ca = s.ca.verifying_key();
         for i in 0..bytes.len() {
             for mask in [0x01u8, 0x80] {
@@ -270,7 +241,21 @@ mod tests {
                 assert!(!ok, "flipped byte {i} still accepted");
             }
         }
-        assert!(GroupKeyDelivery::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+        assert!(
+            GroupKeyDelivery::from_bytes(&bytes[..bytes.len() - 1]).is_ok_and(|d| {
+                d.accept(&q_ca, &dev.key, &s.group, Role::Subscriber)
+                    .is_err()
+            })
+        );
+        // Too short for any key set, or longer than the widest tree's.
+        let info_len = s.signed.to_bytes().len();
+        assert!(GroupKeyDelivery::from_bytes(&bytes[..info_len + MIN_SEALED_LEN - 1]).is_err());
+        let mut long = s.signed.to_bytes();
+        long.extend(std::iter::repeat_n(0u8, MAX_SEALED_LEN + 1));
+        assert_eq!(
+            GroupKeyDelivery::from_bytes(&long).err(),
+            Some(DecodeError::TooLarge("group-key delivery ecies"))
+        );
     }
 
     #[test]
@@ -278,7 +263,7 @@ mod tests {
         let s = setup(5);
         let mut rng = ChaCha20Rng::seed_from_u64(6);
         let sub = &s.devs[1];
-        let d = GroupKeyDelivery::seal(&s.signed, &s.keys, sub.member(), &mut rng).unwrap();
+        let (d, set) = seal(&s, sub, &mut rng);
         let q_ca = s.ca.verifying_key();
         // Wrong role: the context differs, decryption fails.
         assert_eq!(
@@ -323,14 +308,14 @@ mod tests {
         );
         // The key must match the signed info: d_S sealed to a subscriber is refused.
         let ctx = key_context(&s.group, Epoch(4), Role::Subscriber);
-        let wrong = ecies::seal(
+        let wrong = key_set(s.keys.key(GroupKeyKind::S).secret(), &mut rng);
+        let mut bytes = s.signed.to_bytes();
+        bytes.extend_from_slice(&ecies::seal(
             &sub.member().q,
             &ctx,
-            &s.keys.key(GroupKeyKind::S).secret().to_bytes()[..],
+            &wrong.to_bytes(),
             &mut rng,
-        );
-        let mut bytes = s.signed.to_bytes();
-        bytes.extend_from_slice(&wrong);
+        ));
         let forged = GroupKeyDelivery::from_bytes(&bytes).unwrap();
         assert_eq!(
             forged
@@ -338,7 +323,7 @@ mod tests {
                 .err(),
             Some(GroupError::Verify(VerifyError))
         );
-        // The CA refuses to pair keys with another epoch's info.
+        // The CA refuses to pair keys with another epoch's info, or a key set with another key.
         let other_keys = GroupKeys::derive(
             &s.ca,
             &s.group,
@@ -348,7 +333,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            GroupKeyDelivery::seal(&s.signed, &other_keys, sub.member(), &mut rng).err(),
+            GroupKeyDelivery::seal(&s.signed, &other_keys, &set, sub.member(), &mut rng).err(),
+            Some(GroupError::InfoMismatch)
+        );
+        assert_eq!(
+            GroupKeyDelivery::seal(&s.signed, &s.keys, &wrong, sub.member(), &mut rng).err(),
             Some(GroupError::InfoMismatch)
         );
     }
