@@ -20,7 +20,7 @@ use quva_client::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Rejection, Sealer,
     UnverifiedMessage,
 };
-use quva_client::rekey::{device_key_topic, key_topic};
+use quva_client::rekey::key_topic;
 use quva_client::replay::ReplayCache;
 use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
@@ -234,7 +234,7 @@ pub fn feed_device(store: &Path, group: &str, role: Role, captured: &[Captured])
         device.restore(&key, now, &mut rng).unwrap();
     }
     device.join(&gid, role, true, now, &mut rng).unwrap();
-    let own_topics = [key_topic(&gid, role), device_key_topic(&gid, role, &id)];
+    let own_topics = [key_topic(&gid, role)];
     let key_prefix = format!("quva/k/{group}/");
     let mut out = Replayed::default();
     let collect = |outs: Vec<Output>, out: &mut Replayed| {

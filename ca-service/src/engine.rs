@@ -1720,10 +1720,34 @@ impl Engine {
             .state
             .stage(&self.ca, p.changes.iter().cloned(), now, &mut self.rng)
             .map_err(rekey_err)?;
+        let staged = match &plan {
+            Plan::Rekey(staged) => Some(staged.as_ref()),
+            Plan::Unchanged => None,
+        };
         for ((role, id), row) in &p.rows {
             match row {
+                Some(r) if r.joined() => {
+                    // A joiner's new leaf, or the leaf it keeps (the same share again).
+                    let leaf = staged
+                        .and_then(|s| s.joined_leaf(*role, id))
+                        .or_else(|| live.state.tree(*role).leaf_of(id))
+                        .ok_or(CaError::Crypto("joined member without a leaf"))?;
+                    let mut r = r.clone();
+                    r.leaf = leaf;
+                    tx.batch.put_member(gid, &r)?;
+                }
                 Some(r) => tx.batch.put_member(gid, r)?,
                 None => tx.batch.delete_member(gid, *role, id),
+            }
+        }
+        if let Some(staged) = staged {
+            for role in [Role::Publisher, Role::Subscriber] {
+                for (node, key) in staged.tree(role).node_changes() {
+                    match key {
+                        Some(k) => tx.batch.put_tree_node(gid, role, *node, k),
+                        None => tx.batch.delete_tree_node(gid, role, *node),
+                    }
+                }
             }
         }
         let expiry = self.nonce_expiry(now);
@@ -1752,11 +1776,6 @@ impl Engine {
                 epoch,
                 topic: n.topic.clone(),
                 payload: n.payload(),
-                device_id: n
-                    .recipient
-                    .as_ref()
-                    .map(|d| d.as_str().to_owned())
-                    .unwrap_or_default(),
                 ..Default::default()
             });
         }
@@ -1963,6 +1982,7 @@ fn load(
         let id = GroupId::new(&rec.id).map_err(|_| CaError::Crypto("stored group id"))?;
         let mut members = Vec::new();
         let mut joined = BTreeMap::new();
+        let nodes = store.tree_nodes(&id)?;
         for row in store.members(&id)? {
             if !row.joined() {
                 continue;
@@ -1987,7 +2007,7 @@ fn load(
                 tracing::error!(group = %id, device = %device, "stored share does not match");
                 CaError::Crypto("stored share")
             })?;
-            members.push(share);
+            members.push((share, row.leaf));
             joined.insert(
                 (role, device),
                 JoinedCert {
@@ -1996,7 +2016,7 @@ fn load(
                 },
             );
         }
-        let state = GroupState::from_record(ca, &rec.state, members).map_err(|e| {
+        let state = GroupState::from_record(ca, &rec.state, members, nodes).map_err(|e| {
             tracing::error!(group = %id, error = %e, "stored group state does not verify");
             CaError::Crypto("stored group state")
         })?;

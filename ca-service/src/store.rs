@@ -24,6 +24,8 @@ mod staged;
 
 use prost::Message;
 use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::rekey::tree::NodeKey;
+use zeroize::{Zeroize, Zeroizing};
 
 pub use keys::{Key, KeyKind, NonceScope};
 pub use memory::MemoryStore;
@@ -50,10 +52,21 @@ pub enum StoreError {
     MissingCf(&'static str),
 }
 
-/// One atomic write: puts and deletes over any column families.
+/// One atomic write: puts and deletes over any column families. Values (which include shares
+/// and node keys) are zeroized when the batch is dropped.
 #[derive(Default)]
 pub struct Batch {
     ops: Vec<(Key, Option<Vec<u8>>)>,
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        for (_, value) in &mut self.ops {
+            if let Some(v) = value {
+                v.zeroize();
+            }
+        }
+    }
 }
 
 impl Batch {
@@ -134,6 +147,16 @@ impl Batch {
     /// Deletes a member row.
     pub fn delete_member(&mut self, group: &GroupId, role: Role, device: &DeviceId) {
         self.delete(Key::member(group, role, device));
+    }
+
+    /// Writes a key-tree node key (a secret).
+    pub fn put_tree_node(&mut self, group: &GroupId, role: Role, node: u32, key: &NodeKey) {
+        self.put(Key::tree_node(group, role, node), key.as_bytes().to_vec());
+    }
+
+    /// Deletes a key-tree node row (the node became blank).
+    pub fn delete_tree_node(&mut self, group: &GroupId, role: Role, node: u32) {
+        self.delete(Key::tree_node(group, role, node));
     }
 
     /// Writes an epoch row.
@@ -254,6 +277,11 @@ pub trait Tables {
     /// # Errors
     /// [`StoreError`] from the backend or a corrupt row.
     fn members(&self, group: &GroupId) -> Result<Vec<MemberRecord>, StoreError>;
+    /// Every key-tree node key of a group as (holders' role, node, key).
+    ///
+    /// # Errors
+    /// [`StoreError`] from the backend or a corrupt row.
+    fn tree_nodes(&self, group: &GroupId) -> Result<Vec<(Role, u32, NodeKey)>, StoreError>;
     /// One epoch record.
     ///
     /// # Errors
@@ -340,6 +368,32 @@ impl<S: CaStore + ?Sized> Tables for S {
 
     fn members(&self, group: &GroupId) -> Result<Vec<MemberRecord>, StoreError> {
         decode_all(self.scan(&Key::members(group), None, 0)?, "member")
+    }
+
+    fn tree_nodes(&self, group: &GroupId) -> Result<Vec<(Role, u32, NodeKey)>, StoreError> {
+        let prefix = Key::tree_nodes(group);
+        let at = prefix.as_bytes().len();
+        self.scan(&prefix, None, 0)?
+            .into_iter()
+            .map(|(k, v)| {
+                let v = Zeroizing::new(v);
+                let role = k
+                    .get(at)
+                    .copied()
+                    .and_then(Role::from_u8)
+                    .ok_or(StoreError::Corrupt("tree node role"))?;
+                let node = k
+                    .get(at + 1..)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map(u32::from_be_bytes)
+                    .ok_or(StoreError::Corrupt("tree node index"))?;
+                let key = Zeroizing::new(
+                    <[u8; 32]>::try_from(v.as_slice())
+                        .map_err(|_| StoreError::Corrupt("tree node key"))?,
+                );
+                Ok((role, node, NodeKey::from_bytes(&key)))
+            })
+            .collect()
     }
 
     fn epoch(&self, group: &GroupId, epoch: u32) -> Result<Option<EpochRecord>, StoreError> {

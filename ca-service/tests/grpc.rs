@@ -10,9 +10,10 @@ use quva_ca::config::Config;
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
 use quva_client::enrollment::{Credentials, EnrollmentSecret, ImplicitCert, PendingEnrollment};
-use quva_client::group::{GroupKeyDelivery, Member, SignedGroupInfo};
+use quva_client::group::{Member, SignedGroupInfo};
 use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::rekey::{DEFAULT_GRACE_MS, Keyring, RekeyNotice};
+use quva_client::rekey::tree::TreeNotice;
+use quva_client::rekey::{DEFAULT_GRACE_MS, GroupKeyDelivery, Keyring};
 use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
 use quva_proto::v1 as pb;
@@ -397,26 +398,30 @@ async fn a_departed_subscriber_cannot_read_the_new_key() {
     .await;
     let (_, info) = group_info(&mut h, G).await;
     assert_eq!(info.epoch.0, 4);
-    let rekeys: Vec<RekeyNotice> = notices
+    let rekeys: Vec<TreeNotice> = notices
         .iter()
         .filter(|n| n.kind == pb::NoticeKind::Rekey as i32)
-        .map(|n| RekeyNotice::from_bytes(&n.payload).unwrap())
+        .map(|n| TreeNotice::from_bytes(&n.payload).unwrap())
         .collect();
-    assert!(!rekeys.is_empty());
+    // One tree notice per role, on the key topics: no individual notice any more.
+    assert_eq!(rekeys.len(), 2);
+    let key_topics = [format!("quva/k/{G}/pub"), format!("quva/k/{G}/sub")];
+    assert!(
+        notices
+            .iter()
+            .filter(|n| n.kind == pb::NoticeKind::Rekey as i32)
+            .all(|n| key_topics.contains(&n.topic))
+    );
     let now = h.now();
-    // s2 departed: no notice opens for it, neither as a follow-up nor as a fresh start.
+    // s2 departed: no notice opens for it.
     for n in &rekeys {
-        assert!(rings[1].clone().apply_notice(s2.key(), n, now).is_err());
-        assert!(
-            Keyring::from_notice(q_ca, &gid, Role::Subscriber, s2.key(), n, DEFAULT_GRACE_MS)
-                .is_err()
-        );
+        assert!(rings[1].clone().apply_tree_notice(n, now).is_err());
     }
     // s1 (subscriber, d_P) and p1 (publisher, d_S) adopt the new epoch.
-    for (i, creds) in [(0usize, &s1), (2, &p1)] {
+    for i in [0usize, 2] {
         let adopted = rekeys
             .iter()
-            .filter_map(|n| rings[i].apply_notice(creds.key(), n, now).ok())
+            .filter_map(|n| rings[i].apply_tree_notice(n, now).ok())
             .count();
         assert_eq!(adopted, 1, "ring {i}");
         assert_eq!(rings[i].epoch().0, 4);
@@ -425,8 +430,6 @@ async fn a_departed_subscriber_cannot_read_the_new_key() {
     assert_eq!(rings[2].current_key().public(), &info.q_s);
     // The removed subscriber's old key is not the new one.
     assert_ne!(rings[1].current_key().public(), &info.q_p);
-    // Notices topics: individual ones name their recipient, none names s2.
-    assert!(notices.iter().all(|n| n.device_id != "s2"));
     h.stop().await;
 }
 
@@ -489,11 +492,11 @@ async fn keyring(h: &mut Harness, creds: &Credentials, role: Role) -> (Keyring, 
     (ring, r.epoch)
 }
 
-fn rekey_notices(notices: &[pb::Notice]) -> Vec<(u32, RekeyNotice)> {
+fn rekey_notices(notices: &[pb::Notice]) -> Vec<(u32, TreeNotice)> {
     notices
         .iter()
         .filter(|n| n.kind == pb::NoticeKind::Rekey as i32)
-        .map(|n| (n.epoch, RekeyNotice::from_bytes(&n.payload).unwrap()))
+        .map(|n| (n.epoch, TreeNotice::from_bytes(&n.payload).unwrap()))
         .collect()
 }
 
@@ -542,19 +545,16 @@ async fn the_periodic_timer_changes_every_key_without_membership_changes() {
     assert_eq!((after.n_pub, after.n_sub), (1, 1));
     assert_eq!(after.members_digest, before.members_digest);
     assert_eq!(members_of(&h.ca, &r1), members_of(&h.ca, &r0));
-    // Nobody left: both keys travel as broadcasts under the previous keys, and both members
-    // adopt them.
+    // Nobody left: both keys travel in one tree notice per role (a root wrap under the
+    // unchanged trees), and both members adopt them.
     let rekeys = rekey_notices(&notices);
     assert_eq!(rekeys.len(), 2);
-    assert!(notices.iter().all(|n| n.device_id.is_empty()));
+    assert!(rekeys.iter().all(|(_, n)| n.wraps().is_empty()));
     let now = h.now();
-    for (ring, creds, q) in [
-        (&mut ring_s, &s1, &after.q_p),
-        (&mut ring_p, &p1, &after.q_s),
-    ] {
+    for (ring, q) in [(&mut ring_s, &after.q_p), (&mut ring_p, &after.q_s)] {
         let adopted = rekeys
             .iter()
-            .filter(|(_, n)| ring.apply_notice(creds.key(), n, now).is_ok())
+            .filter(|(_, n)| ring.apply_tree_notice(n, now).is_ok())
             .count();
         assert_eq!(adopted, 1);
         assert_eq!(ring.epoch().0, e0 + 1);
@@ -602,15 +602,14 @@ async fn an_expired_certificate_leaves_its_groups() {
     // A departed holder of d_P: the new one goes to the remaining subscriber alone.
     let now = h.now();
     let rekeys = rekey_notices(&notices);
-    assert!(notices.iter().all(|n| n.device_id != "old"));
     assert!(
         rekeys
             .iter()
-            .all(|(_, n)| old_ring.apply_notice(old.key(), n, now).is_err())
+            .all(|(_, n)| old_ring.apply_tree_notice(n, now).is_err())
     );
     let adopted = rekeys
         .iter()
-        .filter(|(_, n)| ring.apply_notice(young.key(), n, now).is_ok())
+        .filter(|(_, n)| ring.apply_tree_notice(n, now).is_ok())
         .count();
     assert_eq!(adopted, 1);
     assert_eq!(ring.current_key().public(), &info.q_p);
@@ -642,7 +641,7 @@ async fn a_joiner_cannot_open_notices_of_earlier_epochs() {
     h.permit(G, "p1", Role::Publisher, true).await;
     h.join(&s1, G, Role::Subscriber).await.unwrap();
     h.join(&p1, G, Role::Publisher).await.unwrap();
-    // Two more epochs before the late joiner arrives: broadcasts under the old keys.
+    // Two more epochs before the late joiner arrives.
     for _ in 0..2 {
         h.admin
             .rekey_group(pb::RekeyGroupRequest { id: G.into() })
@@ -661,27 +660,15 @@ async fn a_joiner_cannot_open_notices_of_earlier_epochs() {
         n.kind == pb::NoticeKind::GroupUpdated as i32 && n.epoch == join_epoch
     })
     .await;
-    let earlier: Vec<(u32, RekeyNotice)> = rekey_notices(&notices)
+    let earlier: Vec<(u32, TreeNotice)> = rekey_notices(&notices)
         .into_iter()
         .filter(|(e, _)| *e < join_epoch)
         .collect();
     assert!(earlier.len() >= 4);
-    let gid = GroupId::new(G).unwrap();
     let (mut ring, _) = keyring(&mut h, &late, Role::Subscriber).await;
     let now = h.now();
     for (_, n) in &earlier {
-        assert!(ring.apply_notice(late.key(), n, now).is_err());
-        assert!(
-            Keyring::from_notice(
-                VerifyingKey(h.ca),
-                &gid,
-                Role::Subscriber,
-                late.key(),
-                n,
-                DEFAULT_GRACE_MS
-            )
-            .is_err()
-        );
+        assert!(ring.apply_tree_notice(n, now).is_err());
     }
     assert_eq!(ring.epoch().0, join_epoch);
     // The joiner's key is new: none of the subscribers' earlier keys.
@@ -758,6 +745,28 @@ async fn restart_rebuilds_groups_from_member_rows() {
     assert!(h.restart().await.is_err(), "served without a member");
 
     write(&h, &|b| b.put_member(&gid, &p1).unwrap());
+    h.restart().await.unwrap();
+    assert_eq!(group_info(&mut h, G).await.1, info);
+    h.server.take().unwrap().stop().await.unwrap();
+
+    // The subscribers' key tree: one node row gone, or a member moved to another leaf.
+    let nodes = h.store.tree_nodes(&gid).unwrap();
+    let (role, node, key) = nodes
+        .iter()
+        .find(|(r, _, _)| *r == Role::Subscriber)
+        .unwrap()
+        .clone();
+    write(&h, &|b| b.delete_tree_node(&gid, role, node));
+    assert!(h.restart().await.is_err(), "served with a node key missing");
+    write(&h, &|b| b.put_tree_node(&gid, role, node, &key));
+    let mut moved = s1.clone();
+    moved.leaf += 2;
+    write(&h, &|b| b.put_member(&gid, &moved).unwrap());
+    assert!(
+        h.restart().await.is_err(),
+        "served with a member off its leaf"
+    );
+    write(&h, &|b| b.put_member(&gid, &s1).unwrap());
     h.restart().await.unwrap();
     assert_eq!(group_info(&mut h, G).await.1, info);
     h.stop().await;

@@ -86,7 +86,7 @@ pub const GK_PROPERTY: &str = "quva-gk";
 pub const GINFO_SIGNATURE_TAG: &str = "quva/v1/ginfo";
 /// Length of an encoded `ginfo` without the group name's bytes.
 const GINFO_FIXED_LEN: usize = 1 + 2 + 4 + 4 * 33 + 1 + 4 + 4 + 32;
-/// Longest `quva-gk` property text accepted before any decoding (a delivery is ≤ 1,822 characters:
+/// Longest `quva-gk` property text accepted before any decoding (a delivery is ≤ 1,818 characters:
 /// a 128-byte group name and a key-tree path through the widest tree).
 pub const MAX_PROPERTY_LEN: usize = 2048;
 

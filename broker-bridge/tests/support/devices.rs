@@ -17,9 +17,10 @@ use quva_client::curve::KeyPair;
 use quva_client::enrollment::{
     CertConnectProof, Credentials, EnrollResponse, METHOD_CERT, METHOD_ENROLL, PendingEnrollment,
 };
-use quva_client::group::{AcceptedGroupKey, GK_PROPERTY, GroupKeyDelivery, GroupKeyRequest};
+use quva_client::group::{AcceptedGroupKey, GK_PROPERTY, GroupKeyRequest};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 use quva_client::message::{Direction, Sealer};
+use quva_client::rekey::GroupKeyDelivery;
 use quva_client::rng::SystemRng;
 use rmqtt_codec::v5;
 
@@ -113,6 +114,7 @@ pub async fn join(
         .unwrap()
         .accept(&ca.key.verifying_key(), creds.key(), &gid, role)
         .unwrap()
+        .1
 }
 
 /// A forward-direction sealer.

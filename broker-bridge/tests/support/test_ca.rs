@@ -22,9 +22,11 @@ use quva_client::codec::{Decode, Encode};
 use quva_client::curve::KeyPair;
 use quva_client::enrollment::{EnrollRequest, EnrollmentSecret, ImplicitCert};
 use quva_client::group::{
-    GroupKeyDelivery, GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
+    GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
 };
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
+use quva_client::rekey::GroupKeyDelivery;
+use quva_client::rekey::tree::{NodeKey, TreeKeySet};
 use quva_client::rng::SystemRng;
 use tokio::sync::Notify;
 
@@ -224,8 +226,7 @@ impl TestCa {
             // Same member, same share: the current keys, no rekey (PROTOCOL.md §4).
             let keys = g.keys.clone().unwrap();
             let signed = g.signed.clone().unwrap();
-            let delivery = GroupKeyDelivery::seal(&signed, &keys, &member, &mut SystemRng::new())
-                .map_err(|_| CaError::Refused)?;
+            let delivery = seal(&signed, &keys, &member, &mut SystemRng::new())?;
             return Ok((delivery.to_bytes(), Epoch(g.epoch)));
         }
         g.joined
@@ -237,8 +238,7 @@ impl TestCa {
         let mut rng = SystemRng::new();
         let signed = SignedGroupInfo::sign(&self.key, keys.group_info().clone(), &mut rng)
             .map_err(|_| CaError::Refused)?;
-        let delivery = GroupKeyDelivery::seal(&signed, &keys, &member, &mut rng)
-            .map_err(|_| CaError::Refused)?;
+        let delivery = seal(&signed, &keys, &member, &mut rng)?;
         g.keys = Some(keys);
         g.signed = Some(signed);
         let epoch = g.epoch;
@@ -362,4 +362,19 @@ impl CaClient for Client {
             }) as Box<dyn NoticeStream>)
         })
     }
+}
+
+/// The SUBACK delivery of `member`'s key. The bridge never reads the key set, so this test CA
+/// keeps no key tree: every holder gets a one-leaf tree of its own (PROTOCOL.md §5.1 trees are
+/// exercised with the real CA in quva-tests).
+fn seal(
+    signed: &SignedGroupInfo,
+    keys: &GroupKeys,
+    member: &Member,
+    rng: &mut SystemRng,
+) -> Result<GroupKeyDelivery, CaError> {
+    let x = keys.held_by(member.role).secret().clone();
+    let set =
+        TreeKeySet::new(x, 1, 0, vec![(0, NodeKey::random(rng))]).map_err(|_| CaError::Refused)?;
+    GroupKeyDelivery::seal(signed, keys, &set, member, rng).map_err(|_| CaError::Refused)
 }

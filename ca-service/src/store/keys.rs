@@ -25,11 +25,13 @@ pub enum KeyKind {
     Audit = 0x08,
     /// A spent request nonce (replay cache), by scope and nonce.
     Nonce = 0x09,
+    /// A key-tree node key (secret, PROTOCOL.md §5.1): by group, holders' role, node index.
+    TreeNode = 0x0A,
 }
 
 impl KeyKind {
     /// Every kind, in prefix order.
-    pub const ALL: [KeyKind; 9] = [
+    pub const ALL: [KeyKind; 10] = [
         KeyKind::Meta,
         KeyKind::Device,
         KeyKind::Cert,
@@ -39,6 +41,7 @@ impl KeyKind {
         KeyKind::Notice,
         KeyKind::Audit,
         KeyKind::Nonce,
+        KeyKind::TreeNode,
     ];
 
     /// The prefix byte.
@@ -63,6 +66,7 @@ impl KeyKind {
             KeyKind::Notice => CF_NOTICES,
             KeyKind::Audit => CF_AUDIT,
             KeyKind::Nonce => CF_NONCES,
+            KeyKind::TreeNode => CF_TREE_NODES,
         }
     }
 }
@@ -86,10 +90,21 @@ pub const CF_AUDIT: &str = "audit";
 /// Column family of [`KeyKind::Nonce`].
 pub const CF_NONCES: &str = "nonces";
 
+/// Column family of [`KeyKind::TreeNode`].
+pub const CF_TREE_NODES: &str = "tree_nodes";
+
 /// Every column family name.
-pub const ALL_CFS: [&str; 9] = [
-    CF_META, CF_DEVICES, CF_CERTS, CF_GROUPS, CF_MEMBERS, CF_EPOCHS, CF_NOTICES, CF_AUDIT,
+pub const ALL_CFS: [&str; 10] = [
+    CF_META,
+    CF_DEVICES,
+    CF_CERTS,
+    CF_GROUPS,
+    CF_MEMBERS,
+    CF_EPOCHS,
+    CF_NOTICES,
+    CF_AUDIT,
     CF_NONCES,
+    CF_TREE_NODES,
 ];
 
 /// Scope of a replay-cache nonce.
@@ -214,6 +229,19 @@ impl Key {
     pub fn epoch(group: &GroupId, epoch: u32) -> Key {
         let mut k = Key::epochs(group);
         k.bytes.extend_from_slice(&epoch.to_be_bytes());
+        k
+    }
+
+    /// Prefix of one group's key-tree node rows.
+    pub fn tree_nodes(group: &GroupId) -> Key {
+        Key::new(KeyKind::TreeNode, 135).with_id(group.as_str())
+    }
+
+    /// A key-tree node row: the key of `node` in the tree of `role`'s holders.
+    pub fn tree_node(group: &GroupId, role: Role, node: u32) -> Key {
+        let mut k = Key::tree_nodes(group);
+        k.bytes.push(role.to_u8());
+        k.bytes.extend_from_slice(&node.to_be_bytes());
         k
     }
 

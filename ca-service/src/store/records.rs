@@ -195,6 +195,9 @@ pub struct MemberRecord {
     /// sc(v_i), the joined share (secret), empty if not joined.
     #[prost(bytes = "vec", tag = "7")]
     pub share: Vec<u8>,
+    /// The member's leaf in its role's key tree (PROTOCOL.md §5.1), meaningful once joined.
+    #[prost(uint32, tag = "8")]
+    pub leaf: u32,
 }
 
 impl MemberRecord {

@@ -16,8 +16,9 @@ use quva_ca::store::{CaStore, Key, KeyKind, RocksStore};
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
 use quva_client::enrollment::{Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment};
-use quva_client::group::{AcceptedGroupKey, GroupKeyDelivery, GroupKeyRequest};
+use quva_client::group::{AcceptedGroupKey, GroupKeyRequest};
 use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::rekey::GroupKeyDelivery;
 use quva_client::rng::SystemRng;
 use quva_proto::v1 as pb;
 use quva_proto::v1::device_service_client::DeviceServiceClient;
@@ -272,6 +273,7 @@ pub fn accept(
             role,
         )
         .unwrap()
+        .1
 }
 
 pub async fn device_client(url: &str, token: &str) -> DeviceClient {

@@ -341,4 +341,22 @@ mod tests {
             Some(GroupError::InfoMismatch)
         );
     }
+
+    #[test]
+    fn the_longest_delivery_fits_the_property_limit() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let ca = KeyPair::random(&mut rng);
+        let group = GroupId::new(&"g".repeat(crate::ids::MAX_GROUP_ID_LEN)).unwrap();
+        let keys = GroupKeys::derive(&ca, &group, Epoch(1), Privacy::Standard, []).unwrap();
+        let signed = SignedGroupInfo::sign(&ca, keys.group_info().clone(), &mut rng).unwrap();
+        let mut bytes = signed.to_bytes();
+        bytes.extend(std::iter::repeat_n(7u8, MAX_SEALED_LEN));
+        let text = crate::group::property_text(&bytes);
+        assert!(
+            text.len() <= crate::group::MAX_PROPERTY_LEN,
+            "{}",
+            text.len()
+        );
+        assert!(GroupKeyDelivery::from_property(&text).is_ok());
+    }
 }
