@@ -19,6 +19,15 @@ fn rejections(outs: &[Output]) -> Vec<DropReason> {
         .collect()
 }
 
+fn missed_epochs(outs: &[Output]) -> Vec<MissedEpoch> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::MissedEpoch(m) => Some(m.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn adopted(outs: &[Output]) -> Vec<(Role, Epoch, KeySource)> {
     outs.iter()
         .filter_map(|o| match o {
@@ -334,7 +343,7 @@ fn catch_up_from_retained_notices_after_reconnecting() {
     let stored = s.s1.dev.stored_keys();
     let creds = s.s1.dev.credentials().clone();
     let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
-    let out = dev.restore(&stored[0], s.w.now, &mut s.w.rng).unwrap();
+    let out = dev.restore(&stored[0]).unwrap();
     assert!(matches!(
         out,
         Some(Output::KeyAdopted {
@@ -489,28 +498,38 @@ fn stored_keys_restore_and_redact() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].role, Role::Publisher);
     let text = format!("{:?}", stored[0]);
-    let secret = hex::encode(&stored[0].key.secret().to_bytes()[..]);
+    let secret = hex::encode(&stored[0].key_set.x().to_bytes()[..]);
     assert!(!text.contains(&secret), "Debug leaks the key");
+    for (_, k) in stored[0].key_set.path() {
+        assert!(!text.contains(&hex::encode(k.as_bytes())), "Debug leaks a path key");
+    }
     let mut w = s.w;
     let mut dev = Device::new(
         s.p.dev.credentials().clone(),
         *w.ca.public(),
         DeviceConfig::default(),
     );
-    dev.restore(&stored[0], w.now, &mut w.rng).unwrap();
+    dev.restore(&stored[0]).unwrap();
     assert_eq!(
         dev.keyring(&s.g, Role::Publisher).unwrap().epoch(),
         w.state(&s.g).epoch()
     );
     // A key that does not match its info is refused.
     let mut wrong = stored[0].clone();
-    wrong.key = KeyPair::random(&mut w.rng);
+    let set = &stored[0].key_set;
+    wrong.key_set = TreeKeySet::new(
+        KeyPair::random(&mut w.rng).secret().clone(),
+        set.width(),
+        set.leaf(),
+        set.path().to_vec(),
+    )
+    .unwrap();
     let mut dev2 = Device::new(
         s.p.dev.credentials().clone(),
         *w.ca.public(),
         DeviceConfig::default(),
     );
-    assert!(dev2.restore(&wrong, w.now, &mut w.rng).is_err());
+    assert!(dev2.restore(&wrong).is_err());
     assert!(T0 <= w.now);
 }
 
@@ -697,7 +716,7 @@ mod resumption {
         let creds = s.s1.dev.credentials().clone();
         let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
         for k in &stored {
-            let out = dev.restore(k, s.w.now, &mut s.w.rng).unwrap();
+            let out = dev.restore(k).unwrap();
             assert!(matches!(
                 out,
                 Some(Output::KeyAdopted {
@@ -800,7 +819,7 @@ mod resumption {
     fn a_missed_epoch_joins_again_once() {
         let mut s = setup(23);
         let held = s.w.state(&s.g).epoch();
-        // Two rekeys while offline: the retained broadcast follows an epoch sub-1 never had.
+        // Two rekeys while offline: the retained tree notice follows an epoch sub-1 never had.
         s.w.periodic(&s.g);
         s.w.periodic(&s.g);
         sub1_offline(&mut s);
@@ -808,20 +827,23 @@ mod resumption {
         let requests = requests_of(&s.w, "sub-1");
 
         let (mut node, out) = restart_sub1(&mut s);
-        let reasons = failures(&out);
+        assert!(failures(&out).is_empty(), "{out:?}");
+        let missed = missed_epochs(&out);
         assert_eq!(
-            reasons,
-            vec![ResumeFailure::MissedEpoch {
-                epoch: current,
-                held
+            missed,
+            vec![MissedEpoch {
+                group: s.g.clone(),
+                role: Role::Subscriber,
+                notice: current,
+                held: Some(held),
             }]
         );
         assert!(
-            reasons[0]
-                .to_string()
-                .starts_with(&format!("cannot open the notice of epoch {}", current.0)),
+            missed[0].to_string().starts_with(
+                "missed an epoch of plant/line-3/temp as subscriber; joining again"
+            ),
             "{}",
-            reasons[0]
+            missed[0]
         );
         assert_eq!(
             adopted(&out),
