@@ -845,7 +845,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
     let groups: Vec<(&StoredGroupKey, u64)> = files
         .iter()
         .filter_map(|f| match f {
-            StoredGroup::Key(k, saved) => Some((k, *saved)),
+            StoredGroup::Key(k, saved) => Some((k.as_ref(), *saved)),
             StoredGroup::Outdated { .. } => None,
         })
         .collect();

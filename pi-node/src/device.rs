@@ -1144,7 +1144,12 @@ impl Device {
     /// The epoch of a notice that failed to open, if the role was resumed and the notice is
     /// CA-signed, of this group and newer than the held key: the device cannot catch up from
     /// it. A forged or foreign notice is only dropped.
-    fn newer_signed_epoch(&self, group: &GroupId, role: Role, notice: &TreeNotice) -> Option<Epoch> {
+    fn newer_signed_epoch(
+        &self,
+        group: &GroupId,
+        role: Role,
+        notice: &TreeNotice,
+    ) -> Option<Epoch> {
         if !self.is_resumed(group, role) || notice.role() != role {
             return None;
         }

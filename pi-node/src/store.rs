@@ -113,7 +113,7 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub enum StoredGroup {
     /// A group key with its key-tree path, and the time it was saved.
-    Key(StoredGroupKey, u64),
+    Key(Box<StoredGroupKey>, u64),
     /// A key file of the format before key trees: the held key without its key-tree path. It
     /// cannot follow tree notices (PROTOCOL.md §5.1), so its key is not used: the device joins
     /// the role again with a group-key request, and the next save replaces the file.
@@ -337,7 +337,7 @@ impl KeyStore {
             .load_groups()?
             .into_iter()
             .filter_map(|g| match g {
-                StoredGroup::Key(k, saved) => Some((k, saved)),
+                StoredGroup::Key(k, saved) => Some((*k, saved)),
                 StoredGroup::Outdated { .. } => None,
             })
             .collect())
@@ -401,19 +401,20 @@ impl KeyStore {
         }
         let signed_info =
             SignedGroupInfo::from_bytes(r.blob("ginfo").map_err(corrupt)?).map_err(corrupt)?;
-        let key_set = TreeKeySet::from_bytes(r.blob("key set").map_err(corrupt)?).map_err(corrupt)?;
+        let key_set =
+            TreeKeySet::from_bytes(r.blob("key set").map_err(corrupt)?).map_err(corrupt)?;
         let saved_ms = r.u64("saved").map_err(corrupt)?;
         r.finish("group key").map_err(corrupt)?;
         if signed_info.info_unverified().group != group {
             return Err(wrong_file());
         }
         Ok(StoredGroup::Key(
-            StoredGroupKey {
+            Box::new(StoredGroupKey {
                 group,
                 role,
                 signed_info,
                 key_set,
-            },
+            }),
             saved_ms,
         ))
     }

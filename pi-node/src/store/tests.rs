@@ -217,14 +217,22 @@ fn a_group_key_keeps_its_tree_path_and_a_bad_path_is_corrupt() {
     store.write_record(&path, KIND_GROUP_KEY_SET, &bad).unwrap();
     let err = store.load_groups().unwrap_err();
     assert!(
-        matches!(err, StoreError::Corrupt { what: "group key", .. }),
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "group key",
+                ..
+            }
+        ),
         "{err}"
     );
     // A truncated key set too.
     let mut short = body[..at].to_vec();
     put_blob(&mut short, &set[..set.len() - 1]);
     short.extend_from_slice(&body[at + set.len()..]);
-    store.write_record(&path, KIND_GROUP_KEY_SET, &short).unwrap();
+    store
+        .write_record(&path, KIND_GROUP_KEY_SET, &short)
+        .unwrap();
     assert!(matches!(
         store.load_groups(),
         Err(StoreError::Corrupt { .. })
@@ -284,7 +292,10 @@ fn stored_tree_keys_are_not_in_debug_output() {
     let x = hex::encode(&key.key_set.x().to_bytes()[..]);
     assert!(!text.contains(&x), "X in Debug output");
     for (_, k) in key.key_set.path() {
-        assert!(!text.contains(&hex::encode(k.as_bytes())), "a path key in Debug output");
+        assert!(
+            !text.contains(&hex::encode(k.as_bytes())),
+            "a path key in Debug output"
+        );
     }
     assert!(text.contains("redacted"), "{text}");
 }
