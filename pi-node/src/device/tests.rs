@@ -638,6 +638,8 @@ fn notices_of_the_other_role_or_another_group_are_ignored() {
     let ring = s.s1.dev.keyring(&s.g, Role::Subscriber).unwrap().clone();
     let t = "quva/k/plant/line-3/temp/sub";
     let requests = requests_of(&s.w, "sub-1");
+    // (A request would not be held back by the re-request interval.)
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
     // The same CA's notices of the next epoch: for publishers of this group, and for the same
     // role of another group, arriving on this role's key topic.
     let for_publishers = s.w.retained["quva/k/plant/line-3/temp/pub"].clone();
