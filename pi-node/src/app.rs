@@ -21,12 +21,12 @@ use crate::cli::{
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
 use crate::daemon::show_direct;
-use crate::device::Device;
+use crate::device::{Device, StoredGroupKey, role_name};
 use crate::direct::{DirectBook, seal_direct};
 use crate::enroll::{Enrollment, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::net::{Link, LinkConfig, LinkEvent, exchange, now_ms};
-use crate::store::KeyStore;
+use crate::store::{KeyStore, StoredGroup};
 use crate::terminal::{log_event, print_line, shutdown_signal};
 
 /// Runs a parsed command line.
@@ -112,11 +112,16 @@ impl Context {
             stored.ca_public,
             self.cfg.device_config(),
         );
-        let mut rng = SystemRng::new();
-        let now = now_ms();
-        for (key, _saved) in store.load_group_keys()? {
-            if let Err(e) = device.restore(&key, now, &mut rng) {
-                tracing::warn!(group = %key.group, error = %e, "ignoring a stored group key that does not verify");
+        for stored in store.load_groups()? {
+            match stored {
+                StoredGroup::Key(key, _saved) => {
+                    if let Err(e) = device.restore(&key) {
+                        tracing::warn!(group = %key.group, error = %e, "ignoring a stored group key that does not verify; joining again");
+                    }
+                }
+                StoredGroup::Outdated { group, role } => {
+                    tracing::warn!(group = %group, ?role, "the stored group key has no key-tree path (a format before key trees); joining again");
+                }
             }
         }
         let address = self.broker(Some(&store))?;
@@ -235,8 +240,9 @@ async fn enroll(ctx: &Context, args: EnrollArgs) -> Result<(), NodeError> {
     let creds = enrollment.finish(data.as_deref())?;
     store.save_credentials(&creds, &ca_public)?;
     store.save_broker(&address)?;
-    for (key, _) in store.load_group_keys().unwrap_or_default() {
-        store.remove_group_key(&key.group, key.role)?;
+    for stored in store.load_groups().unwrap_or_default() {
+        let (group, role) = stored.role();
+        store.remove_group_key(group, role)?;
     }
     first_use(&cfg, &creds).await;
     tracing::info!(device = %id, serial = creds.cert().serial(), "enrolled");
@@ -703,9 +709,12 @@ fn held_roles(
     group: Option<&GroupId>,
 ) -> Result<Vec<(GroupId, Role)>, NodeError> {
     let mut roles: Vec<(GroupId, Role)> = store
-        .load_group_keys()?
-        .into_iter()
-        .map(|(k, _)| (k.group, k.role))
+        .load_groups()?
+        .iter()
+        .map(|g| {
+            let (group, role) = g.role();
+            (group.clone(), role)
+        })
         .filter(|(g, _)| group.is_none_or(|want| want == g))
         .collect();
     roles.sort();
@@ -832,7 +841,19 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
     let cert = creds.cert();
     let now = now_ms();
     let broker = ctx.broker(Some(&store)).ok();
-    let groups = store.load_group_keys()?;
+    let files = store.load_groups()?;
+    let groups: Vec<(&StoredGroupKey, u64)> = files
+        .iter()
+        .filter_map(|f| match f {
+            StoredGroup::Key(k, saved) => Some((k.as_ref(), *saved)),
+            StoredGroup::Outdated { .. } => None,
+        })
+        .collect();
+    let outdated: Vec<(&GroupId, Role)> = files
+        .iter()
+        .filter(|f| matches!(f, StoredGroup::Outdated { .. }))
+        .map(StoredGroup::role)
+        .collect();
     let state = if now < cert.not_before() {
         "not yet valid"
     } else if now > cert.not_after() {
@@ -841,13 +862,17 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
         "valid"
     };
     if args.json {
+        let outdated: Vec<_> = outdated
+            .iter()
+            .map(|(group, role)| json!({ "group": group.as_str(), "role": role_name(*role) }))
+            .collect();
         let groups: Vec<_> = groups
             .iter()
             .map(|(k, saved)| {
                 let info = k.signed_info.info_unverified();
                 json!({
                     "group": k.group.as_str(),
-                    "role": if k.role == Role::Publisher { "publisher" } else { "subscriber" },
+                    "role": role_name(k.role),
                     "epoch": info.epoch.0,
                     "publishers": info.n_pub,
                     "subscribers": info.n_sub,
@@ -869,6 +894,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
             "broker": broker,
             "store": ctx.store_dir.display().to_string(),
             "groups": groups,
+            "outdated_group_keys": outdated,
         });
         return print_line(&v.to_string());
     }
@@ -888,7 +914,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
         format!("broker      {}", broker.as_deref().unwrap_or("(not set)")),
         format!("store       {}", ctx.store_dir.display()),
     ];
-    if groups.is_empty() {
+    if groups.is_empty() && outdated.is_empty() {
         lines.push("groups      (none joined yet)".to_owned());
     }
     for (k, saved) in &groups {
@@ -896,15 +922,18 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
         lines.push(format!(
             "group       {} as {}: epoch {}, {} publisher(s), {} subscriber(s), key saved {}",
             k.group,
-            if k.role == Role::Publisher {
-                "publisher"
-            } else {
-                "subscriber"
-            },
+            role_name(k.role),
             info.epoch,
             info.n_pub,
             info.n_sub,
             rfc3339(*saved)
+        ));
+    }
+    for (group, role) in &outdated {
+        lines.push(format!(
+            "group       {group} as {}: stored key without its key-tree path (an older format); \
+             the device joins again when it next connects",
+            role_name(*role)
         ));
     }
     print_line(&lines.join("\n"))

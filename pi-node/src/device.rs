@@ -2,8 +2,9 @@
 //! messages of one enrolled device.
 //!
 //! Implements the device side of PROTOCOL.md §4 (join with a `quva-gk` SUBSCRIBE, accept the
-//! SUBACK delivery), §5 (apply broadcast and individual rekey notices, keep the previous epoch's
-//! key for the grace period, catch up from retained notices, ask the CA again after a gap), §6
+//! SUBACK delivery and its key-tree path), §5 and §5.1 (follow the kind-3 tree notices on the key
+//! topic, keep the previous epoch's key for the grace period, catch up from the retained notice,
+//! join again after a missed epoch), §6
 //! (seal options 1–3 in both directions; verify and decrypt received messages against the verified
 //! member certificate lists) and §8 (topics).
 //!
@@ -12,6 +13,16 @@
 //! RNG, and gets [`Output`]s back: subscriptions to send, verified messages, adopted keys and
 //! drops. [`Device::seal`] builds a PUBLISH payload. [`Device::view`] is the
 //! [`Directory`]/[`HeldKeys`] pair that verification uses.
+//!
+//! Missed epochs (PROTOCOL.md §5.1 "Offline catch-up"): the key topic retains only the latest
+//! tree notice, and a notice opens only with the path of the epoch just before it. A CA-signed
+//! notice that does not follow the held epoch (or arrives while no key of the role is held) waits,
+//! and the role joins again with a fresh `quva-gk` request, reported first by
+//! [`Output::MissedEpoch`]. At most one request per (group, role) is in flight, and at most one is
+//! sent per [`DeviceConfig::rerequest_interval_ms`], so a stream of notices cannot cause a storm
+//! of requests. A notice of an epoch already held is ignored silently (a joiner sees the notice of
+//! the epoch it joined in); any other failure is reported as [`Output::Dropped`] and the held key
+//! stays.
 //!
 //! A CA-signed member list of a later epoch that still names the device, with no notice
 //! following it, also leads to a new request: a notice was lost.
@@ -60,24 +71,21 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use quva_client::codec::{Decode, Encode};
+use quva_client::codec::Decode;
 use quva_client::curve::{KeyPair, Point};
 use quva_client::direct::{
     DirectFloor, DirectRejection, MembershipFn, StagedDirect, UnverifiedDirect,
 };
-use quva_client::ecies;
 use quva_client::enrollment::{Credentials, ImplicitCert};
-use quva_client::group::{
-    GroupError, GroupKeyDelivery, GroupKeyRequest, SignedGroupInfo, key_context,
-};
+use quva_client::group::{GroupError, GroupKeyRequest, SignedGroupInfo};
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Protection,
     Rejection, SealError, Sealer, UnverifiedMessage, VerifiedMessage,
 };
+use quva_client::rekey::tree::{TreeError, TreeKeySet, TreeNotice};
 use quva_client::rekey::{
-    DEFAULT_GRACE_MS, Keyring, MAX_PREVIOUS_KEYS, RekeyError, RekeyNotice, device_key_topic,
-    key_topic,
+    DEFAULT_GRACE_MS, GroupKeyDelivery, Keyring, MAX_PREVIOUS_KEYS, RekeyError, key_topic,
 };
 use quva_client::replay::ReplayCache;
 use quva_client::schnorr::VerifyingKey;
@@ -107,9 +115,11 @@ pub struct DeviceConfig {
     pub policy: Policy,
     /// Received messages waiting for a key or member list, per group.
     pub max_waiting_messages: usize,
-    /// Rekey notices waiting for an earlier key, per group.
+    /// Tree notices waiting for the key of the epoch before theirs (a join in flight), per
+    /// group.
     pub max_waiting_notices: usize,
-    /// Minimum time between two group-key requests of one group and role after a gap.
+    /// Minimum time between two group-key requests of one group and role after a missed epoch
+    /// or a lost notice.
     pub rerequest_interval_ms: u64,
     /// Capacity of the replay cache.
     pub replay_capacity: usize,
@@ -131,8 +141,7 @@ impl Default for DeviceConfig {
 /// Why a subscription was made; the driver hands it back with the SUBACK.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Purpose {
-    /// The key topic with a group-key request, the individual notice topic and the member
-    /// certificates.
+    /// The key topic with a group-key request, and the member certificates.
     Join {
         /// The group.
         group: GroupId,
@@ -146,8 +155,8 @@ pub enum Purpose {
         /// The role.
         role: Role,
     },
-    /// The key topics, the individual notice topic and the member certificates without a
-    /// request, for a role whose key is held (resumption after a reconnection or a restart).
+    /// The key topic and the member certificates without a request, for a role whose key is
+    /// held (resumption after a reconnection or a restart).
     Resume {
         /// The group.
         group: GroupId,
@@ -179,7 +188,7 @@ pub struct Subscription {
 pub enum KeySource {
     /// A SUBACK delivery.
     Delivery,
-    /// A rekey notice (broadcast or individual).
+    /// A tree notice (kind 3) on the key topic.
     Notice,
     /// The key store.
     Restored,
@@ -197,17 +206,8 @@ pub enum ResumeFailure {
         /// The SUBACK reason code.
         code: u8,
     },
-    /// A notice more than one epoch ahead of the held key: the notices in between were
-    /// overwritten.
-    #[error("cannot open the notice of epoch {} (the held key is of epoch {}: an epoch was \
-        missed); joining again", epoch.0, held.0)]
-    MissedEpoch {
-        /// The notice's epoch.
-        epoch: Epoch,
-        /// The held key's epoch.
-        held: Epoch,
-    },
-    /// A CA-signed notice newer than the held key that does not open with it.
+    /// A CA-signed notice of the next epoch that does not open with the held path. (A notice
+    /// further ahead is a missed epoch: [`Output::MissedEpoch`].)
     #[error("cannot open the notice of epoch {}; joining again", epoch.0)]
     Unopenable {
         /// The notice's epoch.
@@ -224,6 +224,45 @@ pub enum ResumeFailure {
     /// No member list confirmed the held epoch within the re-request interval.
     #[error("no member list confirmed the held key's epoch in time; joining again")]
     Unconfirmed,
+}
+
+/// A role that cannot follow the tree notices joins again (PROTOCOL.md §5.1 "Offline catch-up").
+///
+/// Displays as `missed an epoch of <group> as <role>; joining again (...)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissedEpoch {
+    /// The group.
+    pub group: GroupId,
+    /// The role whose key tree was not followed.
+    pub role: Role,
+    /// The epoch of the newest CA-signed notice that could not be opened.
+    pub notice: Epoch,
+    /// The epoch of the held key, or `None` if no key of the role is held.
+    pub held: Option<Epoch>,
+}
+
+impl core::fmt::Display for MissedEpoch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "missed an epoch of {} as {}; joining again (notice of epoch {}, ",
+            self.group,
+            role_name(self.role),
+            self.notice.0
+        )?;
+        match self.held {
+            Some(held) => write!(f, "held key of epoch {})", held.0),
+            None => f.write_str("no key held)"),
+        }
+    }
+}
+
+/// `publisher` or `subscriber`.
+pub(crate) fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Publisher => "publisher",
+        Role::Subscriber => "subscriber",
+    }
 }
 
 /// What was dropped.
@@ -304,6 +343,9 @@ pub enum Output {
         /// The epoch of the held key.
         epoch: Epoch,
     },
+    /// A held key's role could not follow the tree notices (an epoch was missed) or a notice
+    /// came while no key was held: it joins again (the `Subscribe` with the request follows).
+    MissedEpoch(MissedEpoch),
     /// A resumed role could not catch up and joins again (the `Subscribe` with the request
     /// follows).
     ResumeFailed {
@@ -403,7 +445,9 @@ pub enum SendError {
     Seal(#[from] SealError),
 }
 
-/// A group key as kept in the key store: the signed info of its epoch and the held secret.
+/// A group key as kept in the key store: the signed info of its epoch and the key set (the held
+/// key X with the key-tree path: W, the leaf and the path keys, PROTOCOL.md §5.1), so that a
+/// restarted device follows the next tree notice without joining again.
 #[derive(Clone, Debug)]
 pub struct StoredGroupKey {
     /// The group.
@@ -412,8 +456,8 @@ pub struct StoredGroupKey {
     pub role: Role,
     /// The CA-signed group info of the epoch.
     pub signed_info: SignedGroupInfo,
-    /// The held key (redacted in `Debug`).
-    pub key: KeyPair,
+    /// X and the path: secrets, zeroized when dropped and redacted in `Debug`.
+    pub key_set: TreeKeySet,
 }
 
 /// Where a received topic belongs.
@@ -430,7 +474,9 @@ struct RoleState {
     receive: bool,
     listening: bool,
     requesting: bool,
-    needs_key: bool,
+    /// The epoch of the newest CA-signed tree notice that could not be followed (an epoch was
+    /// missed, or no key was held): the role joins again.
+    missed: Option<Epoch>,
     last_request_ms: Option<u64>,
     /// Since when a CA-signed member list names this device in a later epoch than its key.
     behind_since: Option<u64>,
@@ -456,7 +502,8 @@ struct GroupSession {
     /// SHA-256 of the bytes of the newest list verified, and its epoch: the same retained list
     /// arriving again (every reconnection resubscribes to it) is not verified again.
     verified_list: Option<([u8; 32], Epoch)>,
-    notices: Vec<(Role, RekeyNotice)>,
+    /// Tree notices that do not follow the held epoch, kept until a delivery catches up.
+    notices: Vec<(Role, TreeNotice)>,
     waiting: VecDeque<Waiting>,
 }
 
@@ -532,7 +579,7 @@ impl Device {
                     group: g.clone(),
                     role: *role,
                     signed_info: ring.signed_group_info().clone(),
-                    key: ring.current_key().clone(),
+                    key_set: ring.key_set(),
                 })
             })
             .collect()
@@ -588,41 +635,42 @@ impl Device {
         )
     }
 
-    /// Restores a stored key. The CA's signature and d·G are checked again, as for a delivery.
-    /// A later key already held wins.
+    /// Restores a stored key set with its key-tree path. The CA's signature, the group and X·G
+    /// are checked again, as for a delivery; the path is checked by the next notice it opens. A
+    /// key of the same or a later epoch already held wins (`Ok(None)`).
     ///
     /// # Errors
     /// [`RekeyError`] if the stored key does not verify (a corrupt or foreign store).
-    pub fn restore(
-        &mut self,
-        stored: &StoredGroupKey,
-        now_ms: u64,
-        rng: &mut impl CryptoRngCore,
-    ) -> Result<Option<Output>, RekeyError> {
-        // Keyring has no constructor from stored parts; re-seal the key to ourselves as a SUBACK
-        // delivery would, so that the same checks run.
-        let info = stored.signed_info.info_unverified();
-        let ctx = key_context(&stored.group, info.epoch, stored.role);
-        let sealed = ecies::seal(
-            self.creds.key().public(),
-            &ctx,
-            &stored.key.secret().to_bytes()[..],
-            rng,
-        );
-        let mut bytes = stored.signed_info.to_bytes();
-        bytes.extend_from_slice(&sealed);
-        let delivery = GroupKeyDelivery::from_bytes(&bytes)?;
-        self.adopt_delivery(
+    pub fn restore(&mut self, stored: &StoredGroupKey) -> Result<Option<Output>, RekeyError> {
+        let ring = Keyring::from_tree_key_set(
+            VerifyingKey(self.ca_public),
+            &stored.signed_info,
             &stored.group,
             stored.role,
-            &delivery,
-            KeySource::Restored,
-            now_ms,
-        )
+            &stored.key_set,
+            self.config.grace_ms,
+        )?;
+        let epoch = ring.epoch();
+        let session = self.groups.entry(stored.group.clone()).or_default();
+        session.roles.entry(stored.role).or_default();
+        if session
+            .rings
+            .get(&stored.role)
+            .is_some_and(|held| held.epoch() >= epoch)
+        {
+            return Ok(None);
+        }
+        session.rings.insert(stored.role, ring);
+        Ok(Some(Output::KeyAdopted {
+            group: stored.group.clone(),
+            role: stored.role,
+            epoch,
+            source: KeySource::Restored,
+        }))
     }
 
     /// Starts joining `group` as `role`: the SUBSCRIBE to the key topic with a fresh group-key
-    /// request, the individual notice topic and the member certificates. With `receive`, the
+    /// request, and to the member certificates. With `receive`, the
     /// role's traffic (data for a subscriber, queries for a publisher) is subscribed once the key
     /// has arrived.
     ///
@@ -682,16 +730,14 @@ impl Device {
     }
 
     fn key_filters(&self, group: &GroupId, role: Role) -> Vec<String> {
-        vec![
-            key_topic(group, role),
-            device_key_topic(group, role, self.creds.id()),
-            members::topic(group),
-        ]
+        vec![key_topic(group, role), members::topic(group)]
     }
 
     /// Takes part in `group` as `role` again after a (re)connection: with a held key (kept or
     /// restored from the key store) the key topics are subscribed without a group-key request
     /// ([`Purpose::Resume`], PROTOCOL.md §4 "Resumption"); without one this is [`Device::join`].
+    /// (A role whose stored key could not be used, for instance a key file of an older format
+    /// without its key-tree path, therefore joins again.)
     /// With `receive`, the role's traffic is subscribed once the SUBACK has arrived.
     ///
     /// # Errors
@@ -784,6 +830,9 @@ impl Device {
                 }
                 let code = codes.first().copied().unwrap_or(0x80);
                 if code >= 0x80 {
+                    // The notices that waited for this answer cannot be opened with the held key:
+                    // a later notice (or member list) leads to the next request, one interval on.
+                    self.forget_waiting_notices(group, *role);
                     if self.keyring(group, *role).is_none() {
                         return Err(JoinError::Refused {
                             group: group.clone(),
@@ -813,14 +862,11 @@ impl Device {
                         }
                     })?;
                     let adopted = self
-                        .adopt_delivery(group, *role, &delivery, KeySource::Delivery, now_ms)
+                        .adopt_delivery(group, *role, &delivery, now_ms)
                         .map_err(|error| JoinError::BadDelivery {
                             group: group.clone(),
                             error,
                         })?;
-                    if let Some(state) = self.state_mut(group, *role) {
-                        state.needs_key = false;
-                    }
                     out.extend(adopted);
                     self.after_key_change(group, now_ms, &mut out);
                 }
@@ -967,7 +1013,6 @@ impl Device {
         group: &GroupId,
         role: Role,
         delivery: &GroupKeyDelivery,
-        source: KeySource,
         now_ms: u64,
     ) -> Result<Option<Output>, RekeyError> {
         let q_ca = VerifyingKey(self.ca_public);
@@ -992,7 +1037,7 @@ impl Device {
             group: group.clone(),
             role,
             epoch,
-            source,
+            source: KeySource::Delivery,
         }))
     }
 
@@ -1037,7 +1082,7 @@ impl Device {
                 return Some((g.clone(), Route::Members));
             }
             for role in s.roles.keys() {
-                if topic == key_topic(g, *role) || topic == device_key_topic(g, *role, self.id()) {
+                if topic == key_topic(g, *role) {
                     return Some((g.clone(), Route::Key(*role)));
                 }
             }
@@ -1045,6 +1090,7 @@ impl Device {
         None
     }
 
+    /// A PUBLISH on the key topic of `role`: a tree notice (PROTOCOL.md §5.1).
     #[allow(clippy::too_many_arguments)]
     fn on_notice(
         &mut self,
@@ -1056,7 +1102,7 @@ impl Device {
         rng: &mut impl CryptoRngCore,
         out: &mut Vec<Output>,
     ) {
-        let notice = match RekeyNotice::from_bytes(payload) {
+        let notice = match TreeNotice::from_bytes(payload) {
             Ok(n) => n,
             Err(e) => {
                 out.push(Output::Dropped {
@@ -1067,23 +1113,19 @@ impl Device {
             }
         };
         match self.apply_notice(group, role, &notice, now_ms) {
-            Ok(Some(adopted)) => {
+            Ok(adopted) => {
                 out.push(adopted);
                 self.after_key_change(group, now_ms, out);
             }
-            // An old retained notice: nothing to do.
-            Ok(None) | Err(RekeyError::StaleEpoch) => {}
-            Err(RekeyError::EpochGap) => {
-                let epoch = notice.signed_info().info_unverified().epoch;
+            // A retained notice of an epoch already held (a joiner's own epoch, or a replay).
+            Err(RekeyError::Tree(TreeError::StaleEpoch)) => {}
+            // CA-signed, of this group and role, but it does not follow the held epoch: it waits
+            // for the delivery of the join that `rerequest` sends (at most one in flight).
+            Err(RekeyError::Tree(TreeError::MissedEpoch)) => {
+                let epoch = notice.epoch();
                 self.wait_notice(group, role, notice, topic, out);
                 if let Some(state) = self.state_mut(group, role) {
-                    state.needs_key = true;
-                }
-                if self.is_resumed(group, role)
-                    && let Some(held) = self.keyring(group, role).map(Keyring::epoch)
-                {
-                    let reason = ResumeFailure::MissedEpoch { epoch, held };
-                    self.fall_back(group, role, reason, now_ms, rng, out);
+                    state.missed = state.missed.max(Some(epoch));
                 }
             }
             Err(e) => {
@@ -1106,7 +1148,7 @@ impl Device {
         &self,
         group: &GroupId,
         role: Role,
-        notice: &RekeyNotice,
+        notice: &TreeNotice,
     ) -> Option<Epoch> {
         if !self.is_resumed(group, role) || notice.role() != role {
             return None;
@@ -1119,41 +1161,47 @@ impl Device {
         (&info.group == group && info.epoch > held).then_some(info.epoch)
     }
 
-    /// Applies a notice: to the keyring if one is held, else as the first key if it is
-    /// individual. `Ok(None)` for a notice that is not newer than the held key.
+    /// Applies a tree notice to the held keyring of `role`.
+    ///
+    /// # Errors
+    /// What [`Keyring::apply_tree_notice`] returns. Without a keyring, a notice that is CA-signed,
+    /// of this group and of this role counts as [`TreeError::MissedEpoch`] (no path to open it
+    /// with: join again); anything else is refused as by the keyring.
     fn apply_notice(
         &mut self,
         group: &GroupId,
         role: Role,
-        notice: &RekeyNotice,
+        notice: &TreeNotice,
         now_ms: u64,
-    ) -> Result<Option<Output>, RekeyError> {
+    ) -> Result<Output, RekeyError> {
         let q_ca = VerifyingKey(self.ca_public);
-        let grace = self.config.grace_ms;
-        let key = self.creds.key().clone();
         let session = self.groups.entry(group.clone()).or_default();
         let epoch = match session.rings.get_mut(&role) {
-            Some(ring) => ring.apply_notice(&key, notice, now_ms)?,
+            Some(ring) => ring.apply_tree_notice(notice, now_ms)?,
             None => {
-                let ring = Keyring::from_notice(q_ca, group, role, &key, notice, grace)?;
-                let e = ring.epoch();
-                session.rings.insert(role, ring);
-                e
+                if notice.role() != role {
+                    return Err(RekeyError::Tree(TreeError::WrongRole("tree notice")));
+                }
+                let info = notice.signed_info().verify(&q_ca)?;
+                if &info.group != group {
+                    return Err(RekeyError::Tree(TreeError::WrongGroup("tree notice")));
+                }
+                return Err(RekeyError::Tree(TreeError::MissedEpoch));
             }
         };
-        Ok(Some(Output::KeyAdopted {
+        Ok(Output::KeyAdopted {
             group: group.clone(),
             role,
             epoch,
             source: KeySource::Notice,
-        }))
+        })
     }
 
     fn wait_notice(
         &mut self,
         group: &GroupId,
         role: Role,
-        notice: RekeyNotice,
+        notice: TreeNotice,
         topic: &str,
         out: &mut Vec<Output>,
     ) {
@@ -1178,6 +1226,17 @@ impl Device {
         }
     }
 
+    /// Forgets the waiting notices of `role` and the missed epoch they stood for.
+    fn forget_waiting_notices(&mut self, group: &GroupId, role: Role) {
+        let Some(session) = self.groups.get_mut(group) else {
+            return;
+        };
+        session.notices.retain(|(r, _)| *r != role);
+        if let Some(state) = session.roles.get_mut(&role) {
+            state.missed = None;
+        }
+    }
+
     /// After a key change: retry waiting notices (oldest epoch first), then waiting messages.
     fn after_key_change(&mut self, group: &GroupId, now_ms: u64, out: &mut Vec<Output>) {
         loop {
@@ -1185,18 +1244,18 @@ impl Device {
                 return;
             };
             let mut pending = core::mem::take(&mut session.notices);
-            pending.sort_by_key(|(_, n)| n.signed_info().info_unverified().epoch);
+            pending.sort_by_key(|(_, n)| n.epoch());
             let mut progressed = false;
             let mut keep = Vec::new();
             for (role, notice) in pending {
                 match self.apply_notice(group, role, &notice, now_ms) {
-                    Ok(Some(adopted)) => {
+                    Ok(adopted) => {
                         out.push(adopted);
                         progressed = true;
                     }
-                    Err(RekeyError::EpochGap) => keep.push((role, notice)),
+                    Err(RekeyError::Tree(TreeError::MissedEpoch)) => keep.push((role, notice)),
                     // Stale, or failing for good: forget it.
-                    Ok(None) | Err(_) => {}
+                    Err(_) => {}
                 }
             }
             if let Some(session) = self.groups.get_mut(group) {
@@ -1221,10 +1280,13 @@ impl Device {
                 if newest.is_some_and(|e| ring.epoch() >= e) {
                     state.unconfirmed_since = None;
                 }
-                // No notice waits for an earlier key any more: the gap is closed.
-                if !session.notices.iter().any(|(r, _)| r == role) {
-                    state.needs_key = false;
-                }
+                // The missed epoch is the newest notice still waiting for a delivery, if any.
+                state.missed = session
+                    .notices
+                    .iter()
+                    .filter(|(r, _)| r == role)
+                    .map(|(_, n)| n.epoch())
+                    .max();
             }
         }
         self.prune_lists(group, now_ms);
@@ -1432,16 +1494,30 @@ impl Device {
         }
     }
 
-    /// Sends group-key requests that a gap made necessary, at most one per interval.
+    /// Sends the group-key requests that a missed epoch or a lost notice made necessary: per
+    /// (group, role) none while one is in flight, and at most one per interval.
     fn rerequest(&mut self, now_ms: u64, rng: &mut impl CryptoRngCore, out: &mut Vec<Output>) {
         let interval = self.config.rerequest_interval_ms;
         let since = |t: Option<u64>| t.is_some_and(|t| now_ms.saturating_sub(t) >= interval);
         let due = self.roles_where(|st| {
             let quiet = st.last_request_ms.is_none() || since(st.last_request_ms);
-            (st.needs_key || since(st.behind_since)) && !st.requesting && quiet
+            (st.missed.is_some() || since(st.behind_since)) && !st.requesting && quiet
         });
         for (g, r) in due {
+            let missed = self
+                .groups
+                .get(&g)
+                .and_then(|s| s.roles.get(&r))
+                .and_then(|st| st.missed);
             if let Ok(sub) = self.request(&g, r, now_ms, rng) {
+                if let Some(notice) = missed {
+                    out.push(Output::MissedEpoch(MissedEpoch {
+                        group: g.clone(),
+                        role: r,
+                        notice,
+                        held: self.keyring(&g, r).map(Keyring::epoch),
+                    }));
+                }
                 out.push(Output::Subscribe(sub));
             }
         }

@@ -37,9 +37,9 @@ pub use config::{
     Config, ConfigError, DEFAULT_CONFIG_FILE, DEFAULT_MAX_IMAGE_BYTES, OtaConfig, OtaSettings,
 };
 pub use device::{
-    Device, DeviceConfig, DeviceView, DropReason, GroupSummary, JoinError, KeySource, Output,
-    Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, data_topic, query_topic,
-    receive_topic, suback_meaning,
+    Device, DeviceConfig, DeviceView, DropReason, GroupSummary, JoinError, KeySource, MissedEpoch,
+    Output, Purpose, QUERY_SUFFIX, SendError, StoredGroupKey, Subscription, data_topic,
+    query_topic, receive_topic, suback_meaning,
 };
 pub use direct::{DirectBook, DirectSendError, receive_direct, seal_direct};
 pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
@@ -51,4 +51,4 @@ pub use ota_device::{
     ApplyCommand, ChunkSpan, FETCH_WINDOW, LogLevel, OtaAction, OtaAgent, OtaFiles, RestoredGroup,
     SavedRelease, apply_outcome, perform,
 };
-pub use store::{DEFAULT_STORE_DIR, KeyStore, StoreError, StoredCredentials};
+pub use store::{DEFAULT_STORE_DIR, KeyStore, StoreError, StoredCredentials, StoredGroup};

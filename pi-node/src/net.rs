@@ -920,6 +920,9 @@ impl Link {
                 Output::Resumed { group, role, epoch } => {
                     tracing::info!(group = %group, ?role, epoch = epoch.0, "resumed with the held key, without a group-key request");
                 }
+                Output::MissedEpoch(missed) => {
+                    tracing::warn!(group = %missed.group, role = ?missed.role, "{missed}");
+                }
                 Output::ResumeFailed {
                     group,
                     role,

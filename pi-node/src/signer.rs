@@ -631,18 +631,13 @@ impl KeyArchive {
         self.keys
             .retain(|_, k| now_ms.saturating_sub(k.saved_ms) <= REPORT_KEY_RETENTION_MS);
         let mut changed = self.keys.len() != before;
-        if let Some(k) = device
-            .stored_keys()
-            .into_iter()
-            .find(|k| &k.group == group && k.role == Role::Publisher)
-        {
-            let epoch = k.signed_info.info_unverified().epoch;
+        if let Some(ring) = device.keyring(group, Role::Publisher) {
             if let std::collections::btree_map::Entry::Vacant(e) =
-                self.keys.entry((group.clone(), epoch))
+                self.keys.entry((group.clone(), ring.epoch()))
             {
                 e.insert(ArchivedKey {
-                    signed: k.signed_info,
-                    key: k.key,
+                    signed: ring.signed_group_info().clone(),
+                    key: ring.current_key().clone(),
                     saved_ms: now_ms,
                 });
                 changed = true;

@@ -11,8 +11,14 @@
 //! - `credentials`: `sc(d_i) || sc(g_i) || pt(Q_CA) || blob(cert)`; loading checks that the
 //!   certificate opens to d_i·G under Q_CA and that g_i·G is its G_i (PROTOCOL.md §3).
 //! - `settings`: `str(broker address)`, remembered from enrollment.
-//! - `groups/<base64url(group)>.<pub|sub>`: `str(group) || u8 role || blob(ginfo || sig) ||
-//!   sc(held key) || u64 saved_ms` (PROTOCOL.md §4, §5).
+//! - `groups/<base64url(group)>.<pub|sub>` (record kind 4): `str(group) || u8 role ||
+//!   blob(ginfo || sig) || blob(key set) || u64 saved_ms`, the key set of PROTOCOL.md §5.1:
+//!   `sc(X) || u32 W || u32 leaf || u8 count || count × (u32 node || 32-byte key)`, the held key
+//!   with its key-tree path, so that a restarted device follows the next tree notice. Loading
+//!   checks the path's shape; restoring ([`crate::Device::restore`]) checks the CA's signature
+//!   and X·G. A file of the format before key trees (record kind 2: `sc(held key)` in place of
+//!   the key set) is loaded as [`StoredGroup::Outdated`]: its key is never used, the device joins
+//!   that role again with a group-key request, and the next save replaces the file.
 //!
 //! The store refuses a directory or file that other users can read or write.
 //!
@@ -38,6 +44,7 @@ use quva_client::curve::{KeyPair, Point, sha256};
 use quva_client::enrollment::{Credentials, EnrollError, ImplicitCert};
 use quva_client::group::SignedGroupInfo;
 use quva_client::ids::{GroupId, Role};
+use quva_client::rekey::tree::TreeKeySet;
 use zeroize::Zeroizing;
 
 use crate::device::StoredGroupKey;
@@ -47,8 +54,11 @@ pub const DEFAULT_STORE_DIR: &str = "/var/lib/quva-node";
 
 const MAGIC: &[u8; 4] = b"QVN1";
 const KIND_CREDENTIALS: u8 = 1;
-const KIND_GROUP_KEY: u8 = 2;
+/// A group key without its key-tree path (before PROTOCOL.md v1.1): read, never written.
+const KIND_GROUP_KEY_V1: u8 = 2;
 const KIND_SETTINGS: u8 = 3;
+/// A group key with its key-tree path (PROTOCOL.md §5.1).
+const KIND_GROUP_KEY_SET: u8 = 4;
 const CREDENTIALS_FILE: &str = "credentials";
 const SETTINGS_FILE: &str = "settings";
 const GROUPS_DIR: &str = "groups";
@@ -97,6 +107,32 @@ pub enum StoreError {
         /// What failed.
         error: EnrollError,
     },
+}
+
+/// One file of the key store's groups directory.
+#[derive(Clone, Debug)]
+pub enum StoredGroup {
+    /// A group key with its key-tree path, and the time it was saved.
+    Key(Box<StoredGroupKey>, u64),
+    /// A key file of the format before key trees: the held key without its key-tree path. It
+    /// cannot follow tree notices (PROTOCOL.md §5.1), so its key is not used: the device joins
+    /// the role again with a group-key request, and the next save replaces the file.
+    Outdated {
+        /// The group.
+        group: GroupId,
+        /// The role.
+        role: Role,
+    },
+}
+
+impl StoredGroup {
+    /// The group and role of the file.
+    pub fn role(&self) -> (&GroupId, Role) {
+        match self {
+            StoredGroup::Key(k, _) => (&k.group, k.role),
+            StoredGroup::Outdated { group, role } => (group, *role),
+        }
+    }
 }
 
 /// The device's key store directory.
@@ -268,7 +304,8 @@ impl KeyStore {
             .join(format!("{name}.{}", role.topic_segment()))
     }
 
-    /// Stores a group key, replacing the group and role's earlier one.
+    /// Stores a group key with its key-tree path, replacing the group and role's earlier one
+    /// (also one of the outdated format).
     ///
     /// # Errors
     /// [`StoreError::Io`].
@@ -281,21 +318,38 @@ impl KeyStore {
         put_str(&mut body, key.group.as_str());
         put_u8(&mut body, key.role.to_u8());
         put_blob(&mut body, &key.signed_info.to_bytes());
-        body.extend_from_slice(&key.key.secret().to_bytes()[..]);
+        put_blob(&mut body, &key.key_set.to_bytes());
         put_u64(&mut body, now_ms);
         self.write_record(
             &self.group_file(&key.group, key.role),
-            KIND_GROUP_KEY,
+            KIND_GROUP_KEY_SET,
             &body,
         )
     }
 
-    /// Loads every stored group key with the time it was saved.
+    /// Loads every usable stored group key with the time it was saved (files of the outdated
+    /// format are left out: see [`KeyStore::load_groups`]).
+    ///
+    /// # Errors
+    /// As [`KeyStore::load_groups`].
+    pub fn load_group_keys(&self) -> Result<Vec<(StoredGroupKey, u64)>, StoreError> {
+        Ok(self
+            .load_groups()?
+            .into_iter()
+            .filter_map(|g| match g {
+                StoredGroup::Key(k, saved) => Some((*k, saved)),
+                StoredGroup::Outdated { .. } => None,
+            })
+            .collect())
+    }
+
+    /// Loads every file of the groups directory: keys with their paths, and the group and role
+    /// of each outdated file (to join again).
     ///
     /// # Errors
     /// [`StoreError::Corrupt`] naming the bad file, [`StoreError::Permissions`] or
     /// [`StoreError::Io`].
-    pub fn load_group_keys(&self) -> Result<Vec<(StoredGroupKey, u64)>, StoreError> {
+    pub fn load_groups(&self) -> Result<Vec<StoredGroup>, StoreError> {
         let dir = self.root.join(GROUPS_DIR);
         if !dir.exists() {
             return Ok(Vec::new());
@@ -318,33 +372,49 @@ impl KeyStore {
         Ok(out)
     }
 
-    fn load_group_file(&self, path: &Path) -> Result<(StoredGroupKey, u64), StoreError> {
-        let body = self.read_record(path, KIND_GROUP_KEY)?;
+    fn load_group_file(&self, path: &Path) -> Result<StoredGroup, StoreError> {
+        let (kind, body) = self.read_any_record(path)?;
         let corrupt = |_| StoreError::Corrupt {
             path: path.to_path_buf(),
             what: "group key",
         };
+        let wrong_file = || StoreError::Corrupt {
+            path: path.to_path_buf(),
+            what: "group key in the wrong file",
+        };
         let mut r = Reader::new(&body);
         let group = GroupId::read(&mut r, "group").map_err(corrupt)?;
         let role = Role::read(&mut r, "role").map_err(corrupt)?;
+        if self.group_file(&group, role) != path {
+            return Err(wrong_file());
+        }
+        match kind {
+            // Only the group and role are read: the key without its path is not used.
+            KIND_GROUP_KEY_V1 => return Ok(StoredGroup::Outdated { group, role }),
+            KIND_GROUP_KEY_SET => {}
+            _ => {
+                return Err(StoreError::Corrupt {
+                    path: path.to_path_buf(),
+                    what: "wrong record kind",
+                });
+            }
+        }
         let signed_info =
             SignedGroupInfo::from_bytes(r.blob("ginfo").map_err(corrupt)?).map_err(corrupt)?;
-        let key = KeyPair::from_secret(r.secret_scalar("held key").map_err(corrupt)?);
+        let key_set =
+            TreeKeySet::from_bytes(r.blob("key set").map_err(corrupt)?).map_err(corrupt)?;
         let saved_ms = r.u64("saved").map_err(corrupt)?;
         r.finish("group key").map_err(corrupt)?;
-        if self.group_file(&group, role) != path || signed_info.info_unverified().group != group {
-            return Err(StoreError::Corrupt {
-                path: path.to_path_buf(),
-                what: "group key in the wrong file",
-            });
+        if signed_info.info_unverified().group != group {
+            return Err(wrong_file());
         }
-        Ok((
-            StoredGroupKey {
+        Ok(StoredGroup::Key(
+            Box::new(StoredGroupKey {
                 group,
                 role,
                 signed_info,
-                key,
-            },
+                key_set,
+            }),
             saved_ms,
         ))
     }
@@ -384,6 +454,18 @@ impl KeyStore {
         path: &Path,
         kind: u8,
     ) -> Result<Zeroizing<Vec<u8>>, StoreError> {
+        let (found, body) = self.read_any_record(path)?;
+        if found != kind {
+            return Err(StoreError::Corrupt {
+                path: path.to_path_buf(),
+                what: "wrong record kind",
+            });
+        }
+        Ok(body)
+    }
+
+    /// Reads and checks a record of any kind: the kind and the body.
+    fn read_any_record(&self, path: &Path) -> Result<(u8, Zeroizing<Vec<u8>>), StoreError> {
         check_mode(path, 0o600)?;
         let bytes = Zeroizing::new(fs::read(path).map_err(io_err(path))?);
         let corrupt = |what| StoreError::Corrupt {
@@ -399,12 +481,10 @@ impl KeyStore {
         if r.take(4, "magic").ok() != Some(&MAGIC[..]) {
             return Err(corrupt("not a quva-node record"));
         }
-        if r.u8("kind").ok() != Some(kind) {
-            return Err(corrupt("wrong record kind"));
-        }
+        let kind = r.u8("kind").map_err(|_| corrupt("bad framing"))?;
         let body = r.blob("body").map_err(|_| corrupt("bad framing"))?;
         r.finish("record").map_err(|_| corrupt("bad framing"))?;
-        Ok(Zeroizing::new(body.to_vec()))
+        Ok((kind, Zeroizing::new(body.to_vec())))
     }
 }
 

@@ -1,5 +1,7 @@
 //! An in-memory CA, bridge and broker for the device core's tests: enrollment, group-key
-//! requests, rekeys with retained notices and member lists, and exact-topic delivery.
+//! requests (SUBACK deliveries with the key-tree path), rekeys with their kind-3 tree notices
+//! retained on the key topics (one per role, PROTOCOL.md §5.1) and member lists, and exact-topic
+//! delivery.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -133,6 +135,15 @@ impl World {
         }
     }
 
+    /// The CA's delivery of the current key to `id` in `role`, as a SUBACK would carry it.
+    pub fn delivery_for(&mut self, g: &GroupId, id: &DeviceId, role: Role) -> String {
+        let member = self.member(id, role);
+        self.states[g]
+            .delivery(&member, &mut self.rng)
+            .unwrap()
+            .to_property()
+    }
+
     /// The bridge's member list of the group's current epoch.
     pub fn member_list(&self, g: &GroupId) -> Vec<u8> {
         let state = &self.states[g];
@@ -195,7 +206,7 @@ impl World {
     }
 
     /// The bridge and CA answer a SUBSCRIBE: reason codes and the `quva-gk` property.
-    fn answer(&mut self, device: &DeviceId, sub: &Subscription) -> (Vec<u8>, Option<String>) {
+    pub fn answer(&mut self, device: &DeviceId, sub: &Subscription) -> (Vec<u8>, Option<String>) {
         let Some(text) = &sub.group_key_request else {
             let codes = sub.filters.iter().map(|f| self.grant(device, f)).collect();
             return (codes, None);

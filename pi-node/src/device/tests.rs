@@ -1,5 +1,6 @@
 use super::*;
 use crate::testkit::{Node, T0, World};
+use quva_client::rekey::tree::TreeError;
 
 fn messages(outs: &[Output]) -> Vec<&VerifiedMessage> {
     outs.iter()
@@ -14,6 +15,15 @@ fn rejections(outs: &[Output]) -> Vec<DropReason> {
     outs.iter()
         .filter_map(|o| match o {
             Output::Dropped { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
+fn missed_epochs(outs: &[Output]) -> Vec<MissedEpoch> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::MissedEpoch(m) => Some(m.clone()),
             _ => None,
         })
         .collect()
@@ -221,25 +231,73 @@ fn rekey_by_broadcast_and_the_grace_period() {
     }
 }
 
+/// The requests of `id` the CA has seen.
+fn requests_of(w: &World, id: &str) -> usize {
+    w.requests
+        .iter()
+        .filter(|(d, _, _)| d.as_str() == id)
+        .count()
+}
+
+/// The SUBSCRIBEs among `outs`.
+fn subscribes(outs: &[Output]) -> Vec<&Subscription> {
+    outs.iter()
+        .filter_map(|o| match o {
+            Output::Subscribe(sub) => Some(sub),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn a_departure_rekeys_remaining_holders_individually() {
+fn a_departure_reaches_the_remaining_holders_and_not_the_departed() {
     let mut s = setup(4);
     let before = s.w.state(&s.g).epoch();
     let published = s.w.leave(&s.g, "sub-2", Role::Subscriber);
-    assert!(
-        published
-            .iter()
-            .any(|(t, _)| t == "quva/k/plant/line-3/temp/sub/sub-1")
+    // One tree notice per role on the key topics (and the member list); no individual topics.
+    let mut topics: Vec<&str> = published.iter().map(|(t, _)| t.as_str()).collect();
+    topics.sort_unstable();
+    assert_eq!(
+        topics,
+        [
+            "quva/c/plant/line-3/temp",
+            "quva/k/plant/line-3/temp/pub",
+            "quva/k/plant/line-3/temp/sub"
+        ]
     );
+    assert!(
+        s.s1.subs
+            .iter()
+            .all(|t| !t.starts_with("quva/k/") || t.ends_with("/sub")),
+        "{:?}",
+        s.s1.subs
+    );
+    let requests = requests_of(&s.w, "sub-2");
     let outs = s.flush();
     let new = before.next().unwrap();
+    assert_eq!(
+        adopted(&outs[0]),
+        vec![(Role::Publisher, new, KeySource::Notice)]
+    );
     assert_eq!(
         adopted(&outs[1]),
         vec![(Role::Subscriber, new, KeySource::Notice)]
     );
-    // sub-2 cannot open the new d_P.
+    // sub-2 cannot open the new d_P: the notice is dropped, its key stays, it learns of the
+    // removal from the member list, and it does not ask for the key.
     assert!(adopted(&outs[2]).is_empty());
+    assert!(
+        matches!(rejections(&outs[2])[..], [DropReason::Notice(_)]),
+        "{:?}",
+        outs[2]
+    );
+    assert!(
+        outs[2]
+            .iter()
+            .any(|o| matches!(o, Output::Removed { epoch, .. } if *epoch == new))
+    );
     assert_eq!(s.s2.dev.summary()[0].epoch, Some(before));
+    assert_eq!(requests_of(&s.w, "sub-2"), requests);
 
     let (topic, bytes) = s.send(Direction::Forward, Protection::Confidential, b"secret");
     let outs = s.publish(&topic, &bytes);
@@ -251,6 +309,30 @@ fn a_departure_rekeys_remaining_holders_individually() {
     let out = s.s2.dev.tick(s.w.now, &mut s.w.rng);
     assert!(messages(&out).is_empty());
     assert_eq!(rejections(&out).len(), 1, "{out:?}");
+
+    // The next epoch's notice does not follow its key: it asks once, is refused (no longer
+    // allowed), and still holds no key of the new epochs; it does not keep asking.
+    s.w.periodic(&s.g);
+    let outs = s.flush();
+    assert_eq!(
+        adopted(&outs[1]),
+        vec![(Role::Subscriber, s.w.state(&s.g).epoch(), KeySource::Notice)]
+    );
+    assert!(adopted(&outs[2]).is_empty(), "{:?}", outs[2]);
+    assert!(
+        outs[2]
+            .iter()
+            .any(|o| matches!(o, Output::KeyRequestDeferred { code: 0x87, .. })),
+        "{:?}",
+        outs[2]
+    );
+    assert_eq!(requests_of(&s.w, "sub-2"), requests + 1);
+    for _ in 0..5 {
+        s.w.now += s.s2.dev.config().rerequest_interval_ms;
+        let out = s.s2.dev.tick(s.w.now, &mut s.w.rng);
+        assert!(subscribes(&out).is_empty(), "{out:?}");
+    }
+    assert_eq!(s.s2.dev.summary()[0].epoch, Some(before));
 }
 
 #[test]
@@ -265,8 +347,8 @@ fn catch_up_after_three_missed_rekeys_asks_the_ca_again() {
     assert_eq!(current.0, start.0 + 3);
     assert_eq!(s.s1.dev.summary()[0].epoch, Some(start));
 
-    // A live broadcast arrives while connected: it does not follow the held epoch, so the
-    // device asks the CA again and gets the current key in the SUBACK.
+    // A live notice arrives while connected: it does not follow the held epoch, so the device
+    // says so, asks the CA again and gets the current key in the SUBACK.
     s.w.now += s.s1.dev.config().rerequest_interval_ms;
     let notice = s.w.retained["quva/k/plant/line-3/temp/sub"].clone();
     let out = s.s1.dev.on_publish(
@@ -275,13 +357,19 @@ fn catch_up_after_three_missed_rekeys_asks_the_ca_again() {
         s.w.now,
         &mut s.w.rng,
     );
-    assert!(matches!(
-        out.as_slice(),
-        [Output::Subscribe(Subscription {
-            purpose: Purpose::Join { .. },
-            ..
-        })]
-    ));
+    assert!(
+        matches!(
+            out.as_slice(),
+            [
+                Output::MissedEpoch(MissedEpoch { notice, held: Some(held), .. }),
+                Output::Subscribe(Subscription {
+                    purpose: Purpose::Join { .. },
+                    ..
+                })
+            ] if *notice == current && *held == start
+        ),
+        "{out:?}"
+    );
     let out = s.w.run(&mut s.s1, out);
     assert_eq!(
         adopted(&out),
@@ -303,6 +391,7 @@ fn catch_up_after_three_missed_rekeys_asks_the_ca_again() {
     assert!(out.is_empty(), "{out:?}");
     s.w.now += s.s1.dev.config().rerequest_interval_ms;
     let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+    assert_eq!(missed_epochs(&out).len(), 1, "{out:?}");
     let out = s.w.run(&mut s.s1, out);
     assert_eq!(
         adopted(&out),
@@ -315,35 +404,307 @@ fn catch_up_after_three_missed_rekeys_asks_the_ca_again() {
 }
 
 #[test]
-fn catch_up_from_retained_notices_after_reconnecting() {
-    let mut s = setup(6);
-    let start = s.w.state(&s.g).epoch();
-    // Three rekeys while sub-1 is offline; the last is a departure of sub-2, so the new d_P is
-    // retained individually for sub-1.
-    s.w.periodic(&s.g);
-    s.w.periodic(&s.g);
+fn a_missed_epoch_is_reported_and_joined_again_once() {
+    let mut s = setup(12);
+    let held = s.w.state(&s.g).epoch();
+    // Two epochs while sub-1 hears nothing: a departure, then a periodic rekey. The key topic
+    // retains only the latest notice.
     s.w.leave(&s.g, "sub-2", Role::Subscriber);
-    // Only the publisher was online.
+    s.w.periodic(&s.g);
     let published = core::mem::take(&mut s.w.outbox);
     s.w.deliver(&mut [&mut s.p], &published);
     let current = s.w.state(&s.g).epoch();
-    assert_eq!(current.0, start.0 + 3);
+    assert_eq!(current.0, held.0 + 2);
+    let requests = requests_of(&s.w, "sub-1");
+    // (Its last request, the join, is older than the re-request interval.)
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
 
-    // sub-1 restarts from its key store while the CA is down: the SUBACK refuses the request, the
-    // stored key stays in use, and the retained individual notice brings it up to date.
-    let stored = s.s1.dev.stored_keys();
+    let t = "quva/k/plant/line-3/temp/sub";
+    let latest = s.w.retained[t].clone();
+    let out = s.s1.dev.on_publish(t, &latest, s.w.now, &mut s.w.rng);
+    let missed = missed_epochs(&out);
+    assert_eq!(
+        missed,
+        vec![MissedEpoch {
+            group: s.g.clone(),
+            role: Role::Subscriber,
+            notice: current,
+            held: Some(held),
+        }]
+    );
+    assert_eq!(
+        missed[0].to_string(),
+        format!(
+            "missed an epoch of plant/line-3/temp as subscriber; joining again (notice of epoch \
+             {}, held key of epoch {})",
+            current.0, held.0
+        )
+    );
+    let joins = subscribes(&out);
+    assert_eq!(joins.len(), 1, "{out:?}");
+    assert!(joins[0].group_key_request.is_some());
+    assert!(rejections(&out).is_empty(), "not a drop: {out:?}");
+
+    // While that join is in flight, the same notice again (a redelivery) and the passing of time
+    // send nothing more: at most one join per (group, role).
+    let join = joins[0].clone();
+    for _ in 0..3 {
+        let again = s.s1.dev.on_publish(t, &latest, s.w.now, &mut s.w.rng);
+        assert!(again.is_empty(), "{again:?}");
+        s.w.now += s.s1.dev.config().rerequest_interval_ms;
+        let out = s.s1.dev.tick(s.w.now, &mut s.w.rng);
+        assert!(subscribes(&out).is_empty(), "{out:?}");
+    }
+    let out = s.w.run(&mut s.s1, vec![Output::Subscribe(join)]);
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, current, KeySource::Delivery)]
+    );
+    assert_eq!(requests_of(&s.w, "sub-1"), requests + 1, "exactly one join");
+    assert_eq!(
+        s.s1.dev
+            .keyring(&s.g, Role::Subscriber)
+            .unwrap()
+            .current_key(),
+        s.w.state(&s.g).keys().held_by(Role::Subscriber)
+    );
+    s.w.now += 10 * s.s1.dev.config().rerequest_interval_ms;
+    assert!(s.s1.dev.tick(s.w.now, &mut s.w.rng).is_empty());
+
+    // With the path of the delivery it follows the next notice again.
+    s.w.periodic(&s.g);
+    let outs = s.flush();
+    assert_eq!(
+        adopted(&outs[1]),
+        vec![(Role::Subscriber, s.w.state(&s.g).epoch(), KeySource::Notice)]
+    );
+    assert_eq!(requests_of(&s.w, "sub-1"), requests + 1);
+}
+
+#[test]
+fn a_notice_before_the_suback_waits_for_the_delivery() {
+    let mut w = World::new(13);
+    let g = w.group("plant/a");
+    w.register("sub-1", &g, Role::Subscriber);
+    w.register("sub-2", &g, Role::Subscriber);
+    let mut s1 = Node::new(w.enroll("sub-1"));
+    w.join_node(&mut s1, &g, Role::Subscriber, false);
+    let mut dev = w.enroll("sub-2");
+    let sub = dev
+        .join(&g, Role::Subscriber, false, w.now, &mut w.rng)
+        .unwrap();
+    // The CA answers with the key of the join's epoch, but the notice of the next epoch
+    // overtakes the SUBACK.
+    let (codes, gk) = w.answer(dev.id(), &sub);
+    let joined = w.state(&g).epoch();
+    w.periodic(&g);
+    let notice = w.retained[&key_topic(&g, Role::Subscriber)].clone();
+    let requests = requests_of(&w, "sub-2");
+    let out = dev.on_publish(&key_topic(&g, Role::Subscriber), &notice, w.now, &mut w.rng);
+    assert!(out.is_empty(), "waits, no second join: {out:?}");
+    let out = dev
+        .on_suback(&sub.purpose, &codes, gk.as_deref(), w.now, &mut w.rng)
+        .unwrap();
+    assert_eq!(
+        adopted(&out),
+        vec![
+            (Role::Subscriber, joined, KeySource::Delivery),
+            (Role::Subscriber, joined.next().unwrap(), KeySource::Notice)
+        ]
+    );
+    assert_eq!(requests_of(&w, "sub-2"), requests);
+    w.now += 10 * dev.config().rerequest_interval_ms;
+    assert!(dev.tick(w.now, &mut w.rng).is_empty());
+}
+
+#[test]
+fn a_notice_without_a_held_key_joins_again() {
+    let mut w = World::new(14);
+    let g = w.group("plant/a");
+    w.register("sub-1", &g, Role::Subscriber);
+    w.register("sub-2", &g, Role::Subscriber);
+    let mut s2 = Node::new(w.enroll("sub-2"));
+    w.join_node(&mut s2, &g, Role::Subscriber, false);
+    let mut dev = w.enroll("sub-1");
+    let sub = dev
+        .join(&g, Role::Subscriber, false, w.now, &mut w.rng)
+        .unwrap();
+    // The SUBACK's delivery is not for this device: refused, no key held.
+    let (codes, _) = w.answer(dev.id(), &sub);
+    let foreign = w.delivery_for(&g, s2.dev.id(), Role::Subscriber);
+    let err = dev
+        .on_suback(&sub.purpose, &codes, Some(&foreign), w.now, &mut w.rng)
+        .unwrap_err();
+    assert!(matches!(err, JoinError::BadDelivery { .. }), "{err}");
+    assert!(dev.keyring(&g, Role::Subscriber).is_none());
+    // The key topic was granted: the next notice comes, and the device joins again, once.
+    w.now += dev.config().rerequest_interval_ms;
+    w.periodic(&g);
+    let t = key_topic(&g, Role::Subscriber);
+    let notice = w.retained[&t].clone();
+    let current = w.state(&g).epoch();
+    let out = dev.on_publish(&t, &notice, w.now, &mut w.rng);
+    assert_eq!(
+        missed_epochs(&out),
+        vec![MissedEpoch {
+            group: g.clone(),
+            role: Role::Subscriber,
+            notice: current,
+            held: None,
+        }]
+    );
+    assert!(missed_epochs(&out)[0].to_string().ends_with("no key held)"));
+    assert_eq!(subscribes(&out).len(), 1);
+    let mut node = Node::new(dev);
+    let out = w.run(&mut node, out);
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, current, KeySource::Delivery)]
+    );
+    // A forged notice (not CA-signed) for a role without a key is only dropped.
+    let mut other = World::new(15);
+    let og = other.group("plant/a");
+    other.register("x", &og, Role::Publisher);
+    let mut x = Node::new(other.enroll("x"));
+    other.join_node(&mut x, &og, Role::Publisher, false);
+    other.register("y", &og, Role::Subscriber);
+    let mut y = Node::new(other.enroll("y"));
+    other.join_node(&mut y, &og, Role::Subscriber, false);
+    let forged = other.retained[&key_topic(&og, Role::Publisher)].clone();
+    let mut dev = w.enroll("sub-2");
+    let sub = dev
+        .join(&g, Role::Publisher, false, w.now, &mut w.rng)
+        .unwrap();
+    let err = dev
+        .on_suback(&sub.purpose, &[0, 0], Some("AAAA"), w.now, &mut w.rng)
+        .unwrap_err();
+    assert!(matches!(err, JoinError::BadDelivery { .. }));
+    let out = dev.on_publish(&key_topic(&g, Role::Publisher), &forged, w.now, &mut w.rng);
+    assert!(missed_epochs(&out).is_empty(), "{out:?}");
+    assert!(subscribes(&out).is_empty(), "{out:?}");
+    assert!(
+        matches!(rejections(&out)[..], [DropReason::Notice(_)]),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn notices_of_the_held_epoch_or_older_are_ignored_silently() {
+    let mut s = setup(16);
+    let t = "quva/k/plant/line-3/temp/sub";
+    let first = s.w.retained[t].clone();
+    s.w.periodic(&s.g);
+    s.flush();
+    let current = s.w.state(&s.g).epoch();
+    let second = s.w.retained[t].clone();
+    // A joiner sees the notice of its own epoch: nothing to do, nothing to report.
+    s.w.register("sub-3", &s.g, Role::Subscriber);
+    let mut s3 = Node::new(s.w.enroll("sub-3"));
+    let out = s.w.join_node(&mut s3, &s.g, Role::Subscriber, false);
+    let joined = s.w.state(&s.g).epoch();
+    assert_eq!(
+        adopted(&out),
+        vec![(Role::Subscriber, joined, KeySource::Delivery)]
+    );
+    assert!(s3.subs.contains(t));
+    assert!(rejections(&out).is_empty(), "{out:?}");
+    assert!(missed_epochs(&out).is_empty(), "{out:?}");
+    let own = s.w.retained[t].clone();
+    assert!(s3.dev.on_publish(t, &own, s.w.now, &mut s.w.rng).is_empty());
+    // Older and replayed notices at a member that followed them.
+    s.flush();
+    for n in [&first, &second, &own] {
+        let out = s.s1.dev.on_publish(t, n, s.w.now, &mut s.w.rng);
+        assert!(out.is_empty(), "{out:?}");
+    }
+    assert_eq!(s.s1.dev.summary()[0].epoch, Some(joined));
+    assert!(joined > current);
+}
+
+#[test]
+fn notices_of_the_other_role_or_another_group_are_ignored() {
+    let mut s = setup(17);
+    let g2 = s.w.group("plant/line-4/temp");
+    s.w.register("x", &g2, Role::Subscriber);
+    s.w.register("y", &g2, Role::Publisher);
+    let mut x = Node::new(s.w.enroll("x"));
+    let mut y = Node::new(s.w.enroll("y"));
+    s.w.join_node(&mut x, &g2, Role::Subscriber, false);
+    s.w.join_node(&mut y, &g2, Role::Publisher, false);
+    s.w.periodic(&g2);
+    s.w.periodic(&s.g);
+    let published = core::mem::take(&mut s.w.outbox);
+    let held = s.s1.dev.summary()[0].epoch;
+    let ring = s.s1.dev.keyring(&s.g, Role::Subscriber).unwrap().clone();
+    let t = "quva/k/plant/line-3/temp/sub";
+    let requests = requests_of(&s.w, "sub-1");
+    // (A request would not be held back by the re-request interval.)
+    s.w.now += s.s1.dev.config().rerequest_interval_ms;
+    // The same CA's notices of the next epoch: for publishers of this group, and for the same
+    // role of another group, arriving on this role's key topic.
+    let for_publishers = s.w.retained["quva/k/plant/line-3/temp/pub"].clone();
+    let other_group = s.w.retained["quva/k/plant/line-4/temp/sub"].clone();
+    for (n, want) in [
+        (
+            &for_publishers,
+            RekeyError::Tree(TreeError::WrongRole("tree notice")),
+        ),
+        (
+            &other_group,
+            RekeyError::Tree(TreeError::WrongGroup("tree notice")),
+        ),
+    ] {
+        let out = s.s1.dev.on_publish(t, n, s.w.now, &mut s.w.rng);
+        assert_eq!(rejections(&out), vec![DropReason::Notice(want)], "{out:?}");
+        assert!(adopted(&out).is_empty() && missed_epochs(&out).is_empty());
+        assert!(subscribes(&out).is_empty(), "{out:?}");
+    }
+    assert_eq!(s.s1.dev.summary()[0].epoch, held);
+    assert_eq!(
+        s.s1.dev.keyring(&s.g, Role::Subscriber).unwrap().tree(),
+        ring.tree()
+    );
+    assert_eq!(requests_of(&s.w, "sub-1"), requests);
+    // The right notice still applies afterwards.
+    let outs = s.w.deliver(&mut [&mut s.s1], &published);
+    assert_eq!(
+        adopted(&outs[0]),
+        vec![(Role::Subscriber, s.w.state(&s.g).epoch(), KeySource::Notice)]
+    );
+}
+
+#[test]
+fn a_device_restored_from_its_key_store_follows_the_next_notice() {
+    let mut s = setup(6);
+    // sub-1's keys on disk, as the daemon saves them.
+    let tmp = tempfile::tempdir().unwrap();
+    let store = crate::KeyStore::create(tmp.path().join("node")).unwrap();
+    for k in s.s1.dev.stored_keys() {
+        store.save_group_key(&k, s.w.now).unwrap();
+    }
+    // A departure while sub-1 is down: only the publisher and sub-2 hear its notice.
+    s.w.leave(&s.g, "sub-2", Role::Subscriber);
+    let published = core::mem::take(&mut s.w.outbox);
+    s.w.deliver(&mut [&mut s.p], &published);
+    let current = s.w.state(&s.g).epoch();
+
+    // sub-1 restarts from its key store while the CA is down: the SUBACK refuses the request,
+    // and the retained tree notice opens with the stored path.
     let creds = s.s1.dev.credentials().clone();
     let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
-    let out = dev.restore(&stored[0], s.w.now, &mut s.w.rng).unwrap();
-    assert!(matches!(
-        out,
-        Some(Output::KeyAdopted {
-            source: KeySource::Restored,
-            ..
-        })
-    ));
+    for (k, _) in store.load_group_keys().unwrap() {
+        let out = dev.restore(&k).unwrap();
+        assert!(matches!(
+            out,
+            Some(Output::KeyAdopted {
+                source: KeySource::Restored,
+                ..
+            })
+        ));
+    }
     let mut node = Node::new(dev);
     s.w.ca_up = false;
+    let requests = s.w.requests.len();
     let sub = node
         .dev
         .join(&s.g, Role::Subscriber, true, s.w.now, &mut s.w.rng)
@@ -357,6 +718,8 @@ fn catch_up_from_retained_notices_after_reconnecting() {
         adopted(&out),
         vec![(Role::Subscriber, current, KeySource::Notice)]
     );
+    assert_eq!(s.w.requests.len(), requests, "the CA was down");
+    assert!(missed_epochs(&out).is_empty(), "{out:?}");
     assert!(node.subs.contains("plant/line-3/temp"));
 
     // Messages of the current epoch verify (the member list was retained too).
@@ -364,9 +727,17 @@ fn catch_up_from_retained_notices_after_reconnecting() {
     let out = s.w.publish(&mut [&mut node], &topic, &bytes);
     assert_eq!(messages(&out[0]).len(), 1, "{:?}", out[0]);
 
+    // And the live notice after that too.
+    s.w.periodic(&s.g);
+    let published = core::mem::take(&mut s.w.outbox);
+    let out = s.w.deliver(&mut [&mut node], &published);
+    assert_eq!(
+        adopted(&out[0]),
+        vec![(Role::Subscriber, s.w.state(&s.g).epoch(), KeySource::Notice)]
+    );
+
     // After a reconnection the held key is resumed, without asking the CA again.
     s.w.ca_up = true;
-    let requests = s.w.requests.len();
     node.subs.clear();
     let subs = node.dev.resume_all(s.w.now, &mut s.w.rng).unwrap();
     assert_eq!(subs.len(), 1);
@@ -489,28 +860,41 @@ fn stored_keys_restore_and_redact() {
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].role, Role::Publisher);
     let text = format!("{:?}", stored[0]);
-    let secret = hex::encode(&stored[0].key.secret().to_bytes()[..]);
+    let secret = hex::encode(&stored[0].key_set.x().to_bytes()[..]);
     assert!(!text.contains(&secret), "Debug leaks the key");
+    for (_, k) in stored[0].key_set.path() {
+        assert!(
+            !text.contains(&hex::encode(k.as_bytes())),
+            "Debug leaks a path key"
+        );
+    }
     let mut w = s.w;
     let mut dev = Device::new(
         s.p.dev.credentials().clone(),
         *w.ca.public(),
         DeviceConfig::default(),
     );
-    dev.restore(&stored[0], w.now, &mut w.rng).unwrap();
+    dev.restore(&stored[0]).unwrap();
     assert_eq!(
         dev.keyring(&s.g, Role::Publisher).unwrap().epoch(),
         w.state(&s.g).epoch()
     );
     // A key that does not match its info is refused.
     let mut wrong = stored[0].clone();
-    wrong.key = KeyPair::random(&mut w.rng);
+    let set = &stored[0].key_set;
+    wrong.key_set = TreeKeySet::new(
+        KeyPair::random(&mut w.rng).secret().clone(),
+        set.width(),
+        set.leaf(),
+        set.path().to_vec(),
+    )
+    .unwrap();
     let mut dev2 = Device::new(
         s.p.dev.credentials().clone(),
         *w.ca.public(),
         DeviceConfig::default(),
     );
-    assert!(dev2.restore(&wrong, w.now, &mut w.rng).is_err());
+    assert!(dev2.restore(&wrong).is_err());
     assert!(T0 <= w.now);
 }
 
@@ -682,14 +1066,6 @@ mod resumption {
             .collect()
     }
 
-    /// The requests of `id` the CA has seen.
-    fn requests_of(w: &World, id: &str) -> usize {
-        w.requests
-            .iter()
-            .filter(|(d, _, _)| d.as_str() == id)
-            .count()
-    }
-
     /// sub-1 restarted from its key store (a new connection: the broker forgot its
     /// subscriptions), taking part as a receiving subscriber again.
     fn restart_sub1(s: &mut Setup) -> (Node, Vec<Output>) {
@@ -697,7 +1073,7 @@ mod resumption {
         let creds = s.s1.dev.credentials().clone();
         let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
         for k in &stored {
-            let out = dev.restore(k, s.w.now, &mut s.w.rng).unwrap();
+            let out = dev.restore(k).unwrap();
             assert!(matches!(
                 out,
                 Some(Output::KeyAdopted {
@@ -800,7 +1176,7 @@ mod resumption {
     fn a_missed_epoch_joins_again_once() {
         let mut s = setup(23);
         let held = s.w.state(&s.g).epoch();
-        // Two rekeys while offline: the retained broadcast follows an epoch sub-1 never had.
+        // Two rekeys while offline: the retained tree notice follows an epoch sub-1 never had.
         s.w.periodic(&s.g);
         s.w.periodic(&s.g);
         sub1_offline(&mut s);
@@ -808,20 +1184,23 @@ mod resumption {
         let requests = requests_of(&s.w, "sub-1");
 
         let (mut node, out) = restart_sub1(&mut s);
-        let reasons = failures(&out);
+        assert!(failures(&out).is_empty(), "{out:?}");
+        let missed = missed_epochs(&out);
         assert_eq!(
-            reasons,
-            vec![ResumeFailure::MissedEpoch {
-                epoch: current,
-                held
+            missed,
+            vec![MissedEpoch {
+                group: s.g.clone(),
+                role: Role::Subscriber,
+                notice: current,
+                held: Some(held),
             }]
         );
         assert!(
-            reasons[0]
+            missed[0]
                 .to_string()
-                .starts_with(&format!("cannot open the notice of epoch {}", current.0)),
+                .starts_with("missed an epoch of plant/line-3/temp as subscriber; joining again"),
             "{}",
-            reasons[0]
+            missed[0]
         );
         assert_eq!(
             adopted(&out),

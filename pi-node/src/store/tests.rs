@@ -46,7 +46,8 @@ fn round_trip_with_private_permissions() {
     assert_eq!(loaded[0].1, 42);
     assert_eq!(loaded[0].0.group, keys[0].group);
     assert_eq!(loaded[0].0.signed_info, keys[0].signed_info);
-    assert_eq!(loaded[0].0.key.secret(), keys[0].key.secret());
+    assert_eq!(loaded[0].0.key_set, keys[0].key_set);
+    assert!(!loaded[0].0.key_set.path().is_empty());
     for f in fs::read_dir(store.path().join(GROUPS_DIR)).unwrap() {
         assert_eq!(mode(&f.unwrap().path()), 0o600);
     }
@@ -183,4 +184,118 @@ fn secrets_are_not_in_error_messages_or_debug_output() {
     let g = hex::encode(&loaded.credentials.group_secret().to_bytes()[..]);
     let text = format!("{loaded:?}");
     assert!(!text.contains(&d) && !text.contains(&g));
+}
+
+/// The body of a group-key file of the format before key trees: the held key without its path.
+fn outdated_body(key: &StoredGroupKey) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_str(&mut body, key.group.as_str());
+    put_u8(&mut body, key.role.to_u8());
+    put_blob(&mut body, &key.signed_info.to_bytes());
+    body.extend_from_slice(&key.key_set.x().to_bytes()[..]);
+    put_u64(&mut body, 7);
+    body
+}
+
+#[test]
+fn a_group_key_keeps_its_tree_path_and_a_bad_path_is_corrupt() {
+    let (_tmp, store, _w, dev) = fixture();
+    let key = &dev.stored_keys()[0];
+    store.save_group_key(key, 5).unwrap();
+    let path = store.group_file(&key.group, key.role);
+    let body = store.read_record(&path, KIND_GROUP_KEY_SET).unwrap();
+    // The key set is stored whole, as PROTOCOL.md §5.1 encodes it.
+    let set = key.key_set.to_bytes();
+    assert!(body.windows(set.len()).any(|w| w == &set[..]));
+
+    // A well-framed record whose path does not fit its leaf (a node index changed, checksum
+    // recomputed) is refused as corrupt, not loaded as a different path.
+    let at = body.windows(set.len()).position(|w| w == &set[..]).unwrap();
+    let node_at = at + 32 + 4 + 4 + 1 + 3;
+    let mut bad = body.to_vec();
+    bad[node_at] ^= 0x01;
+    store.write_record(&path, KIND_GROUP_KEY_SET, &bad).unwrap();
+    let err = store.load_groups().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Corrupt {
+                what: "group key",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A truncated key set too.
+    let mut short = body[..at].to_vec();
+    put_blob(&mut short, &set[..set.len() - 1]);
+    short.extend_from_slice(&body[at + set.len()..]);
+    store
+        .write_record(&path, KIND_GROUP_KEY_SET, &short)
+        .unwrap();
+    assert!(matches!(
+        store.load_groups(),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn a_group_key_of_the_format_without_a_path_is_outdated_and_replaced() {
+    let (_tmp, store, _w, dev) = fixture();
+    let key = &dev.stored_keys()[0];
+    let path = store.group_file(&key.group, key.role);
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::set_permissions(path.parent().unwrap(), fs::Permissions::from_mode(0o700)).unwrap();
+    store
+        .write_record(&path, KIND_GROUP_KEY_V1, &outdated_body(key))
+        .unwrap();
+    // Its key is not used; its group and role are listed, to join again.
+    assert!(store.load_group_keys().unwrap().is_empty());
+    let groups = store.load_groups().unwrap();
+    assert_eq!(groups.len(), 1);
+    assert!(
+        matches!(&groups[0], StoredGroup::Outdated { group, role }
+            if group == &key.group && *role == key.role),
+        "{groups:?}"
+    );
+    assert_eq!(groups[0].role(), (&key.group, key.role));
+    // The next save replaces it.
+    store.save_group_key(key, 9).unwrap();
+    let groups = store.load_groups().unwrap();
+    assert!(
+        matches!(&groups[..], [StoredGroup::Key(k, 9)] if k.key_set == key.key_set),
+        "{groups:?}"
+    );
+    // An outdated file under another group's name is still refused.
+    store
+        .write_record(&path, KIND_GROUP_KEY_V1, &outdated_body(key))
+        .unwrap();
+    let other = store.group_file(&GroupId::new("other").unwrap(), Role::Publisher);
+    fs::rename(&path, &other).unwrap();
+    let err = store.load_groups().unwrap_err();
+    assert!(err.to_string().contains("wrong file"), "{err}");
+    // A record of another kind in the groups directory is corrupt.
+    store.write_record(&other, KIND_SETTINGS, b"x").unwrap();
+    assert!(matches!(
+        store.load_groups(),
+        Err(StoreError::Corrupt { .. })
+    ));
+}
+
+#[test]
+fn stored_tree_keys_are_not_in_debug_output() {
+    let (_tmp, store, _w, dev) = fixture();
+    let key = &dev.stored_keys()[0];
+    store.save_group_key(key, 1).unwrap();
+    let loaded = store.load_groups().unwrap();
+    let text = format!("{loaded:?} {key:?}");
+    let x = hex::encode(&key.key_set.x().to_bytes()[..]);
+    assert!(!text.contains(&x), "X in Debug output");
+    for (_, k) in key.key_set.path() {
+        assert!(
+            !text.contains(&hex::encode(k.as_bytes())),
+            "a path key in Debug output"
+        );
+    }
+    assert!(text.contains("redacted"), "{text}");
 }
