@@ -833,6 +833,12 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
     let now = now_ms();
     let broker = ctx.broker(Some(&store)).ok();
     let groups = store.load_group_keys()?;
+    let ota_settings = ctx
+        .cfg
+        .ota
+        .settings(&ctx.store_dir)
+        .map_err(NodeError::Input)?;
+    let ota = crate::ota_commands::ota_summary(&ota_settings, &store)?;
     let state = if now < cert.not_before() {
         "not yet valid"
     } else if now > cert.not_after() {
@@ -869,6 +875,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
             "broker": broker,
             "store": ctx.store_dir.display().to_string(),
             "groups": groups,
+            "ota": ota.to_json(),
         });
         return print_line(&v.to_string());
     }
@@ -907,6 +914,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
             rfc3339(*saved)
         ));
     }
+    lines.extend(ota.lines());
     print_line(&lines.join("\n"))
 }
 

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use quva_client::ids::GroupId;
+use quva_client::ids::{DeviceId, GroupId};
 use quva_client::ota::OtaState;
 use zeroize::Zeroizing;
 
@@ -110,6 +110,8 @@ pub enum OtaAction {
         group: GroupId,
         /// The version now installed.
         version: u64,
+        /// The signer of that release.
+        signer: DeviceId,
     },
     /// Delete the group's staging file, progress record and saved release.
     Discard {
@@ -212,10 +214,15 @@ impl fmt::Debug for OtaAction {
                 .field("version", version)
                 .field("name", name)
                 .finish(),
-            OtaAction::RecordInstalled { group, version } => f
+            OtaAction::RecordInstalled {
+                group,
+                version,
+                signer,
+            } => f
                 .debug_struct("RecordInstalled")
                 .field("group", group)
                 .field("version", version)
+                .field("signer", signer)
                 .finish(),
             OtaAction::Discard { group } => {
                 f.debug_struct("Discard").field("group", group).finish()

@@ -76,8 +76,12 @@ pub fn perform(
                 }
                 Err(e) => Some((group, e)),
             },
-            OtaAction::RecordInstalled { group, version } => {
-                if let Err(e) = files.record_installed(&group, version) {
+            OtaAction::RecordInstalled {
+                group,
+                version,
+                signer,
+            } => {
+                if let Err(e) = files.record_installed(&group, version, &signer) {
                     rest.push(OtaAction::Log {
                         level: LogLevel::Warn,
                         message: format!("ota {group}: cannot record v{version} as installed: {e}"),
