@@ -19,8 +19,9 @@
 //!   `need-key` once per epoch and accepts K_c from the signer as a direct message (one that
 //!   arrives before its manifest, as after a reconnection, waits for it in memory).
 //! - Chunks are fetched by subscribing to each missing chunk's topic, a few at a time
-//!   ([`FETCH_WINDOW`]); each is checked against h_j before decryption, written to the staging
-//!   file and fsynced before the progress record claims it. Then H(image) is checked, the apply
+//!   ([`FETCH_WINDOW`]); each is checked against h_j before decryption and written to the
+//!   staging file; every [`CHECKPOINT_CHUNKS`] chunks (and at the last) the staging file is
+//!   synced and only then the progress record replaced, so it never claims an unsynced chunk. Then H(image) is checked, the apply
 //!   command runs, and the version is recorded only when it succeeds.
 //! - After a restart the saved manifest is verified again, K_c restored, and every chunk the
 //!   progress record claims is re-checked on disk (re-encrypted under K_j and hashed against
@@ -81,6 +82,11 @@ pub(crate) use service::{OtaService, next_applied};
 /// Chunks requested at once: each stored chunk's topic is unsubscribed and the next missing one
 /// subscribed, so at most this many chunk ciphertexts are in flight.
 pub const FETCH_WINDOW: usize = 8;
+
+/// Chunks stored between two checkpoints (the staging file synced, then the progress record
+/// saved): a restart fetches again at most this many less one. One fsync of the staging file and
+/// one record replacement per chunk made a download on a real disk wait on three fsyncs per chunk.
+pub const CHECKPOINT_CHUNKS: u32 = 8;
 
 /// Releases (manifests or key messages) kept per group while they wait for a member list, a
 /// key or their manifest; the highest versions are kept.
@@ -943,12 +949,14 @@ impl OtaAgent {
             return Vec::new();
         }
         let stored = total - download.missing_count();
+        let checkpoint = stored % CHECKPOINT_CHUNKS == 0 || download.is_complete();
+        // The decrypted buffer itself goes to the write: no second copy of the chunk.
         let mut out = vec![OtaAction::StoreChunk {
             group: group.clone(),
             index: j,
             offset: opened.offset(),
-            data: zeroize::Zeroizing::new(opened.plaintext().to_vec()),
-            progress: download.progress(),
+            data: opened.into_plaintext(),
+            progress: checkpoint.then(|| download.progress()),
         }];
         // A chunk can also arrive unasked (a subscription kept by a persistent session).
         if in_flight.remove(&j) {

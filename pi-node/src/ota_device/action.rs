@@ -64,8 +64,10 @@ pub enum OtaAction {
         offset: u64,
         /// The decrypted chunk.
         data: Zeroizing<Vec<u8>>,
-        /// The progress record to save after the chunk ([`quva_client::ota::Download::progress`]).
-        progress: Vec<u8>,
+        /// A checkpoint, every [`CHECKPOINT_CHUNKS`](super::CHECKPOINT_CHUNKS) chunks and at the
+        /// last: sync the staging file, then save this progress record
+        /// ([`quva_client::ota::Download::progress`]), which claims only chunks written before.
+        progress: Option<Vec<u8>>,
     },
     /// Replace the progress record (after a resumption found fewer chunks intact than it
     /// claimed).

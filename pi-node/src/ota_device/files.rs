@@ -10,9 +10,9 @@
 //! - `b.staging`: the image being assembled, plaintext at each chunk's offset.
 //!
 //! Records use the key store's format (checksum, atomic replace: temporary file, fsync, rename,
-//! fsync of the directory). A chunk is written and fsynced into the staging file *before* the
-//! progress record that claims it is replaced, so after a SIGKILL the record never claims a chunk
-//! that is not on disk. A restart still does not trust it blindly: the agent re-checks every
+//! fsync of the directory). Chunks are written into the staging file and, at each checkpoint, the
+//! file is fsynced *before* the progress record that claims them is replaced, so after a SIGKILL
+//! or a power cut the record never claims a chunk that is not on disk. A restart still does not trust it blindly: the agent re-checks every
 //! claimed chunk against the manifest's h_j ([`OtaAction::CheckStaged`](super::OtaAction)).
 //!
 //! [`Download::progress`]: quva_client::ota::Download::progress
@@ -251,7 +251,8 @@ impl OtaFiles {
         sync_dir(self.dir.path())
     }
 
-    /// Writes `data` at `offset` of the staging file and fsyncs it.
+    /// Writes `data` at `offset` of the staging file (not synced: see
+    /// [`sync_staging`](Self::sync_staging)).
     ///
     /// # Errors
     /// [`StoreError::Io`].
@@ -259,8 +260,16 @@ impl OtaFiles {
         use std::os::unix::fs::FileExt;
         let path = self.staging_path(group);
         let f = private_file(&path, false)?;
-        f.write_all_at(data, offset).map_err(io(&path))?;
-        f.sync_data().map_err(io(&path))
+        f.write_all_at(data, offset).map_err(io(&path))
+    }
+
+    /// fsyncs (the data of) the staging file: every chunk written before is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn sync_staging(&self, group: &GroupId) -> Result<(), StoreError> {
+        let path = self.staging_path(group);
+        private_file(&path, false)?.sync_data().map_err(io(&path))
     }
 
     /// Reads `len` bytes at `offset` of the staging file.

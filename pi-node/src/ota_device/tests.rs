@@ -415,8 +415,10 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
     let n = rel.chunks().len();
     let out = out_path(&r);
     let mut first = r.boot(copy_to(&out));
-    // The link dies after 7 chunks; then the process is killed (the agent dropped as it is).
-    first.chunk_budget = Some(7);
+    // The link dies after 11 chunks; then the process is killed (the agent dropped as it is).
+    // The first 8 were checkpointed (staging file synced, then the progress record saved); the
+    // other 3 are written but not claimed, so they are fetched again.
+    first.chunk_budget = Some(11);
     first.start(&mut r);
     assert_eq!(first.applied, 0);
     let saved = r
@@ -427,8 +429,9 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
         .unwrap();
     let saved = saved.release.expect("the accepted release is saved");
     assert!(saved.progress.is_some() && !saved.key.is_empty());
-    let stored: BTreeSet<u32> = first.fetched.iter().copied().take(7).collect();
-    assert_eq!(stored.len(), 7);
+    let stored: BTreeSet<u32> = first.fetched.iter().copied().take(8).collect();
+    assert_eq!(stored.len(), 8);
+    let unclaimed: BTreeSet<u32> = first.fetched.iter().copied().skip(8).take(3).collect();
     drop(first);
 
     let mut second = r.boot(copy_to(&out));
@@ -444,14 +447,15 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
         Vec::<u32>::new(),
         "chunks fetched again after the restart"
     );
-    assert_eq!(second.fetched.len(), n - 7);
+    assert_eq!(second.fetched.len(), n - 8);
+    assert!(unclaimed.iter().all(|j| second.fetched.contains(j)));
     assert_eq!(std::fs::read(&out).unwrap(), img);
     assert_eq!(r.files().installed(&r.g).unwrap(), Some(5));
     assert!(
         second
             .logs
             .iter()
-            .any(|l| l.contains("resumed, 7 of 7 chunks on disk intact")),
+            .any(|l| l.contains("resumed, 8 of 8 chunks on disk intact")),
         "{:?}",
         second.logs
     );
@@ -462,13 +466,13 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
 #[test]
 fn a_damaged_chunk_on_disk_is_fetched_again_after_a_restart() {
     let mut r = rig(3);
-    let img = image(8_000, 3);
+    let img = image(12_000, 3);
     r.release(2, &img, 1000);
     let out = out_path(&r);
     let mut first = r.boot(copy_to(&out));
-    first.chunk_budget = Some(4);
+    first.chunk_budget = Some(8);
     first.start(&mut r);
-    let stored: Vec<u32> = first.fetched.iter().copied().take(4).collect();
+    let stored: Vec<u32> = first.fetched.iter().copied().take(8).collect();
     drop(first);
     // Bit rot (or a write the progress record should not have trusted) in one stored chunk.
     let victim = stored[1];
@@ -493,7 +497,7 @@ fn a_damaged_chunk_on_disk_is_fetched_again_after_a_restart() {
         second
             .logs
             .iter()
-            .any(|l| l.contains("3 of 4 chunks on disk intact")),
+            .any(|l| l.contains("7 of 8 chunks on disk intact")),
         "{:?}",
         second.logs
     );
