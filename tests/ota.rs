@@ -5,7 +5,8 @@
 //! device (also one that was offline during the release) fetches, verifies and applies it, and the
 //! signer collects the devices' status reports later from its persistent session. Rollbacks,
 //! unpinned signers, tampered chunks (through the bridge and straight into Mosquitto), a device
-//! killed mid-download and a failing apply command are each shown to be handled.
+//! killed mid-download, failing and hanging apply commands, and a device whose key only a direct
+//! message from the signer can deliver are each shown to be handled.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
 
@@ -39,6 +40,11 @@ fn applied(node: &Node, version: u64) -> Option<Vec<u8>> {
 /// Writes a device's configuration: follows [`GROUP`]'s releases by the pinned `signers`, applies
 /// with `apply` (a shell command; the image path is `$0`).
 fn configure(node: &Node, signers: &[&str], apply: &str) {
+    configure_with(node, signers, apply, "");
+}
+
+/// [`configure`] with more lines of the `[ota]` table.
+fn configure_with(node: &Node, signers: &[&str], apply: &str, extra: &str) {
     let dir = applied_dir(node);
     fs::create_dir_all(&dir).unwrap();
     let signers = signers
@@ -51,7 +57,7 @@ fn configure(node: &Node, signers: &[&str], apply: &str) {
         node.store.with_extension("toml"),
         format!(
             "connect_timeout_secs = 5\n\n[ota]\ngroups = [\"{GROUP}\"]\nsigners = [{signers}]\n\
-             apply_command = [\"/bin/sh\", \"-c\", {apply:?}]\n"
+             apply_command = [\"/bin/sh\", \"-c\", {apply:?}]\n{extra}"
         ),
     )
     .unwrap();
@@ -150,8 +156,12 @@ fn cluster_with_signer() -> (Cluster, Node) {
 }
 
 fn device(cluster: &Cluster, id: &str, signers: &[&str], apply: &str) -> Node {
+    device_with(cluster, id, signers, apply, "")
+}
+
+fn device_with(cluster: &Cluster, id: &str, signers: &[&str], apply: &str, extra: &str) -> Node {
     let node = cluster.enrolled(id, &[(GROUP, "sub")]);
-    configure(&node, signers, apply);
+    configure_with(&node, signers, apply, extra);
     node
 }
 
@@ -189,6 +199,24 @@ fn a_release_reaches_every_device_with_the_signer_offline() {
         wait_status(&signer, &d.id, 1, "applied");
     }
     drop(running);
+    // `status` shows the installed version and its signer; the signer's shows its release.
+    let st = devices[0].run(&["status", "--json"]).success();
+    let v: serde_json::Value = serde_json::from_str(st.trim()).unwrap();
+    assert_eq!(v["ota"]["followed"][0]["group"], GROUP, "{v}");
+    assert_eq!(v["ota"]["followed"][0]["installed_version"], 1, "{v}");
+    assert_eq!(v["ota"]["followed"][0]["signer"], SIGNER, "{v}");
+    let text = devices[0].run(&["status"]).success();
+    assert!(
+        text.contains(&format!(
+            "ota         {GROUP}: version 1 from {SIGNER} installed"
+        )),
+        "{text}"
+    );
+    let text = signer.run(&["status"]).success();
+    assert!(
+        text.contains(&format!("ota release {GROUP} version 1")),
+        "{text}"
+    );
     // The installed version is remembered: a second run applies nothing again.
     fs::remove_file(applied_dir(&devices[0]).join("1.bin")).unwrap();
     let again = run(&devices[0]);
@@ -203,8 +231,17 @@ fn rollbacks_unpinned_signers_and_failing_apply_commands_are_refused() {
     other.publish(GROUP, 1, "online");
     let dev = device(&cluster, "dev-1", &[SIGNER], COPY);
     let failing = device(&cluster, "dev-2", &[SIGNER], "exit 3");
+    // An apply command that would run for a minute, killed after its 2 s.
+    let stuck = device_with(
+        &cluster,
+        "dev-3",
+        &[SIGNER],
+        "sleep 60; cp \"$0\" \"{dir}/$QUVA_OTA_VERSION.bin\"",
+        "apply_timeout_secs = 2\n",
+    );
     let p = run(&dev);
     let mut q = run(&failing);
+    let mut r = run(&stuck);
 
     let v2 = image(40_000, 2);
     release(&cluster, &signer, 2, &v2, 8 * 1024);
@@ -213,6 +250,10 @@ fn rollbacks_unpinned_signers_and_failing_apply_commands_are_refused() {
     q.wait_stderr("failed");
     wait_status(&signer, "dev-2", 2, "failed");
     assert!(applied(&failing, 2).is_none());
+    // The stuck one is killed after its timeout and reported as failed.
+    r.wait_stdout("apply command timed out after 2 s and was killed");
+    wait_status(&signer, "dev-3", 2, "failed");
+    assert!(applied(&stuck, 2).is_none());
 
     // A lower version from the pinned signer (a rollback) and a higher one from a publisher that
     // is not pinned (the device does not even subscribe to its releases), then a newer one from
@@ -297,11 +338,69 @@ fn a_device_that_joined_after_the_release_asks_for_the_key_and_gets_it_when_the_
     let mut q = run(&late);
     q.wait_stdout("need-key");
     // The signer comes online: it deposits the key message of the current epoch at once (and
-    // would answer the queued need-key with a direct message, pi-node's signer tests): the
+    // answers the queued need-key with a direct message, which the next test isolates): the
     // device installs the release.
     let s = signer.spawn_debug(&["run"]);
     assert_eq!(wait_applied(&cluster, &late, 1, &q), img);
     drop(s);
+}
+
+#[test]
+fn a_device_that_cannot_open_the_retained_key_message_gets_the_key_by_direct_message() {
+    let (cluster, signer) = cluster_with_signer();
+    let img = image(30_000, 8);
+    release(&cluster, &signer, 1, &img, 8 * 1024);
+    // The key message as deposited, sealed for the release's epoch, read straight from Mosquitto.
+    let key_topic = format!("{GROUP}/_ota/{SIGNER}/1/k");
+    let broker = RawMqtt::connect(cluster.broker);
+    broker.subscribe(&key_topic);
+    let stale = broker
+        .wait_for("the retained key message", |c| c.topic == key_topic)
+        .payload;
+
+    // The signer's daemon serves the release. A new subscriber joins (not following OTA yet):
+    // the group rekeys and the daemon deposits the key message sealed for the new epoch.
+    let mut d = signer.spawn_debug(&["run"]);
+    d.wait_stderr("running");
+    let late = cluster.enrolled("dev-2", &[(GROUP, "sub")]);
+    let mut sub = late.spawn(&["subscribe", "--group", GROUP]);
+    sub.wait_stderr("joined");
+    drop(sub);
+    d.wait_stderr("depositing the key message for the current epoch");
+    d.wait_stderr("release item deposited");
+
+    // The retained key message goes back to the release's epoch (a broker restored from a
+    // backup): the new subscriber cannot open it, and the daemon deposits nothing new (its last
+    // key message is of the current epoch). Only a direct message can give the device the key.
+    assert_eq!(broker.publish_retained(&key_topic, &stale), 0);
+    drop(d);
+    configure(&late, &[SIGNER], COPY);
+    let mut q = late.spawn_debug(&["run"]);
+    q.wait_stdout("need-key");
+    drop(q);
+
+    // The signer comes back while the device is away: it reads the need-key from its persistent
+    // session and answers with a direct message, which waits in the device's session.
+    let mut d = signer.spawn_debug(&["run"]);
+    d.wait_stderr("answering need-key with a direct message");
+    std::thread::sleep(Duration::from_millis(500));
+    // The device returns: the answer arrives before the retained manifest, is kept, and serves
+    // once the manifest is verified; it does not need to ask again.
+    let mut q = late.spawn_debug(&["run"]);
+    q.wait_stdout(&format!(
+        "[direct] from {SIGNER}: OTA key of version 1 (not shown)"
+    ));
+    assert_eq!(wait_applied(&cluster, &late, 1, &q), img);
+    q.wait_stdout("applied");
+    q.wait_stderr("key received from rel-1 as a direct message");
+    assert!(!q.out().contains("need-key"), "{}", q.out());
+    // The key came by the direct message only: the signer deposited no key message this time.
+    assert!(
+        !d.err().contains("depositing the key message"),
+        "{}",
+        d.err()
+    );
+    drop(d);
 }
 
 #[test]

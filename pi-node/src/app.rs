@@ -854,6 +854,12 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
         .filter(|f| matches!(f, StoredGroup::Outdated { .. }))
         .map(StoredGroup::role)
         .collect();
+    let ota_settings = ctx
+        .cfg
+        .ota
+        .settings(&ctx.store_dir)
+        .map_err(NodeError::Input)?;
+    let ota = crate::ota_commands::ota_summary(&ota_settings, &store)?;
     let state = if now < cert.not_before() {
         "not yet valid"
     } else if now > cert.not_after() {
@@ -895,6 +901,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
             "store": ctx.store_dir.display().to_string(),
             "groups": groups,
             "outdated_group_keys": outdated,
+            "ota": ota.to_json(),
         });
         return print_line(&v.to_string());
     }
@@ -936,6 +943,7 @@ fn status(ctx: &Context, args: StatusArgs) -> Result<(), NodeError> {
             role_name(*role)
         ));
     }
+    lines.extend(ota.lines());
     print_line(&lines.join("\n"))
 }
 

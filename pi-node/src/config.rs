@@ -19,6 +19,7 @@
 //! download_dir = "/var/lib/quva-node/ota"   # default: <store>/ota
 //! apply_command = ["/usr/lib/quva-node/quva-node-apply-binary"]  # + the image path
 //! max_image_bytes = 67108864     # 64 MiB
+//! apply_timeout_secs = 600       # the apply command is killed (and the release failed) after this
 //! ```
 //!
 //! # Usage
@@ -134,10 +135,21 @@ pub struct OtaConfig {
     /// The largest image accepted, in bytes (default 64 MiB).
     #[serde(default = "default_max_image_bytes")]
     pub max_image_bytes: u64,
+    /// How long the apply command may run, in seconds (default 600): then it is killed and the
+    /// release reported `failed`.
+    #[serde(default = "default_apply_timeout_secs")]
+    pub apply_timeout_secs: u64,
 }
+
+/// The default time an apply command may run: 10 minutes.
+pub const DEFAULT_APPLY_TIMEOUT_SECS: u64 = 600;
 
 fn default_max_image_bytes() -> u64 {
     DEFAULT_MAX_IMAGE_BYTES
+}
+
+fn default_apply_timeout_secs() -> u64 {
+    DEFAULT_APPLY_TIMEOUT_SECS
 }
 
 impl Default for OtaConfig {
@@ -148,6 +160,7 @@ impl Default for OtaConfig {
             download_dir: None,
             apply_command: Vec::new(),
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            apply_timeout_secs: DEFAULT_APPLY_TIMEOUT_SECS,
         }
     }
 }
@@ -165,6 +178,8 @@ pub struct OtaSettings {
     pub apply_command: Vec<String>,
     /// The largest image accepted, in bytes.
     pub max_image_bytes: u64,
+    /// How long the apply command may run before it is killed.
+    pub apply_timeout: Duration,
 }
 
 impl OtaConfig {
@@ -179,7 +194,7 @@ impl OtaConfig {
     /// # Errors
     /// A message naming the bad value: an invalid or reserved group ID (a level starting with
     /// `_`), an invalid signer ID, groups without signers or without an apply command, a
-    /// relative apply program, or a zero size limit.
+    /// relative apply program, a zero size limit or a zero apply timeout.
     pub fn settings(&self, store: &Path) -> Result<OtaSettings, String> {
         let mut groups = Vec::new();
         for g in &self.groups {
@@ -221,6 +236,9 @@ impl OtaConfig {
         if self.max_image_bytes == 0 {
             return Err("ota.max_image_bytes: must be at least 1".to_owned());
         }
+        if self.apply_timeout_secs == 0 {
+            return Err("ota.apply_timeout_secs: must be at least 1".to_owned());
+        }
         Ok(OtaSettings {
             groups,
             signers,
@@ -230,6 +248,7 @@ impl OtaConfig {
                 .unwrap_or_else(|| store.join("ota")),
             apply_command: self.apply_command.clone(),
             max_image_bytes: self.max_image_bytes,
+            apply_timeout: Duration::from_secs(self.apply_timeout_secs),
         })
     }
 }
@@ -393,10 +412,11 @@ mod tests {
         assert!(s.groups.is_empty());
         assert_eq!(s.download_dir, PathBuf::from("/srv/q/ota"));
         assert_eq!(s.max_image_bytes, 64 * 1024 * 1024);
+        assert_eq!(s.apply_timeout, Duration::from_secs(600));
         let cfg = Config::from_toml(
             "[ota]\ngroups = [\"fw/sensor-v2\"]\nsigners = [\"release-1\"]\n\
              apply_command = [\"/usr/bin/apply\", \"--now\"]\nmax_image_bytes = 1000\n\
-             download_dir = \"/tmp/ota\"\n",
+             download_dir = \"/tmp/ota\"\napply_timeout_secs = 90\n",
         )
         .unwrap();
         let s = cfg.ota_settings().unwrap();
@@ -406,6 +426,7 @@ mod tests {
         assert_eq!(s.apply_command, vec!["/usr/bin/apply", "--now"]);
         assert_eq!(s.max_image_bytes, 1000);
         assert_eq!(s.download_dir, PathBuf::from("/tmp/ota"));
+        assert_eq!(s.apply_timeout, Duration::from_secs(90));
     }
 
     #[test]
@@ -428,6 +449,7 @@ mod tests {
             (&format!("[ota]\ngroups = [\"fw/+\"]\n{ok}"), "ota.groups"),
             ("[ota]\nsigners = [\"bad id\"]", "ota.signers"),
             ("[ota]\nmax_image_bytes = 0", "max_image_bytes"),
+            ("[ota]\napply_timeout_secs = 0", "apply_timeout_secs"),
             ("[ota]\ngroup = [\"fw\"]", "unknown field"),
         ] {
             let err = Config::from_toml(bad).unwrap_err().to_string();

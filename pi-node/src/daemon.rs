@@ -408,8 +408,8 @@ impl Daemon {
             }
             LinkEvent::Watching { filter, code } if code >= 0x80 => {
                 tracing::warn!(filter = %filter, code, "the bridge refused a subscription");
-                if let Some(ota) = self.ota.as_mut() {
-                    ota.on_refused(&mut self.link, &filter, code);
+                if let Some(ota) = self.ota.as_ref() {
+                    ota.on_refused(&filter, code);
                 }
             }
             LinkEvent::Removed { group, role, epoch } => {

@@ -24,6 +24,110 @@ pub(crate) const STATUS_SESSION: &str = "ota-status";
 /// How long the broker keeps that session: 7 days.
 pub(crate) const STATUS_SESSION_EXPIRY_SECS: u32 = 7 * 24 * 3600;
 
+/// An installed version and the signer of its release (none in an older record).
+type Installed = (u64, Option<DeviceId>);
+
+/// What `quva-node status` shows of group OTA ([`ota_summary`]).
+#[derive(Debug, Default)]
+pub(crate) struct OtaSummary {
+    /// Per followed group (`[ota] groups`): the installed version and its signer, if any.
+    pub followed: Vec<(GroupId, Option<Installed>)>,
+    /// The pinned signers.
+    pub signers: Vec<DeviceId>,
+    /// The releases this device made as a signer: (group, version, epoch of the key message
+    /// last deposited).
+    pub releases: Vec<(GroupId, u64, Option<u32>)>,
+}
+
+impl OtaSummary {
+    /// Lines for the human-readable status (none if this device takes no part in OTA).
+    pub(crate) fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        let pinned = self
+            .signers
+            .iter()
+            .map(DeviceId::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        for (g, installed) in &self.followed {
+            lines.push(match installed {
+                Some((v, Some(s))) => {
+                    format!("ota         {g}: version {v} from {s} installed (pinned: {pinned})")
+                }
+                Some((v, None)) => format!(
+                    "ota         {g}: version {v} installed, signer not recorded (pinned: {pinned})"
+                ),
+                None => format!("ota         {g}: nothing installed yet (pinned: {pinned})"),
+            });
+        }
+        for (g, v, epoch) in &self.releases {
+            lines.push(match epoch {
+                Some(e) => format!("ota release {g} version {v}, key message of epoch {e}"),
+                None => format!("ota release {g} version {v}, key message to deposit again"),
+            });
+        }
+        lines
+    }
+
+    /// The `ota` object of `status --json`.
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        let followed: Vec<_> = self
+            .followed
+            .iter()
+            .map(|(g, installed)| {
+                json!({
+                    "group": g.as_str(),
+                    "installed_version": installed.as_ref().map(|(v, _)| *v),
+                    "signer": installed.as_ref().and_then(|(_, s)| s.as_ref()).map(DeviceId::as_str),
+                })
+            })
+            .collect();
+        let releases: Vec<_> = self
+            .releases
+            .iter()
+            .map(|(g, v, e)| json!({"group": g.as_str(), "version": v, "key_epoch": e}))
+            .collect();
+        json!({
+            "followed": followed,
+            "pinned_signers": self.signers.iter().map(DeviceId::as_str).collect::<Vec<_>>(),
+            "releases": releases,
+        })
+    }
+}
+
+/// The installed OTA versions under `settings` (read only: a download directory that does not
+/// exist yet means nothing installed) and the releases in `store`.
+///
+/// # Errors
+/// [`NodeError::Store`] for a damaged record.
+pub(crate) fn ota_summary(
+    settings: &crate::config::OtaSettings,
+    store: &KeyStore,
+) -> Result<OtaSummary, NodeError> {
+    let files = if settings.download_dir.is_dir() {
+        Some(crate::ota_device::OtaFiles::open(&settings.download_dir)?)
+    } else {
+        None
+    };
+    let mut followed = Vec::new();
+    for g in &settings.groups {
+        let installed = match &files {
+            Some(f) => f.installed_release(g)?,
+            None => None,
+        };
+        followed.push((g.clone(), installed));
+    }
+    let releases = Releases::load(store)?
+        .iter()
+        .map(|r| (r.group.clone(), r.version, r.key_epoch.map(|e| e.0)))
+        .collect();
+    Ok(OtaSummary {
+        followed,
+        signers: settings.signers.clone(),
+        releases,
+    })
+}
+
 /// Waits until `role` in `group` is ready on `link`.
 async fn wait_ready(
     link: &mut Link,

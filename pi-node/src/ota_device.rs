@@ -16,10 +16,12 @@
 //! - The key message must be an option-2 message of the group from the manifest's signer for
 //!   this v and H(man); it is opened with this device's keys of the group, without the time
 //!   window (retained). If the device's key is current and still cannot open it, it reports
-//!   `need-key` once per epoch and accepts K_c from the signer as a direct message.
+//!   `need-key` once per epoch and accepts K_c from the signer as a direct message (one that
+//!   arrives before its manifest, as after a reconnection, waits for it in memory).
 //! - Chunks are fetched by subscribing to each missing chunk's topic, a few at a time
-//!   ([`FETCH_WINDOW`]); each is checked against h_j before decryption, written to the staging
-//!   file and fsynced before the progress record claims it. Then H(image) is checked, the apply
+//!   ([`FETCH_WINDOW`]); each is checked against h_j before decryption and written to the
+//!   staging file; every [`CHECKPOINT_CHUNKS`] chunks (and at the last) the staging file is
+//!   synced and only then the progress record replaced, so it never claims an unsynced chunk. Then H(image) is checked, the apply
 //!   command runs, and the version is recorded only when it succeeds.
 //! - After a restart the saved manifest is verified again, K_c restored, and every chunk the
 //!   progress record claims is re-checked on disk (re-encrypted under K_j and hashed against
@@ -81,9 +83,10 @@ pub(crate) use service::{OtaService, next_applied};
 /// subscribed, so at most this many chunk ciphertexts are in flight.
 pub const FETCH_WINDOW: usize = 8;
 
-/// How many versions after the installed one are subscribed by exact topic when the bridge
-/// refuses the wildcard filters `…/+/m` and `…/+/k`.
-pub const VERSION_LOOKAHEAD: u64 = 16;
+/// Chunks stored between two checkpoints (the staging file synced, then the progress record
+/// saved): a restart fetches again at most this many less one. One fsync of the staging file and
+/// one record replacement per chunk made a download on a real disk wait on three fsyncs per chunk.
+pub const CHECKPOINT_CHUNKS: u32 = 8;
 
 /// Releases (manifests or key messages) kept per group while they wait for a member list, a
 /// key or their manifest; the highest versions are kept.
@@ -136,9 +139,6 @@ struct GroupOta {
     saved: Option<SavedRelease>,
     active: Option<Active>,
     failed: BTreeSet<(u64, DeviceId)>,
-    /// Signers whose wildcard filters the bridge refused: their releases are subscribed by
-    /// exact topic, for the [`VERSION_LOOKAHEAD`] versions after the installed one.
-    exact: BTreeSet<DeviceId>,
     seen: Option<Seen>,
 }
 
@@ -160,6 +160,14 @@ pub struct OtaAgent {
     signers: Vec<DeviceId>,
     policy: OtaPolicy,
     groups: BTreeMap<GroupId, GroupOta>,
+    /// Keys sent as direct messages (sender, M) before the manifest they belong to was
+    /// verified, newest last, at most [`MAX_PENDING`]: a signer's answer to `need-key` waits at
+    /// the broker while the device is away and arrives before the retained manifest.
+    direct_keys: Vec<(DeviceId, zeroize::Zeroizing<Vec<u8>>)>,
+    /// The T_ms of the last status report sent: each report gets a later one, so that the
+    /// signer, which keeps the state with the highest T_ms per device and version, never keeps
+    /// `available` over a `need-key` sealed in the same millisecond.
+    report_clock: u64,
 }
 
 impl core::fmt::Debug for OtaAgent {
@@ -205,6 +213,8 @@ impl OtaAgent {
             signers: settings.signers.clone(),
             policy,
             groups,
+            direct_keys: Vec::new(),
+            report_clock: 0,
         }
     }
 
@@ -224,8 +234,9 @@ impl OtaAgent {
     }
 
     /// The subscriptions to make on every (re)connection: each pinned signer's manifests and key
-    /// messages in each group (`<group>/_ota/<signer>/+/m` and `…/+/k`, or the exact topics of
-    /// the next versions if the bridge refused those), and the chunks being fetched.
+    /// messages in each group (`<group>/_ota/<signer>/+/m` and `…/+/k`: wildcards inside one
+    /// group's `_ota/` level, which the bridge grants to the group's subscribers), and the
+    /// chunks being fetched.
     pub fn start(&self) -> Vec<OtaAction> {
         let filters = self
             .groups
@@ -249,11 +260,7 @@ impl OtaAgent {
         let mut filters = Vec::new();
         if let Some((g, state)) = self.groups.get_key_value(group) {
             for s in &self.signers {
-                if state.exact.contains(s) {
-                    filters.extend(exact_filters(g, s, state.installed));
-                } else {
-                    filters.extend(wildcard_filters(g, s));
-                }
+                filters.extend(wildcard_filters(g, s));
             }
             if let Some(a) = &state.active
                 && let Stage::Downloading { in_flight, .. } = &a.stage
@@ -268,27 +275,14 @@ impl OtaAgent {
         filters
     }
 
-    /// The bridge refused a subscription (`code` ≥ 0x80). A bridge that refuses wildcard filters
-    /// over protected groups refuses `…/+/m` and `…/+/k`: that signer's releases are then
-    /// subscribed by exact topic for the [`VERSION_LOOKAHEAD`] versions after the installed one
-    /// (a release further ahead is not seen until the device installs one in between).
-    pub fn on_subscription_refused(&mut self, filter: &str, code: u8) -> Vec<OtaAction> {
-        let mut out = Vec::new();
-        for (g, state) in &mut self.groups {
-            for s in &self.signers {
-                if !wildcard_filters(g, s).iter().any(|f| f == filter)
-                    || !state.exact.insert(s.clone())
-                {
-                    continue;
-                }
-                out.push(warn(format!(
-                    "ota {g}: the bridge refused {filter} (0x{code:02x}); following the next \
-                     {VERSION_LOOKAHEAD} versions of {s} by their exact topics"
-                )));
-                out.push(OtaAction::Subscribe(exact_filters(g, s, state.installed)));
-            }
-        }
-        out
+    /// Whether `filter` is one of the release filters this agent subscribes to (for a clear
+    /// log line when the bridge refuses one: that group's releases are then not seen).
+    pub fn is_release_filter(&self, filter: &str) -> bool {
+        self.groups.keys().any(|g| {
+            self.signers
+                .iter()
+                .any(|s| wildcard_filters(g, s).iter().any(|f| f == filter))
+        })
     }
 
     /// Handles a PUBLISH on an OTA topic (anything else is ignored).
@@ -422,6 +416,7 @@ impl OtaAgent {
                     if matches!(e, OtaError::ImageTooLarge | OtaError::ChunkSizeTooLarge) {
                         let detail = e.to_string();
                         out.extend(report(
+                            &mut self.report_clock,
                             dev,
                             group,
                             id.0,
@@ -478,6 +473,7 @@ impl OtaAgent {
         }
         let m = vm.manifest();
         out.extend(report(
+            &mut self.report_clock,
             dev,
             group,
             version,
@@ -511,7 +507,15 @@ impl OtaAgent {
             Some((key, progress)) => {
                 out.extend(self.resume(group, key, progress, dev, now_ms, rng))
             }
-            None => out.extend(self.try_key(group, dev, now_ms, rng)),
+            None => match self.waiting_direct_key(group) {
+                Some((sender, key)) => {
+                    out.push(info(format!(
+                        "ota {group}: key received from {sender} as a direct message"
+                    )));
+                    out.extend(self.accepted(group, key, dev, now_ms, rng));
+                }
+                None => out.extend(self.try_key(group, dev, now_ms, rng)),
+            },
         }
         out
     }
@@ -692,7 +696,16 @@ impl OtaAgent {
                     "the key message of epoch {} does not open with the keys of epoch {}",
                     message.0, held.0
                 );
-                report(dev, group, id.0, OtaState::NeedKey, &detail, now_ms, rng)
+                report(
+                    &mut self.report_clock,
+                    dev,
+                    group,
+                    id.0,
+                    OtaState::NeedKey,
+                    &detail,
+                    now_ms,
+                    rng,
+                )
             }
             KeyOutcome::Refused(why) => {
                 state.keys.remove(&id);
@@ -732,8 +745,45 @@ impl OtaAgent {
                 out.extend(self.accepted(&group, key, dev, now_ms, rng));
                 out
             }
+            // No release waits for it yet: kept (in memory) for a manifest that arrives later,
+            // if it comes from a pinned signer and is an OTA key message at all.
+            None if self.signers.contains(msg.sender())
+                && quva_client::ota::KeyMessage::from_bytes(msg.payload()).is_ok() =>
+            {
+                self.direct_keys.push((
+                    msg.sender().clone(),
+                    zeroize::Zeroizing::new(msg.payload().to_vec()),
+                ));
+                if self.direct_keys.len() > MAX_PENDING {
+                    self.direct_keys.remove(0);
+                }
+                vec![info(format!(
+                    "ota: key from {} kept until the manifest it belongs to is verified",
+                    msg.sender()
+                ))]
+            }
             None => Vec::new(),
         }
+    }
+
+    /// A key sent as a direct message before `group`'s current release was verified, if one
+    /// belongs to it: taken out of the waiting keys.
+    fn waiting_direct_key(&mut self, group: &GroupId) -> Option<(DeviceId, AcceptedKey)> {
+        let active = self.groups.get(group)?.active.as_ref()?;
+        let (i, key) = self
+            .direct_keys
+            .iter()
+            .enumerate()
+            .rev()
+            .find_map(|(i, (sender, m))| {
+                active
+                    .manifest
+                    .accept_key(sender, &m[..])
+                    .ok()
+                    .map(|k| (i, k))
+            })?;
+        let (sender, _) = self.direct_keys.remove(i);
+        Some((sender, key))
     }
 
     /// A key was accepted for the current release: keep it, create the staging file, fetch.
@@ -786,6 +836,7 @@ impl OtaAgent {
             in_flight: BTreeSet::new(),
         };
         let mut out = report(
+            &mut self.report_clock,
             dev,
             group,
             version,
@@ -882,6 +933,7 @@ impl OtaAgent {
                 let detail = format!("chunk {j} refused: {e}");
                 let mut out = vec![warn(format!("ota {group} v{version}: {detail}"))];
                 out.extend(report(
+                    &mut self.report_clock,
                     dev,
                     group,
                     version,
@@ -897,12 +949,14 @@ impl OtaAgent {
             return Vec::new();
         }
         let stored = total - download.missing_count();
+        let checkpoint = stored % CHECKPOINT_CHUNKS == 0 || download.is_complete();
+        // The decrypted buffer itself goes to the write: no second copy of the chunk.
         let mut out = vec![OtaAction::StoreChunk {
             group: group.clone(),
             index: j,
             offset: opened.offset(),
-            data: zeroize::Zeroizing::new(opened.plaintext().to_vec()),
-            progress: download.progress(),
+            data: opened.into_plaintext(),
+            progress: checkpoint.then(|| download.progress()),
         }];
         // A chunk can also arrive unasked (a subscription kept by a persistent session).
         if in_flight.remove(&j) {
@@ -942,6 +996,7 @@ impl OtaAgent {
             Ok(ready) => {
                 active.stage = Stage::Applying;
                 let mut out = report(
+                    &mut self.report_clock,
                     dev,
                     group,
                     version,
@@ -982,36 +1037,17 @@ impl OtaAgent {
         if let Err(detail) = result {
             return self.fail(group, &detail, dev, now_ms, rng);
         }
-        state.active = None;
-        let previous = state.installed;
+        let Some(signer) = state.active.take().map(|a| a.id().1) else {
+            return Vec::new();
+        };
         state.installed = Some(version);
         state.manifests.retain(|(v, _), _| *v > version);
         state.keys.retain(|(v, _), _| *v > version);
         let mut out = vec![OtaAction::RecordInstalled {
             group: group.clone(),
             version,
+            signer,
         }];
-        // Exact-topic subscriptions move past the installed version.
-        for s in &state.exact {
-            let before = exact_filters(group, s, previous);
-            let after = exact_filters(group, s, Some(version));
-            let gone: Vec<String> = before
-                .iter()
-                .filter(|f| !after.contains(f))
-                .cloned()
-                .collect();
-            let new: Vec<String> = after
-                .iter()
-                .filter(|f| !before.contains(f))
-                .cloned()
-                .collect();
-            if !gone.is_empty() {
-                out.push(OtaAction::Unsubscribe(gone));
-            }
-            if !new.is_empty() {
-                out.push(OtaAction::Subscribe(new));
-            }
-        }
         out.extend(self.close_release(group, version, OtaState::Applied, "", dev, now_ms, rng));
         out
     }
@@ -1080,7 +1116,16 @@ impl OtaAgent {
         now_ms: u64,
         rng: &mut impl CryptoRngCore,
     ) -> Vec<OtaAction> {
-        let mut out = report(dev, group, version, outcome, detail, now_ms, rng);
+        let mut out = report(
+            &mut self.report_clock,
+            dev,
+            group,
+            version,
+            outcome,
+            detail,
+            now_ms,
+            rng,
+        );
         out.push(OtaAction::Discard {
             group: group.clone(),
         });
@@ -1122,24 +1167,6 @@ impl OtaAgent {
 fn wildcard_filters(group: &GroupId, signer: &DeviceId) -> [String; 2] {
     let base = format!("{}/{OTA_LEVEL}/{}/+", group.as_str(), signer.as_str());
     [format!("{base}/m"), format!("{base}/k")]
-}
-
-/// The manifest and key topics of the [`VERSION_LOOKAHEAD`] versions after `installed`.
-fn exact_filters(group: &GroupId, signer: &DeviceId, installed: Option<u64>) -> Vec<String> {
-    let first = installed.map_or(0, |i| i.saturating_add(1));
-    (first..first.saturating_add(VERSION_LOOKAHEAD))
-        .flat_map(|version| {
-            [OtaItem::Manifest, OtaItem::Key].map(|item| {
-                OtaTopic {
-                    group: group.clone(),
-                    signer: signer.clone(),
-                    version,
-                    item,
-                }
-                .to_string()
-            })
-        })
-        .collect()
 }
 
 /// Opens a key message with the device's keys of the group (no time window: it is retained).
@@ -1196,8 +1223,11 @@ fn open_key(
     }
 }
 
-/// A status report of `state` for release `version`, sealed as an option-2 query of the group.
+/// A status report of `state` for release `version`, sealed as an option-2 query of the group,
+/// with a T_ms above `clock`'s (then the new `clock`).
+#[allow(clippy::too_many_arguments)]
 fn report(
+    clock: &mut u64,
     dev: &Device,
     group: &GroupId,
     version: u64,
@@ -1221,13 +1251,15 @@ fn report(
         state,
         detail,
     };
+    let t_ms = now_ms.max(clock.saturating_add(1));
+    *clock = t_ms;
     let sealed = report.to_bytes().map_err(|e| e.to_string()).and_then(|m| {
         dev.seal(
             group,
             Protection::Confidential,
             Direction::Query,
             &m,
-            now_ms,
+            t_ms,
             rng,
         )
         .map_err(|e| e.to_string())

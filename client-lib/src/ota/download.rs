@@ -47,6 +47,11 @@ impl OpenedChunk {
     pub fn plaintext(&self) -> &[u8] {
         &self.plaintext
     }
+
+    /// The plaintext m_j, moved out (no copy; zeroized when the buffer is dropped).
+    pub fn into_plaintext(self) -> Zeroizing<Vec<u8>> {
+        self.plaintext
+    }
 }
 
 impl fmt::Debug for OpenedChunk {

@@ -149,7 +149,11 @@ fn download_all(d: &mut Download, release: &Release) -> Vec<u8> {
     for j in missing.into_iter().rev() {
         let c = d.open_chunk(j, &release.chunks()[j as usize]).unwrap();
         let at = c.offset() as usize;
-        staging[at..at + c.plaintext().len()].copy_from_slice(c.plaintext());
+        let plaintext = c.plaintext().to_vec();
+        // Moving the plaintext out gives the same bytes.
+        let moved = c.into_plaintext();
+        assert_eq!(&moved[..], &plaintext[..]);
+        staging[at..at + moved.len()].copy_from_slice(&moved);
         d.mark_stored(j).unwrap();
     }
     staging

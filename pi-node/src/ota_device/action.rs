@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use quva_client::ids::GroupId;
+use quva_client::ids::{DeviceId, GroupId};
 use quva_client::ota::OtaState;
 use zeroize::Zeroizing;
 
@@ -64,8 +64,10 @@ pub enum OtaAction {
         offset: u64,
         /// The decrypted chunk.
         data: Zeroizing<Vec<u8>>,
-        /// The progress record to save after the chunk ([`quva_client::ota::Download::progress`]).
-        progress: Vec<u8>,
+        /// A checkpoint, every [`CHECKPOINT_CHUNKS`](super::CHECKPOINT_CHUNKS) chunks and at the
+        /// last: sync the staging file, then save this progress record
+        /// ([`quva_client::ota::Download::progress`]), which claims only chunks written before.
+        progress: Option<Vec<u8>>,
     },
     /// Replace the progress record (after a resumption found fewer chunks intact than it
     /// claimed).
@@ -110,6 +112,8 @@ pub enum OtaAction {
         group: GroupId,
         /// The version now installed.
         version: u64,
+        /// The signer of that release.
+        signer: DeviceId,
     },
     /// Delete the group's staging file, progress record and saved release.
     Discard {
@@ -212,10 +216,15 @@ impl fmt::Debug for OtaAction {
                 .field("version", version)
                 .field("name", name)
                 .finish(),
-            OtaAction::RecordInstalled { group, version } => f
+            OtaAction::RecordInstalled {
+                group,
+                version,
+                signer,
+            } => f
                 .debug_struct("RecordInstalled")
                 .field("group", group)
                 .field("version", version)
+                .field("signer", signer)
                 .finish(),
             OtaAction::Discard { group } => {
                 f.debug_struct("Discard").field("group", group).finish()

@@ -6,14 +6,24 @@
 //! command wrote on stderr) goes into the `failed` status report. It should be idempotent: a
 //! device killed after the command succeeded but before it recorded the version runs it again on
 //! the same image after the restart (`packaging/bin/quva-node-apply-binary` is).
+//!
+//! In the daemon the command runs for at most `[ota] apply_timeout_secs` ([`run_limited`]):
+//! then it is killed (SIGKILL) and the release fails with a detail that says so. Only the
+//! command itself is killed: processes it left in the background are its own business.
 
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use quva_client::ids::GroupId;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest detail kept from the command's stderr, in bytes.
 const MAX_DETAIL: usize = 300;
+
+/// How long the command's output is still read once it has exited or been killed (a process
+/// it started in the background may hold its pipes open).
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// The configured apply command.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +74,63 @@ impl ApplyCommand {
             .map_err(|e| format!("cannot run {}: {e}", self.program))?;
         outcome(&output)
     }
+}
+
+/// Runs `cmd` (from [`ApplyCommand::command`]) to completion, or kills it once `timeout` has
+/// passed.
+///
+/// # Errors
+/// The failure's detail: the command could not start, or it ran longer than `timeout` and was
+/// killed.
+pub async fn run_limited(cmd: Command, timeout: Duration) -> Result<Output, String> {
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run the apply command: {e}"))?;
+    let stdout = tokio::spawn(read_all(child.stdout.take()));
+    let stderr = tokio::spawn(read_all(child.stderr.take()));
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => return Err(format!("cannot wait for the apply command: {e}")),
+        Err(_) => {
+            let killed = child.start_kill();
+            let _ = child.wait().await;
+            stdout.abort();
+            stderr.abort();
+            return Err(match killed {
+                Ok(()) => format!(
+                    "apply command timed out after {} s and was killed",
+                    timeout.as_secs_f64()
+                ),
+                Err(e) => format!(
+                    "apply command timed out after {} s and could not be killed: {e}",
+                    timeout.as_secs_f64()
+                ),
+            });
+        }
+    };
+    let collect = |task: tokio::task::JoinHandle<Vec<u8>>| async move {
+        tokio::time::timeout(OUTPUT_GRACE, task)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: collect(stdout).await,
+        stderr: collect(stderr).await,
+    })
+}
+
+/// Everything a pipe delivers until it closes (nothing without a pipe).
+async fn read_all(pipe: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Some(mut p) = pipe {
+        let _ = p.read_to_end(&mut out).await;
+    }
+    out
 }
 
 /// The result of a finished apply command.
@@ -151,5 +218,36 @@ mod tests {
             "{err}"
         );
         assert!(ApplyCommand::new(Vec::new()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_command_over_its_time_is_killed_and_fails() {
+        let g = GroupId::new("fw/a").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        // Without the limit this would run 30 s and then leave a file behind.
+        let slow = sh(&format!("sleep 30; touch {}", done.display()));
+        let started = std::time::Instant::now();
+        let err = run_limited(
+            slow.command(Path::new("/x"), &g, 1, "n"),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            err.contains("timed out after 0.3 s and was killed"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!done.exists());
+        // Within its time the command's output and status come back as before.
+        let out = run_limited(
+            sh("echo ok; echo 'disk full' >&2; exit 3").command(Path::new("/x"), &g, 1, "n"),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.stdout, b"ok\n");
+        assert!(outcome(&out).unwrap_err().ends_with("disk full"));
     }
 }

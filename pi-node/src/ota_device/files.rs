@@ -2,16 +2,17 @@
 //! and its staging file, in the download directory (mode 0700, files 0600).
 //!
 //! Per OTA group `G`, with `b = base64url(G)`:
-//! - `b.installed`: record `str(G) || u64 v`, the highest version applied;
+//! - `b.installed`: record `str(G) || u64 v || str(signer)`, the highest version applied and
+//!   who signed it (a record written before the signer was kept ends after v);
 //! - `b.release`: record `str(G) || blob(manifest message) || blob(M)`, the verified manifest and
 //!   the accepted key message's plaintext (K_c: a secret, read into zeroizing buffers);
 //! - `b.progress`: record `str(G) || blob(progress)` ([`Download::progress`]);
 //! - `b.staging`: the image being assembled, plaintext at each chunk's offset.
 //!
 //! Records use the key store's format (checksum, atomic replace: temporary file, fsync, rename,
-//! fsync of the directory). A chunk is written and fsynced into the staging file *before* the
-//! progress record that claims it is replaced, so after a SIGKILL the record never claims a chunk
-//! that is not on disk. A restart still does not trust it blindly: the agent re-checks every
+//! fsync of the directory). Chunks are written into the staging file and, at each checkpoint, the
+//! file is fsynced *before* the progress record that claims them is replaced, so after a SIGKILL
+//! or a power cut the record never claims a chunk that is not on disk. A restart still does not trust it blindly: the agent re-checks every
 //! claimed chunk against the manifest's h_j ([`OtaAction::CheckStaged`](super::OtaAction)).
 //!
 //! [`Download::progress`]: quva_client::ota::Download::progress
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use quva_client::codec::{Reader, put_blob, put_str, put_u64};
-use quva_client::ids::GroupId;
+use quva_client::ids::{DeviceId, GroupId};
 use quva_client::ota::ImageDigest;
 use zeroize::Zeroizing;
 
@@ -105,6 +106,18 @@ impl OtaFiles {
     /// # Errors
     /// [`StoreError::Corrupt`], [`StoreError::Permissions`] or [`StoreError::Io`].
     pub fn installed(&self, group: &GroupId) -> Result<Option<u64>, StoreError> {
+        Ok(self.installed_release(group)?.map(|(v, _)| v))
+    }
+
+    /// The installed version of `group` and the signer of that release (`None` in a record
+    /// written before the signer was kept).
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`], [`StoreError::Permissions`] or [`StoreError::Io`].
+    pub fn installed_release(
+        &self,
+        group: &GroupId,
+    ) -> Result<Option<(u64, Option<DeviceId>)>, StoreError> {
         let path = self.file(group, "installed");
         if !path.exists() {
             return Ok(None);
@@ -114,11 +127,16 @@ impl OtaFiles {
         let parsed = (|| {
             let g = GroupId::read(&mut r, "ota group")?;
             let v = r.u64("ota installed version")?;
+            let signer = if r.remaining() == 0 {
+                None
+            } else {
+                Some(DeviceId::read(&mut r, "ota installed signer")?)
+            };
             r.finish("ota installed")?;
-            Ok::<_, quva_client::codec::DecodeError>((g, v))
+            Ok::<_, quva_client::codec::DecodeError>((g, v, signer))
         })();
         match parsed {
-            Ok((g, v)) if &g == group => Ok(Some(v)),
+            Ok((g, v, signer)) if &g == group => Ok(Some((v, signer))),
             _ => Err(StoreError::Corrupt {
                 path,
                 what: "installed version",
@@ -126,14 +144,20 @@ impl OtaFiles {
         }
     }
 
-    /// Records `version` as installed for `group`.
+    /// Records `version`, signed by `signer`, as installed for `group`.
     ///
     /// # Errors
     /// [`StoreError::Io`].
-    pub fn record_installed(&self, group: &GroupId, version: u64) -> Result<(), StoreError> {
+    pub fn record_installed(
+        &self,
+        group: &GroupId,
+        version: u64,
+        signer: &DeviceId,
+    ) -> Result<(), StoreError> {
         let mut body = Vec::new();
         put_str(&mut body, group.as_str());
         put_u64(&mut body, version);
+        put_str(&mut body, signer.as_str());
         self.dir
             .write_record(&self.file(group, "installed"), KIND_OTA_INSTALLED, &body)
     }
@@ -227,7 +251,8 @@ impl OtaFiles {
         sync_dir(self.dir.path())
     }
 
-    /// Writes `data` at `offset` of the staging file and fsyncs it.
+    /// Writes `data` at `offset` of the staging file (not synced: see
+    /// [`sync_staging`](Self::sync_staging)).
     ///
     /// # Errors
     /// [`StoreError::Io`].
@@ -235,8 +260,16 @@ impl OtaFiles {
         use std::os::unix::fs::FileExt;
         let path = self.staging_path(group);
         let f = private_file(&path, false)?;
-        f.write_all_at(data, offset).map_err(io(&path))?;
-        f.sync_data().map_err(io(&path))
+        f.write_all_at(data, offset).map_err(io(&path))
+    }
+
+    /// fsyncs (the data of) the staging file: every chunk written before is on disk.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`].
+    pub fn sync_staging(&self, group: &GroupId) -> Result<(), StoreError> {
+        let path = self.staging_path(group);
+        private_file(&path, false)?.sync_data().map_err(io(&path))
     }
 
     /// Reads `len` bytes at `offset` of the staging file.

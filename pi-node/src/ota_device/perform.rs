@@ -48,7 +48,13 @@ pub fn perform(
                 ..
             } => files
                 .write_chunk(&group, offset, &data)
-                .and_then(|()| files.save_progress(&group, &progress))
+                .and_then(|()| match progress {
+                    // The record claims only chunks that are on disk: sync first.
+                    Some(p) => files
+                        .sync_staging(&group)
+                        .and_then(|()| files.save_progress(&group, &p)),
+                    None => Ok(()),
+                })
                 .err()
                 .map(|e| (group, e)),
             OtaAction::SaveProgress { group, progress } => files
@@ -76,8 +82,12 @@ pub fn perform(
                 }
                 Err(e) => Some((group, e)),
             },
-            OtaAction::RecordInstalled { group, version } => {
-                if let Err(e) = files.record_installed(&group, version) {
+            OtaAction::RecordInstalled {
+                group,
+                version,
+                signer,
+            } => {
+                if let Err(e) = files.record_installed(&group, version, &signer) {
                     rest.push(OtaAction::Log {
                         level: LogLevel::Warn,
                         message: format!("ota {group}: cannot record v{version} as installed: {e}"),

@@ -3,6 +3,7 @@
 //! every reported state and every tenth of a download.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use quva_client::direct::VerifiedDirect;
 use quva_client::ids::GroupId;
@@ -10,6 +11,7 @@ use quva_client::rng::SystemRng;
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use super::apply::run_limited;
 use super::{ApplyCommand, LogLevel, OtaAction, OtaAgent, OtaFiles, apply_outcome, perform};
 use crate::config::OtaSettings;
 use crate::error::NodeError;
@@ -30,6 +32,8 @@ pub(crate) struct OtaService {
     agent: OtaAgent,
     files: OtaFiles,
     apply: ApplyCommand,
+    /// How long the apply command may run before it is killed.
+    apply_timeout: Duration,
     json: bool,
     rng: SystemRng,
     done_tx: mpsc::UnboundedSender<ApplyDone>,
@@ -65,6 +69,7 @@ impl OtaService {
             agent: OtaAgent::new(settings, restored),
             files,
             apply,
+            apply_timeout: settings.apply_timeout,
             json,
             rng: SystemRng::new(),
             done_tx,
@@ -107,10 +112,18 @@ impl OtaService {
         self.execute(link, actions);
     }
 
-    /// A refused subscription (the wildcard release filters may be).
-    pub(crate) fn on_refused(&mut self, link: &mut Link, filter: &str, code: u8) {
-        let actions = self.agent.on_subscription_refused(filter, code);
-        self.execute(link, actions);
+    /// A refused subscription: if it is one of the release filters, that group's releases
+    /// from that signer are not seen on this connection; say so clearly.
+    pub(crate) fn on_refused(&self, filter: &str, code: u8) {
+        if self.agent.is_release_filter(filter) {
+            tracing::error!(
+                filter,
+                code,
+                "the bridge refused an OTA release subscription: releases on it are not seen until \
+                 the next connection; check that this device is a subscriber of the group and that \
+                 the bridge grants wildcards inside a group's _ota/ level"
+            );
+        }
     }
 
     /// A verified direct message carrying an OTA key message.
@@ -241,9 +254,10 @@ impl OtaService {
         let image = self.files.staging_path(&group);
         let cmd = self.apply.command(&image, &group, version, name);
         let tx = self.done_tx.clone();
-        tracing::info!(group = %group, version, "running the apply command");
+        let timeout = self.apply_timeout;
+        tracing::info!(group = %group, version, timeout_secs = timeout.as_secs(), "running the apply command");
         tokio::spawn(async move {
-            let result = match tokio::process::Command::from(cmd).output().await {
+            let result = match run_limited(cmd, timeout).await {
                 Ok(out) => {
                     for line in String::from_utf8_lossy(&out.stdout).lines() {
                         tracing::info!(group = %group, version, "apply: {line}");
@@ -253,7 +267,7 @@ impl OtaService {
                     }
                     apply_outcome(&out)
                 }
-                Err(e) => Err(format!("cannot run the apply command: {e}")),
+                Err(e) => Err(e),
             };
             let _ = tx.send(ApplyDone {
                 group,

@@ -45,6 +45,7 @@ fn rig(seed: u64) -> Rig {
         download_dir: dir.path().join("ota"),
         apply_command: Vec::new(),
         max_image_bytes: 1 << 20,
+        apply_timeout: std::time::Duration::from_secs(600),
     };
     Rig {
         w,
@@ -132,6 +133,14 @@ impl Rig {
 
     /// The status reports as the signer opens them: (version, state, detail).
     fn open_reports(&self, payloads: &[Vec<u8>]) -> Vec<(u64, OtaState, String)> {
+        self.received(payloads)
+            .into_iter()
+            .map(|r| (r.report.version, r.report.state, r.report.detail))
+            .collect()
+    }
+
+    /// The status reports as the signer opens them.
+    fn received(&self, payloads: &[Vec<u8>]) -> Vec<ReceivedStatus> {
         let view = self.signer.dev.view(self.w.now);
         payloads
             .iter()
@@ -147,7 +156,7 @@ impl Rig {
                     .unwrap();
                 let r = ReceivedStatus::from_message(&m).unwrap();
                 assert_eq!(r.device.as_str(), "dev-1");
-                (r.report.version, r.report.state, r.report.detail)
+                r
             })
             .collect()
     }
@@ -170,7 +179,6 @@ impl Rig {
             logs: Vec::new(),
             applied: 0,
             chunk_budget: None,
-            refuse_wildcards: false,
             hold_apply: false,
             held: None,
         }
@@ -191,8 +199,6 @@ struct Driver {
     applied: usize,
     /// How many more chunk deliveries the "network" carries (None: all).
     chunk_budget: Option<usize>,
-    /// A bridge that refuses wildcard filters over protected groups (0x87).
-    refuse_wildcards: bool,
     /// Keep the next apply pending (its group and version in `held`) instead of running it.
     hold_apply: bool,
     held: Option<(GroupId, u64)>,
@@ -227,10 +233,6 @@ impl Driver {
                 match a {
                     OtaAction::Subscribe(filters) => {
                         for f in filters {
-                            if self.refuse_wildcards && f.contains('+') {
-                                queue.extend(self.agent.on_subscription_refused(&f, 0x87));
-                                continue;
-                            }
                             self.subs.insert(f.clone());
                             if let Some(OtaTopic {
                                 item: OtaItem::Chunk(j),
@@ -413,8 +415,10 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
     let n = rel.chunks().len();
     let out = out_path(&r);
     let mut first = r.boot(copy_to(&out));
-    // The link dies after 7 chunks; then the process is killed (the agent dropped as it is).
-    first.chunk_budget = Some(7);
+    // The link dies after 11 chunks; then the process is killed (the agent dropped as it is).
+    // The first 8 were checkpointed (staging file synced, then the progress record saved); the
+    // other 3 are written but not claimed, so they are fetched again.
+    first.chunk_budget = Some(11);
     first.start(&mut r);
     assert_eq!(first.applied, 0);
     let saved = r
@@ -425,8 +429,9 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
         .unwrap();
     let saved = saved.release.expect("the accepted release is saved");
     assert!(saved.progress.is_some() && !saved.key.is_empty());
-    let stored: BTreeSet<u32> = first.fetched.iter().copied().take(7).collect();
-    assert_eq!(stored.len(), 7);
+    let stored: BTreeSet<u32> = first.fetched.iter().copied().take(8).collect();
+    assert_eq!(stored.len(), 8);
+    let unclaimed: BTreeSet<u32> = first.fetched.iter().copied().skip(8).take(3).collect();
     drop(first);
 
     let mut second = r.boot(copy_to(&out));
@@ -442,14 +447,15 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
         Vec::<u32>::new(),
         "chunks fetched again after the restart"
     );
-    assert_eq!(second.fetched.len(), n - 7);
+    assert_eq!(second.fetched.len(), n - 8);
+    assert!(unclaimed.iter().all(|j| second.fetched.contains(j)));
     assert_eq!(std::fs::read(&out).unwrap(), img);
     assert_eq!(r.files().installed(&r.g).unwrap(), Some(5));
     assert!(
         second
             .logs
             .iter()
-            .any(|l| l.contains("resumed, 7 of 7 chunks on disk intact")),
+            .any(|l| l.contains("resumed, 8 of 8 chunks on disk intact")),
         "{:?}",
         second.logs
     );
@@ -460,13 +466,13 @@ fn a_killed_download_resumes_without_fetching_stored_chunks_again() {
 #[test]
 fn a_damaged_chunk_on_disk_is_fetched_again_after_a_restart() {
     let mut r = rig(3);
-    let img = image(8_000, 3);
+    let img = image(12_000, 3);
     r.release(2, &img, 1000);
     let out = out_path(&r);
     let mut first = r.boot(copy_to(&out));
-    first.chunk_budget = Some(4);
+    first.chunk_budget = Some(8);
     first.start(&mut r);
-    let stored: Vec<u32> = first.fetched.iter().copied().take(4).collect();
+    let stored: Vec<u32> = first.fetched.iter().copied().take(8).collect();
     drop(first);
     // Bit rot (or a write the progress record should not have trusted) in one stored chunk.
     let victim = stored[1];
@@ -491,7 +497,7 @@ fn a_damaged_chunk_on_disk_is_fetched_again_after_a_restart() {
         second
             .logs
             .iter()
-            .any(|l| l.contains("3 of 4 chunks on disk intact")),
+            .any(|l| l.contains("7 of 8 chunks on disk intact")),
         "{:?}",
         second.logs
     );
@@ -500,7 +506,9 @@ fn a_damaged_chunk_on_disk_is_fetched_again_after_a_restart() {
 #[test]
 fn rollback_is_refused() {
     let mut r = rig(4);
-    r.files().record_installed(&r.g, 5).unwrap();
+    r.files()
+        .record_installed(&r.g, 5, &DeviceId::new("release-1").unwrap())
+        .unwrap();
     // v5 (the installed one) and v4 are still retained on the broker.
     r.release(5, &image(3_000, 5), 1000);
     r.release(4, &image(3_000, 4), 1000);
@@ -685,6 +693,7 @@ fn need_key_is_asked_once_per_epoch_and_a_direct_key_is_accepted() {
             download_dir: dir.path().join("ota"),
             apply_command: Vec::new(),
             max_image_bytes: 1 << 20,
+            apply_timeout: std::time::Duration::from_secs(600),
         },
         dev: Node::new(w.enroll("dev-1")),
         w,
@@ -705,6 +714,14 @@ fn need_key_is_asked_once_per_epoch_and_a_direct_key_is_accepted() {
     d.start(&mut r);
     let states = d.states(&r);
     assert_eq!(states, [OtaState::Available, OtaState::NeedKey]);
+    // Both were sealed in the same millisecond, yet with increasing T_ms: the signer's book, which
+    // keeps the highest T_ms per device and version, holds `need-key`, the state it answers.
+    let mut book = quva_client::ota::StatusBook::new();
+    for status in r.received(&d.reports) {
+        book.record(status);
+    }
+    let latest = book.get(&g, &DeviceId::new("dev-1").unwrap(), 7).unwrap();
+    assert_eq!(latest.state, OtaState::NeedKey);
     // The retained key message again (a reconnection) and time passing: no second request.
     d.start(&mut r);
     d.tick(&mut r);
@@ -797,28 +814,155 @@ fn a_key_from_another_sender_is_not_accepted() {
 }
 
 #[test]
-fn a_bridge_refusing_wildcards_gets_exact_topics_of_the_next_versions() {
-    let mut r = rig(11);
-    r.files().record_installed(&r.g, 2).unwrap();
-    let img = image(2_500, 11);
-    r.release(5, &img, 1000);
+fn releases_are_followed_by_wildcards_inside_the_group_ota_level_only() {
+    let r = rig(11);
+    let signer = DeviceId::new("release-1").unwrap();
+    r.files().record_installed(&r.g, 2, &signer).unwrap();
+    let d = r.boot(copy_to(&out_path(&r)));
+    let [OtaAction::Subscribe(filters)] = &d.agent.start()[..] else {
+        panic!("one subscription expected");
+    };
+    // The filters the bridge grants to the group's subscribers (`<group>/_ota/…` with the group
+    // spelt out), one pair per pinned signer, whatever the installed version.
+    assert_eq!(
+        filters,
+        &[
+            format!("{GROUP}/_ota/release-1/+/m"),
+            format!("{GROUP}/_ota/release-1/+/k")
+        ]
+    );
+    assert!(filters.iter().all(|f| d.agent.is_release_filter(f)));
+    assert!(
+        !d.agent
+            .is_release_filter(&format!("{GROUP}/_ota/other/+/m"))
+    );
+    assert!(
+        !d.agent
+            .is_release_filter(&format!("{GROUP}/_ota/release-1/7/c/0"))
+    );
+}
+
+#[test]
+fn the_installed_version_is_recorded_with_its_signer() {
+    let mut r = rig(13);
+    let img = image(2_000, 13);
+    r.release(3, &img, 1000);
+    let mut d = r.boot(copy_to(&out_path(&r)));
+    d.start(&mut r);
+    assert_eq!(
+        r.files().installed_release(&r.g).unwrap(),
+        Some((3, Some(DeviceId::new("release-1").unwrap())))
+    );
+    // A record written before the signer was kept (`str(G) || u64 v`) still reads.
+    let files = r.files();
+    let path = files.path().join(format!(
+        "{}.installed",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            GROUP.as_bytes()
+        )
+    ));
+    let mut old = Vec::new();
+    quva_client::codec::put_str(&mut old, GROUP);
+    quva_client::codec::put_u64(&mut old, 2);
+    crate::store::KeyStore::create(files.path())
+        .unwrap()
+        .write_record(&path, 0x10, &old)
+        .unwrap();
+    assert_eq!(r.files().installed_release(&r.g).unwrap(), Some((2, None)));
+    assert_eq!(r.files().installed(&r.g).unwrap(), Some(2));
+}
+
+/// The signer's answer to `need-key`: `m` sealed as a direct message to the device, opened.
+fn direct_from_signer(r: &mut Rig, m: &[u8]) -> quva_client::direct::VerifiedDirect {
+    let sc = r.signer.dev.credentials();
+    let bytes = DirectSealer {
+        key: sc.key(),
+        cert: sc.cert(),
+    }
+    .seal(
+        r.dev.dev.id(),
+        r.dev.dev.credentials().key().public(),
+        r.w.now,
+        m,
+        &mut r.w.rng,
+    )
+    .unwrap();
+    let lists = vec![r.dev.dev.member_list(&r.g).unwrap().clone()];
+    UnverifiedDirect::decode(&bytes)
+        .unwrap()
+        .open(
+            r.dev.dev.id(),
+            r.dev.dev.credentials().key(),
+            r.dev.dev.ca_public(),
+            &lists,
+            DirectFloor::NONE,
+            r.w.now,
+        )
+        .unwrap()
+        .commit()
+}
+
+#[test]
+fn a_direct_key_that_arrives_before_its_manifest_waits_for_it() {
+    let mut w = World::new(14);
+    let g = w.group(GROUP);
+    w.register("release-1", &g, Role::Publisher);
+    w.register("dev-1", &g, Role::Subscriber);
+    let mut signer = Node::new(w.enroll("release-1"));
+    w.join_node(&mut signer, &g, Role::Publisher, true);
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Rig {
+        settings: OtaSettings {
+            groups: vec![g.clone()],
+            signers: vec![DeviceId::new("release-1").unwrap()],
+            download_dir: dir.path().join("ota"),
+            apply_command: Vec::new(),
+            max_image_bytes: 1 << 20,
+            apply_timeout: std::time::Duration::from_secs(600),
+        },
+        dev: Node::new(w.enroll("dev-1")),
+        w,
+        g: g.clone(),
+        signer,
+        retained: BTreeMap::new(),
+        dir,
+    };
+    // The key message is of an epoch the device never held: only a direct message can help.
+    let img = image(3_000, 14);
+    let rel = r.release(5, &img, 1000);
+    let (w, dev, signer) = (&mut r.w, &mut r.dev, &mut r.signer);
+    w.join_node(dev, &g, Role::Subscriber, false);
+    w.flush(&mut [signer, dev]);
     let out = out_path(&r);
     let mut d = r.boot(copy_to(&out));
-    d.refuse_wildcards = true;
+    // The signer's answer waited at the broker and arrives first, before any manifest.
+    let direct = direct_from_signer(&mut r, &rel.key_message().to_bytes());
+    let a = d
+        .agent
+        .on_direct(&direct, &r.dev.dev, r.w.now, &mut r.w.rng);
+    assert!(!a.is_empty(), "the key is kept");
+    d.run(&mut r, a);
+    assert!(d.fetched.is_empty());
+    // Then the retained manifest and key message: the kept key serves, without `need-key`.
     d.start(&mut r);
     assert_eq!(std::fs::read(&out).unwrap(), img);
-    assert!(d.subs.iter().all(|s| !s.contains('+')));
-    // After v5 the window starts at v6: v3..=v5 are unsubscribed, v6..=v21 subscribed.
-    let m = |v: u64| format!("{GROUP}/_ota/release-1/{v}/m");
-    assert!(!d.subs.contains(&m(5)) && d.subs.contains(&m(6)) && d.subs.contains(&m(21)));
-    assert!(!d.subs.contains(&m(22)));
-    // A release within the window is found; one beyond it is not (the documented limit).
-    let img7 = image(1_500, 7);
-    r.release(7, &img7, 1000);
-    r.release(40, &image(1_500, 40), 1000);
-    d.start(&mut r);
-    assert_eq!(std::fs::read(&out).unwrap(), img7);
-    assert_eq!(d.agent.installed(&r.g), Some(7));
+    assert_eq!(
+        d.states(&r),
+        [
+            OtaState::Available,
+            OtaState::Downloading,
+            OtaState::Verified,
+            OtaState::Applied
+        ]
+    );
+    assert!(
+        d.logs
+            .iter()
+            .any(|l| l.contains("key received from release-1 as a direct message")),
+        "{:?}",
+        d.logs
+    );
 }
 
 #[test]
