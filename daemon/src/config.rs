@@ -150,6 +150,19 @@ impl ConfigSource {
         &self.file
     }
 
+    /// Whether the dotted `key` is present (in the file or set by a flag).
+    pub fn contains(&self, key: &str) -> bool {
+        let mut parts = key.split('.');
+        let Some(first) = parts.next() else {
+            return false;
+        };
+        let mut value = self.table.get(first);
+        for part in parts {
+            value = value.and_then(|v| v.get(part));
+        }
+        value.is_some()
+    }
+
     /// Sets the dotted `key` (creating tables on the way) to `value`, as the flag `origin` says.
     /// A key below a non-table value replaces that value with a table.
     pub fn set(&mut self, key: &str, value: impl Into<toml::Value>, origin: &str) {
@@ -241,6 +254,15 @@ impl ConfigSource {
         }
     }
 
+    /// A [`ConfigError::Invalid`] about `key` (a rule whose `message` names the keys), naming
+    /// the flag that set `key` or else the file.
+    pub fn rule_for(&self, key: &str, message: impl Display) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin_of(key).to_owned(),
+            message: message.to_string(),
+        }
+    }
+
     /// The flag that set `key` or a table above it, else the file.
     fn origin_of(&self, key: &str) -> &str {
         self.overrides
@@ -315,6 +337,8 @@ mod tests {
             "--protect",
         );
         src.set_some::<String>("listen", None, "--never");
+        assert!(src.contains("limits.max_batch") && src.contains("listen"));
+        assert!(!src.contains("limits.max_image_bytes") && !src.contains("tls.cert"));
         let cfg: Cfg = src.parse().unwrap();
         assert_eq!(cfg.limits.max_batch, 16);
         assert_eq!(cfg.listen.port(), 9);
