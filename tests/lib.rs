@@ -760,12 +760,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no epoch in {v}"))
     }
 
-    /// The daemons' logs, for failure messages.
+    /// The daemons' logs, for failure messages (both log to stderr).
     pub fn daemon_logs(&self) -> String {
         format!(
-            "--- quva-ca ---\n{}\n--- quva-bridge ---\n{}{}",
+            "--- quva-ca ---\n{}\n--- quva-bridge ---\n{}",
             self.ca.err(),
-            self.bridge_proc.out(),
             self.bridge_proc.err()
         )
     }

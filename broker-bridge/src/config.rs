@@ -20,18 +20,20 @@
 
 use std::time::Duration;
 
+use quva_daemon::config::ConfigSource;
 use serde::Deserialize;
 
 /// Why a configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read the configuration file: {0}")]
+    /// A secret file (`password_file`, `token_file`, `public_key_file`) could not be read.
+    #[error("cannot read a file named in the configuration: {0}")]
     Read(#[from] std::io::Error),
-    /// The TOML is invalid.
-    #[error("invalid configuration: {0}")]
-    Parse(#[from] toml::de::Error),
+    /// The configuration file, or a flag, is not valid: the error names the file or flag and
+    /// the key.
+    #[error(transparent)]
+    Load(#[from] quva_daemon::config::ConfigError),
     /// A value is out of range.
     #[error("invalid configuration value: {0}")]
     Invalid(&'static str),
@@ -251,19 +253,39 @@ impl Config {
     /// Parses TOML text.
     ///
     /// # Errors
-    /// [`ConfigError::Parse`] or [`ConfigError::Invalid`].
+    /// [`ConfigError::Load`] naming the key.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text)?;
-        cfg.validate()?;
-        Ok(cfg)
+        Self::from_source(&ConfigSource::from_text("configuration", text)?)
     }
 
     /// Reads and parses a TOML file.
     ///
     /// # Errors
-    /// [`ConfigError`].
+    /// [`ConfigError::Load`] naming the file and the key.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        Self::from_toml(&std::fs::read_to_string(path)?)
+        Self::from_source(&ConfigSource::from_file(path, true)?)
+    }
+
+    /// Parses a file with flag overrides and checks it; a failed check names the file, or the
+    /// flag that set the key.
+    ///
+    /// # Errors
+    /// [`ConfigError::Load`].
+    pub fn from_source(src: &ConfigSource) -> Result<Self, ConfigError> {
+        let cfg: Config = src.parse()?;
+        match cfg.validate() {
+            Ok(()) => Ok(cfg),
+            Err(ConfigError::Invalid(what)) => {
+                // Each message starts with the key it is about.
+                let key = what.split([' ', ':']).next().unwrap_or(what);
+                Err(if key == what {
+                    src.invalid(key, "invalid value").into()
+                } else {
+                    src.rule_for(key, what).into()
+                })
+            }
+            Err(other) => Err(other),
+        }
     }
 
     /// Checks ranges.
@@ -437,6 +459,39 @@ mod tests {
             Config::from_toml("[limits]\nota_releases_per_group = 8\nota_max_releases = 4")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn load_errors_name_the_file_flag_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("quva-bridge.toml");
+        std::fs::write(&path, "[limits]\nota_max_image_bytes = \"lots\"\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("quva-bridge.toml: limits.ota_max_image_bytes: invalid type"),
+            "{err}"
+        );
+        std::fs::write(&path, "[limits]\nmax_connections = 0\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("quva-bridge.toml: limits.max_connections: invalid value"),
+            "{err}"
+        );
+        std::fs::write(&path, "[upstream]\nclient_id = \"bridge\"\n").unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.ends_with("quva-bridge.toml: upstream.client_id must start with qb- and have at most 23 characters"),
+            "{err}"
+        );
+        let mut src = ConfigSource::from_file(&path, true).unwrap();
+        src.set("upstream.client_id", "qb-ok", "--x");
+        src.set("topics.protected", vec!["quva/#".to_owned()], "--protect");
+        let err = Config::from_source(&src).unwrap_err().to_string();
+        assert!(
+            err.ends_with("--protect: topics.protected: invalid value"),
+            "{err}"
+        );
+        assert!(Config::load(&dir.path().join("missing.toml")).is_err());
     }
 
     #[test]

@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::Parser;
 use quva_bridge::{Bridge, Config};
+use quva_daemon::config::ConfigSource;
 
 /// Quva MQTT 5 bridge: relays devices to a stock broker and enforces Quva's checks.
 #[derive(Debug, Parser)]
@@ -28,53 +28,45 @@ struct Args {
     /// A protected topic filter (repeatable; replaces `topics.protected`).
     #[arg(long = "protect")]
     protect: Vec<String>,
+    /// Logging.
+    #[command(flatten)]
+    log: quva_daemon::LogArgs,
+}
+
+impl Args {
+    /// The configuration file (if any), then the flags.
+    fn config(&self) -> Result<Config, quva_bridge::config::ConfigError> {
+        let mut src = match &self.config {
+            Some(path) => ConfigSource::from_file(path, true)?,
+            None => ConfigSource::empty("defaults"),
+        };
+        src.set_some("listen", self.listen.clone(), "--listen");
+        src.set_some("upstream.address", self.upstream.clone(), "--upstream");
+        src.set_some("ca.endpoint", self.ca.clone(), "--ca");
+        src.set_some(
+            "metrics_listen",
+            self.metrics_listen.clone(),
+            "--metrics-listen",
+        );
+        if !self.protect.is_empty() {
+            src.set("topics.protected", self.protect.clone(), "--protect");
+        }
+        Config::from_source(&src)
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
-    let mut cfg = match &args.config {
-        Some(path) => Config::load(path).with_context(|| format!("loading {}", path.display()))?,
-        None => Config::default(),
-    };
-    if let Some(v) = args.listen {
-        cfg.listen = v;
-    }
-    if let Some(v) = args.upstream {
-        cfg.upstream.address = v;
-    }
-    if let Some(v) = args.ca {
-        cfg.ca.endpoint = v;
-    }
-    if let Some(v) = args.metrics_listen {
-        cfg.metrics_listen = v;
-    }
-    if !args.protect.is_empty() {
-        cfg.topics.protected = args.protect;
-    }
-    cfg.validate()?;
+    quva_daemon::logging::init("info", args.log.log_format)?;
+    let cfg = args.config()?;
     let ca = quva_bridge::grpc_ca(&cfg)?;
     let bridge = Bridge::start(cfg, ca).await?;
     let stop = bridge.stop_token();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        quva_daemon::shutdown_signal().await;
         stop.cancel();
     });
-    #[cfg(unix)]
-    {
-        let stop = bridge.stop_token();
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::spawn(async move {
-            term.recv().await;
-            stop.cancel();
-        });
-    }
     bridge.wait().await;
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Prometheus metrics of the bridge and a minimal `GET /metrics` exporter.
+//! Prometheus metrics of the bridge, served on `GET /metrics` by quva-daemon's endpoint.
 //!
 //! Counts connections, CA call latency, protected publishes accepted and dropped by reason
 //! (PROTOCOL.md §6 rejection reasons) and signature verification time.
@@ -20,7 +20,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -212,50 +211,22 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        quva_daemon::metrics::render(&self.registry)
     }
 
-    /// Serves `GET /metrics` on `listener` until `stop` is cancelled.
+    /// Serves `GET /metrics` on `listener` until `stop` is cancelled (quva-daemon's endpoint).
     pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
-        loop {
-            let accepted = tokio::select! {
-                () = stop.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            let Ok((mut stream, _)) = accepted else {
-                continue;
-            };
-            let body = self.render();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let read =
-                    tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
-                let request = match read {
-                    Ok(Ok(n)) => buf.get(..n).unwrap_or_default().to_vec(),
-                    _ => return,
-                };
-                let response = if request.starts_with(b"GET /metrics") {
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n\
-                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                } else {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_owned()
-                };
-                let _ = stream.write_all(response.as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
-        }
+        quva_daemon::metrics::serve(listener, self.registry, async move {
+            stop.cancelled().await;
+        })
+        .await;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
     use super::*;
 
     #[test]

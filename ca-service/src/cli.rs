@@ -24,7 +24,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigSource};
 use crate::datadir::DataDir;
 use crate::service::device_state_name;
 
@@ -35,6 +35,9 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// Logging (`--log-format`).
+    #[command(flatten)]
+    pub log: quva_daemon::LogArgs,
 }
 
 /// Top-level commands.
@@ -124,45 +127,53 @@ impl ServeArgs {
     /// # Errors
     /// [`crate::config::ConfigError`] if the file cannot be read or parsed.
     pub fn config(&self) -> Result<Config, crate::config::ConfigError> {
-        let mut cfg = match &self.config {
-            Some(p) => Config::load(p, true)?,
-            None => Config::load(&DataDir::new(&self.data).config_path(), false)?,
+        let mut src = match &self.config {
+            Some(p) => ConfigSource::from_file(p, true)?,
+            None => ConfigSource::from_file(&DataDir::new(&self.data).config_path(), false)?,
         };
-        if let Some(l) = self.listen {
-            cfg.listen = l;
-        }
-        if self.metrics_listen.is_some() {
-            cfg.metrics_listen = self.metrics_listen;
-        }
-        if let Some(v) = self.batch_window_ms {
-            cfg.batch_window_ms = v;
-        }
-        if let Some(v) = self.time_window_ms {
-            cfg.time_window_ms = v;
-        }
-        if let Some(v) = self.cert_validity_secs {
-            cfg.cert_validity_secs = v;
-        }
-        if let Some(v) = self.enroll_secret_validity_secs {
-            cfg.enroll_secret_validity_secs = v;
-        }
-        if let Some(v) = self.max_group_commit {
-            cfg.max_group_commit = v;
-        }
+        src.set_some("listen", self.listen.map(|a| a.to_string()), "--listen");
+        src.set_some(
+            "metrics_listen",
+            self.metrics_listen.map(|a| a.to_string()),
+            "--metrics-listen",
+        );
+        src.set_uint("batch_window_ms", self.batch_window_ms, "--batch-window-ms")?;
+        src.set_uint("time_window_ms", self.time_window_ms, "--time-window-ms")?;
+        src.set_uint(
+            "cert_validity_secs",
+            self.cert_validity_secs,
+            "--cert-validity-secs",
+        )?;
+        src.set_uint(
+            "enroll_secret_validity_secs",
+            self.enroll_secret_validity_secs,
+            "--enroll-secret-validity-secs",
+        )?;
+        src.set_uint(
+            "max_group_commit",
+            self.max_group_commit.map(|v| v as u64),
+            "--max-group-commit",
+        )?;
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
-            cfg.tls = Some(crate::config::TlsConfig {
-                cert: cert.clone(),
-                key: key.clone(),
-                ..cfg.tls.unwrap_or_default()
-            });
+            src.set("tls.cert", cert.display().to_string(), "--tls-cert");
+            src.set("tls.key", key.display().to_string(), "--tls-key");
         }
-        if let Some(tls) = &mut cfg.tls {
-            if self.tls_client_ca.is_some() {
-                tls.client_ca = self.tls_client_ca.clone();
-            }
-            tls.require_bridge_cert |= self.require_bridge_cert;
+        if (self.tls_client_ca.is_some() || self.require_bridge_cert) && !src.contains("tls") {
+            // Ignoring them would leave the device path open to token-only bridges.
+            return Err(src.rule(
+                "--tls-client-ca and --require-bridge-cert need TLS: --tls-cert and --tls-key, \
+                 or [tls] in the file",
+            ));
         }
-        Ok(cfg)
+        src.set_some(
+            "tls.client_ca",
+            self.tls_client_ca.as_ref().map(|p| p.display().to_string()),
+            "--tls-client-ca",
+        );
+        if self.require_bridge_cert {
+            src.set("tls.require_bridge_cert", true, "--require-bridge-cert");
+        }
+        src.parse()
     }
 }
 
@@ -826,6 +837,75 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        let mut all = vec!["quva-ca", "serve"];
+        all.extend_from_slice(args);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Serve(a) => a,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn serve_flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        std::fs::write(
+            dir.path().join("ca.toml"),
+            "batch_window_ms = 10\ntime_window_ms = 7\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n",
+        )
+        .unwrap();
+        let cfg = serve_args(&["--data", data]).config().unwrap();
+        assert_eq!((cfg.batch_window_ms, cfg.time_window_ms), (10, 7));
+        let cfg = serve_args(&[
+            "--data",
+            data,
+            "--batch-window-ms",
+            "50",
+            "--listen",
+            "127.0.0.1:9",
+            "--metrics-listen",
+            "127.0.0.1:10",
+            "--tls-client-ca",
+            "root.pem",
+            "--require-bridge-cert",
+        ])
+        .config()
+        .unwrap();
+        assert_eq!((cfg.batch_window_ms, cfg.time_window_ms), (50, 7));
+        assert_eq!(cfg.listen.port(), 9);
+        assert_eq!(cfg.metrics_listen.map(|a| a.port()), Some(10));
+        let tls = cfg.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.client_ca, Some(PathBuf::from("root.pem")));
+        assert!(tls.require_bridge_cert);
+        let cfg = serve_args(&["--data", data, "--tls-cert", "a.pem", "--tls-key", "b.pem"])
+            .config()
+            .unwrap();
+        let tls = cfg.tls.unwrap();
+        assert_eq!((tls.cert, tls.key), ("a.pem".into(), "b.pem".into()));
+    }
+
+    #[test]
+    fn bridge_cert_flags_without_tls_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().to_str().unwrap();
+        let err = serve_args(&["--data", data, "--require-bridge-cert"])
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("need TLS"), "{err}");
+        std::fs::write(dir.path().join("ca.toml"), "batch_window_ms = \"fast\"\n").unwrap();
+        let err = serve_args(&["--data", data])
+            .config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ca.toml: batch_window_ms: invalid type"),
+            "{err}"
+        );
     }
 
     #[test]

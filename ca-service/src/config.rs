@@ -1,4 +1,5 @@
-//! Daemon configuration: a TOML file (`<data>/ca.toml` or `--config`) overridden by flags.
+//! Daemon configuration: a TOML file (`<data>/ca.toml` or `--config`) overridden by flags, loaded
+//! with quva-daemon's [`ConfigSource`] (errors name the file or flag and the key).
 //!
 //! # Usage
 //! ```
@@ -77,50 +78,15 @@ impl Default for Config {
     }
 }
 
-/// Why the configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for [`Config`].
-    #[error("invalid configuration in {path}: {source}")]
-    Parse {
-        /// The file.
-        path: String,
-        /// The TOML error.
-        source: toml::de::Error,
-    },
-}
+pub use quva_daemon::config::{ConfigError, ConfigSource};
 
 impl Config {
     /// Loads `path`, or the defaults if `path` does not exist and `required` is false.
     ///
     /// # Errors
-    /// [`ConfigError`] if the file cannot be read or parsed.
+    /// [`ConfigError`] naming the file and the key if the file cannot be read or parsed.
     pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
-                return Ok(Config::default());
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.display().to_string(),
-                    source,
-                });
-            }
-        };
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.display().to_string(),
-            source,
-        })
+        ConfigSource::from_file(path, required)?.parse()
     }
 }
 
@@ -174,5 +140,8 @@ mod tests {
         let p = dir.path().join("none.toml");
         assert_eq!(Config::load(&p, false).unwrap(), Config::default());
         assert!(Config::load(&p, true).is_err());
+        std::fs::write(&p, "[tls]\ncert = \"a\"\nkey = 7\n").unwrap();
+        let err = Config::load(&p, true).unwrap_err().to_string();
+        assert!(err.contains("none.toml: tls.key: "), "{err}");
     }
 }

@@ -28,6 +28,7 @@ pub mod datadir;
 pub mod engine;
 pub mod enrollment;
 pub mod error;
+pub mod metrics;
 pub mod refusals;
 pub mod server;
 pub mod service;

@@ -5,16 +5,15 @@ use clap::Parser;
 use quva_ca::cli::{Cli, Command};
 use quva_ca::datadir::DataDir;
 use quva_ca::server::Server;
-use tracing_subscriber::EnvFilter;
+use quva_daemon::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    if let Err(e) = quva_daemon::logging::init("info", cli.log.log_format) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -52,27 +51,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

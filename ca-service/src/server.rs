@@ -1,5 +1,6 @@
 //! Running the daemon: open the data directory, start the engine, serve gRPC (with health and
-//! reflection) and the optional metrics endpoint until shutdown, then flush and stop.
+//! reflection) and the optional metrics endpoint (quva-daemon's, with [`crate::metrics`]) until
+//! shutdown, then flush and stop.
 //!
 //! # Usage
 //! ```no_run
@@ -13,11 +14,9 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use quva_proto::v1::admin_service_server::AdminServiceServer;
 use quva_proto::v1::device_service_server::DeviceServiceServer;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,10 +26,10 @@ use crate::auth::{AuditSink, BridgeCerts, Guard, Principal, Tokens};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::datadir::{DataDir, DataDirError};
-use crate::engine::{Engine, EngineConfig, EngineHandle, Stats};
+use crate::engine::{Engine, EngineConfig, EngineHandle};
 use crate::error::CaError;
 use crate::service::{AdminApi, DeviceApi};
-use crate::store::{CaStore, RocksStore, StoreError, Tables};
+use crate::store::{CaStore, RocksStore, StoreError};
 
 /// Why the daemon could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -211,12 +210,16 @@ impl Server {
             addr: cfg.listen,
             source,
         })?;
-        let metrics_addr = match cfg.metrics_listen {
-            Some(m) => Some(spawn_metrics(m, engine.clone(), store.clone()).await?),
-            None => None,
+        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+        let (metrics_addr, metrics_task) = match cfg.metrics_listen {
+            Some(m) => {
+                let (addr, task) =
+                    spawn_metrics(m, &engine, store.clone(), stopping_tx.subscribe()).await?;
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
         };
         let sink: Arc<dyn AuditSink> = Arc::new(engine.clone());
-        let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
         let device = DeviceServiceServer::with_interceptor(
             DeviceApi::new(engine.clone(), store.clone(), ca_public, stopping),
             Guard::new(
@@ -269,6 +272,11 @@ impl Server {
                     let _ = stopping_tx.send(true);
                 })
                 .await;
+            // The metrics endpoint stops with the gRPC server: the flag is set, or its sender was
+            // dropped with the shutdown future when serving failed.
+            if let Some(t) = metrics_task {
+                t.await?;
+            }
             engine.shutdown().await;
             engine_task.await?;
             served?;
@@ -284,161 +292,26 @@ impl Server {
     }
 }
 
-/// The Prometheus text exposition of the counters (docs/operations.md explains each).
-pub fn render_metrics(stats: &Stats, store: &dyn CaStore) -> String {
-    let meta = store.meta().unwrap_or_default();
-    let g = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    let rows: [(&str, &str, &str, u64); 18] = [
-        (
-            "quva_ca_enrollments_total",
-            "counter",
-            "Certificates issued by enrollment since start.",
-            g(&stats.enrollments),
-        ),
-        (
-            "quva_ca_renewals_total",
-            "counter",
-            "Certificates issued by renewal since start.",
-            g(&stats.renewals),
-        ),
-        (
-            "quva_ca_group_key_deliveries_total",
-            "counter",
-            "Group-key requests answered with a key since start.",
-            g(&stats.joins),
-        ),
-        (
-            "quva_ca_refusals_total",
-            "counter",
-            "Device-path requests refused since start.",
-            g(&stats.refusals),
-        ),
-        (
-            "quva_ca_refusals_unrecorded_total",
-            "counter",
-            "Refusals over their device's audit budget, answered but not written to the audit log.",
-            g(&stats.refusals_unrecorded),
-        ),
-        (
-            "quva_ca_first_uses_total",
-            "counter",
-            "First uses of certificates since start.",
-            g(&stats.first_uses),
-        ),
-        (
-            "quva_ca_auth_denied_total",
-            "counter",
-            "Requests refused by the token check since start.",
-            g(&stats.auth_denied),
-        ),
-        (
-            "quva_ca_rekeys_total",
-            "counter",
-            "Epochs committed since start.",
-            g(&stats.rekeys),
-        ),
-        (
-            "quva_ca_notices_total",
-            "counter",
-            "Notices written since start.",
-            g(&stats.notices),
-        ),
-        (
-            "quva_ca_commits_total",
-            "counter",
-            "Synced storage commits since start.",
-            g(&stats.commits),
-        ),
-        (
-            "quva_ca_commit_failures_total",
-            "counter",
-            "Failed storage commits since start.",
-            g(&stats.commit_failures),
-        ),
-        (
-            "quva_ca_audit_dropped_total",
-            "counter",
-            "Audit entries dropped on a full engine queue.",
-            g(&stats.audit_dropped),
-        ),
-        (
-            "quva_ca_pending_changes",
-            "gauge",
-            "Changes waiting in open batching windows.",
-            g(&stats.pending_changes),
-        ),
-        (
-            "quva_ca_last_notice_seq",
-            "gauge",
-            "Sequence number of the last stored notice.",
-            meta.next_notice_seq.saturating_sub(1),
-        ),
-        (
-            "quva_ca_last_audit_seq",
-            "gauge",
-            "Sequence number of the last audit entry.",
-            meta.next_audit_seq.saturating_sub(1),
-        ),
-        (
-            "quva_ca_next_serial",
-            "gauge",
-            "Serial the next certificate will get.",
-            meta.next_serial.max(1),
-        ),
-        (
-            "quva_ca_epochs_total",
-            "counter",
-            "Epochs committed over the store's lifetime.",
-            meta.rekeys,
-        ),
-        (
-            "quva_ca_rekey_writer_microseconds_total",
-            "counter",
-            "Writer time spent staging and writing epochs since start, without the disk sync.",
-            g(&stats.rekey_micros),
-        ),
-    ];
-    let mut out = String::new();
-    for (name, kind, help, value) in rows {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
-    out
-}
-
-/// A minimal HTTP/1.0 endpoint answering every request with the metrics text.
+/// Binds the metrics endpoint and serves it until `stopping` turns true (or its sender is gone).
 async fn spawn_metrics(
     addr: SocketAddr,
-    engine: EngineHandle,
+    engine: &EngineHandle,
     store: Arc<dyn CaStore>,
-) -> Result<SocketAddr, ServeError> {
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<(SocketAddr, JoinHandle<()>), ServeError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
     let bound = listener
         .local_addr()
         .map_err(|source| ServeError::Bind { addr, source })?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut sock, _)) = listener.accept().await else {
-                continue;
-            };
-            let body = render_metrics(engine.stats(), store.as_ref());
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(2), sock.read(&mut buf))
-                        .await;
-                let head = format!(
-                    "HTTP/1.0 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\n\r\n",
-                    body.len()
-                );
-                let _ = sock.write_all(head.as_bytes()).await;
-                let _ = sock.write_all(body.as_bytes()).await;
-                let _ = sock.shutdown().await;
-            });
-        }
-    });
-    Ok(bound)
+    let registry = Arc::new(crate::metrics::registry(engine.stats().clone(), store));
+    let task = tokio::spawn(quva_daemon::metrics::serve(
+        listener,
+        registry,
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        },
+    ));
+    Ok((bound, task))
 }

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
+use quva_daemon::duration::parse_positive;
 
 /// The default CPU temperature sensor of a Raspberry Pi.
 pub const DEFAULT_SENSOR: &str = "/sys/class/thermal/thermal_zone0/temp";
@@ -39,6 +40,9 @@ pub struct Cli {
     /// More log output on stderr: -v info, -vv debug (RUST_LOG overrides).
     #[arg(short, long, action = ArgAction::Count, global = true)]
     pub verbose: u8,
+    /// Logging (`--log-format`).
+    #[command(flatten)]
+    pub log: quva_daemon::LogArgs,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -118,7 +122,7 @@ pub struct OtaStatusArgs {
     #[arg(long)]
     pub group: String,
     /// How long to collect reports.
-    #[arg(long, value_parser = parse_duration, default_value = "3", value_name = "SECS")]
+    #[arg(long, value_parser = parse_positive, default_value = "3", value_name = "SECS")]
     pub wait: Duration,
     /// Print JSON.
     #[arg(long)]
@@ -163,32 +167,6 @@ fn parse_option(s: &str) -> Result<u8, String> {
     }
 }
 
-/// Parses `500ms`, `5s`, `2m`, `1h` or plain seconds.
-///
-/// # Errors
-/// A message for anything else or zero.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 5s, 2m"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
-    };
-    if d.is_zero() {
-        return Err("the duration must be positive".to_owned());
-    }
-    Ok(d)
-}
-
 /// `publish`.
 #[derive(Debug, Args)]
 pub struct PublishArgs {
@@ -202,7 +180,7 @@ pub struct PublishArgs {
     #[arg(conflicts_with = "every")]
     pub message: Option<String>,
     /// Publish a reading periodically (e.g. 5s, 1m) until interrupted.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, value_name = "DURATION")]
     pub every: Option<Duration>,
     /// The file to read with --every [default: the CPU temperature, /sys/class/thermal/thermal_zone0/temp].
     #[arg(long, value_name = "PATH", conflicts_with = "command")]
@@ -241,7 +219,7 @@ pub struct QueryArgs {
     /// The query text.
     pub message: String,
     /// How long to wait for replies.
-    #[arg(long, value_parser = parse_duration, default_value = "5s", value_name = "DURATION")]
+    #[arg(long, value_parser = parse_positive, default_value = "5s", value_name = "DURATION")]
     pub wait: Duration,
     /// Exit after this many replies.
     #[arg(long)]
@@ -344,12 +322,28 @@ mod tests {
 
     #[test]
     fn durations_and_options() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
+        let every = |v: &str| {
+            Cli::try_parse_from([
+                "quva-node",
+                "publish",
+                "--group",
+                "g",
+                "--option",
+                "1",
+                "--every",
+                v,
+            ])
+            .map(|c| match c.command {
+                Command::Publish(p) => p.every,
+                _ => None,
+            })
+        };
+        assert_eq!(every("5s").unwrap(), Some(Duration::from_secs(5)));
+        assert_eq!(every("250ms").unwrap(), Some(Duration::from_millis(250)));
+        assert_eq!(every("2m").unwrap(), Some(Duration::from_secs(120)));
+        assert_eq!(every("7").unwrap(), Some(Duration::from_secs(7)));
+        assert!(every("0s").is_err());
+        assert!(every("5 parsecs").is_err());
         assert_eq!(parse_option("3"), Ok(3));
         assert!(parse_option("0").is_err());
     }

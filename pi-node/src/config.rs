@@ -34,6 +34,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use quva_daemon::config::ConfigSource;
 use serde::Deserialize;
 
 use quva_client::ids::{DeviceId, GroupId};
@@ -45,35 +46,9 @@ use crate::store::DEFAULT_STORE_DIR;
 /// The default configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/quva/node.toml";
 
-/// Why the configuration could not be loaded.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this configuration.
-    #[error("invalid configuration {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        message: String,
-    },
-    /// The file parses but a value is not acceptable.
-    #[error("invalid configuration {path}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
+/// Why the configuration could not be loaded: quva-daemon's error, which names the file and
+/// the key.
+pub use quva_daemon::config::ConfigError;
 
 /// The configuration as read from the file; flags override fields.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -295,18 +270,10 @@ impl Config {
     /// Parses TOML text.
     ///
     /// # Errors
-    /// [`ConfigError::Parse`] for invalid TOML or unknown keys, [`ConfigError::Invalid`] for an
-    /// `[ota]` table that does not pass [`OtaConfig::settings`].
+    /// [`ConfigError::Value`] for invalid TOML values or unknown keys, [`ConfigError::Invalid`]
+    /// for an `[ota]` table that does not pass [`OtaConfig::settings`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::from("<text>"),
-            message: e.message().to_owned(),
-        })?;
-        cfg.ota_settings().map_err(|message| ConfigError::Invalid {
-            path: PathBuf::from("<text>"),
-            message,
-        })?;
-        Ok(cfg)
+        Self::from_source(&ConfigSource::from_text("configuration", text)?)
     }
 
     /// The `[ota]` settings, with the download directory under this configuration's store.
@@ -320,31 +287,16 @@ impl Config {
     /// Loads `path`; with `required` false a missing file gives the defaults.
     ///
     /// # Errors
-    /// [`ConfigError`] for an unreadable or invalid file.
+    /// [`ConfigError`] for an unreadable or invalid file, naming it.
     pub fn load(path: &Path, required: bool) -> Result<Self, ConfigError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(Config::default());
-            }
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-        };
-        Self::from_toml(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
-        })
+        Self::from_source(&ConfigSource::from_file(path, required)?)
+    }
+
+    /// Parses and checks a loaded file.
+    fn from_source(src: &ConfigSource) -> Result<Self, ConfigError> {
+        let cfg: Config = src.parse()?;
+        cfg.ota_settings().map_err(|message| src.rule(message))?;
+        Ok(cfg)
     }
 
     /// The device core's settings.

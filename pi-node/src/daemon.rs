@@ -32,15 +32,16 @@ use quva_client::ids::{GroupId, Role};
 use quva_client::ota::KeyMessage;
 use quva_client::rng::SystemRng;
 use quva_client::topics::{self, OtaItem, OtaTopic};
+use quva_daemon::{now_ms, shutdown_signal};
 use serde_json::json;
 
 use crate::direct::{DirectBook, DirectOutcome, accept_direct};
 use crate::error::NodeError;
-use crate::net::{Link, LinkEvent, now_ms};
+use crate::net::{Link, LinkEvent};
 use crate::ota_device::{OtaService, next_applied};
 use crate::signer::{KeyArchive, Releases, StatusLedger, signer_is_listed, state_name};
 use crate::store::KeyStore;
-use crate::terminal::{log_event, print_line, shutdown_signal};
+use crate::terminal::{log_event, print_line};
 
 /// The session name of the daemon: its client identifier is `<device>-run`.
 pub(crate) const SESSION_NAME: &str = "run";

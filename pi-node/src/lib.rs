@@ -45,10 +45,11 @@ pub use direct::{DirectBook, DirectSendError, receive_direct, seal_direct};
 pub use enroll::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
 pub use error::{CLOCK_FLOOR_MS, NodeError, connack_meaning, puback_meaning, rfc3339};
 pub use net::{
-    Link, LinkConfig, LinkEvent, MAX_INCOMING_PACKET, check_clock, exchange, now_ms, parse_address,
+    Link, LinkConfig, LinkEvent, MAX_INCOMING_PACKET, check_clock, exchange, parse_address,
 };
 pub use ota_device::{
     ApplyCommand, ChunkSpan, FETCH_WINDOW, LogLevel, OtaAction, OtaAgent, OtaFiles, RestoredGroup,
     SavedRelease, apply_outcome, perform,
 };
+pub use quva_daemon::clock::now_ms;
 pub use store::{DEFAULT_STORE_DIR, KeyStore, StoreError, StoredCredentials, StoredGroup};

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use quva_node::cli::Cli;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,14 +13,11 @@ fn main() -> ExitCode {
         1 => "info",
         _ => "debug",
     };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,rumqttc=error,quva_node={level}")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colors only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let default_filter = format!("warn,rumqttc=error,quva_node={level}");
+    if let Err(e) = quva_daemon::logging::init(&default_filter, cli.log.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
