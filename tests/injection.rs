@@ -319,6 +319,7 @@ fn denied_and_revoked_publishers_are_dropped() {
         let creds = offline::credentials(&node.store);
         let stored = offline::group_keys(&node.store);
         let old = stored.first().expect("a stored group key");
+        let old_key = offline::held_key(old);
         let info = old.signed_info.info_unverified();
         assert_eq!(info.epoch.0, e0);
         let id = node.id.as_str();
@@ -334,7 +335,7 @@ fn denied_and_revoked_publishers_are_dropped() {
                     now(),
                     *option,
                     q_p,
-                    &old.key,
+                    &old_key,
                     &text,
                 );
                 forged.push((text, *option, bytes));
@@ -349,7 +350,7 @@ fn denied_and_revoked_publishers_are_dropped() {
             Ok(conn) => {
                 assert_eq!(id, "pub-denied", "a revoked device connected");
                 for (text, option, bytes) in &forged {
-                    let again = forge(&creds, id, GROUP, e1, now(), 1, &q_p_new, &old.key, text);
+                    let again = forge(&creds, id, GROUP, e1, now(), 1, &q_p_new, &old_key, text);
                     for b in [bytes, &again] {
                         if *option == 3 && b == bytes {
                             continue;

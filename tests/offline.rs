@@ -57,6 +57,11 @@ pub fn group_keys(store: &Path) -> Vec<StoredGroupKey> {
         .collect()
 }
 
+/// The group key (d_P or d_S) a stored key set holds.
+pub fn held_key(stored: &StoredGroupKey) -> KeyPair {
+    KeyPair::from_secret(stored.key_set.x().clone())
+}
+
 /// A copy of a device's key store directory as it is now (files and modes), for later attacks
 /// with the keys of this moment.
 pub fn snapshot(store: &Path, to: &Path) {
@@ -223,7 +228,6 @@ pub fn feed_device(store: &Path, group: &str, role: Role, captured: &[Captured])
     let creds = credentials(store);
     let q_ca = ca_public(store);
     let gid = GroupId::new(group).unwrap();
-    let id = creds.id().clone();
     // A long window, so that slow test machines do not turn the controls into stale messages.
     let mut config = DeviceConfig::default();
     config.policy.window_ms = WINDOW_MS;
@@ -231,7 +235,7 @@ pub fn feed_device(store: &Path, group: &str, role: Role, captured: &[Captured])
     let mut rng = SystemRng::new();
     let now = quva_node::now_ms();
     for key in group_keys(store) {
-        device.restore(&key, now, &mut rng).unwrap();
+        device.restore(&key).unwrap();
     }
     device.join(&gid, role, true, now, &mut rng).unwrap();
     let own_topics = [key_topic(&gid, role)];

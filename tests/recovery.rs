@@ -1,4 +1,5 @@
-//! Recovery: a subscriber offline across rekeys, periodic rekeys under traffic, and restarts of
+//! Recovery: a subscriber offline for one rekey (catches up alone) and across several (joins
+//! again), periodic rekeys under traffic, and restarts of
 //! the CA, the bridge and Mosquitto. After each, messages flow again in option 2, every device
 //! holds the CA's current epoch, and nothing that should be refused is accepted.
 
@@ -41,8 +42,43 @@ fn dropped_warnings(p: &Proc) -> Vec<String> {
 }
 
 #[test]
-fn subscriber_offline_across_three_rekeys_catches_up_alone() {
+fn subscriber_offline_for_one_rekey_catches_up_alone() {
     let mut cluster = Cluster::start(&["plant/#"]);
+    cluster.create_group(GROUP);
+    let publisher = cluster.enrolled("pub-1", &[(GROUP, "pub")]);
+    let sleeper = cluster.enrolled("sub-sleeper", &[(GROUP, "sub")]);
+    let other = cluster.enrolled("sub-other", &[(GROUP, "sub")]);
+
+    let mut s = sleeper.spawn(&["subscribe", "--group", GROUP, "--json", "--count", "1"]);
+    s.wait_stderr("joined");
+    let mut o = other.spawn(&["subscribe", "--group", GROUP, "--count", "1"]);
+    o.wait_stderr("joined");
+    publisher.publish(GROUP, 2, "before");
+    assert_eq!(payloads(s), ["before"]);
+    drop(o);
+    let e0 = cluster.epoch(GROUP);
+
+    // One departure while the sleeper is offline: the retained tree notice of the subscribers
+    // follows the sleeper's epoch, so it opens it with its stored path, without the CA.
+    cluster.admin(&["group", "deny", GROUP, "sub-other", "--role", "sub"]);
+    let e1 = cluster.wait_epoch_after(GROUP, e0);
+    publisher.publish(GROUP, 1, "sync");
+    cluster.stop_ca();
+
+    let mut s = sleeper.spawn(&["subscribe", "--group", GROUP, "--json", "--count", "2"]);
+    s.wait_epoch(e1);
+    let err = publisher.publish(GROUP, 2, "after-one");
+    assert!(err.contains("resumed with the held key"), "{err}");
+    publisher.publish(GROUP, 3, "after-two");
+    let log = s.err();
+    assert!(!log.contains("missed an epoch"), "{log}");
+    assert_eq!(payloads(s), ["after-one", "after-two"]);
+    assert_eq!(stored_epoch(&sleeper), e1);
+}
+
+#[test]
+fn subscriber_offline_across_three_rekeys_joins_again() {
+    let cluster = Cluster::start(&["plant/#"]);
     cluster.create_group(GROUP);
     let publisher = cluster.enrolled("pub-1", &[(GROUP, "pub")]);
     let sleeper = cluster.enrolled("sub-sleeper", &[(GROUP, "sub")]);
@@ -54,9 +90,9 @@ fn subscriber_offline_across_three_rekeys_catches_up_alone() {
     assert_eq!(payloads(s), ["before"]);
     let e0 = cluster.epoch(GROUP);
 
-    // Three rekeys while the sleeper is offline: a join (broadcast under the old key), a
-    // departure (the new d_P goes to each remaining subscriber individually), a forced rekey
-    // (broadcast again). Only the last notice of each topic stays retained.
+    // Three rekeys while the sleeper is offline: a join, a departure, a forced rekey. Only the
+    // last tree notice of each role stays retained, and it does not follow the sleeper's
+    // epoch: the sleeper says so and joins again (PROTOCOL.md §5.1, offline catch-up).
     let mut o = other.spawn(&["subscribe", "--group", GROUP, "--count", "1"]);
     o.wait_stderr("joined");
     let e1 = cluster.wait_epoch_after(GROUP, e0);
@@ -66,16 +102,11 @@ fn subscriber_offline_across_three_rekeys_catches_up_alone() {
     cluster.admin(&["group", "rekey", GROUP]);
     let e3 = cluster.wait_epoch_after(GROUP, e2);
     assert!(e3 >= e0 + 3);
-    // The publisher takes the current key once; then the CA goes away, so that the sleeper
-    // can only catch up from the retained notices.
-    publisher.publish(GROUP, 1, "sync");
-    cluster.stop_ca();
 
     let mut s = sleeper.spawn(&["subscribe", "--group", GROUP, "--json", "--count", "2"]);
     s.wait_epoch(e3);
-    // The publisher holds the current key: it resumes without asking the (stopped) CA.
-    let err = publisher.publish(GROUP, 2, "after-two");
-    assert!(err.contains("resumed with the held key"), "{err}");
+    s.wait_stderr("missed an epoch of");
+    publisher.publish(GROUP, 2, "after-two");
     publisher.publish(GROUP, 3, "after-three");
     assert_eq!(payloads(s), ["after-two", "after-three"]);
     assert_eq!(stored_epoch(&sleeper), e3);

@@ -199,7 +199,7 @@ fn denied_subscriber_cannot_read_after_the_rekey() {
     let observed = Observed::from_captured(&captured, GROUP, &q_ca);
     let keys: Vec<_> = offline::group_keys(&leaving.store)
         .into_iter()
-        .map(|k| k.key)
+        .map(|k| offline::held_key(&k))
         .collect();
     assert!(!keys.is_empty());
     for (c, text) in &data {
@@ -269,7 +269,7 @@ fn joining_subscriber_cannot_read_before_its_join() {
     let observed = Observed::from_captured(&captured, GROUP, &q_ca);
     let keys: Vec<_> = offline::group_keys(&joining.store)
         .into_iter()
-        .map(|k| k.key)
+        .map(|k| offline::held_key(&k))
         .collect();
     assert!(!keys.is_empty());
     for (c, text) in &data {

@@ -799,11 +799,13 @@ impl Device {
         let Some(session) = self.groups.get(group) else {
             return false;
         };
+        // A role that missed an epoch holds a key it knows to be old until its new join is
+        // answered.
         session.rings.contains_key(&role)
             && session
                 .roles
                 .get(&role)
-                .is_none_or(|st| st.unconfirmed_since.is_none())
+                .is_none_or(|st| st.unconfirmed_since.is_none() && st.missed.is_none())
     }
 
     /// Handles the SUBACK of a [`Subscription`]: `codes` are its reason codes in filter order,

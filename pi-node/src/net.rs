@@ -922,6 +922,8 @@ impl Link {
                 }
                 Output::MissedEpoch(missed) => {
                     tracing::warn!(group = %missed.group, role = ?missed.role, "{missed}");
+                    // Nothing is sealed with the old key until the new join is answered.
+                    self.ready.remove(&(missed.group.clone(), missed.role));
                 }
                 Output::ResumeFailed {
                     group,

@@ -448,6 +448,8 @@ fn a_missed_epoch_is_reported_and_joined_again_once() {
     // While that join is in flight, the same notice again (a redelivery) and the passing of time
     // send nothing more: at most one join per (group, role).
     let join = joins[0].clone();
+    // The held key is known to be old: the role is not current, so nothing is sealed with it.
+    assert!(!s.s1.dev.is_current(&s.g, Role::Subscriber));
     for _ in 0..3 {
         let again = s.s1.dev.on_publish(t, &latest, s.w.now, &mut s.w.rng);
         assert!(again.is_empty(), "{again:?}");
@@ -461,6 +463,7 @@ fn a_missed_epoch_is_reported_and_joined_again_once() {
         vec![(Role::Subscriber, current, KeySource::Delivery)]
     );
     assert_eq!(requests_of(&s.w, "sub-1"), requests + 1, "exactly one join");
+    assert!(s.s1.dev.is_current(&s.g, Role::Subscriber));
     assert_eq!(
         s.s1.dev
             .keyring(&s.g, Role::Subscriber)
