@@ -281,3 +281,129 @@ fn joining_subscriber_cannot_read_before_its_join() {
         }
     }
 }
+
+/// Key trees over real processes (PROTOCOL.md §5.1): a revocation, a joiner that takes the freed
+/// leaf, and joins that double the subscribers' tree. Every remaining subscriber follows each
+/// kind-3 notice live and reads every message; the revoked one, fed every byte the broker
+/// handled, adopts nothing after its revocation and reads nothing sealed after it.
+#[test]
+fn tree_rekeys_reach_every_remaining_subscriber_and_no_revoked_one() {
+    use quva_client::codec::Decode;
+    use quva_client::rekey::tree::TreeNotice;
+
+    let cluster = Cluster::start(&["plant/#"]);
+    cluster.create_group(GROUP);
+    let publisher = cluster.enrolled("pub-1", &[(GROUP, "pub")]);
+    let sniffer = RawMqtt::sniff(cluster.broker);
+    let key_topic = format!("quva/k/{GROUP}/sub");
+    let notice_of = |epoch: u64| {
+        let c = sniffer.wait_for("the subscribers' tree notice", |c| {
+            c.topic == key_topic
+                && TreeNotice::from_bytes(&c.payload).is_ok_and(|n| u64::from(n.epoch().0) == epoch)
+        });
+        TreeNotice::from_bytes(&c.payload).unwrap()
+    };
+
+    // s1, s2, s3 on leaves 0, 1, 2 of a four-leaf tree; each reads every later message.
+    let counts = [
+        ("s1", 4),
+        ("s2", 4),
+        ("s3", 0),
+        ("s4", 3),
+        ("s5", 2),
+        ("s6", 1),
+    ];
+    let nodes: Vec<_> = counts
+        .iter()
+        .map(|(id, _)| cluster.enrolled(id, &[(GROUP, "sub")]))
+        .collect();
+    let spawn = |i: usize| {
+        let count = counts[i].1.max(1).to_string();
+        let mut p = nodes[i].spawn(&["subscribe", "--group", GROUP, "--json", "--count", &count]);
+        p.wait_stderr("joined");
+        p
+    };
+    let mut live = vec![spawn(0), spawn(1), spawn(2)];
+    let mut epoch = cluster.epoch(GROUP);
+    let mut sent = Vec::new();
+    let step =
+        |live: &mut Vec<quva_tests::Proc>, text: &str, epoch: u64, sent: &mut Vec<String>| {
+            for p in live.iter_mut() {
+                p.wait_epoch(epoch);
+            }
+            publisher.publish(GROUP, 2, text);
+            sent.push(text.to_owned());
+        };
+
+    // The revocation re-draws s3's path: the notice carries wraps for the remaining holders.
+    let revoked = live.remove(2);
+    cluster.admin(&["device", "revoke", "s3"]);
+    epoch = cluster.wait_epoch_after(GROUP, epoch);
+    let revoked_at = epoch;
+    drop(revoked);
+    step(&mut live, "after-revoke-7d1", epoch, &mut sent);
+    let n = notice_of(revoked_at);
+    assert!(!n.wraps().is_empty(), "the remaining holders receive wraps");
+    assert_eq!(n.width(), 4);
+
+    // s4 takes the leaf s3 left (leaf 2); s5 the last blank one; s6 doubles the tree to 8.
+    for (i, leaf, width, text) in [
+        (3usize, 2u32, 4u32, "after-s4-0b3"),
+        (4, 3, 4, "after-s5-5e8"),
+        (5, 4, 8, "after-s6-c29"),
+    ] {
+        live.push(spawn(i));
+        epoch = cluster.wait_epoch_after(GROUP, epoch);
+        let n = notice_of(epoch);
+        assert_eq!(
+            n.joined_leaves(),
+            &[leaf],
+            "{} joins on leaf {leaf}",
+            counts[i].0
+        );
+        assert_eq!(n.width(), width);
+        step(&mut live, text, epoch, &mut sent);
+    }
+
+    // Every remaining subscriber read everything published after it joined.
+    let mut wanted = vec![
+        (0usize, sent.clone()),
+        (1, sent.clone()),
+        (3, sent[1..].to_vec()),
+        (4, sent[2..].to_vec()),
+        (5, sent[3..].to_vec()),
+    ];
+    for (p, (i, want)) in live.into_iter().zip(wanted.drain(..)) {
+        let read: Vec<String> = p
+            .wait()
+            .json_lines()
+            .iter()
+            .map(|l| l["payload"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            read, want,
+            "{} reads every message since its join",
+            counts[i].0
+        );
+    }
+
+    // The revoked subscriber, restored from its key store and fed every captured byte.
+    let captured = sniffer.received();
+    let replay = feed_device(&nodes[2].store, GROUP, Role::Subscriber, &captured);
+    let accepted: Vec<String> = replay
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    for text in &sent {
+        assert!(
+            !accepted.contains(text),
+            "the revoked subscriber read {text}"
+        );
+    }
+    assert!(
+        replay.adopted.iter().all(|e| u64::from(*e) < revoked_at),
+        "the revoked subscriber adopted a later key: {:?}",
+        replay.adopted
+    );
+}

@@ -81,7 +81,8 @@ impl CaStore for MemoryStore {
                 return Err(StoreError::MissingCf(key.cf()));
             }
         }
-        for (key, value) in batch.ops {
+        let mut batch = batch;
+        for (key, value) in std::mem::take(&mut batch.ops) {
             if let Some(map) = cfs.get_mut(key.cf()) {
                 match value {
                     Some(v) => map.insert(key.as_bytes().to_vec(), v),

@@ -120,7 +120,8 @@ impl CaStore for Staged {
     /// Stages `batch`: visible to reads through this view at once, durable at [`Staged::sync`].
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {
         let mut p = self.lock();
-        for (key, value) in batch.ops {
+        let mut batch = batch;
+        for (key, value) in std::mem::take(&mut batch.ops) {
             p.0.insert(key.as_bytes().to_vec(), value.clone());
             p.1.ops.push((key, value));
         }
