@@ -111,15 +111,13 @@ fn a_lost_enrollment_reply_does_not_lock_the_device_out() {
         "flaky-1-old",
         Some((auth.method, auth.data)),
     )
-    .err()
-    .expect("a superseded certificate is refused");
+    .expect_err("a superseded certificate is refused");
     assert!(refused.contains("NotAuthorized"), "{refused}");
 
     // After the first use, a third party holding the secret is refused.
     let (_, data) = enroll_request(&secret);
     let refused = connect_once(cluster.bridge, "thief", METHOD_ENROLL, data, true)
-        .err()
-        .expect("the secret is spent by the first use");
+        .expect_err("the secret is spent by the first use");
     assert!(refused.contains("NotAuthorized"), "{refused}");
     let mut thief = cluster.node("thief");
     thief.id = ID.to_owned();

@@ -30,12 +30,7 @@ use crate::registry::Registry;
 use crate::sync::lock;
 use crate::topics::TopicPolicy;
 
-/// The current time in Unix milliseconds (the bridge owns the clock; the protocol core does not).
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use quva_daemon::now_ms;
 
 /// The parts every connection uses.
 pub(crate) struct Shared {

@@ -10,7 +10,7 @@
 //!
 //! - [`GroupInfo`] / [`SignedGroupInfo`]: the public `ginfo` and the CA's signature over it.
 //! - [`GroupKeyRequest`]: the device's proof of possession of its share (`quva-gk` on SUBSCRIBE).
-//! - The CA's answer (`quva-gk` on SUBACK) is [`crate::rekey::GroupKeyDelivery`]: ginfo,
+//! - The CA's answer (`quva-gk` on SUBACK) is the rekey module's `GroupKeyDelivery`: ginfo,
 //!   signature and, under ECIES, the held key with the holder's key-tree path (§5.1).
 //!
 //! Identifier order: publisher and subscriber IDs are sorted by their UTF-8 bytes before they are
@@ -52,7 +52,7 @@
 //! let keys = GroupKeys::derive(&ca, &group, Epoch(1), Privacy::Standard, &[joined]).unwrap();
 //! let signed = SignedGroupInfo::sign(&ca, keys.group_info().clone(), &mut rng).unwrap();
 //! // The subscriber's d_P is d·G = Q_P of the signed info; the CA delivers it with the
-//! // subscriber's key-tree path (`quva_client::rekey::GroupState::delivery`).
+//! // subscriber's key-tree path (the rekey module's `GroupState::delivery`).
 //! let info = signed.verify(&ca.verifying_key()).unwrap();
 //! assert_eq!(keys.held_by(Role::Subscriber).public(), &info.q_p);
 //! ```
@@ -660,7 +660,7 @@ impl GroupKeys {
 }
 
 /// `ctx = "quva/v1/gk" || str(group) || u32 E || u8 role`, the ECIES context of key delivery and
-/// individual rekey notices.
+/// of the v1 individual notices (PROTOCOL.md §5; not used in v1.1).
 pub fn key_context(group: &GroupId, epoch: Epoch, role: Role) -> Vec<u8> {
     let mut ctx = Vec::with_capacity(10 + 2 + group.as_str().len() + 5);
     ctx.extend_from_slice(b"quva/v1/gk");

@@ -25,9 +25,11 @@ use crate::device::{Device, StoredGroupKey, role_name};
 use crate::direct::{DirectBook, seal_direct};
 use crate::enroll::{Enrollment, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
-use crate::net::{Link, LinkConfig, LinkEvent, exchange, now_ms};
+use crate::net::{Link, LinkConfig, LinkEvent, exchange};
 use crate::store::{KeyStore, StoredGroup};
-use crate::terminal::{log_event, print_line, shutdown_signal};
+use crate::terminal::{log_event, print_line};
+use quva_daemon::now_ms;
+use quva_daemon::shutdown_signal;
 
 /// Runs a parsed command line.
 ///

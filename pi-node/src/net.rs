@@ -19,7 +19,7 @@
 //! ```
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use quva_client::enrollment::Credentials;
@@ -27,6 +27,7 @@ use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{Epoch, GroupId, Role};
 use quva_client::message::{Direction, Protection, Rejection, VerifiedMessage};
 use quva_client::rng::SystemRng;
+use quva_daemon::now_ms;
 use rand_core::RngCore;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
@@ -47,13 +48,6 @@ use crate::store::KeyStore;
 /// Largest packet accepted from the bridge: a message of the default 256 KiB limit with room for
 /// MQTT framing (rumqttc's default of 10 KiB is far too small).
 pub const MAX_INCOMING_PACKET: u32 = 300 * 1024;
-
-/// The current time, Unix milliseconds.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
 
 /// Splits `host:port` (IPv6 hosts in brackets).
 ///

@@ -13,10 +13,12 @@ use serde_json::json;
 
 use crate::cli::OtaReleaseArgs;
 use crate::error::{NodeError, puback_meaning, rfc3339};
-use crate::net::{Link, LinkEvent, now_ms};
+use crate::net::{Link, LinkEvent};
 use crate::signer::{KeyArchive, Releases, StatusLedger, cut_release, state_name};
 use crate::store::KeyStore;
-use crate::terminal::{log_event, print_line, shutdown_signal};
+use crate::terminal::{log_event, print_line};
+use quva_daemon::now_ms;
+use quva_daemon::shutdown_signal;
 
 /// The session name of `ota status`: its client identifier is `<device>-ota-status`, the same
 /// at every run, so that the broker queues the reports sent while it is away.

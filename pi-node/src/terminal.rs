@@ -17,22 +17,6 @@ pub(crate) fn print_line(line: &str) -> Result<(), NodeError> {
         .map_err(|e| NodeError::Input(format!("cannot write to stdout: {e}")))
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub(crate) async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
 /// Logs link events the commands do not act on.
 pub(crate) fn log_event(ev: &LinkEvent) {
     match ev {

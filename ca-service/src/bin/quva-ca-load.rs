@@ -32,6 +32,7 @@ use quva_client::enrollment::{Credentials, EnrollResponse, EnrollmentSecret, Pen
 use quva_client::group::GroupKeyRequest;
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::rng::SystemRng;
+use quva_daemon::now_ms;
 use quva_proto::v1 as pb;
 use quva_proto::v1::device_service_client::DeviceServiceClient;
 use tokio::task::JoinSet;
@@ -332,13 +333,6 @@ fn build_requests(
             Ok((pending, data))
         })
         .collect()
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
 }
 
 fn histogram() -> anyhow::Result<Histogram<u64>> {

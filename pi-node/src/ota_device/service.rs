@@ -15,9 +15,10 @@ use super::apply::run_limited;
 use super::{ApplyCommand, LogLevel, OtaAction, OtaAgent, OtaFiles, apply_outcome, perform};
 use crate::config::OtaSettings;
 use crate::error::NodeError;
-use crate::net::{Link, now_ms};
+use crate::net::Link;
 use crate::signer::state_name;
 use crate::terminal::print_line;
+use quva_daemon::now_ms;
 
 /// The result of an apply command that ran in the background.
 #[derive(Debug)]
