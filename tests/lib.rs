@@ -778,7 +778,12 @@ fn spawn_ca(
     logs: &Path,
 ) -> Proc {
     let mut cmd = Command::new(&bins.ca);
-    cmd.args(["serve", "--batch-window-ms", "50", "--data"])
+    cmd.arg("serve");
+    // A short batching window unless the test sets its own.
+    if !flags.iter().any(|f| f == "--batch-window-ms") {
+        cmd.args(["--batch-window-ms", "50"]);
+    }
+    cmd.arg("--data")
         .arg(data)
         .args(["--listen", &listen.to_string()])
         .args(flags);

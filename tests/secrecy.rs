@@ -407,3 +407,86 @@ fn tree_rekeys_reach_every_remaining_subscriber_and_no_revoked_one() {
         replay.adopted
     );
 }
+
+/// One epoch that batches a departure and four joins (PROTOCOL.md §5.1 change order): the
+/// departure blanks leaf 1, the joiners take it and then double the tree twice (2 → 4 → 8).
+/// The remaining subscriber follows the one notice; the joiners read from their join; the
+/// departed subscriber reads nothing later.
+#[test]
+fn one_epoch_batches_a_departure_and_joins_that_double_the_tree_twice() {
+    use quva_client::codec::Decode;
+    use quva_client::rekey::tree::TreeNotice;
+    use quva_tests::Options;
+
+    // Long enough for five changes to arrive together, shorter than the bridge's CA timeout.
+    let options = Options {
+        ca_flags: vec!["--batch-window-ms".into(), "1500".into()],
+        ..Options::default()
+    };
+    let cluster = Cluster::start_with(&["plant/#"], &options);
+    cluster.create_group(GROUP);
+    let publisher = cluster.enrolled("pub-1", &[(GROUP, "pub")]);
+    let ids = ["s1", "s2", "s3", "s4", "s5", "s6"];
+    let nodes: Vec<_> = ids
+        .iter()
+        .map(|id| cluster.enrolled(id, &[(GROUP, "sub")]))
+        .collect();
+    let sniffer = RawMqtt::sniff(cluster.broker);
+    let subscribe = |i: usize, count: &str| {
+        nodes[i].spawn(&["subscribe", "--group", GROUP, "--json", "--count", count])
+    };
+    let mut s1 = subscribe(0, "2");
+    s1.wait_stderr("joined");
+    let mut s2 = subscribe(1, "1");
+    s2.wait_stderr("joined");
+    s1.wait_stderr("rekeyed");
+    publisher.publish(GROUP, 2, "before-batch-1f4");
+    assert_eq!(s2.wait().json_lines().len(), 1);
+    let e0 = cluster.epoch(GROUP);
+
+    // Four joins and a departure inside one batching window.
+    let mut joiners: Vec<_> = (2..6).map(|i| subscribe(i, "1")).collect();
+    cluster.admin(&["group", "deny", GROUP, "s2", "--role", "sub"]);
+    for j in &mut joiners {
+        j.wait_stderr("joined");
+    }
+    let e1 = cluster.epoch(GROUP);
+    assert_eq!(e1, e0 + 1, "one epoch for the whole batch");
+    let key_topic = format!("quva/k/{GROUP}/sub");
+    let c = sniffer.wait_for("the batch's tree notice", |c| {
+        c.topic == key_topic
+            && TreeNotice::from_bytes(&c.payload).is_ok_and(|n| u64::from(n.epoch().0) == e1)
+    });
+    let notice = TreeNotice::from_bytes(&c.payload).unwrap();
+    assert_eq!(notice.joined_leaves(), &[1, 2, 3, 4]);
+    assert_eq!(notice.width(), 8);
+    assert!(!notice.wraps().is_empty(), "s1 receives wraps");
+
+    s1.wait_epoch(e1);
+    publisher.publish(GROUP, 2, "after-batch-93a");
+    let read = |p: quva_tests::Proc| -> Vec<String> {
+        p.wait()
+            .json_lines()
+            .iter()
+            .map(|l| l["payload"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(read(s1), ["before-batch-1f4", "after-batch-93a"]);
+    for j in joiners {
+        assert_eq!(read(j), ["after-batch-93a"]);
+    }
+
+    let captured = sniffer.received();
+    let replay = feed_device(&nodes[1].store, GROUP, Role::Subscriber, &captured);
+    let accepted: Vec<String> = replay
+        .messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .collect();
+    assert!(accepted.contains(&"before-batch-1f4".to_owned()), "control");
+    assert!(
+        !accepted.contains(&"after-batch-93a".to_owned()),
+        "s2 read after its departure"
+    );
+    assert!(replay.adopted.iter().all(|e| u64::from(*e) < e1));
+}
