@@ -595,47 +595,24 @@ impl GroupState {
         let sub_width = r.u32("group record subscribers' tree width")?;
         r.finish("group record")?;
         let info = signed.verify(&ca.verifying_key())?;
-        let mut leaves: Trees<Vec<(DeviceId, u32)>> = Trees {
-            publishers: Vec::new(),
-            subscribers: Vec::new(),
-        };
-        let mut joined = Vec::new();
-        for (m, leaf) in members {
-            let id = m.member().id.clone();
-            match m.member().role {
-                Role::Publisher => leaves.publishers.push((id, leaf)),
-                Role::Subscriber => leaves.subscribers.push((id, leaf)),
-            }
-            joined.push(m);
-        }
-        let mut keys: Trees<Vec<(u32, NodeKey)>> = Trees {
-            publishers: Vec::new(),
-            subscribers: Vec::new(),
-        };
-        for (role, node, key) in nodes {
-            match role {
-                Role::Publisher => keys.publishers.push((node, key)),
-                Role::Subscriber => keys.subscribers.push((node, key)),
-            }
-        }
-        let tree = |role: Role, width: u32, holders, nodes| {
-            KeyTree::from_parts(info.group.clone(), role, info.epoch, width, holders, nodes)
+        let members: Vec<(JoinedMember, u32)> = members.into_iter().collect();
+        let nodes: Vec<(Role, u32, NodeKey)> = nodes.into_iter().collect();
+        let tree = |role: Role, width: u32| {
+            let holders = members
+                .iter()
+                .filter(|(m, _)| m.member().role == role)
+                .map(|(m, leaf)| (m.member().id.clone(), *leaf));
+            let keys = nodes
+                .iter()
+                .filter(|(r, _, _)| *r == role)
+                .map(|(_, n, k)| (*n, k.clone()));
+            KeyTree::from_parts(info.group.clone(), role, info.epoch, width, holders, keys)
         };
         let trees = Trees {
-            publishers: tree(
-                Role::Publisher,
-                pub_width,
-                leaves.publishers,
-                keys.publishers,
-            )?,
-            subscribers: tree(
-                Role::Subscriber,
-                sub_width,
-                leaves.subscribers,
-                keys.subscribers,
-            )?,
+            publishers: tree(Role::Publisher, pub_width)?,
+            subscribers: tree(Role::Subscriber, sub_width)?,
         };
-        let roster = Roster::from_members(joined)?;
+        let roster = Roster::from_members(members.into_iter().map(|(m, _)| m))?;
         let keys =
             roster.derive_keys(&roster.diff([]), ca, &info.group, info.epoch, info.privacy)?;
         // The trees were built from exactly the members' leaves, one leaf each.

@@ -207,7 +207,9 @@ mod tests {
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
     }
 
-    #[tokio::test]
+    // Virtual time: the pauses advance the paused clock, so the counts below do not depend on
+    // how fast the machine is.
+    #[tokio::test(start_paused = true)]
     async fn failing_accepts_back_off_instead_of_spinning() {
         let (reg, _) = registry();
         let calls = Arc::new(AtomicUsize::new(0));
@@ -222,11 +224,12 @@ mod tests {
         assert!((2..=10).contains(&n), "{n} accepts in 500 ms");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn shutdown_interrupts_a_backoff_pause() {
         let (reg, _) = registry();
         let accept = || async { Err::<tokio::net::TcpStream, _>(std::io::Error::other("no")) };
-        let start = std::time::Instant::now();
+        // Virtual time: the loop ends when shutdown comes, not when the pause it is in would.
+        let start = tokio::time::Instant::now();
         // After a few failures the pause is long; shutdown still ends the loop at once.
         accept_loop(accept, reg, tokio::time::sleep(Duration::from_millis(50))).await;
         assert!(start.elapsed() < Duration::from_millis(500));

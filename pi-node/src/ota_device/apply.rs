@@ -225,9 +225,13 @@ mod tests {
         let g = GroupId::new("fw/a").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let done = dir.path().join("done");
+        let pid_file = dir.path().join("pid");
         // Without the limit this would run 30 s and then leave a file behind.
-        let slow = sh(&format!("sleep 30; touch {}", done.display()));
-        let started = std::time::Instant::now();
+        let slow = sh(&format!(
+            "echo $$ > {}; sleep 30; touch {}",
+            pid_file.display(),
+            done.display()
+        ));
         let err = run_limited(
             slow.command(Path::new("/x"), &g, 1, "n"),
             Duration::from_millis(300),
@@ -238,7 +242,12 @@ mod tests {
             err.contains("timed out after 0.3 s and was killed"),
             "{err}"
         );
-        assert!(started.elapsed() < Duration::from_secs(10));
+        // The command itself is gone (killed and reaped), not merely abandoned.
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        assert!(
+            !Path::new("/proc").join(pid.trim()).exists(),
+            "pid {pid} still runs"
+        );
         assert!(!done.exists());
         // Within its time the command's output and status come back as before.
         let out = run_limited(
