@@ -539,7 +539,10 @@ impl KeyTree {
         }
         for (leaf, holder) in staged.leaves {
             if let Some(old) = self.leaves.get_mut(leaf as usize).and_then(Option::take) {
-                self.by_id.remove(&old);
+                // A share replacement may already have put `old` on a lower leaf in this loop.
+                if self.by_id.get(&old) == Some(&leaf) {
+                    self.by_id.remove(&old);
+                }
                 self.free.insert(leaf);
                 self.add_count(leaf, -1);
             }
@@ -777,6 +780,18 @@ mod tests {
             old.apply(&sim.ca.verifying_key(), &n).err(),
             Some(TreeError::MissedEpoch)
         );
+    }
+
+    /// A replaced share that moves to a lower leaf freed in the same epoch keeps its holder
+    /// entry when its old leaf is blanked after it (found by the group-state property test).
+    #[test]
+    fn a_replaced_share_moving_to_a_lower_leaf_stays_a_holder() {
+        let mut sim = Sim::new(6, Role::Publisher);
+        sim.step(&[], &["a", "b"]);
+        let (n, _) = sim.step(&["a", "b"], &["b"]);
+        assert_eq!(n.unwrap().joined_leaves(), &[0]);
+        assert_eq!(sim.tree.leaf_of(&id("b")), Some(0));
+        assert_eq!(sim.tree.len(), 1);
     }
 
     #[test]
