@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 
 use crate::engine::EngineHandle;
 use crate::error::CaError;
-use crate::store::records::device_state;
+use crate::store::records::DeviceState;
 use crate::store::{CaStore, CertRecord, DeviceRecord, GroupRecord, Tables};
 
 /// Notices sent per store read while catching up a watcher.
@@ -557,10 +557,5 @@ impl AdminService for AdminApi {
 
 /// The device state as text.
 pub fn device_state_name(state: i32) -> &'static str {
-    match state {
-        device_state::REGISTERED => "registered",
-        device_state::ENROLLED => "enrolled",
-        device_state::REVOKED => "revoked",
-        _ => "unknown",
-    }
+    DeviceState::from_i32(state).map_or("unknown", DeviceState::name)
 }

@@ -30,7 +30,8 @@ use zeroize::{Zeroize, Zeroizing};
 pub use keys::{Key, KeyKind, NonceScope};
 pub use memory::MemoryStore;
 pub use records::{
-    CertRecord, DeviceRecord, EpochRecord, GroupRecord, MemberRecord, MetaRecord, NonceRecord,
+    CertRecord, DeviceRecord, DeviceState, EpochRecord, GroupRecord, MemberRecord, MetaRecord,
+    NonceRecord,
 };
 pub use rocks::RocksStore;
 pub use staged::Staged;

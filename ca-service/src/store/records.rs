@@ -50,14 +50,47 @@ pub struct MetaRecord {
     pub rekeys: u64,
 }
 
-/// Device lifecycle states (as in the proto `DeviceState`).
-pub mod device_state {
+/// A device's lifecycle state (the proto `DeviceState`), stored as its `i32` in
+/// [`DeviceRecord::state`]; domain code reads and writes it through
+/// [`DeviceRecord::device_state`] and [`DeviceRecord::set_device_state`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DeviceState {
     /// Registered, enrollment secret outstanding.
-    pub const REGISTERED: i32 = 1;
+    Registered,
     /// Holds a certificate.
-    pub const ENROLLED: i32 = 2;
+    Enrolled,
     /// Revoked by the owner.
-    pub const REVOKED: i32 = 3;
+    Revoked,
+}
+
+impl DeviceState {
+    /// The stored (and proto) value.
+    pub fn to_i32(self) -> i32 {
+        match self {
+            DeviceState::Registered => 1,
+            DeviceState::Enrolled => 2,
+            DeviceState::Revoked => 3,
+        }
+    }
+
+    /// The state of a stored value; `None` for a value no version wrote.
+    pub fn from_i32(v: i32) -> Option<DeviceState> {
+        match v {
+            1 => Some(DeviceState::Registered),
+            2 => Some(DeviceState::Enrolled),
+            3 => Some(DeviceState::Revoked),
+            _ => None,
+        }
+    }
+
+    /// The state as text, for listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceState::Registered => "registered",
+            DeviceState::Enrolled => "enrolled",
+            DeviceState::Revoked => "revoked",
+        }
+    }
 }
 
 /// A registered device.
@@ -66,7 +99,7 @@ pub struct DeviceRecord {
     /// Device ID.
     #[prost(string, tag = "1")]
     pub id: String,
-    /// One of [`device_state`].
+    /// A [`DeviceState`] as its `i32`; read it with [`DeviceRecord::device_state`].
     #[prost(int32, tag = "2")]
     pub state: i32,
     /// Owner's note.
@@ -98,6 +131,21 @@ pub struct DeviceRecord {
 }
 
 impl DeviceRecord {
+    /// The lifecycle state; `None` for a value no version wrote.
+    pub fn device_state(&self) -> Option<DeviceState> {
+        DeviceState::from_i32(self.state)
+    }
+
+    /// Sets the lifecycle state.
+    pub fn set_device_state(&mut self, state: DeviceState) {
+        self.state = state.to_i32();
+    }
+
+    /// Whether the owner revoked the device.
+    pub fn is_revoked(&self) -> bool {
+        self.device_state() == Some(DeviceState::Revoked)
+    }
+
     /// The certificate to show for the device: the one in use, else the pending one, 0 if none.
     pub fn current_serial(&self) -> u64 {
         if self.serial != 0 {
@@ -298,5 +346,19 @@ mod tests {
             Err(StoreError::Corrupt("meta"))
         );
         assert!(decode::<MetaRecord>(&[], "meta").is_err());
+    }
+
+    #[test]
+    fn device_states_keep_their_proto_values() {
+        use quva_proto::v1::DeviceState as Proto;
+        for (state, proto) in [
+            (DeviceState::Registered, Proto::Registered),
+            (DeviceState::Enrolled, Proto::Enrolled),
+            (DeviceState::Revoked, Proto::Revoked),
+        ] {
+            assert_eq!(state.to_i32(), proto as i32);
+            assert_eq!(DeviceState::from_i32(proto as i32), Some(state));
+        }
+        assert_eq!(DeviceState::from_i32(0), None);
     }
 }

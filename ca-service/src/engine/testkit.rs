@@ -1,0 +1,336 @@
+//! A CA core over a [`MemoryStore`] with a seeded RNG and a manual clock, and devices built on
+//! quva-client, for the engine's unit tests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::Arc;
+
+use quva_client::codec::{Decode, Encode};
+use quva_client::curve::{KeyPair, Point};
+use quva_client::enrollment::{
+    CertConnectProof, Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment,
+};
+use quva_client::group::{AcceptedGroupKey, GroupKeyRequest, Privacy};
+use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::rekey::GroupKeyDelivery;
+use quva_proto::v1::{AuditEntry, NoticeKind};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+use crate::engine::audit::AuditKind;
+use crate::engine::command::{CertificateUse, Command, JoinReply, Outcome};
+use crate::engine::config::EngineConfig;
+use crate::engine::core::{CaCore, Effects};
+use crate::engine::stats::Stats;
+use crate::error::CaError;
+use crate::store::{DeviceRecord, EpochRecord, MemoryStore, Tables};
+
+/// The start of the manual clock, a plausible Unix time.
+pub const T0: u64 = 1_760_000_000_000;
+/// The batching window of [`Kit::new`], ms.
+pub const WINDOW_MS: u64 = 200;
+
+/// Tickets are numbers; each command gets a fresh one.
+pub type Ticket = u32;
+
+pub struct Kit {
+    pub core: CaCore<Ticket>,
+    pub store: Arc<MemoryStore>,
+    pub stats: Arc<Stats>,
+    pub ca: Point,
+    pub rng: ChaCha20Rng,
+    pub now: u64,
+    next: Ticket,
+}
+
+impl Kit {
+    pub fn new() -> Kit {
+        Kit::with(EngineConfig {
+            batch_window: std::time::Duration::from_millis(WINDOW_MS),
+            ..EngineConfig::default()
+        })
+    }
+
+    pub fn with(cfg: EngineConfig) -> Kit {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let ca = KeyPair::random(&mut rng);
+        let ca_public = *ca.public();
+        let store = Arc::new(MemoryStore::new());
+        let stats = Arc::new(Stats::default());
+        let core = CaCore::new(store.clone(), ca, cfg, stats.clone(), T0).unwrap();
+        Kit {
+            core,
+            store,
+            stats,
+            ca: ca_public,
+            rng,
+            now: T0,
+            next: 0,
+        }
+    }
+
+    pub fn ticket(&mut self) -> Ticket {
+        self.next += 1;
+        self.next
+    }
+
+    /// Handles `cmd` at the kit's time and syncs its writes, as the engine task does.
+    pub fn run(&mut self, cmd: Command<Ticket>) -> Effects<Ticket> {
+        let effects = self.core.handle(cmd, self.now, &mut self.rng);
+        self.core.store().sync().unwrap();
+        effects
+    }
+
+    /// Closes the windows due at the kit's time.
+    pub fn close_due(&mut self) -> Effects<Ticket> {
+        self.run(Command::CloseWindows { until_ms: self.now })
+    }
+
+    /// Moves the clock to the next deadline and closes the windows due then.
+    pub fn close_next(&mut self) -> Effects<Ticket> {
+        let deadline = self.core.next_deadline_ms().expect("an open window");
+        self.now = self.now.max(deadline);
+        self.close_due()
+    }
+
+    pub fn register(&mut self, id: &str) -> EnrollmentSecret {
+        let ticket = self.ticket();
+        let mut e = self.run(Command::Register {
+            id: DeviceId::new(id).unwrap(),
+            note: String::new(),
+            reissue: false,
+            secret_validity_ms: 0,
+            ticket,
+        });
+        let Some((_, Outcome::Registered(Ok(r)))) = e.replies.pop() else {
+            panic!("registration of {id} failed");
+        };
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(r.secret.as_str(), &mut bytes).unwrap();
+        EnrollmentSecret::from_bytes(&bytes)
+    }
+
+    /// An enrollment request of `id` under `secret` with a fresh nonce.
+    pub fn enroll_request(
+        &mut self,
+        id: &str,
+        secret: &EnrollmentSecret,
+    ) -> (PendingEnrollment, Vec<u8>) {
+        let pending = PendingEnrollment::new(DeviceId::new(id).unwrap(), self.now, &mut self.rng);
+        let data = pending.enroll_request(secret).to_bytes();
+        (pending, data)
+    }
+
+    /// Sends an enrollment; returns the credentials or the refusal, and the effects.
+    pub fn enroll(
+        &mut self,
+        id: &str,
+        secret: &EnrollmentSecret,
+    ) -> (Result<Credentials, CaError>, Effects<Ticket>) {
+        let (pending, data) = self.enroll_request(id, secret);
+        let ticket = self.ticket();
+        let e = self.run(Command::Enroll(data, ticket));
+        let r = cert_of(&e, ticket).map(|bytes| self.accept_cert(&pending, &bytes));
+        (r, e)
+    }
+
+    pub fn enrolled(&mut self, id: &str) -> Credentials {
+        let secret = self.register(id);
+        self.enroll(id, &secret).0.unwrap()
+    }
+
+    pub fn accept_cert(&self, pending: &PendingEnrollment, bytes: &[u8]) -> Credentials {
+        let resp = EnrollResponse::from_bytes(bytes).unwrap();
+        pending.accept(&resp, &self.ca).unwrap()
+    }
+
+    pub fn renew(
+        &mut self,
+        current: &Credentials,
+    ) -> (Result<Credentials, CaError>, Effects<Ticket>) {
+        let pending = PendingEnrollment::new(current.id().clone(), self.now, &mut self.rng);
+        let data = pending
+            .renew_request(current.key(), &mut self.rng)
+            .unwrap()
+            .to_bytes();
+        let ticket = self.ticket();
+        let e = self.run(Command::Renew(data, ticket));
+        let r = cert_of(&e, ticket).map(|bytes| self.accept_cert(&pending, &bytes));
+        (r, e)
+    }
+
+    /// A bridge reports a `quva-cert-v1` connection of `creds`.
+    pub fn connect(
+        &mut self,
+        creds: &Credentials,
+    ) -> (Result<CertificateUse, CaError>, Effects<Ticket>) {
+        let proof = CertConnectProof::new(creds, self.now, "client-1", &mut self.rng).unwrap();
+        let ticket = self.ticket();
+        let e = self.run(Command::ConfirmUse(proof.to_bytes(), ticket));
+        let r = match reply(&e, ticket) {
+            Outcome::Use(r) => r.clone(),
+            o => panic!("not a use answer: {o:?}"),
+        };
+        (r, e)
+    }
+
+    pub fn create_group(&mut self, g: &str, interval_secs: u64) {
+        let ticket = self.ticket();
+        let e = self.run(Command::CreateGroup {
+            id: GroupId::new(g).unwrap(),
+            privacy: Privacy::Standard,
+            interval_secs,
+            ticket,
+        });
+        assert!(matches!(reply(&e, ticket), Outcome::Group(Ok(_))));
+    }
+
+    /// Sets a permission; returns the effects and the ticket of the answer.
+    pub fn permit(
+        &mut self,
+        g: &str,
+        id: &str,
+        role: Role,
+        allow: bool,
+    ) -> (Effects<Ticket>, Ticket) {
+        let ticket = self.ticket();
+        let e = self.run(Command::SetPermission {
+            group: GroupId::new(g).unwrap(),
+            device: DeviceId::new(id).unwrap(),
+            role,
+            allow,
+            ticket,
+        });
+        (e, ticket)
+    }
+
+    pub fn join_request(&mut self, creds: &Credentials, g: &str, role: Role) -> Vec<u8> {
+        GroupKeyRequest::new(
+            creds.id(),
+            &GroupId::new(g).unwrap(),
+            role,
+            self.now,
+            creds.key(),
+            creds.group_secret(),
+            &self.ca,
+            &mut self.rng,
+        )
+        .unwrap()
+        .to_bytes()
+    }
+
+    /// Sends a group-key request; returns the effects and the ticket of the answer.
+    pub fn join(&mut self, creds: &Credentials, g: &str, role: Role) -> (Effects<Ticket>, Ticket) {
+        let data = self.join_request(creds, g, role);
+        let ticket = self.ticket();
+        (self.run(Command::Join(data, ticket)), ticket)
+    }
+
+    /// Allows, joins and closes the window; returns the delivered epoch.
+    pub fn joined(&mut self, creds: &Credentials, g: &str, role: Role) -> u32 {
+        let id = creds.id().as_str().to_owned();
+        self.permit(g, &id, role, true);
+        let (_, ticket) = self.join(creds, g, role);
+        let e = self.close_next();
+        let r = join_of(&e, ticket).unwrap();
+        self.accept_key(creds, g, role, &r);
+        r.epoch
+    }
+
+    /// The device accepts a delivered group key.
+    pub fn accept_key(
+        &self,
+        creds: &Credentials,
+        g: &str,
+        role: Role,
+        r: &JoinReply,
+    ) -> AcceptedGroupKey {
+        GroupKeyDelivery::from_bytes(&r.response)
+            .unwrap()
+            .accept(
+                &quva_client::schnorr::VerifyingKey(self.ca),
+                creds.key(),
+                &GroupId::new(g).unwrap(),
+                role,
+            )
+            .unwrap()
+            .1
+    }
+
+    pub fn device(&self, id: &str) -> DeviceRecord {
+        self.store
+            .device(&DeviceId::new(id).unwrap())
+            .unwrap()
+            .unwrap()
+    }
+
+    pub fn epoch_record(&self, g: &str, epoch: u32) -> EpochRecord {
+        self.store
+            .epoch(&GroupId::new(g).unwrap(), epoch)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no epoch {epoch} of {g}"))
+    }
+
+    pub fn cert_revoked(&self, serial: u64) -> bool {
+        self.store.cert(serial).unwrap().unwrap().revoked_ms != 0
+    }
+
+    pub fn epoch(&self, g: &str) -> u32 {
+        self.core.epoch(&GroupId::new(g).unwrap()).unwrap()
+    }
+}
+
+/// The answer with `ticket`.
+pub fn reply(e: &Effects<Ticket>, ticket: Ticket) -> &Outcome {
+    let mut found = e.replies.iter().filter(|(t, _)| *t == ticket);
+    let (_, o) = found.next().unwrap_or_else(|| panic!("no answer {ticket}"));
+    assert!(found.next().is_none(), "answer {ticket} twice");
+    o
+}
+
+/// Whether the effects answer `ticket`.
+pub fn answered(e: &Effects<Ticket>, ticket: Ticket) -> bool {
+    e.replies.iter().any(|(t, _)| *t == ticket)
+}
+
+pub fn cert_of(e: &Effects<Ticket>, ticket: Ticket) -> Result<Vec<u8>, CaError> {
+    match reply(e, ticket) {
+        Outcome::Cert(r) => r.clone(),
+        o => panic!("not a certificate answer: {o:?}"),
+    }
+}
+
+pub fn join_of(e: &Effects<Ticket>, ticket: Ticket) -> Result<JoinReply, CaError> {
+    match reply(e, ticket) {
+        Outcome::Join(r) => r.clone(),
+        o => panic!("not a join answer: {o:?}"),
+    }
+}
+
+pub fn epoch_of(e: &Effects<Ticket>, ticket: Ticket) -> Result<u32, CaError> {
+    match reply(e, ticket) {
+        Outcome::Epoch(r) => r.clone(),
+        o => panic!("not an epoch answer: {o:?}"),
+    }
+}
+
+/// The kinds of the audit entries staged, in order.
+pub fn kinds(e: &Effects<Ticket>) -> Vec<AuditKind> {
+    e.audits
+        .iter()
+        .map(|a| AuditKind::parse(&a.kind).unwrap())
+        .collect()
+}
+
+/// The staged audit entry of `kind` (exactly one).
+pub fn audit(e: &Effects<Ticket>, kind: AuditKind) -> &AuditEntry {
+    let mut found = e.audits.iter().filter(|a| a.kind == kind.as_str());
+    let a = found.next().unwrap_or_else(|| panic!("no {kind:?} entry"));
+    assert!(found.next().is_none(), "{kind:?} twice");
+    a
+}
+
+/// How many notices of `kind` were staged.
+pub fn notices(e: &Effects<Ticket>, kind: NoticeKind) -> usize {
+    e.notices.iter().filter(|n| n.kind == kind as i32).count()
+}
