@@ -5,9 +5,10 @@
 //! gRPC (`quva.ca.v1`, crate quva-proto) to bridges, plus the owner's admin API.
 //!
 //! Data flow: a gRPC call passes the token [`auth::Guard`], then [`service`] sends state changes
-//! to the single writer task in [`engine`] (reads go straight to [`store`]); the engine verifies
-//! with quva-client, stages epochs, and commits each change with its notices and audit entries
-//! in one synced RocksDB batch before replying. Bridges stream the notice log with
+//! to the single writer task in [`engine`] (reads go straight to [`store`]); the engine's sans-IO
+//! core verifies with quva-client, stages epochs and returns the writes and replies, and its task
+//! commits each change with its notices and audit entries in one synced RocksDB batch before
+//! replying. Bridges stream the notice log with
 //! `WatchNotices` and publish it on the key topics.
 //!
 //! # Usage

@@ -387,4 +387,40 @@ mod tests {
                 .is_none()
         );
     }
+
+    #[test]
+    fn a_reload_after_a_failed_sync_drops_the_staged_state_and_keeps_open_windows() {
+        use quva_client::ids::{GroupId, Role};
+
+        let mut k = Kit::new();
+        k.create_group("plant/temp", 0);
+        let d1 = k.enrolled("d1");
+        k.permit("plant/temp", "d1", Role::Subscriber, true);
+        let serial = k.core.meta().next_serial;
+        // A join opens a window; an enrollment is staged and then lost with its batch.
+        let (_, waiting) = k.join(&d1, "plant/temp", Role::Subscriber);
+        let secret = k.register("d2");
+        let (_, data) = k.enroll_request("d2", &secret);
+        let t = k.ticket();
+        let e = k.core.handle(Command::Enroll(data, t), k.now, &mut k.rng);
+        assert!(cert_of(&e, t).is_ok());
+        assert_eq!(k.core.meta().next_serial, serial + 1);
+        k.flaky.fail.store(true, Ordering::Relaxed);
+        assert!(k.core.store().sync().is_err());
+        k.flaky.fail.store(false, Ordering::Relaxed);
+        k.core.reload(k.now).unwrap();
+        assert_eq!(
+            k.core.meta().next_serial,
+            serial,
+            "the lost serial is issued again"
+        );
+        assert!(k.store.cert(serial).unwrap().is_none());
+        // The open window survives the reload and still answers its caller.
+        let e = k.close_next();
+        assert_eq!(
+            crate::engine::testkit::join_of(&e, waiting).unwrap().epoch,
+            1
+        );
+        assert_eq!(k.core.epoch(&GroupId::new("plant/temp").unwrap()), Some(1));
+    }
 }

@@ -251,3 +251,28 @@ impl AuditSink for EngineHandle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    #[test]
+    fn a_failed_sync_turns_successes_into_its_error_and_keeps_refusals() {
+        let failed = CaError::from(StoreError::Backend("disk full"));
+        let (to, mut rx) = oneshot::channel();
+        ReplyTo::Epoch(to).send(Outcome::Epoch(Ok(3)), Some(&failed));
+        assert_eq!(rx.try_recv().unwrap(), Err(failed.clone()));
+        let (to, mut rx) = oneshot::channel();
+        let refused = CaError::NotAuthorized("replayed nonce");
+        ReplyTo::Cert(to).send(Outcome::Cert(Err(refused.clone())), Some(&failed));
+        assert_eq!(rx.try_recv().unwrap(), Err(refused));
+        let (to, mut rx) = oneshot::channel();
+        ReplyTo::Epoch(to).send(Outcome::Epoch(Ok(3)), None);
+        assert_eq!(rx.try_recv().unwrap(), Ok(3));
+        // An answer of another kind is dropped: the caller sees the engine as unavailable.
+        let (to, mut rx) = oneshot::channel::<Result<u32, CaError>>();
+        ReplyTo::Epoch(to).send(Outcome::Cert(Ok(vec![1])), None);
+        assert!(rx.try_recv().is_err());
+    }
+}

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::{KeyPair, Point};
@@ -23,7 +24,41 @@ use crate::engine::config::EngineConfig;
 use crate::engine::core::{CaCore, Effects};
 use crate::engine::stats::Stats;
 use crate::error::CaError;
-use crate::store::{DeviceRecord, EpochRecord, MemoryStore, Tables};
+use crate::store::{
+    Batch, CaStore, DeviceRecord, EpochRecord, Key, MemoryStore, Row, StoreError, Tables,
+};
+
+/// A [`MemoryStore`] whose commits fail while `fail` is set, like a full disk.
+pub struct FlakyStore {
+    pub inner: Arc<MemoryStore>,
+    pub fail: AtomicBool,
+}
+
+impl CaStore for FlakyStore {
+    fn get(&self, key: &Key) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    fn scan(
+        &self,
+        prefix: &Key,
+        start: Option<&Key>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        self.inner.scan(prefix, start, limit)
+    }
+
+    fn last(&self, prefix: &Key) -> Result<Option<Row>, StoreError> {
+        self.inner.last(prefix)
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        if self.fail.load(Ordering::Relaxed) {
+            return Err(StoreError::Backend("disk full"));
+        }
+        self.inner.commit(batch)
+    }
+}
 
 /// The start of the manual clock, a plausible Unix time.
 pub const T0: u64 = 1_760_000_000_000;
@@ -36,11 +71,18 @@ pub type Ticket = u32;
 pub struct Kit {
     pub core: CaCore<Ticket>,
     pub store: Arc<MemoryStore>,
+    pub flaky: Arc<FlakyStore>,
     pub stats: Arc<Stats>,
     pub ca: Point,
     pub rng: ChaCha20Rng,
     pub now: u64,
     next: Ticket,
+}
+
+impl Default for Kit {
+    fn default() -> Kit {
+        Kit::new()
+    }
 }
 
 impl Kit {
@@ -57,10 +99,15 @@ impl Kit {
         let ca_public = *ca.public();
         let store = Arc::new(MemoryStore::new());
         let stats = Arc::new(Stats::default());
-        let core = CaCore::new(store.clone(), ca, cfg, stats.clone(), T0).unwrap();
+        let flaky = Arc::new(FlakyStore {
+            inner: store.clone(),
+            fail: AtomicBool::new(false),
+        });
+        let core = CaCore::new(flaky.clone(), ca, cfg, stats.clone(), T0).unwrap();
         Kit {
             core,
             store,
+            flaky,
             stats,
             ca: ca_public,
             rng,
