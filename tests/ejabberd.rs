@@ -114,12 +114,28 @@ impl BrokerCluster {
             wait_port(mqtt, &mut proc.child, &format!("ejabberd node {i}"));
             nodes.push(Some(BrokerNode { proc, name, mqtt }));
         }
-        // The account first (on the first node), then the joins: joining copies the tables.
+        // Every node's ejabberd application fully started first: its MQTT port opens before the
+        // application has finished starting, and a join in that gap fails with
+        // `{already_started, ejabberd}` (the join restarts the application). Then the account
+        // (on the first node), then the joins: joining copies the tables.
         let first = &nodes[0].as_ref().unwrap().name;
-        let mut script = format!(
+        let mut script = String::from(
+            "Started = fun Wait(N, 0) -> timeout; Wait(N, K) -> \
+               case rpc:call(N, application, which_applications, []) of \
+                 L when is_list(L) -> case lists:keymember(ejabberd, 1, L) of \
+                   true -> ok; false -> timer:sleep(100), Wait(N, K - 1) end; \
+                 _ -> timer:sleep(100), Wait(N, K - 1) end end, ",
+        );
+        for (i, node) in nodes.iter().enumerate() {
+            let name = &node.as_ref().unwrap().name;
+            script.push_str(&format!(
+                "io:format(\"started {i} ~p~n\", [Started('{name}', 300)]), "
+            ));
+        }
+        script.push_str(&format!(
             "R0 = rpc:call('{first}', ejabberd_admin, register, [<<\"bridge\">>, <<\"quva.test\">>, <<\"{password}\">>]), \
              io:format(\"register ~p~n\", [element(1, R0)]), "
-        );
+        ));
         for (i, node) in nodes.iter().enumerate().skip(1) {
             let name = &node.as_ref().unwrap().name;
             script.push_str(&format!(
@@ -146,6 +162,9 @@ impl BrokerCluster {
             &logs,
         )
         .success();
+        for i in 0..n {
+            assert!(out.contains(&format!("started {i} ok")), "node {i} not started: {out}");
+        }
         assert!(out.contains("register ok"), "account not created: {out}");
         for i in 1..n {
             assert!(out.contains(&format!("join {i} ok")), "node {i}: {out}");

@@ -62,7 +62,8 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Verified option-1 PUBLISHes per second (QoS 1, pipelined).
+    /// Verified option-1 PUBLISHes per second (QoS 1, pipelined), through the bridge and, as the
+    /// anchor, the same publishers and payloads straight to Mosquitto.
     Throughput {
         /// `limits.max_batch` of the bridge (1: every signature verified alone).
         #[arg(long, default_value_t = 64)]
@@ -274,20 +275,51 @@ async fn throughput(
     window: usize,
 ) {
     let w = world(bin, batch).await;
-    let mut conns = Vec::new();
+    let mut creds = Vec::new();
     for i in 0..publishers {
-        let (creds, raw) = member(&w, &format!("pub-{i}"), Role::Publisher).await;
-        conns.push((creds, raw));
+        creds.push(member(&w, &format!("pub-{i}"), Role::Publisher).await);
     }
     let epoch = Epoch(w.ca.keys(GROUP).group_info().epoch.0);
-    // Every join refreshed the bridge's copy of the group: seal at the current epoch.
-    let mut loads = Vec::new();
-    for (creds, raw) in conns {
-        let payloads = seal_many(&creds, epoch, messages);
-        loads.push((raw, payloads));
+    // Every join refreshed the bridge's copy of the group: seal at the current epoch. The direct
+    // runs send the same sealed payloads straight to Mosquitto on a topic nobody checks, with the
+    // same windows: the anchor of the same run.
+    let mut via = Vec::new();
+    let mut direct = Vec::new();
+    for (i, (c, raw)) in creds.into_iter().enumerate() {
+        let payloads = seal_many(&c, epoch, messages);
+        let (to_broker, _) = Raw::connect(w.broker.addr, &format!("direct-pub-{i}"), None).await;
+        direct.push((to_broker, payloads.clone()));
+        via.push((raw, payloads));
     }
-    let size = loads[0].1[0].len();
+    let size = via[0].1[0].len();
     println!("load average before: {}", load_average());
+    let direct = pump(direct, DIRECT, window, messages).await;
+    let via = pump(via, GROUP, window, messages).await;
+    for (name, (acked, refused, secs)) in [("direct to Mosquitto", direct), ("through the bridge", via)]
+    {
+        println!(
+            "throughput {name}: max_batch={batch} publishers={publishers} window={window} \
+             payload={size} B: {acked} accepted, {refused} refused in {secs:.2} s = {:.0} PUBLISH/s",
+            acked as f64 / secs
+        );
+    }
+    let rate = |(acked, _, secs): (usize, usize, f64)| acked as f64 / secs;
+    println!(
+        "verified through the bridge / direct: {:.0}%",
+        100.0 * rate(via) / rate(direct)
+    );
+    println!("load average after: {}", load_average());
+    drop(w.broker);
+}
+
+/// Sends each connection's payloads as QoS 1 PUBLISHes to `topic`, at most `window` unacknowledged
+/// per connection, until every one is acknowledged; returns (accepted, refused, seconds).
+async fn pump(
+    loads: Vec<(Raw, Vec<Vec<u8>>)>,
+    topic: &'static str,
+    window: usize,
+    messages: usize,
+) -> (usize, usize, f64) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (raw, payloads) in loads {
@@ -323,7 +355,7 @@ async fn throughput(
             for (i, p) in payloads.into_iter().enumerate() {
                 window.acquire().await.unwrap().forget();
                 let id = u16::try_from(i % 65_535 + 1).unwrap();
-                sink.send(MqttPacket::V5(publish_packet(GROUP, p, Some(id))))
+                sink.send(MqttPacket::V5(publish_packet(topic, p, Some(id))))
                     .await
                     .unwrap();
             }
@@ -336,14 +368,7 @@ async fn throughput(
         acked += a;
         refused += r;
     }
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "throughput: max_batch={batch} publishers={publishers} window={window} payload={size} B: \
-         {acked} accepted, {refused} refused in {secs:.2} s = {:.0} verified PUBLISH/s",
-        acked as f64 / secs
-    );
-    println!("load average after: {}", load_average());
-    drop(w.broker);
+    (acked, refused, started.elapsed().as_secs_f64())
 }
 
 /// Sends `payloads` one at a time from `publ` and times each until `sub` receives it.
