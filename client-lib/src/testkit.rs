@@ -62,7 +62,7 @@ impl Pki {
         self.enroll_valid(name, NOW - DAY, NOW + 30 * DAY)
     }
 
-    /// Enrolls `name` with a certificate valid for [`not_before`, `not_after`].
+    /// Enrolls `name` with a certificate valid from `not_before` to `not_after`.
     pub fn enroll_valid(&mut self, name: &str, not_before: u64, not_after: u64) -> Credentials {
         self.serial += 1;
         let secret = EnrollmentSecret::random(&mut self.rng);
