@@ -99,7 +99,7 @@ fn a_lost_enrollment_reply_does_not_lock_the_device_out() {
         .expect("the device's certificate is accepted");
 
     // The certificate the last retry superseded is refused at the bridge.
-    let auth = quva_node::cert_connect_auth(
+    let auth = quva_client::device::cert_connect_auth(
         &unused,
         "flaky-1-old",
         quva_node::now_ms(),

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use quva_client::curve::{KeyPair, Point};
+use quva_client::device::{Device, DeviceConfig, Output, StoredGroupKey};
 use quva_client::enrollment::Credentials;
 use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use quva_client::members::MemberList;
@@ -24,7 +25,7 @@ use quva_client::rekey::key_topic;
 use quva_client::replay::ReplayCache;
 use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
-use quva_node::{Device, DeviceConfig, KeyStore, Output, StoredGroupKey};
+use quva_node::KeyStore;
 
 use crate::raw::Captured;
 

@@ -229,8 +229,9 @@ impl RawMqtt {
         let creds = crate::offline::credentials(store);
         let id = fresh_client_id(creds.id().as_str());
         let mut rng = quva_client::rng::SystemRng::new();
-        let auth = quva_node::cert_connect_auth(&creds, &id, quva_node::now_ms(), &mut rng)
-            .expect("a certificate proof");
+        let auth =
+            quva_client::device::cert_connect_auth(&creds, &id, quva_node::now_ms(), &mut rng)
+                .expect("a certificate proof");
         Self::try_connect_as(addr, &id, Some((auth.method, auth.data)))
     }
 

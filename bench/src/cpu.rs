@@ -21,13 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::KeyPair;
+use quva_client::device::{
+    ConnectAuth, Device, DeviceConfig, Enrollment, Output, Subscription, cert_connect_auth,
+};
 use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
 use quva_client::group::{GroupKeyRequest, Member, Privacy};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 use quva_client::rekey::{GroupState, Plan};
-use quva_node::{
-    ConnectAuth, Device, DeviceConfig, Enrollment, Output, Subscription, cert_connect_auth,
-};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};

@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
+use quva_client::device::{Device, Output};
 use quva_client::ids::Role;
 use quva_client::message::{Direction, Protection};
 use quva_client::rng::SystemRng;
-use quva_node::{Device, Output, data_topic, now_ms};
+use quva_client::topics;
+use quva_node::now_ms;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -499,7 +501,7 @@ pub async fn run(
 ) -> anyhow::Result<FanoutResult> {
     let clear_topic = "bench/clear";
     let data = match system {
-        System::Quva(_) => data_topic(&crate::quva::group()?),
+        System::Quva(_) => topics::data(&crate::quva::group()?),
         _ => clear_topic.to_owned(),
     };
     let mut subs = Vec::with_capacity(n);

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use quva_client::curve::Point;
+use quva_client::device::Device;
 use quva_client::direct::{DirectFloor, DirectSealer, UnverifiedDirect};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::members::MemberList;
@@ -31,7 +32,7 @@ use quva_client::ota::{
 };
 use quva_client::rng::SystemRng;
 use quva_client::topics::{self, OtaItem, OtaTopic};
-use quva_node::{Device, now_ms};
+use quva_node::now_ms;
 use rand_core::RngCore;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde::Serialize;

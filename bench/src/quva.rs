@@ -1,18 +1,19 @@
 //! Quva devices driven over the minimal MQTT connection: a deployment of real `quva-ca`,
 //! `quva-bridge` and Mosquitto processes (quva-tests' [`Cluster`]), enrollment and group joins
-//! with `quva-node`'s sans-IO [`Device`] core.
+//! with quva-client's sans-IO [`Device`] core.
 
 use std::net::SocketAddr;
 
 use anyhow::{Context as _, bail};
 use quva_client::curve::Point;
+use quva_client::device::{
+    Device, DeviceConfig, Enrollment, Output, Purpose, Subscription, cert_connect_auth,
+};
 use quva_client::enrollment::{ENROLLMENT_SECRET_LEN, EnrollmentSecret};
 use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::rng::SystemRng;
-use quva_node::{
-    Device, DeviceConfig, Enrollment, Output, Purpose, Subscription, cert_connect_auth, now_ms,
-};
+use quva_node::now_ms;
 use quva_tests::{Cluster, Options};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::{AsyncRead, AsyncWrite};

@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use quva_client::device::Device;
 use quva_client::ids::Role;
 use quva_client::message::{Direction, Protection};
 use quva_client::rng::SystemRng;
-use quva_node::{Device, data_topic, now_ms};
+use quva_client::topics;
+use quva_node::now_ms;
 use quva_tests::Options;
 use quva_tests::ejabberd::BrokerCluster;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
@@ -184,7 +186,7 @@ pub async fn run(nodes: usize, subscribers: usize, duration: Duration) -> anyhow
     if nodes > 1 {
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let data = data_topic(&dep.group);
+    let data = topics::data(&dep.group);
     let flow = Arc::new(Flow {
         stop: AtomicBool::new(false),
         sent: AtomicU64::new(0),

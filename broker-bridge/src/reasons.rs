@@ -2,12 +2,17 @@
 //! PUBLISH: one small enum per packet, each with its MQTT 5 reason code (MQTT 5 §2.4) and what an
 //! MQTT 3.1.1 client hears instead.
 //!
-//! The codes follow PROTOCOL.md §3 (CONNACK), §4 (SUBACK) and §6 (PUBACK). Reasons that
+//! The codes follow PROTOCOL.md §3 (CONNACK), §4 (SUBACK) and §6 (PUBACK), named in
+//! [`quva_client::reasons`] (their one home, with what each means to a device). Reasons that
 //! quva-client computes as bytes (an enrollment or message check's `connack_reason` or
 //! `puback_reason_code`) enter through `from_code`, which keeps the codes this bridge uses and
 //! reads any other as "not authorized", the safest refusal. Why the bridge ends a connection is
 //! rmqtt-codec's own `DisconnectReasonCode`, already an enum.
 
+use quva_client::reasons::{
+    BAD_AUTHENTICATION_METHOD, CLIENT_IDENTIFIER_NOT_VALID, NOT_AUTHORIZED, PACKET_TOO_LARGE,
+    PAYLOAD_FORMAT_INVALID, SERVER_UNAVAILABLE, TOPIC_FILTER_INVALID, UNSPECIFIED_ERROR,
+};
 use rmqtt_codec::v3;
 use rmqtt_codec::v5::{ConnectAckReason, PublishAckReason, SubscribeAckReason};
 
@@ -34,23 +39,23 @@ impl ConnectRefusal {
     /// The MQTT 5 reason code.
     pub(crate) const fn code(self) -> u8 {
         match self {
-            ConnectRefusal::ClientIdentifierNotValid => 0x85,
-            ConnectRefusal::NotAuthorized => 0x87,
-            ConnectRefusal::ServerUnavailable => 0x88,
-            ConnectRefusal::BadAuthenticationMethod => 0x8C,
-            ConnectRefusal::PacketTooLarge => 0x95,
-            ConnectRefusal::PayloadFormatInvalid => 0x99,
+            ConnectRefusal::ClientIdentifierNotValid => CLIENT_IDENTIFIER_NOT_VALID,
+            ConnectRefusal::NotAuthorized => NOT_AUTHORIZED,
+            ConnectRefusal::ServerUnavailable => SERVER_UNAVAILABLE,
+            ConnectRefusal::BadAuthenticationMethod => BAD_AUTHENTICATION_METHOD,
+            ConnectRefusal::PacketTooLarge => PACKET_TOO_LARGE,
+            ConnectRefusal::PayloadFormatInvalid => PAYLOAD_FORMAT_INVALID,
         }
     }
 
     /// The refusal of a CONNACK reason code computed by quva-client (module docs).
     pub(crate) const fn from_code(code: u8) -> Self {
         match code {
-            0x85 => ConnectRefusal::ClientIdentifierNotValid,
-            0x88 => ConnectRefusal::ServerUnavailable,
-            0x8C => ConnectRefusal::BadAuthenticationMethod,
-            0x95 => ConnectRefusal::PacketTooLarge,
-            0x99 => ConnectRefusal::PayloadFormatInvalid,
+            CLIENT_IDENTIFIER_NOT_VALID => ConnectRefusal::ClientIdentifierNotValid,
+            SERVER_UNAVAILABLE => ConnectRefusal::ServerUnavailable,
+            BAD_AUTHENTICATION_METHOD => ConnectRefusal::BadAuthenticationMethod,
+            PACKET_TOO_LARGE => ConnectRefusal::PacketTooLarge,
+            PAYLOAD_FORMAT_INVALID => ConnectRefusal::PayloadFormatInvalid,
             _ => ConnectRefusal::NotAuthorized,
         }
     }
@@ -91,9 +96,9 @@ impl SubscribeRefusal {
     /// The MQTT 5 reason code.
     pub(crate) const fn code(self) -> u8 {
         match self {
-            SubscribeRefusal::Unspecified => 0x80,
-            SubscribeRefusal::NotAuthorized => 0x87,
-            SubscribeRefusal::TopicFilterInvalid => 0x8F,
+            SubscribeRefusal::Unspecified => UNSPECIFIED_ERROR,
+            SubscribeRefusal::NotAuthorized => NOT_AUTHORIZED,
+            SubscribeRefusal::TopicFilterInvalid => TOPIC_FILTER_INVALID,
         }
     }
 
@@ -123,15 +128,15 @@ impl PublishRefusal {
     /// The MQTT 5 reason code.
     pub(crate) const fn code(self) -> u8 {
         match self {
-            PublishRefusal::NotAuthorized => 0x87,
-            PublishRefusal::PayloadFormatInvalid => 0x99,
+            PublishRefusal::NotAuthorized => NOT_AUTHORIZED,
+            PublishRefusal::PayloadFormatInvalid => PAYLOAD_FORMAT_INVALID,
         }
     }
 
     /// The refusal of a PUBACK reason code computed by quva-client (module docs).
     pub(crate) const fn from_code(code: u8) -> Self {
         match code {
-            0x99 => PublishRefusal::PayloadFormatInvalid,
+            PAYLOAD_FORMAT_INVALID => PublishRefusal::PayloadFormatInvalid,
             _ => PublishRefusal::NotAuthorized,
         }
     }

@@ -203,8 +203,10 @@ impl DirectRejection {
     /// 0x87 (not authorized) otherwise.
     pub fn puback_reason_code(&self) -> u8 {
         match self {
-            DirectRejection::Malformed(_) | DirectRejection::TooLarge => 0x99,
-            _ => 0x87,
+            DirectRejection::Malformed(_) | DirectRejection::TooLarge => {
+                crate::reasons::PAYLOAD_FORMAT_INVALID
+            }
+            _ => crate::reasons::NOT_AUTHORIZED,
         }
     }
 }

@@ -75,6 +75,7 @@ use crate::codec::{
 use crate::curve::{CurveError, KeyPair, Point, SecretScalar, sha256};
 use crate::ecqv::{self, EcqvError};
 use crate::ids::{DeviceId, GroupId, GroupKeyKind, Role};
+use crate::reasons;
 use crate::schnorr::{Signature, VerifyingKey};
 use crate::symmetric::{hmac_sha256, hmac_sha256_verify};
 
@@ -119,13 +120,13 @@ pub const CA_KID_LEN: usize = 8;
 
 /// CONNACK reason 0x87, not authorized: unknown, revoked or unproven devices, stale or replayed
 /// proofs.
-pub const REASON_NOT_AUTHORIZED: u8 = 0x87;
+pub const REASON_NOT_AUTHORIZED: u8 = reasons::NOT_AUTHORIZED;
 /// CONNACK reason 0x8C, bad authentication method.
-pub const REASON_BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
+pub const REASON_BAD_AUTHENTICATION_METHOD: u8 = reasons::BAD_AUTHENTICATION_METHOD;
 /// CONNACK reason 0x95, packet too large.
-pub const REASON_PACKET_TOO_LARGE: u8 = 0x95;
+pub const REASON_PACKET_TOO_LARGE: u8 = reasons::PACKET_TOO_LARGE;
 /// CONNACK reason 0x99, payload format invalid: malformed authentication data.
-pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+pub const REASON_PAYLOAD_FORMAT_INVALID: u8 = reasons::PAYLOAD_FORMAT_INVALID;
 
 /// The CONNECT authentication methods of Quva v1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -8,13 +8,16 @@
 //! Layers, bottom up: [`codec`] (the one wire codec), [`curve`] and [`symmetric`] (primitives),
 //! [`schnorr`] and [`ecies`], then the protocol: [`ecqv`] and [`enrollment`] (§3), [`group`] (§4),
 //! [`rekey`] (§5), [`message`] (§6), [`direct`] (§7.1), [`ota`] (§7.2), [`members`] (the member
-//! certificate lists of §8) and [`topics`] (the topic layout of §8).
+//! certificate lists of §8), [`topics`] (the topic layout of §8) and [`reasons`] (the MQTT reason
+//! codes and their meanings). On top, [`device`] is one enrolled device's state machine: events
+//! in, outputs out, for the device daemon, benchmarks and tests alike.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 // The public interface is these modules.
 pub mod codec;
 pub mod curve;
+pub mod device;
 pub mod direct;
 pub mod ecies;
 pub mod ecqv;
@@ -24,6 +27,7 @@ pub mod ids;
 pub mod members;
 pub mod message;
 pub mod ota;
+pub mod reasons;
 pub mod rekey;
 pub mod replay;
 pub mod rng;
@@ -35,5 +39,6 @@ pub mod topics;
 #[doc(hidden)]
 pub mod __fuzz;
 mod msm;
-#[cfg(test)]
-mod testkit;
+#[cfg(any(test, feature = "testkit"))]
+#[doc(hidden)]
+pub mod testkit;

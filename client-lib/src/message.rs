@@ -590,8 +590,8 @@ impl Rejection {
     /// for malformed or oversize payloads, 0x87 (not authorized) otherwise.
     pub fn puback_reason_code(&self) -> u8 {
         match self {
-            Rejection::Malformed(_) | Rejection::TooLarge => 0x99,
-            _ => 0x87,
+            Rejection::Malformed(_) | Rejection::TooLarge => crate::reasons::PAYLOAD_FORMAT_INVALID,
+            _ => crate::reasons::NOT_AUTHORIZED,
         }
     }
 }

@@ -280,8 +280,8 @@ impl OtaError {
     /// 0x87 (not authorized) otherwise.
     pub fn puback_reason_code(&self) -> u8 {
         match self {
-            OtaError::Malformed(_) | OtaError::TooLarge => 0x99,
-            _ => 0x87,
+            OtaError::Malformed(_) | OtaError::TooLarge => crate::reasons::PAYLOAD_FORMAT_INVALID,
+            _ => crate::reasons::NOT_AUTHORIZED,
         }
     }
 }

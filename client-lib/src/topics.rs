@@ -5,6 +5,7 @@
 //! |---|---|
 //! | `<group>` | [`data`] |
 //! | `<group>/_q` | [`query`] |
+//! | `<group>` or `<group>/_q`, by role | [`receive`] |
 //! | `quva/k/<group>/<pub\|sub>` | [`key`] |
 //! | `quva/k/<group>/<pub\|sub>/<device>` | [`individual`] |
 //! | `quva/c/<group>` | [`certificates`] |
@@ -47,6 +48,15 @@ pub fn data(group: &GroupId) -> String {
 /// The query topic `<group>/_q`.
 pub fn query(group: &GroupId) -> String {
     format!("{}/{QUERY_LEVEL}", group.as_str())
+}
+
+/// The topic `role` receives on in `group`: the data topic for a subscriber, the query topic for
+/// a publisher.
+pub fn receive(group: &GroupId, role: Role) -> String {
+    match role {
+        Role::Subscriber => data(group),
+        Role::Publisher => query(group),
+    }
 }
 
 /// The key topic of `role` in `group`: `quva/k/<group>/<pub|sub>` (key requests, notices).
@@ -188,6 +198,8 @@ mod tests {
         let dev = d("dev-1");
         assert_eq!(data(&group), "a/b");
         assert_eq!(query(&group), "a/b/_q");
+        assert_eq!(receive(&group, Role::Subscriber), "a/b");
+        assert_eq!(receive(&group, Role::Publisher), "a/b/_q");
         assert_eq!(key(&group, Role::Publisher), "quva/k/a/b/pub");
         assert_eq!(key(&group, Role::Subscriber), "quva/k/a/b/sub");
         assert_eq!(

@@ -4,7 +4,8 @@
 //! - [`shutdown`]: the future that completes on SIGINT or SIGTERM;
 //! - [`clock`]: Unix time in milliseconds behind the [`Clock`] trait, and a manual clock for tests;
 //! - [`logging`]: `tracing` on stderr, filtered by `RUST_LOG`, as text or JSON lines;
-//! - [`metrics`]: the Prometheus `GET /metrics` endpoint over hyper, stopping on shutdown;
+//! - `metrics` (cargo feature `metrics`, off by default): the Prometheus `GET /metrics` endpoint
+//!   over hyper, stopping on shutdown; the CA and the bridge enable it, the device daemon does not;
 //! - [`config`]: one loader for a TOML file plus flag overrides, whose errors name the file (or
 //!   flag) and the key;
 //! - [`duration`]: human-readable durations (`500ms`, `5s`, `2m`) for flags.
@@ -27,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod duration;
 pub mod logging;
+#[cfg(feature = "metrics")]
 pub mod metrics;
 pub mod shutdown;
 

@@ -21,13 +21,12 @@ use crate::cli::{
 };
 use crate::config::{Config, DEFAULT_CONFIG_FILE};
 use crate::daemon::show_direct;
-use crate::device::{Device, StoredGroupKey, role_name};
 use crate::direct::{DirectBook, seal_direct};
-use crate::enroll::{Enrollment, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::net::{Link, LinkConfig, LinkEvent, exchange};
 use crate::store::{KeyStore, StoredGroup};
 use crate::terminal::{log_event, print_line};
+use quva_client::device::{Device, Enrollment, StoredGroupKey, cert_connect_auth, role_name};
 use quva_daemon::now_ms;
 use quva_daemon::shutdown_signal;
 

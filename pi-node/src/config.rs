@@ -40,8 +40,8 @@ use serde::Deserialize;
 use quva_client::ids::{DeviceId, GroupId};
 use quva_client::topics::OTA_LEVEL;
 
-use crate::device::DeviceConfig;
 use crate::store::DEFAULT_STORE_DIR;
+use quva_client::device::DeviceConfig;
 
 /// The default configuration file.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/quva/node.toml";

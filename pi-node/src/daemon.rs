@@ -109,7 +109,7 @@ fn describe(m: &VerifiedDirect, json_out: bool) -> (String, bool) {
 /// # Errors
 /// Standard output closed.
 pub(crate) fn show_direct(
-    device: &crate::device::Device,
+    device: &quva_client::device::Device,
     book: &mut DirectBook,
     store: &KeyStore,
     topic: &str,
@@ -535,8 +535,8 @@ pub(crate) async fn run(
 mod tests {
     use super::*;
     use crate::direct::{DirectBook, receive_direct, seal_direct};
-    use crate::testkit::{Node, World};
     use quva_client::ota::ContentKey;
+    use quva_client::testkit::{Node, World};
 
     #[test]
     fn an_ota_key_by_direct_message_is_never_printed() {

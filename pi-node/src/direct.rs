@@ -33,8 +33,8 @@ use quva_client::ids::{DeviceId, GroupId};
 use quva_client::topics;
 use rand_core::CryptoRngCore;
 
-use crate::device::Device;
 use crate::store::{KeyStore, StoreError};
+use quva_client::device::Device;
 
 /// The key-store record of the book.
 const BOOK_FILE: &str = "direct";

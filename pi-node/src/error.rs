@@ -1,13 +1,12 @@
 //! The device daemon's errors, each with a message an operator can act on.
 //!
-//! CONNACK refusals (MQTT 5 §3.2.2.2) are explained as PROTOCOL.md §3 uses them: 0x87 not
-//! authorized (unknown or revoked device, bad proof, stale timestamp), 0x88 the bridge cannot reach
-//! the CA, 0x8C not a Quva bridge.
+//! CONNACK refusals (MQTT 5 §3.2.2.2) are explained as PROTOCOL.md §3 uses them
+//! ([`quva_client::reasons`]): 0x87 not authorized (unknown or revoked device, bad proof, stale
+//! timestamp), 0x88 the bridge cannot reach the CA, 0x8C not a Quva bridge.
 //!
 //! # Usage
 //! ```
-//! use quva_node::{NodeError, connack_meaning};
-//! assert!(connack_meaning(0x88).contains("CA"));
+//! use quva_node::NodeError;
 //! let e = NodeError::Refused { code: 0x87 };
 //! assert!(e.to_string().contains("not authorized"));
 //! assert!(!e.is_transient());
@@ -15,43 +14,17 @@
 //! ```
 
 use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
+
+use quva_client::device::{EnrollFailure, JoinError, SendError};
+use quva_client::reasons::{connack_is_transient, connack_meaning, puback_meaning};
 
 use crate::config::ConfigError;
-use crate::device::{JoinError, SendError};
-use crate::enroll::EnrollFailure;
 use crate::store::StoreError;
 
 /// Clocks before this (2020-01-01T00:00:00Z) are taken as never set (a Raspberry Pi has no
 /// battery-backed clock and starts in 1970 until NTP runs).
 pub const CLOCK_FLOOR_MS: u64 = 1_577_836_800_000;
-
-/// What a CONNACK reason code means for a Quva device.
-pub fn connack_meaning(code: u8) -> &'static str {
-    match code {
-        0x80 => "unspecified error",
-        0x81 => "malformed packet",
-        0x82 => "protocol error",
-        0x84 => "unsupported protocol version (the server does not speak MQTT 5)",
-        0x85 => "client identifier not valid",
-        0x86 => "bad user name or password",
-        0x87 => {
-            "not authorized: the device is unknown, revoked or expired, the enrollment secret is \
-             wrong or already used, or this device's clock is off by more than the allowed window"
-        }
-        0x88 => "server unavailable: the bridge cannot reach the CA",
-        0x89 => "server busy",
-        0x8A => "banned",
-        0x8C => {
-            "bad authentication method: the server does not speak Quva (is the address the \
-             bridge's, not the broker's?)"
-        }
-        0x95 => "packet too large",
-        0x97 => "quota exceeded",
-        0x99 => "malformed authentication data",
-        0x9F => "connection rate exceeded",
-        _ => "refused",
-    }
-}
 
 /// Why a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -166,53 +139,21 @@ impl NodeError {
     pub fn is_transient(&self) -> bool {
         match self {
             NodeError::Unreachable { .. } | NodeError::Lost(_) => true,
-            NodeError::Refused { code } => matches!(code, 0x88 | 0x89 | 0x97 | 0x9F),
+            NodeError::Refused { code } => connack_is_transient(*code),
             _ => false,
         }
     }
 }
 
-/// What a PUBACK reason code means for a Quva message.
-pub fn puback_meaning(code: u8) -> &'static str {
-    match code {
-        0x87 => {
-            "not authorized (not a member in this role, stale epoch or timestamp, bad signature, \
-             or a replay)"
-        }
-        0x99 => "malformed or oversized message",
-        0x90 => "topic name invalid",
-        0x97 => "quota exceeded",
-        _ => "refused",
-    }
-}
+/// The last millisecond RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const RFC3339_MAX_MS: u64 = 253_402_300_799_999;
 
-/// Formats Unix milliseconds as RFC 3339 UTC (`2024-05-01T12:00:00.000Z`).
+/// Formats Unix milliseconds as RFC 3339 UTC (`2024-05-01T12:00:00.000Z`). Times past the year
+/// 9999, which RFC 3339 cannot write (a certificate that never expires), show as its last
+/// millisecond.
 pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
-/// Howard Hinnant's days-to-civil algorithm for the proleptic Gregorian calendar.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+    let t = UNIX_EPOCH + Duration::from_millis(ms.min(RFC3339_MAX_MS));
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 #[cfg(test)]
@@ -225,13 +166,14 @@ mod tests {
         assert_eq!(rfc3339(CLOCK_FLOOR_MS), "2020-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
         assert_eq!(rfc3339(1_700_000_000_000), "2023-11-14T22:13:20.000Z");
+        assert_eq!(rfc3339(RFC3339_MAX_MS), "9999-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(u64::MAX), "9999-12-31T23:59:59.999Z");
     }
 
     #[test]
     fn meanings() {
-        for code in [0x87, 0x88, 0x8C] {
-            assert_ne!(connack_meaning(code), "refused");
-        }
+        let e = NodeError::Refused { code: 0x8C };
+        assert!(e.to_string().contains("does not speak Quva"), "{e}");
         let e = NodeError::Dropped {
             count: 2,
             code: 0x87,

@@ -22,10 +22,15 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
+use quva_client::device::{
+    ConnectAuth, Device, DropReason, KeySource, Output, Purpose, ResumeFailure, Subscription,
+    cert_connect_auth,
+};
 use quva_client::enrollment::Credentials;
 use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{Epoch, GroupId, Role};
 use quva_client::message::{Direction, Protection, Rejection, VerifiedMessage};
+use quva_client::reasons;
 use quva_client::rng::SystemRng;
 use quva_daemon::now_ms;
 use rand_core::RngCore;
@@ -40,8 +45,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
-use crate::device::{Device, DropReason, KeySource, Output, Purpose, ResumeFailure, Subscription};
-use crate::enroll::{ConnectAuth, cert_connect_auth};
 use crate::error::{CLOCK_FLOOR_MS, NodeError, rfc3339};
 use crate::store::KeyStore;
 
@@ -179,15 +182,9 @@ fn connection_error(address: &str, e: &ConnectionError) -> NodeError {
         },
         ConnectionError::MqttState(StateError::ServerDisconnect { reason_code, .. }) => {
             let code = *reason_code as u8;
-            let why = match code {
-                0x87 => "not authorized (revoked?)",
-                0x8B => "the bridge is shutting down",
-                0x8E => "another connection took over this client identifier",
-                0x98 => "administrative action",
-                _ => "see the bridge's log",
-            };
             NodeError::Lost(format!(
-                "the bridge ended the session (reason 0x{code:02x}: {why})"
+                "the bridge ended the session (reason 0x{code:02x}: {})",
+                reasons::disconnect_meaning(code)
             ))
         }
         ConnectionError::MqttState(StateError::IncomingPacketTooLarge { pkt_size, max }) => {

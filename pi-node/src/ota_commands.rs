@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::reasons::puback_meaning;
 use quva_client::rng::SystemRng;
 use quva_client::symmetric::TAG_LEN;
 use quva_client::topics::{self, OtaItem};
 use serde_json::json;
 
 use crate::cli::OtaReleaseArgs;
-use crate::error::{NodeError, puback_meaning, rfc3339};
+use crate::error::{NodeError, rfc3339};
 use crate::net::{Link, LinkEvent};
 use crate::signer::{KeyArchive, Releases, StatusLedger, cut_release, state_name};
 use crate::store::KeyStore;

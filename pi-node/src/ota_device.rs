@@ -31,7 +31,7 @@
 //!
 //! # Usage
 //! ```no_run
-//! # fn demo(settings: quva_node::OtaSettings, device: &quva_node::Device) -> Result<(), Box<dyn std::error::Error>> {
+//! # fn demo(settings: quva_node::OtaSettings, device: &quva_client::device::Device) -> Result<(), Box<dyn std::error::Error>> {
 //! use quva_node::{OtaAgent, OtaFiles, perform};
 //! let mut rng = quva_client::rng::SystemRng::new();
 //! let files = OtaFiles::open(&settings.download_dir)?;
@@ -61,8 +61,8 @@ use quva_client::topics::{OTA_LEVEL, OtaItem, OtaTopic};
 use rand_core::CryptoRngCore;
 
 use crate::config::OtaSettings;
-use crate::device::Device;
 use crate::signer::state_name;
+use quva_client::device::Device;
 
 mod action;
 mod apply;

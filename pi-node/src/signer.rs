@@ -37,9 +37,9 @@ use quva_client::topics::{OtaItem, OtaTopic};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use crate::device::{Device, DeviceView, SendError};
 use crate::direct::{DirectBook, DirectSendError, seal_direct};
 use crate::store::{KeyStore, StoreError};
+use quva_client::device::{Device, DeviceView, SendError};
 
 /// The key-store record of the releases.
 const RELEASES_FILE: &str = "ota-releases";

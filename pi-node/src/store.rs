@@ -15,7 +15,7 @@
 //!   blob(ginfo || sig) || blob(key set) || u64 saved_ms`, the key set of PROTOCOL.md §5.1:
 //!   `sc(X) || u32 W || u32 leaf || u8 count || count × (u32 node || 32-byte key)`, the held key
 //!   with its key-tree path, so that a restarted device follows the next tree notice. Loading
-//!   checks the path's shape; restoring ([`crate::Device::restore`]) checks the CA's signature
+//!   checks the path's shape; restoring ([`Device::restore`](quva_client::device::Device::restore)) checks the CA's signature
 //!   and X·G. A file of the format before key trees (record kind 2: `sc(held key)` in place of
 //!   the key set) is loaded as [`StoredGroup::Outdated`]: its key is never used, the device joins
 //!   that role again with a group-key request, and the next save replaces the file.
@@ -47,7 +47,7 @@ use quva_client::ids::{GroupId, Role};
 use quva_client::rekey::tree::TreeKeySet;
 use zeroize::Zeroizing;
 
-use crate::device::StoredGroupKey;
+use quva_client::device::StoredGroupKey;
 
 /// The default key store directory.
 pub const DEFAULT_STORE_DIR: &str = "/var/lib/quva-node";

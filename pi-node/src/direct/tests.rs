@@ -2,7 +2,7 @@ use quva_client::direct::{DirectFloor, DirectRejection, DirectSealer};
 use quva_client::ids::{DeviceId, GroupId, Role};
 
 use super::*;
-use crate::testkit::{Node, World};
+use quva_client::testkit::{Node, World};
 
 /// `owner` publishes and `sensor-01` subscribes in `fw/a`; `stranger` publishes in `fw/b` only.
 struct Setup {

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use rand_core::CryptoRngCore;
 
 use super::{LogLevel, OtaAction, OtaAgent, OtaFiles};
-use crate::device::Device;
+use quva_client::device::Device;
 
 /// Performs, in order, every file action of `actions` (and of what the agent answers to their
 /// results): saving the release, preparing the staging file, storing chunks then progress,

@@ -12,7 +12,7 @@ use quva_client::topics::{OtaItem, OtaTopic};
 
 use super::*;
 use crate::config::OtaSettings;
-use crate::testkit::{Node, World};
+use quva_client::testkit::{Node, World};
 
 const GROUP: &str = "fw/sensor-v2";
 
@@ -74,7 +74,7 @@ fn deposit(
     w: &mut World,
     g: &GroupId,
     retained: &mut BTreeMap<String, Vec<u8>>,
-    signer: &crate::device::Device,
+    signer: &quva_client::device::Device,
     v: u64,
     img: &[u8],
     chunk: u32,

@@ -6,7 +6,7 @@ use quva_client::topics::OtaItem;
 
 use super::*;
 use crate::direct::{DirectBook, receive_direct};
-use crate::testkit::{Node, World};
+use quva_client::testkit::{Node, World};
 
 /// `rel-1` publishes (signs releases) in `fw/a`; `sensor-01` and `sensor-02` subscribe.
 struct Setup {

@@ -1,8 +1,9 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
-use crate::device::Device;
-use crate::testkit::{Node, World};
+use quva_client::device::{Device, DeviceConfig, KeySource, Output};
+use quva_client::testkit::{Node, World};
+use quva_client::topics;
 
 fn mode(p: &Path) -> u32 {
     fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -58,6 +59,52 @@ fn round_trip_with_private_permissions() {
     store
         .remove_group_key(&keys[0].group, keys[0].role)
         .unwrap();
+}
+
+#[test]
+fn keys_loaded_from_the_store_follow_the_next_notice() {
+    let (_tmp, store, mut w, dev) = fixture();
+    for k in dev.stored_keys() {
+        store.save_group_key(&k, w.now).unwrap();
+    }
+    let g = dev.stored_keys()[0].group.clone();
+    // A rekey while the device is down; its notice stays retained on the key topic.
+    let published = w.periodic(&g);
+
+    let mut restored = Device::new(
+        dev.credentials().clone(),
+        *w.ca.public(),
+        DeviceConfig::default(),
+    );
+    for (k, _) in store.load_group_keys().unwrap() {
+        let out = restored.restore(&k).unwrap();
+        assert!(
+            matches!(
+                out,
+                Some(Output::KeyAdopted {
+                    source: KeySource::Restored,
+                    ..
+                })
+            ),
+            "{out:?}"
+        );
+    }
+    let mut node = Node::new(restored);
+    node.subs.insert(topics::key(&g, Role::Publisher));
+    let outs = w.deliver(&mut [&mut node], &published);
+    let epoch = w.state(&g).epoch();
+    assert!(
+        outs[0].iter().any(|o| matches!(
+            o,
+            Output::KeyAdopted {
+                role: Role::Publisher,
+                source: KeySource::Notice,
+                epoch: e,
+                ..
+            } if *e == epoch
+        )),
+        "{outs:?}"
+    );
 }
 
 #[test]

@@ -13,7 +13,7 @@
 //! use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
 //! use quva_client::ids::DeviceId;
 //! use quva_client::rng::SystemRng;
-//! use quva_node::{Enrollment, cert_connect_auth};
+//! use quva_client::device::{Enrollment, cert_connect_auth};
 //!
 //! let mut rng = SystemRng::new();
 //! let now = 1_700_000_000_000;
@@ -35,13 +35,13 @@
 
 use core::fmt;
 
-use quva_client::codec::{Decode, Encode};
-use quva_client::curve::Point;
-use quva_client::enrollment::{
+use crate::codec::{Decode, Encode};
+use crate::curve::Point;
+use crate::enrollment::{
     CertConnectProof, Credentials, EnrollError, EnrollResponse, EnrollmentSecret, METHOD_CERT,
     METHOD_ENROLL, METHOD_RENEW, PendingEnrollment,
 };
-use quva_client::ids::DeviceId;
+use crate::ids::DeviceId;
 use rand_core::CryptoRngCore;
 
 /// The Authentication Method and Data of one CONNECT.
@@ -71,7 +71,7 @@ pub enum EnrollFailure {
     NoResponse,
     /// The answer does not decode.
     #[error("malformed enrollment answer: {0}")]
-    Malformed(quva_client::codec::DecodeError),
+    Malformed(crate::codec::DecodeError),
     /// The certificate does not belong to this request or this CA.
     #[error("the certificate does not match this request or the configured CA key: {0}")]
     Rejected(EnrollError),
@@ -164,8 +164,8 @@ pub fn cert_connect_auth(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use quva_client::curve::KeyPair;
-    use quva_client::enrollment::{EnrollRequest, RenewRequest};
+    use crate::curve::KeyPair;
+    use crate::enrollment::{EnrollRequest, RenewRequest};
     use rand_chacha::ChaCha20Rng;
     use rand_core::SeedableRng;
 

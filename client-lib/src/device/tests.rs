@@ -1,6 +1,6 @@
 use super::*;
+use crate::rekey::tree::TreeError;
 use crate::testkit::{Node, T0, World};
-use quva_client::rekey::tree::TreeError;
 
 fn messages(outs: &[Output]) -> Vec<&VerifiedMessage> {
     outs.iter()
@@ -501,9 +501,14 @@ fn a_notice_before_the_suback_waits_for_the_delivery() {
     let (codes, gk) = w.answer(dev.id(), &sub);
     let joined = w.state(&g).epoch();
     w.periodic(&g);
-    let notice = w.retained[&key_topic(&g, Role::Subscriber)].clone();
+    let notice = w.retained[&topics::key(&g, Role::Subscriber)].clone();
     let requests = requests_of(&w, "sub-2");
-    let out = dev.on_publish(&key_topic(&g, Role::Subscriber), &notice, w.now, &mut w.rng);
+    let out = dev.on_publish(
+        &topics::key(&g, Role::Subscriber),
+        &notice,
+        w.now,
+        &mut w.rng,
+    );
     assert!(out.is_empty(), "waits, no second join: {out:?}");
     let out = dev
         .on_suback(&sub.purpose, &codes, gk.as_deref(), w.now, &mut w.rng)
@@ -543,7 +548,7 @@ fn a_notice_without_a_held_key_joins_again() {
     // The key topic was granted: the next notice comes, and the device joins again, once.
     w.now += dev.config().rerequest_interval_ms;
     w.periodic(&g);
-    let t = key_topic(&g, Role::Subscriber);
+    let t = topics::key(&g, Role::Subscriber);
     let notice = w.retained[&t].clone();
     let current = w.state(&g).epoch();
     let out = dev.on_publish(&t, &notice, w.now, &mut w.rng);
@@ -573,7 +578,7 @@ fn a_notice_without_a_held_key_joins_again() {
     other.register("y", &og, Role::Subscriber);
     let mut y = Node::new(other.enroll("y"));
     other.join_node(&mut y, &og, Role::Subscriber, false);
-    let forged = other.retained[&key_topic(&og, Role::Publisher)].clone();
+    let forged = other.retained[&topics::key(&og, Role::Publisher)].clone();
     let mut dev = w.enroll("sub-2");
     let sub = dev
         .join(&g, Role::Publisher, false, w.now, &mut w.rng)
@@ -582,7 +587,12 @@ fn a_notice_without_a_held_key_joins_again() {
         .on_suback(&sub.purpose, &[0, 0], Some("AAAA"), w.now, &mut w.rng)
         .unwrap_err();
     assert!(matches!(err, JoinError::BadDelivery { .. }));
-    let out = dev.on_publish(&key_topic(&g, Role::Publisher), &forged, w.now, &mut w.rng);
+    let out = dev.on_publish(
+        &topics::key(&g, Role::Publisher),
+        &forged,
+        w.now,
+        &mut w.rng,
+    );
     assert!(missed_epochs(&out).is_empty(), "{out:?}");
     assert!(subscribes(&out).is_empty(), "{out:?}");
     assert!(
@@ -677,26 +687,22 @@ fn notices_of_the_other_role_or_another_group_are_ignored() {
 }
 
 #[test]
-fn a_device_restored_from_its_key_store_follows_the_next_notice() {
+fn a_device_restored_from_its_stored_keys_follows_the_next_notice() {
     let mut s = setup(6);
-    // sub-1's keys on disk, as the daemon saves them.
-    let tmp = tempfile::tempdir().unwrap();
-    let store = crate::KeyStore::create(tmp.path().join("node")).unwrap();
-    for k in s.s1.dev.stored_keys() {
-        store.save_group_key(&k, s.w.now).unwrap();
-    }
+    // sub-1's keys as the daemon's key store keeps them.
+    let stored = s.s1.dev.stored_keys();
     // A departure while sub-1 is down: only the publisher and sub-2 hear its notice.
     s.w.leave(&s.g, "sub-2", Role::Subscriber);
     let published = core::mem::take(&mut s.w.outbox);
     s.w.deliver(&mut [&mut s.p], &published);
     let current = s.w.state(&s.g).epoch();
 
-    // sub-1 restarts from its key store while the CA is down: the SUBACK refuses the request,
+    // sub-1 restarts from its stored keys while the CA is down: the SUBACK refuses the request,
     // and the retained tree notice opens with the stored path.
     let creds = s.s1.dev.credentials().clone();
     let mut dev = Device::new(creds, *s.w.ca.public(), DeviceConfig::default());
-    for (k, _) in store.load_group_keys().unwrap() {
-        let out = dev.restore(&k).unwrap();
+    for k in &stored {
+        let out = dev.restore(k).unwrap();
         assert!(matches!(
             out,
             Some(Output::KeyAdopted {
@@ -988,7 +994,7 @@ fn a_removed_publisher_is_refused_in_the_grace_period_of_its_old_epoch() {
 /// The member list format through the device's test world.
 mod member_lists {
     use super::*;
-    use quva_client::members::MemberListError;
+    use crate::members::MemberListError;
 
     #[test]
     fn verifies_the_bridge_format_and_rejects_tampering() {

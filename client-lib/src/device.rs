@@ -37,19 +37,23 @@
 //! confirms the epoch in time — does the device join again with `quva-gk`, once
 //! ([`Output::ResumeFailed`] says why).
 //!
+//! Before any of this, [`Enrollment`] and [`cert_connect_auth`] build the CONNECT authentication
+//! of PROTOCOL.md §3 (first enrollment, renewal, certificate proof): the credentials that
+//! [`Device::new`] takes.
+//!
 //! Messages that cannot be checked yet — an epoch the device has not adopted, or no member list
 //! for their epoch — wait (bounded) until the key or list arrives, or until the timestamp window
 //! has passed.
 //!
 //! # Usage
 //! ```
+//! use quva_client::device::{Device, DeviceConfig, Purpose};
 //! use quva_client::ids::{GroupId, Role};
-//! use quva_node::{Device, DeviceConfig, Purpose};
 //! # use quva_client::codec::{Decode, Encode};
 //! # use quva_client::curve::KeyPair;
 //! # use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
 //! # use quva_client::ids::DeviceId;
-//! # use quva_node::Enrollment;
+//! # use quva_client::device::Enrollment;
 //! let mut rng = quva_client::rng::SystemRng::new();
 //! let now = 1_700_000_000_000;
 //! # let ca = KeyPair::random(&mut rng);
@@ -71,40 +75,29 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use quva_client::codec::Decode;
-use quva_client::curve::{KeyPair, Point};
-use quva_client::direct::{
-    DirectFloor, DirectRejection, MembershipFn, StagedDirect, UnverifiedDirect,
-};
-use quva_client::enrollment::{Credentials, ImplicitCert};
-use quva_client::group::{GroupError, GroupKeyRequest, SignedGroupInfo};
-use quva_client::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
-use quva_client::message::{
+use crate::codec::Decode;
+use crate::curve::{KeyPair, Point};
+use crate::direct::{DirectFloor, DirectRejection, MembershipFn, StagedDirect, UnverifiedDirect};
+use crate::enrollment::{Credentials, ImplicitCert};
+use crate::group::{GroupError, GroupKeyRequest, SignedGroupInfo};
+use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
+use crate::message::{
     Direction, Directory, GroupLookupError, GroupPublicKeys, HeldKeys, Policy, Protection,
     Rejection, SealError, Sealer, UnverifiedMessage, VerifiedMessage,
 };
-use quva_client::rekey::tree::{TreeError, TreeKeySet, TreeNotice};
-use quva_client::rekey::{
-    DEFAULT_GRACE_MS, GroupKeyDelivery, Keyring, MAX_PREVIOUS_KEYS, RekeyError, key_topic,
-};
-use quva_client::replay::ReplayCache;
-use quva_client::schnorr::VerifyingKey;
+use crate::rekey::tree::{TreeError, TreeKeySet, TreeNotice};
+use crate::rekey::{DEFAULT_GRACE_MS, GroupKeyDelivery, Keyring, MAX_PREVIOUS_KEYS, RekeyError};
+use crate::replay::ReplayCache;
+use crate::schnorr::VerifyingKey;
 use rand_core::CryptoRngCore;
 
-use quva_client::members::{self, MemberList, MemberListError};
+use crate::members::{MemberList, MemberListError};
+use crate::reasons::suback_meaning;
+use crate::topics;
 
-/// The query-topic suffix (PROTOCOL.md §8).
-pub const QUERY_SUFFIX: &str = "/_q";
+mod connect;
 
-/// The data topic of a group: the group ID itself.
-pub fn data_topic(group: &GroupId) -> String {
-    group.as_str().to_owned()
-}
-
-/// The query topic `<group>/_q`.
-pub fn query_topic(group: &GroupId) -> String {
-    format!("{}{QUERY_SUFFIX}", group.as_str())
-}
+pub use connect::{ConnectAuth, EnrollFailure, Enrollment, cert_connect_auth};
 
 /// Tunables of the device core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,8 +250,8 @@ impl core::fmt::Display for MissedEpoch {
     }
 }
 
-/// `publisher` or `subscriber`.
-pub(crate) fn role_name(role: Role) -> &'static str {
+/// `publisher` or `subscriber`, as reports and status output name a role.
+pub fn role_name(role: Role) -> &'static str {
     match role {
         Role::Publisher => "publisher",
         Role::Subscriber => "subscriber",
@@ -287,8 +280,10 @@ pub enum DropReason {
 }
 
 /// Something the driver should do or report.
+///
+/// Exhaustive on purpose: a driver handles every output, and a new one should fail its build
+/// rather than be dropped by a catch-all arm.
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Output {
     /// Send this SUBSCRIBE.
     Subscribe(Subscription),
@@ -411,21 +406,6 @@ pub enum JoinError {
     /// A group-key request could not be made.
     #[error("group-key request: {0}")]
     Request(GroupError),
-}
-
-/// A readable meaning of a SUBACK reason code.
-pub fn suback_meaning(code: u8) -> &'static str {
-    match code {
-        0x80 => "the CA is unavailable or failed",
-        0x87 => "not authorized (role not allowed, device revoked, or clock skew)",
-        0x8F => "invalid topic filter",
-        0x91 => "packet identifier in use",
-        0x97 => "quota exceeded",
-        0x9E => "shared subscriptions not supported",
-        0xA1 => "subscription identifiers not supported",
-        0xA2 => "wildcard subscriptions not supported",
-        _ => "refused",
-    }
 }
 
 /// Why a message could not be sealed.
@@ -730,7 +710,7 @@ impl Device {
     }
 
     fn key_filters(&self, group: &GroupId, role: Role) -> Vec<String> {
-        vec![key_topic(group, role), members::topic(group)]
+        vec![topics::key(group, role), topics::certificates(group)]
     }
 
     /// Takes part in `group` as `role` again after a (re)connection: with a held key (kept or
@@ -848,7 +828,7 @@ impl Device {
                         code,
                     });
                     out.push(Output::Subscribe(Subscription {
-                        filters: vec![key_topic(group, *role)],
+                        filters: vec![topics::key(group, *role)],
                         group_key_request: None,
                         purpose: Purpose::Watch {
                             group: group.clone(),
@@ -877,14 +857,14 @@ impl Device {
                 }
             }
             Purpose::Watch { group, role } => {
-                self.refused_extras(codes, &[key_topic(group, *role)], &mut out);
+                self.refused_extras(codes, &[topics::key(group, *role)], &mut out);
             }
             Purpose::Resume { group, role } => {
                 self.refused_extras(codes, &self.key_filters(group, *role), &mut out);
                 self.on_resumed(group, *role, codes, now_ms, rng, &mut out);
             }
             Purpose::Listen { group, role } => {
-                let filter = receive_topic(group, *role);
+                let filter = topics::receive(group, *role);
                 match codes.first().copied() {
                     Some(code) if code < 0x80 => {}
                     code => {
@@ -1001,7 +981,7 @@ impl Device {
         }
         state.listening = true;
         Some(Subscription {
-            filters: vec![receive_topic(group, role)],
+            filters: vec![topics::receive(group, role)],
             group_key_request: None,
             purpose: Purpose::Listen {
                 group: group.clone(),
@@ -1077,14 +1057,14 @@ impl Device {
             if topic == g.as_str() {
                 return Some((g.clone(), Route::Data));
             }
-            if topic == query_topic(g) {
+            if topic == topics::query(g) {
                 return Some((g.clone(), Route::Query));
             }
-            if topic == members::topic(g) {
+            if topic == topics::certificates(g) {
                 return Some((g.clone(), Route::Members));
             }
             for role in s.roles.keys() {
-                if topic == key_topic(g, *role) {
+                if topic == topics::key(g, *role) {
                     return Some((g.clone(), Route::Key(*role)));
                 }
             }
@@ -1304,7 +1284,7 @@ impl Device {
         rng: &mut impl CryptoRngCore,
         out: &mut Vec<Output>,
     ) {
-        let hash = quva_client::curve::sha256(&[payload]);
+        let hash = crate::curve::sha256(&[payload]);
         let seen = self.groups.get(group).and_then(|s| match s.verified_list {
             Some((h, epoch)) if h == hash => s.lists.get(&epoch).cloned(),
             _ => None,
@@ -1600,8 +1580,8 @@ impl Device {
             }
         };
         let topic = match direction {
-            Direction::Forward => data_topic(group),
-            Direction::Query => query_topic(group),
+            Direction::Forward => topics::data(group),
+            Direction::Query => topics::query(group),
         };
         Ok((topic, bytes))
     }
@@ -1640,14 +1620,6 @@ pub struct GroupSummary {
     pub roles: Vec<Role>,
     /// The size of the newest member list.
     pub members: Option<usize>,
-}
-
-/// The topic a role receives on: data for a subscriber, queries for a publisher.
-pub fn receive_topic(group: &GroupId, role: Role) -> String {
-    match role {
-        Role::Subscriber => data_topic(group),
-        Role::Publisher => query_topic(group),
-    }
 }
 
 /// A device's view for verification at one instant: groups and their epochs from the verified
