@@ -37,6 +37,7 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 announce_first_build() {
   if ! compgen -G "$CARGO_TARGET_DIR/debug/deps/liblibrocksdb_sys-*.rlib" >/dev/null; then
     echo "==> first build on this machine: compiling RocksDB's C++ for quva-ca, the longest step"
-    echo "    (15-20 minutes on 2 cores, once per machine; later builds reuse $CARGO_TARGET_DIR)"
+    echo "    (about 16 of the first build's 23 minutes on 2 cores, once per machine; later builds"
+    echo "    reuse $CARGO_TARGET_DIR)"
   fi
 }
