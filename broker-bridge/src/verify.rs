@@ -1,5 +1,6 @@
 //! PUBLISH checks off the async workers: the cheap checks and the signatures of one batch run on
-//! tokio's blocking pool, at most one batch per CPU at a time.
+//! tokio's blocking pool, at most one batch per CPU at a time; a lone small PUBLISH is checked on
+//! the connection's own task (the hand-off would cost more than its one signature).
 //!
 //! Implements the bridge's checks of PROTOCOL.md §6 for the protected PUBLISHes of a batch with
 //! quva-client's typed pipeline: decoding, group/epoch/window/replay lookup and membership
@@ -118,7 +119,13 @@ impl Protected {
     }
 }
 
-/// Checks the protected PUBLISHes of one batch on the blocking pool; returns `(index, verdict)`
+/// The largest payload of a lone PUBLISH checked on the connection's task instead of the
+/// blocking pool: its check (one signature, or hashing an OTA chunk this small) stays well under
+/// the ~100 µs a task may run between two awaits.
+const INLINE_MAX_PAYLOAD: usize = 4096;
+
+/// Checks the protected PUBLISHes of one batch on the blocking pool (a lone small one on the
+/// caller's task); returns `(index, verdict)`
 /// for each. A PUBLISH whose check could not run is missing from the answer (the caller drops
 /// it as not authorized).
 pub(crate) async fn check_batch(
@@ -129,6 +136,13 @@ pub(crate) async fn check_batch(
     let Ok(_permit) = shared.verifiers.acquire().await else {
         return Vec::new();
     };
+    if let [one] = items.as_slice()
+        && one.payload.len() <= INLINE_MAX_PAYLOAD
+    {
+        // A lone small message (the common case when a device publishes one message at a
+        // time): one signature check costs less than the hand-off to the blocking pool and back.
+        return check_now(shared, connection, items);
+    }
     let shared = shared.clone();
     let connection = connection.clone();
     tokio::task::spawn_blocking(move || check_now(&shared, &connection, items))
