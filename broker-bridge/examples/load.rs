@@ -295,7 +295,8 @@ async fn throughput(
     println!("load average before: {}", load_average());
     let direct = pump(direct, DIRECT, window, messages).await;
     let via = pump(via, GROUP, window, messages).await;
-    for (name, (acked, refused, secs)) in [("direct to Mosquitto", direct), ("through the bridge", via)]
+    for (name, (acked, refused, secs)) in
+        [("direct to Mosquitto", direct), ("through the bridge", via)]
     {
         println!(
             "throughput {name}: max_batch={batch} publishers={publishers} window={window} \
