@@ -92,6 +92,11 @@ pub(crate) struct Compactor {
     building_from: Option<u64>,
     /// Where the current pass over the notice log continues; `None` between passes.
     pass_from: Option<u64>,
+    /// Below this sequence number every notice was deleted: passes start here rather than
+    /// stepping over the deleted rows again.
+    notices_start: u64,
+    /// Likewise for the audit log.
+    audit_start: u64,
 }
 
 impl Compactor {
@@ -101,6 +106,8 @@ impl Compactor {
             latest_rekey: HashMap::new(),
             building_from: Some(0),
             pass_from: None,
+            notices_start: 0,
+            audit_start: 0,
         }
     }
 
@@ -136,11 +143,12 @@ impl<T> CaCore<T> {
         let mut batch = Batch::new();
         let mut done = Compacted::default();
         if retention.audit_days > 0 {
-            for a in self.store.audit(0, page)? {
+            for a in self.store.audit(self.compactor.audit_start, page)? {
                 if !audit_expired(&a, &retention, now) {
                     break;
                 }
                 batch.delete(Key::audit(a.seq));
+                self.compactor.audit_start = a.seq + 1;
                 done.audits += 1;
             }
         }
@@ -183,9 +191,10 @@ impl<T> CaCore<T> {
             }
             return Ok(0);
         }
+        let start = self.compactor.notices_start;
         let from = match self.compactor.pass_from {
-            Some(from) => from,
-            None if self.sweeps % PASS_EVERY_SWEEPS == 1 => 0,
+            Some(from) => from.max(start),
+            None if self.sweeps % PASS_EVERY_SWEEPS == 1 => start,
             None => return Ok(0),
         };
         let rows = self.store.notices(from, page)?;
@@ -195,16 +204,22 @@ impl<T> CaCore<T> {
         };
         let retention = self.cfg.retention;
         let mut dropped = 0;
+        let mut leading = from == start;
         for n in &rows {
             let facts = self.facts(n)?;
             if notice_redundant(n, facts, &retention, now) {
                 batch.delete(Key::notice(n.seq));
                 dropped += 1;
+                if leading {
+                    self.compactor.notices_start = n.seq + 1;
+                }
+            } else {
+                leading = false;
             }
         }
         if dropped > 0 && self.compactor.pass_from.is_none() {
             // Something was dropped: look again at the next sweep rather than in a minute.
-            self.compactor.pass_from = Some(0);
+            self.compactor.pass_from = Some(self.compactor.notices_start);
         }
         Ok(dropped)
     }
@@ -293,7 +308,8 @@ mod tests {
         m
     }
 
-    /// Two groups, two members in one, a dozen epochs of the first group.
+    /// Two groups, two members in one, a dozen epochs of the first group; its publisher leaves
+    /// early, so the last REKEY notice of the publishers' topic is of an old epoch.
     fn busy_kit(notice_epochs: u32, max_per_sweep: usize) -> Kit {
         let mut k = kit(notice_epochs, 0, max_per_sweep);
         k.create_group(G, 0);
@@ -303,7 +319,9 @@ mod tests {
         k.joined(&d1, G, Role::Subscriber);
         k.joined(&d2, G, Role::Publisher);
         k.joined(&d1, H, Role::Subscriber);
-        for _ in 0..10 {
+        k.permit(G, "d2", Role::Publisher, false);
+        k.close_next();
+        for _ in 0..9 {
             rekey(&mut k, G);
         }
         k
@@ -339,7 +357,15 @@ mod tests {
                 assert_eq!(latest.get(&n.topic), Some(&n.seq), "seq {} kept", n.seq);
             }
         }
-        // The latest REKEY notice of every topic ever used stays, in both groups.
+        // The latest REKEY notice of every topic ever used stays, in both groups, also when it
+        // is of an old epoch (the publishers' topic after the publisher left).
+        let by_seq: BTreeMap<u64, &Notice> = before.iter().map(|n| (n.seq, n)).collect();
+        assert!(
+            latest
+                .values()
+                .any(|s| by_seq[s].group == G && by_seq[s].epoch + 3 < current),
+            "a topic whose last notice is old: {latest:?}"
+        );
         for (topic, seq) in &latest {
             assert!(kept.contains(seq), "latest notice of {topic} dropped");
         }
