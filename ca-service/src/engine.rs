@@ -51,6 +51,7 @@ mod admin;
 mod audit;
 mod batching;
 mod command;
+mod compaction;
 mod config;
 mod core;
 mod enroll;

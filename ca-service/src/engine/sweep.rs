@@ -1,5 +1,5 @@
 //! The sweep: certificate expiry, revocations and denials left over from a crash, periodic
-//! rekeys, pruning of the replay cache, and a bounded step of log compaction (`retention`).
+//! rekeys, pruning of the replay cache, and a bounded step of log compaction (`compaction`).
 
 use std::collections::BTreeSet;
 
