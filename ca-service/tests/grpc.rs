@@ -820,9 +820,11 @@ async fn metrics_report_epochs_and_writer_time() {
 #[tokio::test]
 async fn watch_notices_after_compaction_sends_the_kept_notices_across_gaps() {
     use quva_ca::store::Tables;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let mut h = Harness::start_with(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         batch_window_ms: 30,
         sweep_interval_ms: 20,
         retention: quva_ca::config::RetentionConfig {
@@ -874,6 +876,28 @@ async fn watch_notices_after_compaction_sends_the_kept_notices_across_gaps() {
     let from_gap = notices_until(&mut h, gap, |n| n.seq == last).await;
     assert_eq!(from_gap.first().map(|n| n.seq), Some(next_kept));
     assert!(from_gap.iter().all(|n| kept_seqs.contains(&n.seq)));
+    // The metrics count the deleted notices.
+    let metrics = h.server.as_ref().unwrap().metrics_addr().unwrap();
+    let dropped = last - u64::try_from(kept.len()).unwrap();
+    let mut counted = 0;
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        counted = body
+            .lines()
+            .find_map(|l| l.strip_prefix("quva_ca_compacted_notices_total "))
+            .unwrap_or_else(|| panic!("no compaction counter in {body}"))
+            .trim()
+            .parse()
+            .unwrap();
+        if counted == dropped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, dropped, "quva_ca_compacted_notices_total");
     // Every kept notice of an old epoch is the latest REKEY notice of its topic.
     for n in kept.iter().filter(|n| n.epoch + 1 < current) {
         assert_eq!(n.kind, pb::NoticeKind::Rekey as i32, "seq {}", n.seq);
