@@ -60,6 +60,8 @@ pub struct Config {
     pub windows: Windows,
     /// Resource limits.
     pub limits: Limits,
+    /// Following the CA's notice log.
+    pub notices: Notices,
 }
 
 impl Default for Config {
@@ -72,6 +74,7 @@ impl Default for Config {
             topics: Topics::default(),
             windows: Windows::default(),
             limits: Limits::default(),
+            notices: Notices::default(),
         }
     }
 }
@@ -176,6 +179,16 @@ impl Topics {
     pub fn unauthenticated_allowed(&self) -> bool {
         self.allow_unauthenticated.unwrap_or(true)
     }
+}
+
+/// Following the CA's notice log (docs/operations-bridge.md, "Notice state file").
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notices {
+    /// Where the bridge keeps its position in the notice log and what it built from the log
+    /// (the retained set, the revocations), so that a restart resumes there instead of reading
+    /// the log from its start. None: every start reads the whole log.
+    pub state_file: Option<String>,
 }
 
 /// Time windows of PROTOCOL.md §3, §5 and §6.

@@ -6,9 +6,18 @@
 //! disconnect (CA or broker) the bridge resumes from the sequence number after the last notice it
 //! finished, and after a broker reconnect it first publishes again the latest retained message of
 //! every topic it published (a broker without persistence forgets them).
+//!
+//! With `notices.state_file` set, the position and what was built from the log (the retained
+//! set, the revocations) are kept in that file ([`state`]), written every few seconds while
+//! notices arrive and whenever the log is caught up; a restarted bridge resumes after the saved
+//! position. The CA compacts its log (sequence numbers then have gaps), and what it keeps is
+//! enough for a bridge that reads it from any position it had reached.
+
+mod state;
 
 use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroU16;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -16,16 +25,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use bytestring::ByteString;
 use futures_util::{SinkExt as _, StreamExt as _};
+use quva_client::enrollment::CaKid;
 use quva_client::ids::{DeviceId, GroupId};
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::v5;
 use rmqtt_codec::{MqttCodec, MqttPacket};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::ca::{Notice, NoticeAction};
 use crate::shared::Shared;
+
+use self::state::{FollowerState, StateError, write_atomically};
 
 /// The bridge's own MQTT 5 connection to the broker, used to publish retained notices.
 pub(crate) struct Publisher {
@@ -177,9 +190,154 @@ struct Follower {
     /// The sequence number of the next notice to apply.
     next_seq: u64,
     retained: Retained,
+    /// Every revocation applied (serial, and the revoked device or empty for a superseded
+    /// certificate), for the state file: the directory gets them again after a restart.
+    revoked: BTreeMap<u64, String>,
     /// Kept across CA interruptions; replaced (and the retained set published again) only when
     /// the broker side failed.
     publisher: Option<Publisher>,
+    /// The state file, if configured, and whether the state changed since it was written.
+    saver: Option<Saver>,
+}
+
+/// Writes the follower's state file: at most every [`SAVE_EVERY`] while notices arrive, and when
+/// the log is caught up.
+struct Saver {
+    path: PathBuf,
+    kid: CaKid,
+    dirty: bool,
+    saved_at: Instant,
+}
+
+/// Least time between two writes of the state file while notices keep arriving.
+const SAVE_EVERY: Duration = Duration::from_secs(3);
+
+impl Follower {
+    /// A follower at the start of the log, or where the state file says if there is a valid one
+    /// for this CA; the file's revocations are applied to the directory.
+    fn start(shared: &Shared) -> Follower {
+        let mut follower = Follower {
+            next_seq: 1,
+            retained: Retained::default(),
+            revoked: BTreeMap::new(),
+            publisher: None,
+            saver: None,
+        };
+        let (Some(path), Some(ca)) = (&shared.cfg.notices.state_file, shared.ca_public()) else {
+            return follower;
+        };
+        let path = PathBuf::from(path);
+        let kid = CaKid::of(&ca);
+        match FollowerState::load(&path, &kid).and_then(Restored::check) {
+            Ok(Some(restored)) => {
+                for (serial, device) in &restored.revoked {
+                    shared.dir.revoke(*serial, device.as_ref());
+                }
+                follower.next_seq = restored.state.next_seq;
+                follower.retained.topics = restored.state.topics;
+                follower.retained.lists = restored.lists;
+                follower.revoked = restored.state.revoked;
+                tracing::info!(
+                    next_seq = follower.next_seq,
+                    topics = follower.retained.topics.len(),
+                    revoked = follower.revoked.len(),
+                    "notice state loaded; resuming the notice log"
+                );
+            }
+            Ok(None) => tracing::info!(
+                path = %path.display(),
+                "no notice state file yet; reading the notice log from its start"
+            ),
+            Err(e) => tracing::warn!(
+                path = %path.display(),
+                error = %e,
+                "notice state file not used; reading the notice log from its start"
+            ),
+        }
+        follower.saver = Some(Saver {
+            path,
+            kid,
+            dirty: false,
+            saved_at: Instant::now(),
+        });
+        follower
+    }
+
+    /// Notes that a notice was applied.
+    fn changed(&mut self) {
+        if let Some(s) = &mut self.saver {
+            s.dirty = true;
+        }
+    }
+
+    /// Writes the state file if it changed (and, unless `now`, if the last write is old enough).
+    async fn save(&mut self, now: bool) {
+        let Some(saver) = &mut self.saver else {
+            return;
+        };
+        if !saver.dirty || (!now && saver.saved_at.elapsed() < SAVE_EVERY) {
+            return;
+        }
+        let state = FollowerState {
+            next_seq: self.next_seq,
+            topics: self.retained.topics.clone(),
+            lists: self
+                .retained
+                .lists
+                .iter()
+                .map(|(g, e)| (g.as_str().to_owned(), *e))
+                .collect(),
+            revoked: self.revoked.clone(),
+        };
+        let bytes = state.encode(&saver.kid);
+        let path = saver.path.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes)).await;
+        saver.saved_at = Instant::now();
+        match written {
+            Ok(Ok(())) => {
+                saver.dirty = false;
+                tracing::debug!(next_seq = self.next_seq, "notice state saved");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(path = %saver.path.display(), error = %e, "cannot write the notice state file");
+            }
+            Err(_) => tracing::warn!("writing the notice state file was cancelled"),
+        }
+    }
+}
+
+/// A state file's contents checked as a whole: every group and device identifier valid.
+struct Restored {
+    state: FollowerState,
+    lists: HashMap<GroupId, u32>,
+    revoked: Vec<(u64, Option<DeviceId>)>,
+}
+
+impl Restored {
+    fn check(state: Option<FollowerState>) -> Result<Option<Restored>, StateError> {
+        let Some(state) = state else {
+            return Ok(None);
+        };
+        let mut lists = HashMap::new();
+        for (g, e) in &state.lists {
+            let g = GroupId::new(g).map_err(|_| StateError::Corrupt("group id"))?;
+            lists.insert(g, *e);
+        }
+        let mut revoked = Vec::with_capacity(state.revoked.len());
+        for (serial, device) in &state.revoked {
+            let device = if device.is_empty() {
+                None
+            } else {
+                Some(DeviceId::new(device).map_err(|_| StateError::Corrupt("device id"))?)
+            };
+            revoked.push((*serial, device));
+        }
+        Ok(Some(Restored {
+            state,
+            lists,
+            revoked,
+        }))
+    }
 }
 
 /// Which side interrupted the notices.
@@ -201,25 +359,28 @@ impl Interrupted {
 
 /// Follows the CA's notices until the bridge stops.
 ///
-/// The position is kept in memory only: a restarted bridge reads the log from its start (every
-/// notice is idempotent: retained publishes end at the latest per topic, group refreshes fetch the
-/// current data, revocations are sets), which also rebuilds its revocation set.
+/// Without a state file the position is kept in memory only: a restarted bridge reads the log
+/// from its start (every notice is idempotent: retained publishes end at the latest per topic,
+/// group refreshes fetch the current data, revocations are sets), which also rebuilds its
+/// revocation set. With one, it resumes where the file says (see [`state`]).
 pub(crate) async fn run(shared: Arc<Shared>) {
-    let mut follower = Follower {
-        next_seq: 1,
-        retained: Retained::default(),
-        publisher: None,
-    };
+    let mut follower = Follower::start(&shared);
     let mut backoff = MIN_BACKOFF;
     loop {
         if shared.stop.is_cancelled() {
+            follower.save(true).await;
             return;
         }
         let mut connected = false;
         let outcome = tokio::select! {
-            () = shared.stop.cancelled() => return,
-            r = follow(&shared, &mut follower, &mut connected) => r,
+            () = shared.stop.cancelled() => None,
+            r = follow(&shared, &mut follower, &mut connected) => Some(r),
         };
+        let Some(outcome) = outcome else {
+            follower.save(true).await;
+            return;
+        };
+        follower.save(true).await;
         if let Err(e) = outcome {
             if matches!(e, Interrupted::Broker(_)) {
                 follower.publisher = None;
@@ -234,7 +395,10 @@ pub(crate) async fn run(shared: Arc<Shared>) {
             backoff = MIN_BACKOFF;
         }
         tokio::select! {
-            () = shared.stop.cancelled() => return,
+            () = shared.stop.cancelled() => {
+                follower.save(true).await;
+                return;
+            }
             () = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
@@ -278,37 +442,40 @@ async fn follow(
 ) -> Result<(), Interrupted> {
     let ca = shared.ca_client().ok_or(Interrupted::Ca("no CA"))?;
     check_pinned_key(shared, ca.as_ref()).await?;
-    let Follower {
-        next_seq,
-        retained,
-        publisher,
-    } = follower;
-    let publisher = match publisher {
-        Some(p) => p,
-        None => {
-            let mut p = Publisher::connect(shared)
-                .await
-                .map_err(|_| Interrupted::Broker("broker unavailable"))?;
-            retained
-                .republish(&mut p)
-                .await
-                .map_err(|_| Interrupted::Broker("publishing the retained set failed"))?;
-            publisher.insert(p)
-        }
-    };
+    if follower.publisher.is_none() {
+        let mut p = Publisher::connect(shared)
+            .await
+            .map_err(|_| Interrupted::Broker("broker unavailable"))?;
+        follower
+            .retained
+            .republish(&mut p)
+            .await
+            .map_err(|_| Interrupted::Broker("publishing the retained set failed"))?;
+        follower.publisher = Some(p);
+    }
     let mut stream = shared
-        .ca_call("watch_notices", ca.watch_notices(*next_seq))
+        .ca_call("watch_notices", ca.watch_notices(follower.next_seq))
         .await
         .map_err(|_| Interrupted::Ca("CA unavailable"))?;
     *connected = true;
+    tracing::info!(from_seq = follower.next_seq, "following the notice log");
     loop {
+        let Some(publisher) = follower.publisher.as_mut() else {
+            return Err(Interrupted::Broker("broker connection lost"));
+        };
+        let current = shared.revocations_current.load(Ordering::Acquire);
+        let dirty = follower.saver.as_ref().is_some_and(|s| s.dirty);
         let item = tokio::select! {
             item = stream.next() => item,
             () = publisher.closed() => return Err(Interrupted::Broker("broker connection lost")),
-            () = tokio::time::sleep(CAUGHT_UP), if !shared.revocations_current.load(Ordering::Acquire) => {
-                // The log was read to its end: the directory's revocations are current.
-                shared.revocations_current.store(true, Ordering::Release);
-                tracing::info!(next_seq = *next_seq, "notices caught up");
+            () = tokio::time::sleep(CAUGHT_UP), if !current || dirty => {
+                // The log was read to its end: the directory's revocations are current, and
+                // the state file is written.
+                follower.save(true).await;
+                if !current {
+                    shared.revocations_current.store(true, Ordering::Release);
+                    tracing::info!(next_seq = follower.next_seq, "notices caught up");
+                }
                 continue;
             }
         };
@@ -316,11 +483,24 @@ async fn follow(
             return Err(Interrupted::Ca("CA stream ended"));
         };
         let notice = item.map_err(|_| Interrupted::Ca("CA stream failed"))?;
-        if notice.seq < *next_seq {
+        if notice.seq < follower.next_seq {
             continue;
         }
-        apply(shared, publisher, retained, &notice).await?;
-        *next_seq = notice.seq + 1;
+        apply(shared, publisher, &mut follower.retained, &notice).await?;
+        match &notice.action {
+            NoticeAction::Revoked { serial, device } => {
+                // As `apply` reads it: a device the identifier rules refuse is not named.
+                let device = DeviceId::new(device).map(|d| d.as_str().to_owned());
+                follower.revoked.insert(*serial, device.unwrap_or_default());
+            }
+            NoticeAction::Superseded { serial, .. } => {
+                follower.revoked.entry(*serial).or_default();
+            }
+            _ => {}
+        }
+        follower.next_seq = notice.seq + 1;
+        follower.changed();
+        follower.save(false).await;
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, Retention};
 
 /// Default gRPC listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
@@ -42,6 +42,34 @@ pub struct Config {
     pub max_group_commit: usize,
     /// TLS on the gRPC listener (`[tls]`); plain HTTP/2 when absent.
     pub tls: Option<TlsConfig>,
+    /// How long notices and audit entries are kept (`[retention]`).
+    pub retention: RetentionConfig,
+}
+
+/// `[retention]`: compaction of the notice log and the audit log in the sweep
+/// (docs/operations.md, "Retention").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// REKEY and GROUP_UPDATED notices of epochs older than a group's current epoch minus this
+    /// many are compacted away (never the latest REKEY notice of a topic); REVOKED notices stay
+    /// until their certificate has expired. 0 keeps every notice.
+    pub notice_epochs: u32,
+    /// Audit entries older than this many days are deleted; 0 keeps them forever.
+    pub audit_days: u32,
+    /// Most notices, and most audit entries, one sweep reads and deletes.
+    pub max_per_sweep: usize,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> RetentionConfig {
+        let r = Retention::default();
+        RetentionConfig {
+            notice_epochs: r.notice_epochs,
+            audit_days: r.audit_days,
+            max_per_sweep: r.max_per_sweep,
+        }
+    }
 }
 
 /// `[tls]`: the server's certificate and, optionally, the CA that signs bridges' client
@@ -74,6 +102,7 @@ impl Default for Config {
             sweep_interval_ms: 1_000,
             max_group_commit: crate::engine::DEFAULT_MAX_GROUP_COMMIT,
             tls: None,
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -100,6 +129,11 @@ impl From<&Config> for EngineConfig {
             sweep_interval: Duration::from_millis(c.sweep_interval_ms.max(10)),
             max_group_commit: c.max_group_commit.max(1),
             secret_validity_ms: c.enroll_secret_validity_secs.saturating_mul(1000),
+            retention: Retention {
+                notice_epochs: c.retention.notice_epochs,
+                audit_days: c.retention.audit_days,
+                max_per_sweep: c.retention.max_per_sweep.max(1),
+            },
         }
     }
 }
@@ -118,6 +152,21 @@ mod tests {
             toml::from_str("listen = \"0.0.0.0:9000\"\nsweep_interval_ms = 5").unwrap();
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.sweep_interval_ms, 5);
+    }
+
+    #[test]
+    fn retention_section() {
+        let cfg: Config = toml::from_str("").unwrap();
+        let engine = EngineConfig::from(&cfg);
+        assert_eq!(engine.retention.notice_epochs, 16);
+        assert_eq!(engine.retention.audit_days, 365);
+        let cfg: Config =
+            toml::from_str("[retention]\nnotice_epochs = 0\naudit_days = 30\n").unwrap();
+        let engine = EngineConfig::from(&cfg);
+        assert_eq!(engine.retention.notice_epochs, 0);
+        assert_eq!(engine.retention.audit_days, 30);
+        assert_eq!(engine.retention.max_per_sweep, 1024);
+        assert!(toml::from_str::<Config>("[retention]\nnotice_days = 3").is_err());
     }
 
     #[test]

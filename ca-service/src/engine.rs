@@ -51,6 +51,7 @@ mod admin;
 mod audit;
 mod batching;
 mod command;
+mod compaction;
 mod config;
 mod core;
 mod enroll;
@@ -58,6 +59,7 @@ mod errors;
 mod handle;
 mod load;
 mod membership;
+mod retention;
 mod state;
 mod stats;
 mod sweep;
@@ -70,7 +72,9 @@ pub use actor::Engine;
 pub use audit::{AuditKind, RekeyReason};
 pub use command::{CertificateUse, Command, JoinReply, Outcome, Registered};
 pub use config::{
-    DEFAULT_MAX_GROUP_COMMIT, EngineConfig, MAX_CERT_PROOF_LEN, MAX_CERT_REQUEST_LEN,
+    DEFAULT_AUDIT_DAYS, DEFAULT_COMPACTION_PER_SWEEP, DEFAULT_MAX_GROUP_COMMIT,
+    DEFAULT_NOTICE_EPOCHS, EngineConfig, MAX_CERT_PROOF_LEN, MAX_CERT_REQUEST_LEN, Retention,
 };
 pub use handle::EngineHandle;
+pub use retention::{Compacted, REVOKED_EXPIRY_MARGIN_MS};
 pub use stats::Stats;

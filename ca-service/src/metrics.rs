@@ -59,7 +59,7 @@ impl Collector for CaCollector {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         // A store that cannot be read reports zeros rather than failing the whole scrape.
         let meta = self.store.meta().unwrap_or_default();
-        let rows: [(&str, Kind, &str, u64); 18] = [
+        let rows: [(&str, Kind, &str, u64); 20] = [
             (
                 "quva_ca_enrollments",
                 Kind::Counter,
@@ -113,6 +113,18 @@ impl Collector for CaCollector {
                 Kind::Counter,
                 "Notices written since start.",
                 g(&s.notices),
+            ),
+            (
+                "quva_ca_compacted_notices",
+                Kind::Counter,
+                "Notices deleted by retention since start.",
+                g(&s.compacted_notices),
+            ),
+            (
+                "quva_ca_compacted_audit_entries",
+                Kind::Counter,
+                "Audit entries deleted by retention since start.",
+                g(&s.compacted_audits),
             ),
             (
                 "quva_ca_commits",
@@ -219,6 +231,8 @@ mod tests {
             ("quva_ca_auth_denied_total", "0"),
             ("quva_ca_rekeys_total", "3"),
             ("quva_ca_notices_total", "0"),
+            ("quva_ca_compacted_notices_total", "0"),
+            ("quva_ca_compacted_audit_entries_total", "0"),
             ("quva_ca_commits_total", "0"),
             ("quva_ca_commit_failures_total", "0"),
             ("quva_ca_audit_dropped_total", "0"),

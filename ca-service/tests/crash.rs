@@ -270,8 +270,8 @@ async fn all_notices(device: &mut DeviceClient, last: u64) -> Vec<pb::Notice> {
         .await
         .unwrap()
         .into_inner();
-    let mut out = Vec::new();
-    while out.len() < usize::try_from(last).unwrap() {
+    let mut out: Vec<pb::Notice> = Vec::new();
+    while out.last().is_none_or(|n| n.seq < last) {
         let n = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .unwrap()
@@ -393,14 +393,14 @@ async fn kill_9_during_a_storm_loses_nothing_acknowledged() {
         .await
         .unwrap()
         .into_inner();
+    // Retention may have compacted old epochs away (gaps); what is kept is in order and ends
+    // at the last notice written.
     let notices = all_notices(&mut device, status.last_notice_seq).await;
-    for (i, n) in notices.iter().enumerate() {
-        assert_eq!(
-            n.seq,
-            u64::try_from(i).unwrap() + 1,
-            "notice sequence has a gap"
-        );
-    }
+    assert!(
+        notices.windows(2).all(|w| w[0].seq < w[1].seq),
+        "notice sequence out of order"
+    );
+    assert_eq!(notices.last().map(|n| n.seq), Some(status.last_notice_seq));
 
     let logs = logs.lock().unwrap().drain().collect::<HashMap<_, _>>();
     for g in GROUPS {

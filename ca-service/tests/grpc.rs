@@ -813,3 +813,100 @@ async fn metrics_report_epochs_and_writer_time() {
     assert!(micros > 0);
     h.stop().await;
 }
+
+/// Notices of the group before compaction and after: the current epoch minus one and the
+/// latest REKEY notice of each topic stay, the rest is deleted; `WatchNotices` then sends only
+/// what is kept, and a `from_seq` inside a gap starts at the next kept notice.
+#[tokio::test]
+async fn watch_notices_after_compaction_sends_the_kept_notices_across_gaps() {
+    use quva_ca::store::Tables;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut h = Harness::start_with(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        batch_window_ms: 30,
+        sweep_interval_ms: 20,
+        retention: quva_ca::config::RetentionConfig {
+            notice_epochs: 1,
+            ..Default::default()
+        },
+        ..Config::default()
+    })
+    .await;
+    let s1 = h.enrolled("s1").await;
+    let p1 = h.enrolled("p1").await;
+    h.create_group(G, false, 0).await;
+    h.permit(G, "s1", Role::Subscriber, true).await;
+    h.permit(G, "p1", Role::Publisher, true).await;
+    h.join(&s1, G, Role::Subscriber).await.unwrap();
+    h.join(&p1, G, Role::Publisher).await.unwrap();
+    for _ in 0..4 {
+        h.admin
+            .rekey_group(pb::RekeyGroupRequest { id: G.into() })
+            .await
+            .unwrap();
+    }
+    let current = group_info(&mut h, G).await.1.epoch.0;
+    let last = last_notice_seq(&mut h).await;
+    // The sweep compacts on its own timer.
+    let old =
+        |n: &pb::Notice| n.kind == pb::NoticeKind::GroupUpdated as i32 && n.epoch + 1 < current;
+    let mut kept = Vec::new();
+    for _ in 0..200 {
+        kept = h.store.notices(0, 0).unwrap();
+        if !kept.iter().any(old) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(!kept.iter().any(old), "old epochs compacted");
+    let kept_seqs: Vec<u64> = kept.iter().map(|n| n.seq).collect();
+    assert!(
+        kept_seqs.len() < usize::try_from(last).unwrap(),
+        "some notices dropped"
+    );
+    assert_eq!(kept_seqs.last(), Some(&last), "the newest notice stays");
+    // The stream from the start: exactly the kept notices, in order.
+    let streamed = notices_until(&mut h, 1, |n| n.seq == last).await;
+    assert_eq!(streamed, kept);
+    // From inside a gap: the next kept notice.
+    let gap = (1..last).find(|s| !kept_seqs.contains(s)).expect("a gap");
+    let next_kept = *kept_seqs.iter().find(|s| **s > gap).unwrap();
+    let from_gap = notices_until(&mut h, gap, |n| n.seq == last).await;
+    assert_eq!(from_gap.first().map(|n| n.seq), Some(next_kept));
+    assert!(from_gap.iter().all(|n| kept_seqs.contains(&n.seq)));
+    // The metrics count the deleted notices.
+    let metrics = h.server.as_ref().unwrap().metrics_addr().unwrap();
+    let dropped = last - u64::try_from(kept.len()).unwrap();
+    let mut counted = 0;
+    for _ in 0..100 {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.unwrap();
+        counted = body
+            .lines()
+            .find_map(|l| l.strip_prefix("quva_ca_compacted_notices_total "))
+            .unwrap_or_else(|| panic!("no compaction counter in {body}"))
+            .trim()
+            .parse()
+            .unwrap();
+        if counted == dropped {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(counted, dropped, "quva_ca_compacted_notices_total");
+    // Every kept notice of an old epoch is the latest REKEY notice of its topic.
+    for n in kept.iter().filter(|n| n.epoch + 1 < current) {
+        assert_eq!(n.kind, pb::NoticeKind::Rekey as i32, "seq {}", n.seq);
+        assert!(
+            !kept.iter().any(|m| m.topic == n.topic && m.seq > n.seq),
+            "seq {} is not the latest on {}",
+            n.seq,
+            n.topic
+        );
+    }
+    h.stop().await;
+}

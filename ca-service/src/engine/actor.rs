@@ -18,6 +18,7 @@ use crate::engine::command::{Command, Outcome};
 use crate::engine::config::{DEFAULT_MAX_GROUP_COMMIT, EngineConfig};
 use crate::engine::core::CaCore;
 use crate::engine::handle::{EngineHandle, ReplyTo, Request};
+use crate::engine::retention::Compacted;
 use crate::engine::stats::{Stats, bump};
 use crate::error::CaError;
 use crate::store::CaStore;
@@ -34,6 +35,8 @@ pub struct Engine {
     answers: Vec<(ReplyTo, Outcome)>,
     /// Notices staged since the last sync.
     staged_notices: u64,
+    /// Notices and audit entries whose deletion was staged since the last sync.
+    staged_compaction: Compacted,
     /// Set by a shutdown command: flush, sync, confirm, stop.
     stopping: Option<oneshot::Sender<()>>,
     /// The next batching deadline (ms of the clock) and the instant the task wakes for it, kept
@@ -66,6 +69,7 @@ impl Engine {
             stats: stats.clone(),
             answers: Vec::new(),
             staged_notices: 0,
+            staged_compaction: Compacted::default(),
             stopping: None,
             wake: None,
         };
@@ -148,6 +152,8 @@ impl Engine {
     fn apply(&mut self, cmd: Command<ReplyTo>) {
         let effects = self.core.handle(cmd, self.clock.now_ms(), &mut self.rng);
         self.staged_notices += u64::try_from(effects.notices.len()).unwrap_or(u64::MAX);
+        self.staged_compaction.notices += effects.compacted.notices;
+        self.staged_compaction.audits += effects.compacted.audits;
         self.answers.extend(effects.replies);
     }
 
@@ -169,6 +175,14 @@ impl Engine {
                 if staged > 0 {
                     bump(&self.stats.commits);
                 }
+                let compacted = std::mem::take(&mut self.staged_compaction);
+                let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+                self.stats
+                    .compacted_notices
+                    .fetch_add(count(compacted.notices), Ordering::Relaxed);
+                self.stats
+                    .compacted_audits
+                    .fetch_add(count(compacted.audits), Ordering::Relaxed);
                 let notices = std::mem::take(&mut self.staged_notices);
                 if notices > 0 {
                     self.stats.notices.fetch_add(notices, Ordering::Relaxed);
@@ -180,6 +194,7 @@ impl Engine {
                 bump(&self.stats.commit_failures);
                 tracing::error!(error = %e, "commit failed; nothing of the batch was written");
                 self.staged_notices = 0;
+                self.staged_compaction = Compacted::default();
                 if let Err(e) = self.core.reload(self.clock.now_ms()) {
                     tracing::error!(error = %e, "cannot reload the state after a failed commit");
                     fatal = true;

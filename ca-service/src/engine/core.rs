@@ -12,6 +12,7 @@ use crate::engine::audit::{Actor, AuditKind, entry};
 use crate::engine::command::{Command, Outcome};
 use crate::engine::config::EngineConfig;
 use crate::engine::load::{Groups, load};
+use crate::engine::retention::{Compacted, Compactor};
 use crate::engine::state::Tx;
 use crate::engine::stats::{Stats, bump};
 use crate::error::CaError;
@@ -32,6 +33,8 @@ pub struct Effects<T> {
     pub writes: usize,
     /// When the earliest open batching window closes, ms of the core's clock.
     pub next_deadline_ms: Option<u64>,
+    /// Rows of the notice and audit logs whose deletion was staged (retention).
+    pub compacted: Compacted,
 }
 
 impl<T> Default for Effects<T> {
@@ -42,6 +45,7 @@ impl<T> Default for Effects<T> {
             audits: Vec::new(),
             writes: 0,
             next_deadline_ms: None,
+            compacted: Compacted::default(),
         }
     }
 }
@@ -61,6 +65,8 @@ pub struct CaCore<T> {
     pub(crate) sweeps: u64,
     /// How many refusals per device are written to the audit log.
     pub(crate) refusal_budget: RefusalBudget,
+    /// Retention: where compaction of the notice log stands.
+    pub(crate) compactor: Compactor,
     /// The effects of the command being handled.
     pub(crate) out: Effects<T>,
 }
@@ -89,6 +95,7 @@ impl<T> CaCore<T> {
             stats,
             sweeps: 0,
             refusal_budget: RefusalBudget::default(),
+            compactor: Compactor::new(),
             out: Effects::default(),
         })
     }
@@ -144,6 +151,8 @@ impl<T> CaCore<T> {
         }
         self.meta = meta;
         self.groups = groups;
+        // The topic index may name notices that were never written: read the log again.
+        self.compactor = Compactor::new();
         Ok(())
     }
 
@@ -231,6 +240,7 @@ impl<T> CaCore<T> {
         let writes = tx.batch.len();
         self.store.commit(tx.batch)?;
         self.out.writes += writes;
+        self.compactor.staged(&tx.notices);
         self.out.notices.append(&mut tx.notices);
         self.out.audits.append(&mut tx.audits);
         self.meta = tx.meta;

@@ -23,6 +23,10 @@ pub struct Stats {
     pub rekeys: AtomicU64,
     /// Notices written since start.
     pub notices: AtomicU64,
+    /// Notices deleted by retention since start.
+    pub compacted_notices: AtomicU64,
+    /// Audit entries deleted by retention since start.
+    pub compacted_audits: AtomicU64,
     /// Changes waiting in open batching windows.
     pub pending_changes: AtomicU64,
     /// Synced commits since start.

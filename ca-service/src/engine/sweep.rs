@@ -1,5 +1,5 @@
 //! The sweep: certificate expiry, revocations and denials left over from a crash, periodic
-//! rekeys, and pruning of the replay cache.
+//! rekeys, pruning of the replay cache, and a bounded step of log compaction (`compaction`).
 
 use std::collections::BTreeSet;
 
@@ -96,6 +96,7 @@ impl<T> CaCore<T> {
         if self.sweeps % 60 == 1 {
             self.prune_nonces(now)?;
         }
+        self.compact(now)?;
         Ok(())
     }
 
