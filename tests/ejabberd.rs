@@ -163,7 +163,10 @@ impl BrokerCluster {
         )
         .success();
         for i in 0..n {
-            assert!(out.contains(&format!("started {i} ok")), "node {i} not started: {out}");
+            assert!(
+                out.contains(&format!("started {i} ok")),
+                "node {i} not started: {out}"
+            );
         }
         assert!(out.contains("register ok"), "account not created: {out}");
         for i in 1..n {
