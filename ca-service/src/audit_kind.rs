@@ -2,8 +2,8 @@
 //!
 //! The strings are part of the operator interface (docs/operations.md, "Audit log"). This module
 //! imports nothing of the crate, so that every writer of audit entries can name its kind: the
-//! engine (whose [`engine`](crate::engine) imports [`auth`](crate::auth)) and the token check in
-//! [`auth`](crate::auth) alike, without an import cycle.
+//! engine, which imports the token check, and the token check (`auth`) itself, without an import
+//! cycle.
 //!
 //! # Usage
 //! ```

@@ -1,9 +1,9 @@
 //! Audit entries and the reasons of an epoch, as the engine writes them.
 //!
 //! The stored strings are part of the operator interface (docs/operations.md, "Audit log"):
-//! [`AuditKind::as_str`] (in the leaf module [`crate::audit_kind`], which the token check in
-//! [`crate::auth`] also uses) and [`RekeyReason::as_str`] are the only places that spell them, and
-//! the conversion happens where an [`AuditEntry`] or an epoch record is built.
+//! [`AuditKind::as_str`] (in the leaf module `audit_kind`, which the token check also uses) and
+//! [`RekeyReason::as_str`] are the only places that spell them, and the conversion happens where
+//! an [`AuditEntry`] or an epoch record is built.
 
 use quva_proto::v1::AuditEntry;
 
