@@ -11,9 +11,9 @@ use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
 use quva_client::enrollment::{EnrollResponse, EnrollmentSecret, METHOD_ENROLL, PendingEnrollment};
 use quva_client::ids::DeviceId;
-use quva_client::rng::SystemRng;
 use quva_tests::raw::{RawMqtt, connect_once};
 use quva_tests::{Cluster, STEP_TIMEOUT};
+use rand_core::OsRng;
 
 const ID: &str = "flaky-1";
 
@@ -35,11 +35,8 @@ fn ca_key(cluster: &Cluster) -> Point {
 }
 
 fn enroll_request(secret: &EnrollmentSecret) -> (PendingEnrollment, Vec<u8>) {
-    let pending = PendingEnrollment::new(
-        DeviceId::new(ID).unwrap(),
-        quva_node::now_ms(),
-        &mut SystemRng::new(),
-    );
+    let pending =
+        PendingEnrollment::new(DeviceId::new(ID).unwrap(), quva_node::now_ms(), &mut OsRng);
     let data = pending.enroll_request(secret).to_bytes();
     (pending, data)
 }
@@ -103,7 +100,7 @@ fn a_lost_enrollment_reply_does_not_lock_the_device_out() {
         &unused,
         "flaky-1-old",
         quva_node::now_ms(),
-        &mut SystemRng::new(),
+        &mut OsRng,
     )
     .unwrap();
     let refused = RawMqtt::try_connect_as(

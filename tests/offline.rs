@@ -23,9 +23,9 @@ use quva_client::message::{
 };
 use quva_client::rekey::key_topic;
 use quva_client::replay::ReplayCache;
-use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
 use quva_node::KeyStore;
+use rand_core::OsRng;
 
 use crate::raw::Captured;
 
@@ -233,7 +233,7 @@ pub fn feed_device(store: &Path, group: &str, role: Role, captured: &[Captured])
     let mut config = DeviceConfig::default();
     config.policy.window_ms = WINDOW_MS;
     let mut device = Device::new(creds, q_ca, config);
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let now = quva_node::now_ms();
     for key in group_keys(store) {
         device.restore(&key).unwrap();
@@ -294,7 +294,7 @@ pub fn forge(
         sender: &sender,
         key: creds.key(),
     };
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let m = text.as_bytes();
     match option {
         1 => sealer.option1(t_ms, m, &mut rng),

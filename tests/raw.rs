@@ -228,7 +228,7 @@ impl RawMqtt {
     pub fn try_connect_device(addr: SocketAddr, store: &Path) -> Result<Self, String> {
         let creds = crate::offline::credentials(store);
         let id = fresh_client_id(creds.id().as_str());
-        let mut rng = quva_client::rng::SystemRng::new();
+        let mut rng = rand_core::OsRng;
         let auth =
             quva_client::device::cert_connect_auth(&creds, &id, quva_node::now_ms(), &mut rng)
                 .expect("a certificate proof");

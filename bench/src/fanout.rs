@@ -24,9 +24,9 @@ use hdrhistogram::Histogram;
 use quva_client::device::{Device, Output};
 use quva_client::ids::Role;
 use quva_client::message::{Direction, Protection};
-use quva_client::rng::SystemRng;
 use quva_client::topics;
 use quva_node::now_ms;
+use rand_core::OsRng;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -355,7 +355,7 @@ async fn quva_client(
 /// How the publisher builds a message.
 enum Sealer {
     Clear(String),
-    Quva(Box<Device>, Protection, SystemRng),
+    Quva(Box<Device>, Protection, OsRng),
 }
 
 impl Sealer {
@@ -528,11 +528,7 @@ pub async fn run(
         System::Quva(protection) => {
             let device = fleet.publisher.take().context("no enrolled publisher")?;
             let (d, r, w) = quva_client(targets, system, device, Role::Publisher).await?;
-            (
-                Sealer::Quva(Box::new(d), protection, SystemRng::new()),
-                r,
-                w,
-            )
+            (Sealer::Quva(Box::new(d), protection, OsRng), r, w)
         }
         _ => {
             let s = targets.stream(system).await?;
@@ -673,7 +669,7 @@ pub async fn run(
 /// Opens a Quva subscriber's kept arrivals in order; returns (seq, arrival ns, open ns) of each
 /// data message and the number that did not open.
 fn open_all(device: &mut Device, log: &SubLog, data: &str) -> (Vec<(u64, u64, u64)>, u64) {
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let mut opened = Vec::new();
     let mut failed = 0;
     for a in &log.arrivals {

@@ -30,10 +30,9 @@ use quva_client::message::{Direction, Policy, Protection, UnverifiedMessage};
 use quva_client::ota::{
     Download, ImageDigest, OtaPolicy, ReleaseSigner, UnverifiedManifest, VerifiedManifest,
 };
-use quva_client::rng::SystemRng;
 use quva_client::topics::{self, OtaItem, OtaTopic};
 use quva_node::now_ms;
-use rand_core::RngCore;
+use rand_core::{OsRng, RngCore};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -302,7 +301,7 @@ pub async fn group_ota(
     image: &[u8],
     set: Settings,
 ) -> anyhow::Result<Outcome> {
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let group = dep.group.clone();
     let n = devices.len();
     // Devices are online and joined before the release; they subscribe to it afterwards, when
@@ -436,7 +435,7 @@ async fn fetch_release(
         }
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         let Some(ota) = OtaTopic::parse(&topic) else {
-            let mut rng = SystemRng::new();
+            let mut rng = OsRng;
             s.device.on_publish(&topic, &p.payload, now_ms(), &mut rng);
             continue;
         };
@@ -515,7 +514,7 @@ pub async fn per_device(
     image: &[u8],
     set: Settings,
 ) -> anyhow::Result<Outcome> {
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let n = devices.len();
     let mut s = joined(dep, signer, Role::Publisher).await?;
     await_member_list(&mut s, &dep.group).await?;
@@ -635,7 +634,7 @@ async fn receive_direct(
         }
         let topic = String::from_utf8_lossy(&p.topic).into_owned();
         if topics::parse_direct(&topic).as_ref() != Some(&me) {
-            let mut rng = SystemRng::new();
+            let mut rng = OsRng;
             s.device.on_publish(&topic, &p.payload, now_ms(), &mut rng);
             continue;
         }
@@ -681,6 +680,6 @@ pub async fn enroll(dep: &Deployment, n: usize) -> anyhow::Result<(Device, Vec<D
 /// A random image.
 pub fn image(len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    SystemRng::new().fill_bytes(&mut v);
+    OsRng.fill_bytes(&mut v);
     v
 }

@@ -12,9 +12,9 @@ use quva_client::device::{
 use quva_client::enrollment::{ENROLLMENT_SECRET_LEN, EnrollmentSecret};
 use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::rng::SystemRng;
 use quva_node::now_ms;
 use quva_tests::{Cluster, Options};
+use rand_core::OsRng;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
@@ -97,7 +97,7 @@ pub struct Session<R, W> {
     pub writer: Writer<W>,
     next_pkid: u16,
     pending: Vec<(u16, Subscription)>,
-    rng: SystemRng,
+    rng: OsRng,
 }
 
 /// How a session authenticates its CONNECT.
@@ -120,7 +120,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Session<R, W> {
         ca_public: Point,
         credential: Credential<'_>,
     ) -> anyhow::Result<Self> {
-        let mut rng = SystemRng::new();
+        let mut rng = OsRng;
         let mut reader = Reader::new(reader);
         let mut writer = Writer::new(writer);
         let client_id = format!("{id}-bench");

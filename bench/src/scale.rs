@@ -16,11 +16,11 @@ use anyhow::Context as _;
 use quva_client::device::Device;
 use quva_client::ids::Role;
 use quva_client::message::{Direction, Protection};
-use quva_client::rng::SystemRng;
 use quva_client::topics;
 use quva_node::now_ms;
 use quva_tests::Options;
 use quva_tests::ejabberd::BrokerCluster;
+use rand_core::OsRng;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use tokio::net::TcpStream;
 
@@ -95,7 +95,7 @@ async fn session(
 /// publishers at most [`AHEAD`] ahead of the slowest subscriber; counts accepted ones.
 async fn publisher(mut s: Session<Rd, Wr>, flow: Arc<Flow>) -> anyhow::Result<()> {
     let group = crate::quva::group()?;
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let (mut sent, mut acked) = (0u64, 0u64);
     let payload = vec![0x5a; 64];
     while !flow.stop.load(Ordering::Relaxed) {

@@ -40,7 +40,7 @@ use quva_bridge::now_ms;
 use quva_client::enrollment::Credentials;
 use quva_client::group::Privacy;
 use quva_client::ids::{Epoch, GroupId, Role};
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use rmqtt_codec::types::{Publish, QoS};
 use rmqtt_codec::{MqttPacket, v5};
 use test_ca::TestCa;
@@ -233,7 +233,7 @@ async fn member(w: &World, id: &str, role: Role) -> (Credentials, Raw) {
 fn seal_many(creds: &Credentials, epoch: Epoch, n: usize) -> Vec<Vec<u8>> {
     let group = GroupId::new(GROUP).unwrap();
     let s = devices::sealer(&group, epoch, creds.id(), creds.key());
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     (0..n)
         .map(|i| {
             s.option1(now_ms(), format!("reading {i:08}").as_bytes(), &mut rng)

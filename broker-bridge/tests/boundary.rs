@@ -25,7 +25,7 @@ use quva_client::curve::KeyPair;
 use quva_client::enrollment::{Credentials, METHOD_CERT};
 use quva_client::group::Privacy;
 use quva_client::ids::{Epoch, GroupId, Role};
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::v5;
 use test_ca::TestCa;
@@ -115,7 +115,7 @@ fn option1(ca: &TestCa, group: &str, creds: &Credentials, t_ms: u64, m: &[u8]) -
     let g = GroupId::new(group).unwrap();
     let epoch: Epoch = ca.keys(group).group_info().epoch;
     sealer(&g, epoch, creds.id(), creds.key())
-        .option1(t_ms, m, &mut SystemRng::new())
+        .option1(t_ms, m, &mut OsRng)
         .unwrap()
 }
 
@@ -411,7 +411,7 @@ async fn the_bridge_trusts_only_the_pinned_ca_key() {
         .unwrap_err();
     assert!(err.to_string().contains("ca.public_key"), "{err}");
     // Pinned to another key, the bridge accepts no certificate of the CA behind the link.
-    let other = KeyPair::random(&mut SystemRng::new());
+    let other = KeyPair::random(&mut OsRng);
     let bridge = start_bridge(pinned(config(broker.addr), other.public()), client()).await;
     let dev = enroll(bridge.local_addr(), &ca, "sub-1").await;
     let (_, ack) = connect_with(bridge.local_addr(), with_cert(plain("c"), &dev)).await;
@@ -636,7 +636,7 @@ async fn direct_messages_pass_only_from_their_sender_to_their_recipient() {
             recipient.key().public(),
             t_ms,
             m,
-            &mut SystemRng::new(),
+            &mut OsRng,
         )
         .unwrap()
     };
@@ -699,7 +699,7 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     let mut watch = observer(&broker, "plant/a/_ota/#").await;
 
     let g = GroupId::new(A).unwrap();
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let now = now_ms();
     // Chunks of 4 KiB: the test bridge's payload limit is 16 KiB.
     let image: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
@@ -721,7 +721,7 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
         let s = sealer(&g, info.epoch, signer.id(), signer.key());
         release
             .key_message()
-            .seal(&s, &info.q_p, t_ms, &mut SystemRng::new())
+            .seal(&s, &info.q_p, t_ms, &mut OsRng)
             .unwrap()
     };
     let key_message = seal(now);
@@ -786,7 +786,7 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     assert_eq!(puback(&mut from, 39).await, 0x87);
     // The key topic carries only the signer's option-2 message: not option 1.
     let option1 = sealer(&g, info.epoch, signer.id(), signer.key())
-        .option1(now + 1, b"k", &mut SystemRng::new())
+        .option1(now + 1, b"k", &mut OsRng)
         .unwrap();
     publish_retained(&mut from, &topic("k"), option1, 35).await;
     assert_eq!(puback(&mut from, 35).await, 0x87);
@@ -842,7 +842,7 @@ async fn ota_releases_pass_only_from_their_signer_and_as_their_manifest_says() {
     let s8 = sealer(&g, info.epoch, signer.id(), signer.key());
     let k8 = v8
         .key_message()
-        .seal(&s8, &info.q_p, now_ms(), &mut SystemRng::new())
+        .seal(&s8, &info.q_p, now_ms(), &mut OsRng)
         .unwrap();
     burst.push((t8("k"), k8));
     for (i, (t, payload)) in burst.iter().enumerate() {
@@ -905,7 +905,7 @@ async fn status_reports_pass_only_from_their_own_subscriber() {
             state: OtaState::Applied,
             detail: "ok".into(),
         }
-        .seal(&s, &info.q_s, t_ms, &mut SystemRng::new())
+        .seal(&s, &info.q_s, t_ms, &mut OsRng)
         .unwrap()
     };
     let now = now_ms();

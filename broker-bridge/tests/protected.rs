@@ -19,7 +19,7 @@ use quva_bridge::now_ms;
 use quva_client::enrollment::{Credentials, METHOD_CERT};
 use quva_client::group::{AcceptedGroupKey, Privacy};
 use quva_client::ids::{Epoch, GroupId, Role};
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use rmqtt_codec::v5;
 use test_ca::TestCa;
 
@@ -95,7 +95,7 @@ async fn enrolled_devices_join_and_exchange_protected_messages() {
     let sender = w.publisher.id().clone();
     let s = sealer(&group, epoch, &sender, w.publisher.key());
     let now = now_ms();
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let q_p = w.d_p.info().q_p;
     let m1 = s.option1(now, b"one", &mut rng).unwrap();
     let m2 = s.option2(now, &q_p, b"two", &mut rng).unwrap();
@@ -163,7 +163,7 @@ async fn every_bridge_rejection_reason_drops_the_message() {
     let sender = w.publisher.id().clone();
     let s = sealer(&group, epoch, &sender, w.publisher.key());
     let now = now_ms();
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let good = s.option1(now, b"ok", &mut rng).unwrap();
     let mut bad_sig = s.option1(now, b"x", &mut rng).unwrap();
     let last = bad_sig.len() - 1;

@@ -24,7 +24,7 @@ use quva_bridge::ca::NoticeAction;
 use quva_bridge::now_ms;
 use quva_client::group::Privacy;
 use quva_client::ids::{GroupId, Role};
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use rmqtt_codec::v5;
 use test_ca::TestCa;
 
@@ -83,7 +83,7 @@ async fn publish_protected(
 ) -> (u8, Vec<u8>) {
     let group = GroupId::new(GROUP).unwrap();
     let m = sealer(&group, epoch, creds.id(), creds.key())
-        .option1(now_ms(), body, &mut SystemRng::new())
+        .option1(now_ms(), body, &mut OsRng)
         .unwrap();
     raw.publish(GROUP, m.clone(), Some(pid)).await;
     (puback(raw, pid).await, m)

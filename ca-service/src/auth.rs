@@ -25,6 +25,8 @@ use subtle::ConstantTimeEq;
 use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
+use crate::audit_kind::AuditKind;
+
 /// Who a token belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Principal {
@@ -178,7 +180,7 @@ impl Guard {
         };
         tracing::warn!(service, outcome, "request refused");
         self.audit.record(AuditEntry {
-            kind: "auth.denied".into(),
+            kind: AuditKind::AuthDenied.as_str().into(),
             actor: actor.into(),
             outcome: outcome.into(),
             detail: service.into(),
@@ -242,7 +244,11 @@ mod tests {
         }
         let entries = log.0.lock().unwrap();
         assert_eq!(entries.len(), 4);
-        assert!(entries.iter().all(|e| e.kind == "auth.denied"));
+        assert!(
+            entries
+                .iter()
+                .all(|e| e.kind == AuditKind::AuthDenied.as_str())
+        );
         let text = format!("{entries:?}");
         assert!(!text.contains("a-token") && !text.contains("b-token") && !text.contains("nope"));
         assert_eq!(entries[3].actor, "bridge");

@@ -11,9 +11,9 @@
 //! use quva_ca::datadir::DataDir;
 //! let dir = tempfile::tempdir().unwrap();
 //! let data = DataDir::new(dir.path().join("ca"));
-//! let init = data.init(&mut quva_client::rng::SystemRng::new()).unwrap();
+//! let init = data.init(&mut rand_core::OsRng).unwrap();
 //! assert_eq!(data.ca_key().unwrap().public(), &init.ca_public);
-//! assert!(data.init(&mut quva_client::rng::SystemRng::new()).is_err());
+//! assert!(data.init(&mut rand_core::OsRng).is_err());
 //! ```
 
 use std::fs;

@@ -35,7 +35,7 @@
 //! use quva_client::group::Privacy;
 //! use quva_client::ids::GroupId;
 //!
-//! let ca = KeyPair::random(&mut quva_client::rng::SystemRng::new());
+//! let ca = KeyPair::random(&mut rand_core::OsRng);
 //! let (engine, task) = Engine::spawn(Arc::new(MemoryStore::new()), ca,
 //!     EngineConfig::default(), Arc::new(SystemClock)).unwrap();
 //! let g = engine.create_group(GroupId::new("plant/temp").unwrap(), Privacy::Standard, 0)
@@ -69,7 +69,7 @@ mod testkit;
 // The public interface is these items.
 pub use self::core::{CaCore, Effects};
 pub use actor::Engine;
-pub use audit::{AuditKind, RekeyReason};
+pub use audit::RekeyReason;
 pub use command::{CertificateUse, Command, JoinReply, Outcome, Registered};
 pub use config::{
     DEFAULT_AUDIT_DAYS, DEFAULT_COMPACTION_PER_SWEEP, DEFAULT_MAX_GROUP_COMMIT,

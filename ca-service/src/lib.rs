@@ -21,6 +21,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 // The public interface is these modules.
+pub mod audit_kind;
 pub mod auth;
 pub mod cli;
 pub mod clock;

@@ -28,7 +28,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Init { data } => {
             let dir = DataDir::new(&data);
             let out = dir
-                .init(&mut quva_client::rng::SystemRng::new())
+                .init(&mut rand_core::OsRng)
                 .with_context(|| format!("initializing {}", data.display()))?;
             println!("initialized {}", data.display());
             println!("CA public key: {}", hex::encode(out.ca_public.to_bytes()));

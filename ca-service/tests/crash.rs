@@ -15,14 +15,13 @@ use std::time::Duration;
 use quva_ca::cli::{AdminClient, connect};
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
-use quva_client::enrollment::{
-    Credentials, EnrollResponse, EnrollmentSecret, ImplicitCert, PendingEnrollment,
-};
-use quva_client::group::{GroupKeyRequest, Member, SignedGroupInfo};
-use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::rng::SystemRng;
+use quva_client::enrollment::{Credentials, EnrollResponse, EnrollmentSecret, ImplicitCert};
+use quva_client::group::{Member, SignedGroupInfo};
+use quva_client::ids::{GroupId, Role};
 use quva_client::schnorr::VerifyingKey;
+use quva_client::testkit::steps;
 use quva_proto::v1 as pb;
+use rand_core::OsRng;
 use support::{DeviceClient, device_client, system_now};
 use tokio_stream::StreamExt;
 
@@ -96,18 +95,9 @@ fn role_of(device: usize) -> Role {
 }
 
 fn join_request(creds: &Credentials, group: &str, ca: &Point) -> Vec<u8> {
-    GroupKeyRequest::new(
-        creds.id(),
-        &GroupId::new(group).unwrap(),
-        role_of(device_index(creds)),
-        system_now(),
-        creds.key(),
-        creds.group_secret(),
-        ca,
-        &mut SystemRng::new(),
-    )
-    .unwrap()
-    .to_bytes()
+    let group = GroupId::new(group).unwrap();
+    let role = role_of(device_index(creds));
+    steps::join_request(creds, &group, role, system_now(), ca, &mut OsRng).to_bytes()
 }
 
 fn device_index(creds: &Credentials) -> usize {
@@ -125,34 +115,14 @@ async fn enroll(
     id: &str,
     ca: &Point,
 ) -> Credentials {
-    let r = admin
-        .register_device(pb::RegisterDeviceRequest {
-            id: id.into(),
-            note: String::new(),
-            reissue: false,
-            secret_validity_secs: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(&r.enroll_secret, &mut bytes).unwrap();
-    let pending = PendingEnrollment::new(
-        DeviceId::new(id).unwrap(),
-        system_now(),
-        &mut SystemRng::new(),
-    );
-    let data = pending
-        .enroll_request(&EnrollmentSecret::from_bytes(&bytes))
-        .to_bytes();
+    let secret = support::register(admin, id).await;
+    let (pending, data) = steps::enroll_request(id, &secret, system_now(), &mut OsRng);
     let resp = device
         .enroll(pb::EnrollRequest { auth_data: data })
         .await
         .unwrap()
         .into_inner();
-    pending
-        .accept(&EnrollResponse::from_bytes(&resp.auth_data).unwrap(), ca)
-        .unwrap()
+    steps::accept_enrollment(&pending, &resp.auth_data, ca)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -238,14 +208,8 @@ async fn enroll_storm(
         };
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(&reg.into_inner().enroll_secret, &mut bytes).unwrap();
-        let pending = PendingEnrollment::new(
-            DeviceId::new(&id).unwrap(),
-            system_now(),
-            &mut SystemRng::new(),
-        );
-        let data = pending
-            .enroll_request(&EnrollmentSecret::from_bytes(&bytes))
-            .to_bytes();
+        let secret = EnrollmentSecret::from_bytes(&bytes);
+        let (pending, data) = steps::enroll_request(&id, &secret, system_now(), &mut OsRng);
         match device.enroll(pb::EnrollRequest { auth_data: data }).await {
             Ok(r) => {
                 let resp = EnrollResponse::from_bytes(&r.into_inner().auth_data).unwrap();

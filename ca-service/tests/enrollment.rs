@@ -7,13 +7,13 @@
 
 mod support;
 
-use quva_client::codec::{Decode, Encode};
-use quva_client::enrollment::{
-    CertConnectProof, Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment,
-};
-use quva_client::ids::{DeviceId, Role};
-use quva_client::rng::SystemRng;
+use quva_ca::audit_kind::AuditKind;
+use quva_client::codec::Encode;
+use quva_client::enrollment::{CertConnectProof, Credentials, EnrollmentSecret, PendingEnrollment};
+use quva_client::ids::Role;
+use quva_client::testkit::steps;
 use quva_proto::v1 as pb;
+use rand_core::OsRng;
 use support::Harness;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -27,10 +27,7 @@ fn enroll_request(
     id: &str,
     secret: &EnrollmentSecret,
 ) -> (PendingEnrollment, Vec<u8>) {
-    let pending =
-        PendingEnrollment::new(DeviceId::new(id).unwrap(), h.now(), &mut SystemRng::new());
-    let data = pending.enroll_request(secret).to_bytes();
-    (pending, data)
+    steps::enroll_request(id, secret, h.now(), &mut OsRng)
 }
 
 async fn enroll(
@@ -44,23 +41,17 @@ async fn enroll(
         .enroll(pb::EnrollRequest { auth_data: data })
         .await?
         .into_inner();
-    let resp = EnrollResponse::from_bytes(&r.auth_data).unwrap();
-    Ok(pending.accept(&resp, &h.ca).unwrap())
+    Ok(steps::accept_enrollment(&pending, &r.auth_data, &h.ca))
 }
 
 async fn renew(h: &mut Harness, current: &Credentials) -> Result<Credentials, tonic::Status> {
-    let pending = PendingEnrollment::new(current.id().clone(), h.now(), &mut SystemRng::new());
-    let data = pending
-        .renew_request(current.key(), &mut SystemRng::new())
-        .unwrap()
-        .to_bytes();
+    let (pending, data) = steps::renew_request(current, h.now(), &mut OsRng);
     let r = h
         .device
         .renew(pb::RenewRequest { auth_data: data })
         .await?
         .into_inner();
-    let resp = EnrollResponse::from_bytes(&r.auth_data).unwrap();
-    Ok(pending.accept(&resp, &h.ca).unwrap())
+    Ok(steps::accept_enrollment(&pending, &r.auth_data, &h.ca))
 }
 
 async fn revoked(h: &mut Harness, serial: u64) -> bool {
@@ -183,8 +174,8 @@ async fn refused_enrollments_are_recorded_at_a_bounded_rate_per_device() {
     let mut h = Harness::start().await;
     let secret = h.register("d1").await;
     h.register("d2").await;
-    let wrong = EnrollmentSecret::random(&mut SystemRng::new());
-    let audit_len = |kinds: &[(String, String)]| kinds.len();
+    let wrong = EnrollmentSecret::random(&mut OsRng);
+    let audit_len = |kinds: &[(AuditKind, String)]| kinds.len();
     let before = audit_len(&h.audit_kinds().await);
     for _ in 0..50 {
         let e = enroll(&mut h, "d1", &wrong).await.unwrap_err();
@@ -219,7 +210,7 @@ async fn refused_enrollments_are_recorded_at_a_bounded_rate_per_device() {
 
 /// `quva-cert-v1` CONNECT data for `creds`, as a device sends it through the bridge.
 fn connect_proof(h: &Harness, creds: &Credentials) -> Vec<u8> {
-    CertConnectProof::new(creds, h.now(), "client-1", &mut SystemRng::new())
+    CertConnectProof::new(creds, h.now(), "client-1", &mut OsRng)
         .unwrap()
         .to_bytes()
 }
@@ -254,7 +245,7 @@ async fn a_connection_reported_by_the_bridge_is_the_first_use() {
     assert_eq!(
         kinds
             .iter()
-            .filter(|(k, _)| k == "device.first-use")
+            .filter(|(k, _)| *k == AuditKind::DeviceFirstUse)
             .count(),
         1
     );
@@ -323,7 +314,7 @@ async fn the_ca_checks_the_reported_proof_itself() {
         );
     }
     // A proof outside the timestamp window.
-    let stale = CertConnectProof::new(&creds, h.now() - 3_600_000, "c", &mut SystemRng::new())
+    let stale = CertConnectProof::new(&creds, h.now() - 3_600_000, "c", &mut OsRng)
         .unwrap()
         .to_bytes();
     let e = h
@@ -363,7 +354,7 @@ async fn a_secret_lifetime_can_be_set_per_device() {
     assert!(
         kinds
             .iter()
-            .any(|(k, o)| k == "device.enroll" && o == "enrollment secret expired")
+            .any(|(k, o)| *k == AuditKind::DeviceEnroll && o == "enrollment secret expired")
     );
     h.stop().await;
 }

@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use quva_ca::audit_kind::AuditKind;
 use quva_ca::config::Config;
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
@@ -14,9 +15,9 @@ use quva_client::group::{Member, SignedGroupInfo};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::rekey::tree::TreeNotice;
 use quva_client::rekey::{DEFAULT_GRACE_MS, GroupKeyDelivery, Keyring};
-use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
 use quva_proto::v1 as pb;
+use rand_core::OsRng;
 use support::{Harness, device_client};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -163,13 +164,9 @@ async fn rejections_have_the_right_status_and_change_nothing() {
     assert!(h.snapshot() == before, "storage changed");
 
     // Unknown device.
-    let ghost = PendingEnrollment::new(
-        DeviceId::new("ghost").unwrap(),
-        h.now(),
-        &mut SystemRng::new(),
-    );
+    let ghost = PendingEnrollment::new(DeviceId::new("ghost").unwrap(), h.now(), &mut OsRng);
     let data = ghost
-        .enroll_request(&EnrollmentSecret::random(&mut SystemRng::new()))
+        .enroll_request(&EnrollmentSecret::random(&mut OsRng))
         .to_bytes();
     let e = h
         .device
@@ -182,11 +179,10 @@ async fn rejections_have_the_right_status_and_change_nothing() {
 
     // Wrong enrollment secret, then a replayed enrollment.
     let secret = h.register("e1").await;
-    let pending =
-        PendingEnrollment::new(DeviceId::new("e1").unwrap(), h.now(), &mut SystemRng::new());
+    let pending = PendingEnrollment::new(DeviceId::new("e1").unwrap(), h.now(), &mut OsRng);
     let before = h.snapshot();
     let bad = pending
-        .enroll_request(&EnrollmentSecret::random(&mut SystemRng::new()))
+        .enroll_request(&EnrollmentSecret::random(&mut OsRng))
         .to_bytes();
     let e = h
         .device
@@ -314,31 +310,36 @@ async fn rejections_have_the_right_status_and_change_nothing() {
 
     // Every refusal is in the audit log; no secret is.
     let kinds = h.audit_kinds().await;
-    assert_eq!(kinds.iter().filter(|(k, _)| k == "auth.denied").count(), 3);
-    assert!(
+    assert_eq!(
         kinds
             .iter()
-            .any(|(k, o)| k == "device.enroll" && o == "unknown device")
-    );
-    assert!(kinds.iter().any(
-        |(k, o)| k == "device.enroll" && (o == "replayed nonce" || o == "no enrollment secret")
-    ));
-    assert!(
-        kinds
-            .iter()
-            .any(|(k, o)| k == "group.join" && o == "bad proof of possession")
+            .filter(|(k, _)| *k == AuditKind::AuthDenied)
+            .count(),
+        3
     );
     assert!(
         kinds
             .iter()
-            .any(|(k, o)| k == "group.join" && o == "role not allowed")
+            .any(|(k, o)| *k == AuditKind::DeviceEnroll && o == "unknown device")
+    );
+    assert!(kinds.iter().any(|(k, o)| *k == AuditKind::DeviceEnroll
+        && (o == "replayed nonce" || o == "no enrollment secret")));
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| *k == AuditKind::GroupJoin && o == "bad proof of possession")
     );
     assert!(
         kinds
             .iter()
-            .any(|(k, o)| k == "group.join" && o == "revoked device")
+            .any(|(k, o)| *k == AuditKind::GroupJoin && o == "role not allowed")
     );
-    assert!(kinds.iter().any(|(k, _)| k == "device.revoke"));
+    assert!(
+        kinds
+            .iter()
+            .any(|(k, o)| *k == AuditKind::GroupJoin && o == "revoked device")
+    );
+    assert!(kinds.iter().any(|(k, _)| *k == AuditKind::DeviceRevoke));
     h.stop().await;
 }
 
@@ -561,7 +562,13 @@ async fn the_periodic_timer_changes_every_key_without_membership_changes() {
         assert_eq!(ring.current_key().public(), q);
     }
     let kinds = h.audit_kinds().await;
-    assert_eq!(kinds.iter().filter(|(k, _)| k == "group.rekey").count(), 3);
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|(k, _)| *k == AuditKind::GroupRekey)
+            .count(),
+        3
+    );
     h.stop().await;
 }
 
@@ -626,7 +633,7 @@ async fn an_expired_certificate_leaves_its_groups() {
     let old_row = shown.members.iter().find(|m| m.device == "old").unwrap();
     assert!(!old_row.joined);
     let kinds = h.audit_kinds().await;
-    assert!(kinds.iter().any(|(k, _)| k == "group.rekey"));
+    assert!(kinds.iter().any(|(k, _)| *k == AuditKind::GroupRekey));
     h.stop().await;
 }
 

@@ -6,16 +6,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use quva_ca::audit_kind::AuditKind;
 use quva_ca::clock::{Clock, SystemClock};
 use quva_ca::config::{Config, TlsConfig};
 use quva_ca::datadir::DataDir;
 use quva_ca::server::{RunningServer, ServeError, Server};
 use quva_ca::store::RocksStore;
-use quva_client::rng::SystemRng;
 use quva_proto::tls::{ClientTls, endpoint};
 use quva_proto::v1 as pb;
 use quva_proto::v1::admin_service_client::AdminServiceClient;
 use quva_proto::v1::device_service_client::DeviceServiceClient;
+use rand_core::OsRng;
 use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair,
     PKCS_ECDSA_P256_SHA256, SanType,
@@ -127,7 +128,7 @@ struct Ca {
 async fn start(tls: Option<TlsConfig>) -> Result<Ca, ServeError> {
     let dir = tempfile::tempdir().unwrap();
     let data = DataDir::new(dir.path().join("ca"));
-    let init = data.init(&mut SystemRng::new()).unwrap();
+    let init = data.init(&mut OsRng).unwrap();
     let store = Arc::new(RocksStore::open(&data.db_path()).unwrap());
     let cfg = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -183,7 +184,7 @@ impl Ca {
             .audit(0, 10_000)
             .unwrap()
             .into_iter()
-            .filter(|e| e.kind == "auth.denied")
+            .filter(|e| e.kind == AuditKind::AuthDenied.as_str())
             .map(|e| format!("{}: {}", e.detail, e.outcome))
             .collect()
     }

@@ -17,23 +17,13 @@ use quva_client::message::{
 };
 use quva_client::rekey::{Change, GroupState, Plan};
 use quva_client::replay::ReplayCache;
-use quva_client::schnorr::{BatchItem, Signature, VerifyingKey, verify_batch};
+use quva_client::schnorr::{BatchItem, VerifyingKey, verify_batch};
+use quva_client::testkit::signed_batch;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 use std::hint::black_box;
 
 const TAG: &str = "quva/v1/msg1";
-
-fn signed(n: usize, rng: &mut ChaCha20Rng) -> Vec<(VerifyingKey, Vec<u8>, Signature)> {
-    (0..n)
-        .map(|i| {
-            let k = KeyPair::random(rng);
-            let body = vec![i as u8; 100];
-            let sig = k.sign(TAG, &body, rng).unwrap();
-            (k.verifying_key(), body, sig)
-        })
-        .collect()
-}
 
 fn schnorr(c: &mut Criterion) {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
@@ -52,7 +42,7 @@ fn schnorr(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("schnorr_batch_verify");
     for n in [8usize, 64, 256] {
-        let sigs = signed(n, &mut rng);
+        let sigs = signed_batch(n, TAG, &mut rng);
         let items: Vec<BatchItem<'_>> = sigs
             .iter()
             .map(|(k, body, s)| BatchItem {

@@ -9,22 +9,12 @@
 use std::hint::black_box;
 
 use quva_client::curve::KeyPair;
-use quva_client::schnorr::{BatchItem, Signature, VerifyingKey, verify_batch};
+use quva_client::schnorr::{BatchItem, verify_batch};
+use quva_client::testkit::signed_batch;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
 const TAG: &str = "quva/v1/msg1";
-
-fn signed(n: usize, rng: &mut ChaCha20Rng) -> Vec<(VerifyingKey, Vec<u8>, Signature)> {
-    (0..n)
-        .map(|i| {
-            let k = KeyPair::random(rng);
-            let body = vec![i as u8; 100];
-            let sig = k.sign(TAG, &body, rng).unwrap();
-            (k.verifying_key(), body, sig)
-        })
-        .collect()
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -47,7 +37,7 @@ fn main() {
             }
         }
         "verify" => {
-            let s = signed(1, &mut rng);
+            let s = signed_batch(1, TAG, &mut rng);
             let (k, body, sig) = &s[0];
             for _ in 0..n {
                 k.verify(TAG, black_box(body), sig).unwrap();
@@ -59,7 +49,7 @@ fn main() {
                 None => (&batch["batch".len()..], false),
             };
             let size: usize = size.parse().expect("batchN or batchN-one-key");
-            let mut s = signed(size, &mut rng);
+            let mut s = signed_batch(size, TAG, &mut rng);
             if one_key {
                 let k = KeyPair::random(&mut rng);
                 for (vk, body, sig) in &mut s {

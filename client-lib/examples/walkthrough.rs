@@ -22,8 +22,8 @@ use quva_client::message::{
 use quva_client::rekey::tree::TreeNotice;
 use quva_client::rekey::{Change, DEFAULT_GRACE_MS, GroupKeyDelivery, GroupState, Keyring, Plan};
 use quva_client::replay::ReplayCache;
-use quva_client::rng::SystemRng;
 use quva_client::schnorr::VerifyingKey;
+use rand_core::{CryptoRngCore, OsRng};
 
 const WINDOW_MS: u64 = 60_000;
 
@@ -96,7 +96,7 @@ fn short(bytes: &[u8]) -> String {
 }
 
 fn main() {
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let mut now: u64 = 1_795_000_000_000;
     let ca = KeyPair::random(&mut rng);
     println!("== CA\n  Q_CA = {}", short(&ca.public().to_bytes()));
@@ -311,7 +311,7 @@ fn send(
     option: u8,
     payload: &[u8],
     now: u64,
-    rng: &mut SystemRng,
+    rng: &mut impl CryptoRngCore,
 ) {
     let sender = &devices[from];
     let ring = sender.keyring.as_ref().unwrap();

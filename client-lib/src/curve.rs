@@ -4,8 +4,8 @@
 //! # Usage
 //! ```
 //! use quva_client::curve::{hash_to_scalar, KeyPair};
-//! use quva_client::rng::SystemRng;
-//! let kp = KeyPair::random(&mut SystemRng::new());
+//! use rand_core::OsRng;
+//! let kp = KeyPair::random(&mut OsRng);
 //! let pt = kp.public().to_bytes();
 //! assert_eq!(pt.len(), 33);
 //! assert!(hash_to_scalar("quva/v1/example", &[b"data"]).is_ok());

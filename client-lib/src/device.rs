@@ -54,7 +54,7 @@
 //! # use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
 //! # use quva_client::ids::DeviceId;
 //! # use quva_client::device::Enrollment;
-//! let mut rng = quva_client::rng::SystemRng::new();
+//! let mut rng = rand_core::OsRng;
 //! let now = 1_700_000_000_000;
 //! # let ca = KeyPair::random(&mut rng);
 //! # let secret = EnrollmentSecret::random(&mut rng);

@@ -34,13 +34,13 @@
 //! use quva_client::enrollment::{EnrollRequest, EnrollResponse, EnrollmentSecret, ImplicitCert,
 //!     PendingEnrollment};
 //! use quva_client::ids::DeviceId;
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //! use quva_client::schnorr::VerifyingKey;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let now = 1_700_000_000_000u64;
 //! let ca = KeyPair::random(&mut rng);
-//! let enroll = |name: &str, rng: &mut SystemRng| {
+//! let enroll = |name: &str, rng: &mut OsRng| {
 //!     let secret = EnrollmentSecret::random(rng);
 //!     let p = PendingEnrollment::new(DeviceId::new(name).unwrap(), now, rng);
 //!     let resp = p.enroll_request(&secret).verify(&secret, now, 60_000).unwrap()

@@ -5,8 +5,8 @@
 //! ```
 //! use quva_client::curve::KeyPair;
 //! use quva_client::ecies;
-//! use quva_client::rng::SystemRng;
-//! let mut rng = SystemRng::new();
+//! use rand_core::OsRng;
+//! let mut rng = OsRng;
 //! let bob = KeyPair::random(&mut rng);
 //! let ct = ecies::seal(bob.public(), b"ctx", b"secret", &mut rng);
 //! assert_eq!(&*ecies::open(&bob, b"ctx", &ct).unwrap(), b"secret");

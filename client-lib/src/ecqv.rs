@@ -19,9 +19,9 @@
 //! use k256::elliptic_curve::{group::Curve, ops::MulByGenerator, Field};
 //! use k256::{ProjectivePoint, Scalar, Secp256k1};
 //! use quva_client::ecqv;
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let d_ca = Scalar::random(&mut rng);
 //! let q_ca = ProjectivePoint::mul_by_generator(&d_ca).to_affine();
 //! // Device: request point R = r·G.

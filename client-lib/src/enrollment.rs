@@ -38,9 +38,9 @@
 //! };
 //! use quva_client::codec::{Decode, Encode};
 //! use quva_client::ids::DeviceId;
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let now = 1_700_000_000_000u64;
 //! let ca = KeyPair::random(&mut rng);
 //! let secret = EnrollmentSecret::random(&mut rng); // from the owner's RegisterDevice

@@ -24,9 +24,9 @@
 //!     GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
 //! };
 //! use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let ca = KeyPair::random(&mut rng);
 //! let group = GroupId::new("plant/line-3/temp").unwrap();
 //! // A device's certified key d_i (from enrollment) and its enrollment secret g_i.

@@ -3,7 +3,8 @@
 //! A sans-IO library implementing `PROTOCOL.md` (docs/protocol.md in this repository): it never
 //! opens a socket, reads a clock or owns a random generator. Time (`now_ms`) and randomness
 //! (`&mut impl CryptoRngCore`) are parameters, so every protocol step is testable in memory; the
-//! CA daemon, the broker bridge and the device daemon own the I/O.
+//! CA daemon, the broker bridge and the device daemon own the I/O, and only they pass the
+//! operating system's generator (`rand_core::OsRng`). Tests pass a seeded one.
 //!
 //! Layers, bottom up: [`codec`] (the one wire codec), [`curve`] and [`symmetric`] (primitives),
 //! [`schnorr`] and [`ecies`], then the protocol: [`ecqv`] and [`enrollment`] (§3), [`group`] (§4),
@@ -30,7 +31,6 @@ pub mod ota;
 pub mod reasons;
 pub mod rekey;
 pub mod replay;
-pub mod rng;
 pub mod schnorr;
 pub mod symmetric;
 pub mod topics;

@@ -15,10 +15,10 @@
 //! use quva_client::curve::KeyPair;
 //! use quva_client::group::{GroupKeys, Privacy, SignedGroupInfo};
 //! use quva_client::ids::{Epoch, GroupId};
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //! use quva_client::members::MemberList;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let ca = KeyPair::random(&mut rng);
 //! let group = GroupId::new("plant/line-3/temp").unwrap();
 //! let keys = GroupKeys::derive(&ca, &group, Epoch(0), Privacy::Standard, []).unwrap();

@@ -26,7 +26,7 @@
 //!     UnverifiedMessage,
 //! };
 //! use quva_client::replay::ReplayCache;
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //! use quva_client::schnorr::VerifyingKey;
 //!
 //! struct Demo { group: GroupId, sender: DeviceId, q_i: Point, d_p: KeyPair, d_s: KeyPair }
@@ -50,7 +50,7 @@
 //!     }
 //! }
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let d_i = KeyPair::random(&mut rng);
 //! let demo = Demo {
 //!     group: GroupId::new("plant/line-3/temp").unwrap(),

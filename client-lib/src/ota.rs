@@ -39,8 +39,8 @@
 //! # use quva_client::curve::KeyPair;
 //! # use quva_client::enrollment::{EnrollmentSecret, PendingEnrollment};
 //! # use quva_client::ids::{DeviceId, GroupId};
-//! # use quva_client::rng::SystemRng;
-//! # let mut rng = SystemRng::new();
+//! # use rand_core::OsRng;
+//! # let mut rng = OsRng;
 //! # let now = 1_700_000_000_000u64;
 //! # let ca = KeyPair::random(&mut rng);
 //! # let secret = EnrollmentSecret::random(&mut rng);

@@ -30,9 +30,9 @@
 //! use quva_client::group::{JoinedMember, Privacy};
 //! use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 //! use quva_client::rekey::{Change, GroupState, Keyring, Plan, DEFAULT_GRACE_MS};
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let ca = KeyPair::random(&mut rng);
 //! let group = GroupId::new("plant/line-3/temp").unwrap();
 //! let mut state = GroupState::create(&ca, group.clone(), Privacy::Standard, Epoch(0), 0,

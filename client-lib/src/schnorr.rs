@@ -8,8 +8,8 @@
 //! # Usage
 //! ```
 //! use quva_client::curve::KeyPair;
-//! use quva_client::rng::SystemRng;
-//! let mut rng = SystemRng::new();
+//! use rand_core::OsRng;
+//! let mut rng = OsRng;
 //! let key = KeyPair::random(&mut rng);
 //! let sig = key.sign("quva/v1/example", b"body", &mut rng).unwrap();
 //! assert!(key.verifying_key().verify("quva/v1/example", b"body", &sig).is_ok());

@@ -8,6 +8,9 @@
 //!   rekeys with their kind-3 tree notices retained on the key topics (one per role, PROTOCOL.md
 //!   §5.1) and member lists, and exact-topic delivery (the device core's tests, and the daemon's
 //!   store, OTA, signer and direct-message tests).
+//! - [`steps`]: each protocol step on its own, device side and CA side, for fixtures in other
+//!   crates that carry the messages over a real transport (the bridge's test CA and devices, the CA
+//!   engine's and gRPC tests). [`Pki`] and [`World`] are built from the same steps.
 
 // Fixtures fail loudly: a panic here is a broken test setup, not bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -20,17 +23,34 @@ use rand_core::SeedableRng;
 use crate::codec::{Decode, Encode};
 use crate::curve::KeyPair;
 use crate::device::{Device, DeviceConfig, Enrollment, Output, Subscription};
-use crate::enrollment::{
-    Credentials, EnrollRequest, EnrollmentSecret, ImplicitCert, PendingEnrollment,
-};
-use crate::group::{GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo};
+use crate::enrollment::{Credentials, EnrollRequest, EnrollmentSecret, ImplicitCert};
+use crate::group::{GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy};
 use crate::ids::{DeviceId, Epoch, GroupId, GroupKeyKind, Role};
 use crate::members::MemberList;
 use crate::message::{Directory, GroupLookupError, GroupPublicKeys, HeldKeys};
 use crate::reasons;
 use crate::rekey::{Change, GroupState, Plan};
-use crate::schnorr::VerifyingKey;
+use crate::schnorr::{Signature, VerifyingKey};
 use crate::topics;
+
+pub mod steps;
+
+/// `n` messages for batch verification (the benches and the instruction counts): message `i` is
+/// 100 bytes of `i`, signed under `tag` by a key of its own.
+pub fn signed_batch(
+    n: usize,
+    tag: &str,
+    rng: &mut ChaCha20Rng,
+) -> Vec<(VerifyingKey, Vec<u8>, Signature)> {
+    (0..n)
+        .map(|i| {
+            let k = KeyPair::random(rng);
+            let body = vec![i as u8; 100];
+            let sig = k.sign(tag, &body, rng).unwrap();
+            (k.verifying_key(), body, sig)
+        })
+        .collect()
+}
 
 /// The [`Pki`] fixture's clock.
 pub const NOW: u64 = 1_800_000_000_000;
@@ -66,14 +86,20 @@ impl Pki {
     pub fn enroll_valid(&mut self, name: &str, not_before: u64, not_after: u64) -> Credentials {
         self.serial += 1;
         let secret = EnrollmentSecret::random(&mut self.rng);
-        let pending = PendingEnrollment::new(DeviceId::new(name).unwrap(), NOW, &mut self.rng);
-        let response = pending
-            .enroll_request(&secret)
-            .verify(&secret, NOW, 60_000)
-            .unwrap()
-            .issue(&self.ca, self.serial, not_before, not_after, &mut self.rng)
-            .unwrap();
-        pending.accept(&response, self.ca.public()).unwrap()
+        let (pending, request) = steps::enroll_request(name, &secret, NOW, &mut self.rng);
+        let request = EnrollRequest::from_bytes(&request).unwrap();
+        let validity = (not_before, not_after);
+        let response = steps::issue(
+            &self.ca,
+            &request,
+            &secret,
+            self.serial,
+            NOW,
+            validity,
+            &mut self.rng,
+        )
+        .unwrap();
+        steps::accept_enrollment(&pending, &response.to_bytes(), self.ca.public())
     }
 
     /// A group at `epoch` with these members, its keys and its verified member list.
@@ -86,10 +112,15 @@ impl Pki {
                     .unwrap()
             })
             .collect();
-        let keys =
-            GroupKeys::derive(&self.ca, &group, Epoch(epoch), Privacy::Standard, &joined).unwrap();
-        let signed =
-            SignedGroupInfo::sign(&self.ca, keys.group_info().clone(), &mut self.rng).unwrap();
+        let (keys, signed) = steps::signed_keys(
+            &self.ca,
+            &group,
+            Epoch(epoch),
+            Privacy::Standard,
+            &joined,
+            &mut self.rng,
+        )
+        .unwrap();
         let certs: Vec<(Role, &ImplicitCert)> =
             members.iter().map(|(r, c)| (*r, c.cert())).collect();
         let bytes = MemberList::encode(&signed, &certs);
@@ -259,31 +290,25 @@ impl World {
             &mut self.rng,
         );
         self.serial += 1;
-        let issued = EnrollRequest::from_bytes(&auth.data)
-            .unwrap()
-            .verify(&secret, self.now, 60_000)
-            .unwrap()
-            .issue(
-                &self.ca,
-                self.serial,
-                self.now - 1000,
-                self.now + 365 * 86_400_000,
-                &mut self.rng,
-            )
-            .unwrap();
+        let request = EnrollRequest::from_bytes(&auth.data).unwrap();
+        let validity = (self.now - 1000, self.now + 365 * DAY);
+        let issued = steps::issue(
+            &self.ca,
+            &request,
+            &secret,
+            self.serial,
+            self.now,
+            validity,
+            &mut self.rng,
+        )
+        .unwrap();
         let creds = e.finish(Some(&issued.to_bytes())).unwrap();
         self.certs.insert(id, creds.cert().clone());
         Device::new(creds, *self.ca.public(), config)
     }
 
     fn member(&self, id: &DeviceId, role: Role) -> Member {
-        let cert = &self.certs[id];
-        Member {
-            id: id.clone(),
-            role,
-            q: cert.open(self.ca.public()).unwrap().0,
-            g: *cert.group_base(),
-        }
+        steps::member(self.ca.public(), &self.certs[id], role)
     }
 
     /// The CA's delivery of the current key to `id` in `role`, as a SUBACK would carry it.
@@ -377,7 +402,9 @@ impl World {
             return (codes, None);
         }
         let member = self.member(device, req.role());
-        let joined = req.open(&self.ca, &member, self.now, 60_000).unwrap();
+        let joined = req
+            .open(&self.ca, &member, self.now, steps::WINDOW_MS)
+            .unwrap();
         let g = req.group().clone();
         let plan = self.states[&g]
             .stage_join(&self.ca, joined, self.now, &mut self.rng)

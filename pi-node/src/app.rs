@@ -9,8 +9,7 @@ use quva_client::curve::Point;
 use quva_client::enrollment::{Credentials, ENROLLMENT_SECRET_LEN, EnrollmentSecret};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::message::{Direction, Protection, VerifiedMessage};
-use quva_client::rng::SystemRng;
-use rand_core::RngCore;
+use rand_core::{OsRng, RngCore};
 use serde_json::json;
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
@@ -211,7 +210,7 @@ fn read_ca_key(args: &EnrollArgs) -> Result<Point, NodeError> {
 }
 
 fn random_suffix() -> String {
-    format!("{:08x}", SystemRng::new().next_u32())
+    format!("{:08x}", OsRng.next_u32())
 }
 
 async fn enroll(ctx: &Context, args: EnrollArgs) -> Result<(), NodeError> {
@@ -233,7 +232,7 @@ async fn enroll(ctx: &Context, args: EnrollArgs) -> Result<(), NodeError> {
     }
     let address = ctx.broker(None)?;
     let cfg = ctx.link_config(address.clone(), false);
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let (enrollment, auth) = Enrollment::start(id.clone(), &secret, ca_public, now, &mut rng);
     drop(secret);
     let client_id = format!("{id}-enroll-{}", random_suffix());
@@ -263,7 +262,7 @@ async fn renew(ctx: &Context) -> Result<(), NodeError> {
     crate::net::check_clock(&stored.credentials, now)?;
     let address = ctx.broker(Some(&store))?;
     let cfg = ctx.link_config(address, false);
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let (renewal, auth) = Enrollment::renew(&stored.credentials, stored.ca_public, now, &mut rng)
         .map_err(|e| NodeError::Protocol(e.to_string()))?;
     let client_id = format!("{}-renew-{}", stored.credentials.id(), random_suffix());
@@ -286,7 +285,7 @@ async fn renew(ctx: &Context) -> Result<(), NodeError> {
 /// is the first use instead.
 async fn first_use(cfg: &LinkConfig, creds: &Credentials) {
     let client_id = format!("{}-first-use-{}", creds.id(), random_suffix());
-    let auth = match cert_connect_auth(creds, &client_id, now_ms(), &mut SystemRng::new()) {
+    let auth = match cert_connect_auth(creds, &client_id, now_ms(), &mut OsRng) {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "cannot prove the new certificate");
@@ -790,7 +789,7 @@ async fn send(ctx: &Context, args: SendArgs) -> Result<(), NodeError> {
         &to,
         args.message.as_bytes(),
         now_ms(),
-        &mut SystemRng::new(),
+        &mut OsRng,
     )
     .map_err(|e| NodeError::Protocol(e.to_string()))?;
     // T_ms is durable before the message leaves: a crash cannot reuse it.

@@ -30,9 +30,9 @@ use bytes::Bytes;
 use quva_client::direct::VerifiedDirect;
 use quva_client::ids::{GroupId, Role};
 use quva_client::ota::KeyMessage;
-use quva_client::rng::SystemRng;
 use quva_client::topics::{self, OtaItem, OtaTopic};
 use quva_daemon::{now_ms, shutdown_signal};
+use rand_core::OsRng;
 use serde_json::json;
 
 use crate::direct::{DirectBook, DirectOutcome, accept_direct};
@@ -159,7 +159,7 @@ struct Daemon {
     /// When the manifests were last offered (a refused one is offered again after
     /// [`MANIFEST_RETRY_MS`], or at the next epoch).
     manifests_offered_ms: Option<u64>,
-    rng: SystemRng,
+    rng: OsRng,
     /// The device side of group OTA, with an `[ota]` table that names groups.
     ota: Option<OtaService>,
 }
@@ -449,7 +449,7 @@ pub(crate) async fn run(
     // After a renewal, the manifests are signed again and deposited first; the key messages
     // with the new H(man) follow when the group is ready.
     let resigned = releases
-        .resign_after_renewal(link.device(), now_ms(), &mut SystemRng::new())
+        .resign_after_renewal(link.device(), now_ms(), &mut OsRng)
         .map_err(|e| NodeError::Protocol(format!("cannot sign the manifests again: {e}")))?;
     let unsent_manifests: BTreeSet<(GroupId, u64)> = resigned
         .iter()
@@ -499,7 +499,7 @@ pub(crate) async fn run(
         deposits: HashMap::new(),
         unsent_manifests,
         manifests_offered_ms: None,
-        rng: SystemRng::new(),
+        rng: OsRng,
         ota,
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -573,7 +573,7 @@ mod tests {
                 .unwrap()
                 .commit()
         };
-        let mut rng = quva_client::rng::SystemRng::new();
+        let mut rng = rand_core::OsRng;
         let key_msg = open(&m.to_bytes(), &mut rng);
         let secret_hex = hex::encode([0x5a; 32]);
         for json_out in [false, true] {

@@ -31,9 +31,8 @@ use quva_client::group::GK_PROPERTY;
 use quva_client::ids::{Epoch, GroupId, Role};
 use quva_client::message::{Direction, Protection, Rejection, VerifiedMessage};
 use quva_client::reasons;
-use quva_client::rng::SystemRng;
 use quva_daemon::now_ms;
-use rand_core::RngCore;
+use rand_core::{OsRng, RngCore};
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
@@ -407,7 +406,7 @@ pub struct Link {
     store: Option<KeyStore>,
     cfg: LinkConfig,
     client_id: String,
-    rng: SystemRng,
+    rng: OsRng,
     conn: Option<Conn>,
     wanted: Vec<(GroupId, Role, bool)>,
     /// Extra topic filters whose PUBLISHes go to the application as they are.
@@ -439,7 +438,7 @@ impl core::fmt::Debug for Link {
 impl Link {
     /// A link for `device`; group keys it adopts are saved to `store` if given.
     pub fn new(device: Device, store: Option<KeyStore>, cfg: LinkConfig) -> Self {
-        let mut rng = SystemRng::new();
+        let mut rng = OsRng;
         let client_id = format!("{}-{:08x}", device.id(), rng.next_u32());
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::reasons::puback_meaning;
-use quva_client::rng::SystemRng;
 use quva_client::symmetric::TAG_LEN;
 use quva_client::topics::{self, OtaItem};
+use rand_core::OsRng;
 use serde_json::json;
 
 use crate::cli::OtaReleaseArgs;
@@ -215,7 +215,7 @@ pub(crate) async fn release(
         &image,
         chunk_size,
         now_ms(),
-        &mut SystemRng::new(),
+        &mut OsRng,
     )
     .map_err(|e| NodeError::Input(format!("cannot release: {e}")))?;
     let n_chunks = deposits

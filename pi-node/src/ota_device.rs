@@ -33,7 +33,7 @@
 //! ```no_run
 //! # fn demo(settings: quva_node::OtaSettings, device: &quva_client::device::Device) -> Result<(), Box<dyn std::error::Error>> {
 //! use quva_node::{OtaAgent, OtaFiles, perform};
-//! let mut rng = quva_client::rng::SystemRng::new();
+//! let mut rng = rand_core::OsRng;
 //! let files = OtaFiles::open(&settings.download_dir)?;
 //! let mut agent = OtaAgent::new(&settings, files.load(&settings.groups)?);
 //! let now = quva_node::now_ms();

@@ -31,7 +31,7 @@ fn enrolled_store(dir: &std::path::Path, id: &str) {
     use quva_client::curve::KeyPair;
     use quva_client::enrollment::{EnrollmentSecret, PendingEnrollment};
     use quva_client::ids::DeviceId;
-    let mut rng = quva_client::rng::SystemRng::new();
+    let mut rng = rand_core::OsRng;
     let now = quva_node::now_ms();
     let ca = KeyPair::random(&mut rng);
     let secret = EnrollmentSecret::random(&mut rng);

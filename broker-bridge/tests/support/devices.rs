@@ -1,5 +1,6 @@
 //! Test support: devices over raw MQTT 5 through the bridge: enrollment, certificate CONNECTs,
-//! `quva-gk` joins, sealing and acknowledgements.
+//! `quva-gk` joins, sealing and acknowledgements. The messages and their acceptance are the
+//! device-side steps of quva-client's test kit (`testkit::steps`); the MQTT packets are built here.
 
 #![allow(
     dead_code,
@@ -12,16 +13,14 @@
 use std::net::SocketAddr;
 
 use quva_bridge::now_ms;
-use quva_client::codec::{Decode, Encode};
 use quva_client::curve::KeyPair;
-use quva_client::enrollment::{
-    CertConnectProof, Credentials, EnrollResponse, METHOD_CERT, METHOD_ENROLL, PendingEnrollment,
-};
-use quva_client::group::{AcceptedGroupKey, GK_PROPERTY, GroupKeyRequest};
+use quva_client::enrollment::{Credentials, METHOD_CERT, METHOD_ENROLL, PendingEnrollment};
+use quva_client::group::{AcceptedGroupKey, GK_PROPERTY};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 use quva_client::message::{Direction, Sealer};
 use quva_client::rekey::GroupKeyDelivery;
-use quva_client::rng::SystemRng;
+use quva_client::testkit::steps;
+use rand_core::OsRng;
 use rmqtt_codec::v5;
 
 use super::broker::Raw;
@@ -34,9 +33,7 @@ pub async fn try_enroll(
     id: &str,
 ) -> (Box<v5::ConnectAck>, PendingEnrollment) {
     let secret = ca.register(id);
-    let pending =
-        PendingEnrollment::new(DeviceId::new(id).unwrap(), now_ms(), &mut SystemRng::new());
-    let data = pending.enroll_request(&secret).to_bytes();
+    let (pending, data) = steps::enroll_request(id, &secret, now_ms(), &mut OsRng);
     let (_raw, ack) = Raw::connect(addr, id, Some((METHOD_ENROLL, data))).await;
     (ack, pending)
 }
@@ -46,15 +43,12 @@ pub async fn enroll(addr: SocketAddr, ca: &TestCa, id: &str) -> Credentials {
     let (ack, pending) = try_enroll(addr, ca, id).await;
     assert_eq!(ack.reason_code, v5::ConnectAckReason::Success);
     assert_eq!(ack.auth_method.as_deref(), Some(METHOD_ENROLL));
-    let resp = EnrollResponse::from_bytes(&ack.auth_data.unwrap()).unwrap();
-    pending.accept(&resp, ca.key.public()).unwrap()
+    steps::accept_enrollment(&pending, &ack.auth_data.unwrap(), ca.key.public())
 }
 
 /// A fresh `quva-cert-v1` proof.
 pub fn cert_proof(creds: &Credentials, client_id: &str) -> Vec<u8> {
-    CertConnectProof::new(creds, now_ms(), client_id, &mut SystemRng::new())
-        .unwrap()
-        .to_bytes()
+    steps::cert_proof(creds, now_ms(), client_id, &mut OsRng)
 }
 
 /// A certificate CONNECT; returns the connection and the CONNACK.
@@ -88,17 +82,7 @@ pub async fn join(
     pid: u16,
 ) -> AcceptedGroupKey {
     let gid = GroupId::new(group).unwrap();
-    let req = GroupKeyRequest::new(
-        creds.id(),
-        &gid,
-        role,
-        now_ms(),
-        creds.key(),
-        creds.group_secret(),
-        ca.key.public(),
-        &mut SystemRng::new(),
-    )
-    .unwrap();
+    let req = steps::join_request(creds, &gid, role, now_ms(), ca.key.public(), &mut OsRng);
     let topic = format!("quva/k/{group}/{}", role.topic_segment());
     let ack = raw
         .subscribe(pid, &topic, vec![(GK_PROPERTY.into(), req.to_property())])
@@ -110,11 +94,8 @@ pub async fn join(
         .find(|(k, _)| k == GK_PROPERTY)
         .map(|(_, v)| v.to_string())
         .expect("quva-gk on the SUBACK");
-    GroupKeyDelivery::from_property(&value)
-        .unwrap()
-        .accept(&ca.key.verifying_key(), creds.key(), &gid, role)
-        .unwrap()
-        .1
+    let delivery = GroupKeyDelivery::from_property(&value).unwrap();
+    steps::accept_delivery(&delivery, ca.key.public(), creds, &gid, role)
 }
 
 /// A forward-direction sealer.

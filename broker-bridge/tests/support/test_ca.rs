@@ -1,5 +1,7 @@
-//! Test support: an in-memory CA behind the bridge's `CaClient` trait, built from quva-client's
-//! CA-side operations (enrollment, group-key derivation, signed group info, deliveries).
+//! Test support: an in-memory CA behind the bridge's `CaClient` trait. Its answers come from the
+//! CA-side steps of quva-client's test kit (`testkit::steps`: issuing, the member of a certificate,
+//! group keys with their signed info, deliveries); what is the bridge's own stays here: the
+//! `CaClient` impl, the notice log and stream, and the switches that make the CA fail or hang.
 
 #![allow(
     dead_code,
@@ -21,13 +23,10 @@ use quva_bridge::now_ms;
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::KeyPair;
 use quva_client::enrollment::{EnrollRequest, EnrollmentSecret, ImplicitCert};
-use quva_client::group::{
-    GroupKeyRequest, GroupKeys, JoinedMember, Member, Privacy, SignedGroupInfo,
-};
+use quva_client::group::{GroupKeyRequest, GroupKeys, JoinedMember, Privacy, SignedGroupInfo};
 use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
-use quva_client::rekey::GroupKeyDelivery;
-use quva_client::rekey::tree::{NodeKey, TreeKeySet};
-use quva_client::rng::SystemRng;
+use quva_client::testkit::steps;
+use rand_core::OsRng;
 use tokio::sync::Notify;
 
 pub struct GroupState {
@@ -65,7 +64,7 @@ pub struct TestCa {
 impl TestCa {
     pub fn new() -> Arc<Self> {
         Arc::new(TestCa {
-            key: KeyPair::random(&mut SystemRng::new()),
+            key: KeyPair::random(&mut OsRng),
             state: Mutex::default(),
             up: AtomicBool::new(true),
             hang: AtomicBool::new(false),
@@ -76,7 +75,7 @@ impl TestCa {
     }
 
     pub fn register(&self, id: &str) -> EnrollmentSecret {
-        let s = EnrollmentSecret::random(&mut SystemRng::new());
+        let s = EnrollmentSecret::random(&mut OsRng);
         self.state
             .lock()
             .unwrap()
@@ -148,11 +147,15 @@ impl TestCa {
         let g = s.groups.get_mut(&gid).unwrap();
         change(g);
         g.epoch += 1;
-        let keys =
-            GroupKeys::derive(&self.key, &gid, Epoch(g.epoch), g.privacy, &g.joined).unwrap();
-        let signed =
-            SignedGroupInfo::sign(&self.key, keys.group_info().clone(), &mut SystemRng::new())
-                .unwrap();
+        let (keys, signed) = steps::signed_keys(
+            &self.key,
+            &gid,
+            Epoch(g.epoch),
+            g.privacy,
+            &g.joined,
+            &mut OsRng,
+        )
+        .unwrap();
         g.keys = Some(keys);
         g.signed = Some(signed);
         let epoch = g.epoch;
@@ -184,20 +187,18 @@ impl TestCa {
             .ok_or(CaError::Refused)?
             .clone();
         let now = now_ms();
-        let verified = req
-            .verify(&secret, now, 60_000)
-            .map_err(|_| CaError::Refused)?;
+        let validity = (now - 1_000, now + 86_400_000);
+        let resp = steps::issue(
+            &self.key,
+            &req,
+            &secret,
+            s.serial + 1,
+            now,
+            validity,
+            &mut OsRng,
+        )
+        .map_err(|_| CaError::Refused)?;
         s.serial += 1;
-        let serial = s.serial;
-        let resp = verified
-            .issue(
-                &self.key,
-                serial,
-                now - 1_000,
-                now + 86_400_000,
-                &mut SystemRng::new(),
-            )
-            .map_err(|_| CaError::Refused)?;
         s.secrets.remove(&req.request.id);
         s.certs.insert(req.request.id.clone(), resp.cert.clone());
         Ok(resp.to_bytes())
@@ -207,38 +208,40 @@ impl TestCa {
         let req = GroupKeyRequest::from_bytes(data).map_err(|_| CaError::Malformed)?;
         let now = now_ms();
         let mut s = self.state.lock().unwrap();
-        let cert = s.certs.get(req.id()).ok_or(CaError::Refused)?.clone();
-        let q = cert.open(self.key.public()).map_err(|_| CaError::Refused)?;
-        let member = Member {
-            id: req.id().clone(),
-            role: req.role(),
-            q: q.0,
-            g: *cert.group_base(),
-        };
+        let cert = s.certs.get(req.id()).ok_or(CaError::Refused)?;
+        let member = steps::member(self.key.public(), cert, req.role());
         let g = s.groups.get_mut(req.group()).ok_or(CaError::Refused)?;
         if !g.allowed.contains(&(req.id().clone(), req.role())) {
             return Err(CaError::Refused);
         }
         let joined = req
-            .open(&self.key, &member, now, 60_000)
+            .open(&self.key, &member, now, steps::WINDOW_MS)
             .map_err(|_| CaError::Refused)?;
         if g.joined.contains(&joined) && g.keys.is_some() {
             // Same member, same share: the current keys, no rekey (PROTOCOL.md §4).
             let keys = g.keys.clone().unwrap();
             let signed = g.signed.clone().unwrap();
-            let delivery = seal(&signed, &keys, &member, &mut SystemRng::new())?;
+            let delivery = steps::delivery_without_tree(&signed, &keys, &member, &mut OsRng)
+                .map_err(|_| CaError::Refused)?;
             return Ok((delivery.to_bytes(), Epoch(g.epoch)));
         }
         g.joined
             .retain(|j| !(j.member().id == member.id && j.member().role == member.role));
         g.joined.push(joined);
         g.epoch += 1;
-        let keys = GroupKeys::derive(&self.key, req.group(), Epoch(g.epoch), g.privacy, &g.joined)
+        let (keys, signed) = steps::signed_keys(
+            &self.key,
+            req.group(),
+            Epoch(g.epoch),
+            g.privacy,
+            &g.joined,
+            &mut OsRng,
+        )
+        .map_err(|_| CaError::Refused)?;
+        // The bridge never reads the key set, so this CA keeps no key tree (PROTOCOL.md §5.1 trees
+        // are exercised with the real CA in quva-tests).
+        let delivery = steps::delivery_without_tree(&signed, &keys, &member, &mut OsRng)
             .map_err(|_| CaError::Refused)?;
-        let mut rng = SystemRng::new();
-        let signed = SignedGroupInfo::sign(&self.key, keys.group_info().clone(), &mut rng)
-            .map_err(|_| CaError::Refused)?;
-        let delivery = seal(&signed, &keys, &member, &mut rng)?;
         g.keys = Some(keys);
         g.signed = Some(signed);
         let epoch = g.epoch;
@@ -362,19 +365,4 @@ impl CaClient for Client {
             }) as Box<dyn NoticeStream>)
         })
     }
-}
-
-/// The SUBACK delivery of `member`'s key. The bridge never reads the key set, so this test CA
-/// keeps no key tree: every holder gets a one-leaf tree of its own (PROTOCOL.md §5.1 trees are
-/// exercised with the real CA in quva-tests).
-fn seal(
-    signed: &SignedGroupInfo,
-    keys: &GroupKeys,
-    member: &Member,
-    rng: &mut SystemRng,
-) -> Result<GroupKeyDelivery, CaError> {
-    let x = keys.held_by(member.role).secret().clone();
-    let set =
-        TreeKeySet::new(x, 1, 0, vec![(0, NodeKey::random(rng))]).map_err(|_| CaError::Refused)?;
-    GroupKeyDelivery::seal(signed, keys, &set, member, rng).map_err(|_| CaError::Refused)
 }

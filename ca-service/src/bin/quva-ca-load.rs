@@ -31,10 +31,10 @@ use quva_client::curve::Point;
 use quva_client::enrollment::{Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment};
 use quva_client::group::GroupKeyRequest;
 use quva_client::ids::{DeviceId, GroupId, Role};
-use quva_client::rng::SystemRng;
 use quva_daemon::now_ms;
 use quva_proto::v1 as pb;
 use quva_proto::v1::device_service_client::DeviceServiceClient;
+use rand_core::OsRng;
 use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -323,7 +323,7 @@ fn build_requests(
     ids: &[String],
     secrets: &[EnrollmentSecret],
 ) -> anyhow::Result<Vec<(PendingEnrollment, Vec<u8>)>> {
-    let mut rng = SystemRng::new();
+    let mut rng = OsRng;
     let now = now_ms();
     ids.iter()
         .zip(secrets)
@@ -548,7 +548,7 @@ fn join_request(c: &Credentials, group: &str, q_ca: &Point) -> anyhow::Result<Ve
         c.key(),
         c.group_secret(),
         q_ca,
-        &mut SystemRng::new(),
+        &mut OsRng,
     )?
     .to_bytes())
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use quva_client::curve::KeyPair;
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -28,7 +28,7 @@ pub struct Engine {
     core: CaCore<ReplyTo>,
     cfg: EngineConfig,
     clock: Arc<dyn Clock>,
-    rng: SystemRng,
+    rng: OsRng,
     notice_tx: watch::Sender<u64>,
     stats: Arc<Stats>,
     /// Replies held back until the staged writes are synced.
@@ -64,7 +64,7 @@ impl Engine {
             core,
             cfg,
             clock,
-            rng: SystemRng::new(),
+            rng: OsRng,
             notice_tx,
             stats: stats.clone(),
             answers: Vec::new(),

@@ -12,7 +12,8 @@ use quva_proto::v1::{Notice, NoticeKind};
 use rand_core::CryptoRngCore;
 use zeroize::Zeroizing;
 
-use crate::engine::audit::{Actor, AuditKind, RekeyReason, entry};
+use crate::audit_kind::AuditKind;
+use crate::engine::audit::{Actor, RekeyReason, entry};
 use crate::engine::command::Registered;
 use crate::engine::core::CaCore;
 use crate::engine::errors::rekey_err;

@@ -13,7 +13,8 @@ use quva_client::rekey::{Plan, RekeyError};
 use quva_proto::v1::{Notice, NoticeKind};
 use rand_core::CryptoRngCore;
 
-use crate::engine::audit::{Actor, AuditKind, entry, reasons_text};
+use crate::audit_kind::AuditKind;
+use crate::engine::audit::{Actor, entry, reasons_text};
 use crate::engine::command::{JoinReply, Outcome};
 use crate::engine::core::CaCore;
 use crate::engine::errors::rekey_err;
@@ -268,7 +269,7 @@ mod tests {
     use quva_client::ids::{GroupId, Role};
     use quva_proto::v1::NoticeKind;
 
-    use crate::engine::audit::AuditKind;
+    use crate::audit_kind::AuditKind;
     use crate::engine::command::Command;
     use crate::engine::testkit::{
         Kit, WINDOW_MS, answered, audit, epoch_of, join_of, kinds, notices,

@@ -8,7 +8,8 @@ use quva_client::curve::KeyPair;
 use quva_proto::v1::{AuditEntry, Notice};
 use rand_core::CryptoRngCore;
 
-use crate::engine::audit::{Actor, AuditKind, entry};
+use crate::audit_kind::AuditKind;
+use crate::engine::audit::{Actor, entry};
 use crate::engine::command::{Command, Outcome};
 use crate::engine::config::EngineConfig;
 use crate::engine::load::{Groups, load};
@@ -321,7 +322,7 @@ mod tests {
 
     use quva_client::ids::DeviceId;
 
-    use crate::engine::audit::AuditKind;
+    use crate::audit_kind::AuditKind;
     use crate::engine::command::Command;
     use crate::engine::testkit::{Kit, audit, cert_of, kinds};
     use crate::error::CaError;

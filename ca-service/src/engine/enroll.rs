@@ -11,7 +11,8 @@ use quva_client::enrollment::{
 use quva_proto::v1::{Notice, NoticeKind};
 use rand_core::CryptoRngCore;
 
-use crate::engine::audit::{Actor, AuditKind, entry};
+use crate::audit_kind::AuditKind;
+use crate::engine::audit::{Actor, entry};
 use crate::engine::command::CertificateUse;
 use crate::engine::config::{MAX_CERT_PROOF_LEN, MAX_CERT_REQUEST_LEN};
 use crate::engine::core::CaCore;
@@ -304,7 +305,7 @@ impl<T> CaCore<T> {
 mod tests {
     use quva_proto::v1::NoticeKind;
 
-    use crate::engine::audit::AuditKind;
+    use crate::audit_kind::AuditKind;
     use crate::engine::testkit::{Kit, audit, kinds, notices};
     use crate::error::CaError;
     use crate::store::{DeviceState, Tables};

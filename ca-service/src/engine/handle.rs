@@ -8,8 +8,8 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_proto::v1::AuditEntry;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::audit_kind::AuditKind;
 use crate::auth::AuditSink;
-use crate::engine::audit::AuditKind;
 use crate::engine::command::{CertificateUse, Command, JoinReply, Outcome, Registered};
 use crate::engine::stats::{Stats, bump};
 use crate::error::CaError;

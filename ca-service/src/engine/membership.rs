@@ -10,7 +10,8 @@ use quva_client::rekey::Change;
 use quva_proto::v1::{AuditEntry, Notice, NoticeKind};
 use rand_core::CryptoRngCore;
 
-use crate::engine::audit::{Actor, AuditKind, RekeyReason, entry};
+use crate::audit_kind::AuditKind;
+use crate::engine::audit::{Actor, RekeyReason, entry};
 use crate::engine::command::{JoinReply, Outcome};
 use crate::engine::core::CaCore;
 use crate::engine::errors::{decode_err, group_err, is_internal, rekey_err};
@@ -409,7 +410,7 @@ mod tests {
     use quva_client::ids::{DeviceId, GroupId, Role};
     use quva_proto::v1::NoticeKind;
 
-    use crate::engine::audit::AuditKind;
+    use crate::audit_kind::AuditKind;
     use crate::engine::command::{Command, Outcome};
     use crate::engine::testkit::{
         Kit, WINDOW_MS, answered, audit, epoch_of, join_of, kinds, notices, reply,

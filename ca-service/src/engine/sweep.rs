@@ -125,7 +125,7 @@ impl<T> CaCore<T> {
 mod tests {
     use quva_client::ids::{DeviceId, GroupId, Role};
 
-    use crate::engine::audit::AuditKind;
+    use crate::audit_kind::AuditKind;
     use crate::engine::command::Command;
     use crate::engine::config::EngineConfig;
     use crate::engine::testkit::{Kit, WINDOW_MS, join_of, kinds};

@@ -1,5 +1,7 @@
-//! A CA core over a [`MemoryStore`] with a seeded RNG and a manual clock, and devices built on
-//! quva-client, for the engine's unit tests.
+//! A CA core over a [`MemoryStore`] with a seeded RNG and a manual clock, for the engine's unit
+//! tests. The devices' messages and their acceptance are the device-side steps of quva-client's
+//! test kit (`testkit::steps`); the engine's own fixtures stay here: the core's commands and
+//! effects, and a [`FlakyStore`] that fails commits like a full disk.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -8,17 +10,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::{KeyPair, Point};
-use quva_client::enrollment::{
-    CertConnectProof, Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment,
-};
-use quva_client::group::{AcceptedGroupKey, GroupKeyRequest, Privacy};
+use quva_client::enrollment::{Credentials, EnrollmentSecret, PendingEnrollment};
+use quva_client::group::{AcceptedGroupKey, Privacy};
 use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_client::rekey::GroupKeyDelivery;
+use quva_client::testkit::steps;
 use quva_proto::v1::{AuditEntry, NoticeKind};
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
-use crate::engine::audit::AuditKind;
+use crate::audit_kind::AuditKind;
 use crate::engine::command::{CertificateUse, Command, JoinReply, Outcome};
 use crate::engine::config::EngineConfig;
 use crate::engine::core::{CaCore, Effects};
@@ -163,9 +164,7 @@ impl Kit {
         id: &str,
         secret: &EnrollmentSecret,
     ) -> (PendingEnrollment, Vec<u8>) {
-        let pending = PendingEnrollment::new(DeviceId::new(id).unwrap(), self.now, &mut self.rng);
-        let data = pending.enroll_request(secret).to_bytes();
-        (pending, data)
+        steps::enroll_request(id, secret, self.now, &mut self.rng)
     }
 
     /// Sends an enrollment; returns the credentials or the refusal, and the effects.
@@ -187,19 +186,14 @@ impl Kit {
     }
 
     pub fn accept_cert(&self, pending: &PendingEnrollment, bytes: &[u8]) -> Credentials {
-        let resp = EnrollResponse::from_bytes(bytes).unwrap();
-        pending.accept(&resp, &self.ca).unwrap()
+        steps::accept_enrollment(pending, bytes, &self.ca)
     }
 
     pub fn renew(
         &mut self,
         current: &Credentials,
     ) -> (Result<Credentials, CaError>, Effects<Ticket>) {
-        let pending = PendingEnrollment::new(current.id().clone(), self.now, &mut self.rng);
-        let data = pending
-            .renew_request(current.key(), &mut self.rng)
-            .unwrap()
-            .to_bytes();
+        let (pending, data) = steps::renew_request(current, self.now, &mut self.rng);
         let ticket = self.ticket();
         let e = self.run(Command::Renew(data, ticket));
         let r = cert_of(&e, ticket).map(|bytes| self.accept_cert(&pending, &bytes));
@@ -211,9 +205,9 @@ impl Kit {
         &mut self,
         creds: &Credentials,
     ) -> (Result<CertificateUse, CaError>, Effects<Ticket>) {
-        let proof = CertConnectProof::new(creds, self.now, "client-1", &mut self.rng).unwrap();
+        let proof = steps::cert_proof(creds, self.now, "client-1", &mut self.rng);
         let ticket = self.ticket();
-        let e = self.run(Command::ConfirmUse(proof.to_bytes(), ticket));
+        let e = self.run(Command::ConfirmUse(proof, ticket));
         let r = match reply(&e, ticket) {
             Outcome::Use(r) => r.clone(),
             o => panic!("not a use answer: {o:?}"),
@@ -252,18 +246,8 @@ impl Kit {
     }
 
     pub fn join_request(&mut self, creds: &Credentials, g: &str, role: Role) -> Vec<u8> {
-        GroupKeyRequest::new(
-            creds.id(),
-            &GroupId::new(g).unwrap(),
-            role,
-            self.now,
-            creds.key(),
-            creds.group_secret(),
-            &self.ca,
-            &mut self.rng,
-        )
-        .unwrap()
-        .to_bytes()
+        let group = GroupId::new(g).unwrap();
+        steps::join_request(creds, &group, role, self.now, &self.ca, &mut self.rng).to_bytes()
     }
 
     /// Sends a group-key request; returns the effects and the ticket of the answer.
@@ -292,16 +276,8 @@ impl Kit {
         role: Role,
         r: &JoinReply,
     ) -> AcceptedGroupKey {
-        GroupKeyDelivery::from_bytes(&r.response)
-            .unwrap()
-            .accept(
-                &quva_client::schnorr::VerifyingKey(self.ca),
-                creds.key(),
-                &GroupId::new(g).unwrap(),
-                role,
-            )
-            .unwrap()
-            .1
+        let delivery = GroupKeyDelivery::from_bytes(&r.response).unwrap();
+        steps::accept_delivery(&delivery, &self.ca, creds, &GroupId::new(g).unwrap(), role)
     }
 
     pub fn device(&self, id: &str) -> DeviceRecord {

@@ -1,11 +1,13 @@
 //! Shared helpers of the integration tests: a CA served on 127.0.0.1:0 over a temporary RocksDB,
-//! clients with tokens, and simulated devices built on quva-client.
+//! clients with tokens, and simulated devices whose messages are the device-side steps of
+//! quva-client's test kit (`testkit::steps`).
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use quva_ca::audit_kind::AuditKind;
 use quva_ca::cli::{AdminClient, Bearer, bearer, connect};
 use quva_ca::clock::{Clock, ManualClock};
 use quva_ca::config::Config;
@@ -15,13 +17,14 @@ use quva_ca::store::records::{self, MetaRecord};
 use quva_ca::store::{CaStore, Key, KeyKind, RocksStore};
 use quva_client::codec::{Decode, Encode};
 use quva_client::curve::Point;
-use quva_client::enrollment::{Credentials, EnrollResponse, EnrollmentSecret, PendingEnrollment};
-use quva_client::group::{AcceptedGroupKey, GroupKeyRequest};
-use quva_client::ids::{DeviceId, GroupId, Role};
+use quva_client::enrollment::{Credentials, EnrollmentSecret};
+use quva_client::group::AcceptedGroupKey;
+use quva_client::ids::{GroupId, Role};
 use quva_client::rekey::GroupKeyDelivery;
-use quva_client::rng::SystemRng;
+use quva_client::testkit::steps;
 use quva_proto::v1 as pb;
 use quva_proto::v1::device_service_client::DeviceServiceClient;
+use rand_core::OsRng;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -62,7 +65,7 @@ impl Harness {
     pub async fn start_with(cfg: Config) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let data = DataDir::new(dir.path().join("ca"));
-        let init = data.init(&mut SystemRng::new()).unwrap();
+        let init = data.init(&mut OsRng).unwrap();
         let store = Arc::new(RocksStore::open(&data.db_path()).unwrap());
         let clock = Arc::new(ManualClock::new(system_now()));
         let server = Server::start_with_store(&data, &cfg, clock.clone(), store.clone())
@@ -138,39 +141,20 @@ impl Harness {
     }
 
     pub async fn register(&mut self, id: &str) -> EnrollmentSecret {
-        let r = self
-            .admin
-            .register_device(pb::RegisterDeviceRequest {
-                id: id.into(),
-                note: String::new(),
-                reissue: false,
-                secret_validity_secs: 0,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut bytes = [0u8; 32];
-        hex::decode_to_slice(&r.enroll_secret, &mut bytes).unwrap();
-        EnrollmentSecret::from_bytes(&bytes)
+        register(&mut self.admin, id).await
     }
 
     /// Registers and enrolls a device.
     pub async fn enrolled(&mut self, id: &str) -> Credentials {
         let secret = self.register(id).await;
-        let pending = PendingEnrollment::new(
-            DeviceId::new(id).unwrap(),
-            self.now(),
-            &mut SystemRng::new(),
-        );
-        let data = pending.enroll_request(&secret).to_bytes();
+        let (pending, data) = steps::enroll_request(id, &secret, self.now(), &mut OsRng);
         let r = self
             .device
             .enroll(pb::EnrollRequest { auth_data: data })
             .await
             .unwrap()
             .into_inner();
-        let resp = EnrollResponse::from_bytes(&r.auth_data).unwrap();
-        pending.accept(&resp, &self.ca).unwrap()
+        steps::accept_enrollment(&pending, &r.auth_data, &self.ca)
     }
 
     pub async fn create_group(&mut self, id: &str, anonymous: bool, interval: u64) -> pb::Group {
@@ -210,18 +194,8 @@ impl Harness {
     }
 
     pub fn join_request(&self, creds: &Credentials, group: &str, role: Role) -> Vec<u8> {
-        GroupKeyRequest::new(
-            creds.id(),
-            &GroupId::new(group).unwrap(),
-            role,
-            self.now(),
-            creds.key(),
-            creds.group_secret(),
-            &self.ca,
-            &mut SystemRng::new(),
-        )
-        .unwrap()
-        .to_bytes()
+        let group = GroupId::new(group).unwrap();
+        steps::join_request(creds, &group, role, self.now(), &self.ca, &mut OsRng).to_bytes()
     }
 
     /// Sends a group-key request and accepts the delivered key.
@@ -240,7 +214,8 @@ impl Harness {
         Ok(accept(&self.ca, creds, group, role, &r.response))
     }
 
-    pub async fn audit_kinds(&mut self) -> Vec<(String, String)> {
+    /// The kind and outcome of every audit entry; a stored kind no version wrote fails the test.
+    pub async fn audit_kinds(&mut self) -> Vec<(AuditKind, String)> {
         self.admin
             .list_audit(pb::ListAuditRequest {
                 from_seq: 0,
@@ -252,9 +227,30 @@ impl Harness {
             .into_inner()
             .entries
             .into_iter()
-            .map(|e| (e.kind, e.outcome))
+            .map(|e| {
+                let kind = AuditKind::parse(&e.kind)
+                    .unwrap_or_else(|| panic!("unknown audit kind {:?}", e.kind));
+                (kind, e.outcome)
+            })
             .collect()
     }
+}
+
+/// Registers `id` over the admin API; returns its enrollment secret.
+pub async fn register(admin: &mut AdminClient, id: &str) -> EnrollmentSecret {
+    let r = admin
+        .register_device(pb::RegisterDeviceRequest {
+            id: id.into(),
+            note: String::new(),
+            reissue: false,
+            secret_validity_secs: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(&r.enroll_secret, &mut bytes).unwrap();
+    EnrollmentSecret::from_bytes(&bytes)
 }
 
 pub fn accept(
@@ -264,16 +260,8 @@ pub fn accept(
     role: Role,
     response: &[u8],
 ) -> AcceptedGroupKey {
-    GroupKeyDelivery::from_bytes(response)
-        .unwrap()
-        .accept(
-            &quva_client::schnorr::VerifyingKey(*ca),
-            creds.key(),
-            &GroupId::new(group).unwrap(),
-            role,
-        )
-        .unwrap()
-        .1
+    let delivery = GroupKeyDelivery::from_bytes(response).unwrap();
+    steps::accept_delivery(&delivery, ca, creds, &GroupId::new(group).unwrap(), role)
 }
 
 pub async fn device_client(url: &str, token: &str) -> DeviceClient {

@@ -12,10 +12,10 @@
 //! use quva_client::curve::KeyPair;
 //! use quva_client::enrollment::{EnrollRequest, EnrollmentSecret};
 //! use quva_client::ids::DeviceId;
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //! use quva_client::device::{Enrollment, cert_connect_auth};
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let now = 1_700_000_000_000;
 //! let ca = KeyPair::random(&mut rng);
 //! let secret = EnrollmentSecret::random(&mut rng);

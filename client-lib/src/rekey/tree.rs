@@ -20,13 +20,13 @@
 //! use quva_client::group::{GroupInfo, Privacy, SignedGroupInfo};
 //! use quva_client::ids::{DeviceId, Epoch, GroupId, Role};
 //! use quva_client::rekey::tree::{KeyTree, TreeChanges, TreeHolder};
-//! use quva_client::rng::SystemRng;
+//! use rand_core::OsRng;
 //!
-//! let mut rng = SystemRng::new();
+//! let mut rng = OsRng;
 //! let ca = KeyPair::random(&mut rng);
 //! let group = GroupId::new("plant/line-3/temp").unwrap();
 //! // The signed info of an epoch whose d_P is `x` (normally GroupState's, §4).
-//! let info_for = |epoch: u32, x: &KeyPair, rng: &mut SystemRng| {
+//! let info_for = |epoch: u32, x: &KeyPair, rng: &mut OsRng| {
 //!     let p = *KeyPair::random(rng).public();
 //!     let info = GroupInfo { group: group.clone(), epoch: Epoch(epoch), q_cag_p: p, q_cag_s: p,
 //!         q_p: *x.public(), q_s: p, privacy: Privacy::Standard, n_pub: 0, n_sub: 0,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quva_client::direct::VerifiedDirect;
 use quva_client::ids::GroupId;
-use quva_client::rng::SystemRng;
+use rand_core::OsRng;
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -36,7 +36,7 @@ pub(crate) struct OtaService {
     /// How long the apply command may run before it is killed.
     apply_timeout: Duration,
     json: bool,
-    rng: SystemRng,
+    rng: OsRng,
     done_tx: mpsc::UnboundedSender<ApplyDone>,
     done_rx: Option<ApplyResults>,
     /// Per group, the version and tenth of the download last shown.
@@ -72,7 +72,7 @@ impl OtaService {
             apply,
             apply_timeout: settings.apply_timeout,
             json,
-            rng: SystemRng::new(),
+            rng: OsRng,
             done_tx,
             done_rx: Some(done_rx),
             shown: BTreeMap::new(),
