@@ -20,7 +20,6 @@ use std::time::Duration;
 use broker::{Mosquitto, Raw, config, pinned, start_bridge};
 use devices::{connect, enroll, join, puback, sealer, try_connect, try_enroll};
 use grpc_ca::GrpcCa;
-use quva_bridge::ca::NoticeAction;
 use quva_bridge::now_ms;
 use quva_client::group::Privacy;
 use quva_client::ids::{GroupId, Role};
@@ -42,14 +41,7 @@ fn ca_with_group() -> Arc<TestCa> {
 }
 
 fn rekey_notice(ca: &TestCa, topic: &str, payload: Vec<u8>) {
-    ca.push_notice(
-        GROUP,
-        9,
-        NoticeAction::Rekey {
-            topic: topic.into(),
-            payload,
-        },
-    );
+    ca.push_rekey(GROUP, 9, topic, payload);
 }
 
 /// A plain client straight on the broker, subscribed to every `quva/` topic.

@@ -104,14 +104,7 @@ impl CaClient for Watched {
 }
 
 fn rekey_notice(ca: &TestCa, topic: &str, payload: Vec<u8>) {
-    ca.push_notice(
-        GROUP,
-        1,
-        NoticeAction::Rekey {
-            topic: topic.into(),
-            payload,
-        },
-    );
+    ca.push_rekey(GROUP, 1, topic, payload);
 }
 
 async fn bridge_with_state(

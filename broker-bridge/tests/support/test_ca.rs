@@ -104,6 +104,18 @@ impl TestCa {
         g.allowed.push((DeviceId::new(id).unwrap(), role));
     }
 
+    /// Appends a rekey notice: publish `payload` retained on `topic`.
+    pub fn push_rekey(&self, group: &str, epoch: u32, topic: &str, payload: Vec<u8>) {
+        self.push_notice(
+            group,
+            epoch,
+            NoticeAction::Rekey {
+                topic: topic.into(),
+                payload,
+            },
+        );
+    }
+
     pub fn push_notice(&self, group: &str, epoch: u32, action: NoticeAction) {
         let mut s = self.state.lock().unwrap();
         let seq = s.notices.len() as u64 + 1;
