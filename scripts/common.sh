@@ -25,7 +25,7 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 # One build directory per machine, outside the checkout, so that a fresh clone reuses the compiled
-# dependencies (RocksDB's C++ alone takes ~10 minutes on 2 cores the first time).
+# dependencies (RocksDB's C++ alone takes 13-16 minutes on 2 cores the first time).
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/quva/target}"
 mkdir -p "$CARGO_TARGET_DIR"
 # No incremental caches: they add gigabytes per build variant to the shared directory, and the
@@ -37,7 +37,7 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 announce_first_build() {
   if ! compgen -G "$CARGO_TARGET_DIR/debug/deps/liblibrocksdb_sys-*.rlib" >/dev/null; then
     echo "==> first build on this machine: compiling RocksDB's C++ for quva-ca, the longest step"
-    echo "    (about 16 of the first build's 23 minutes on 2 cores, once per machine; later builds"
+    echo "    (13-16 of the first build's 20-23 minutes on 2 cores, once per machine; later builds"
     echo "    reuse $CARGO_TARGET_DIR)"
   fi
 }
