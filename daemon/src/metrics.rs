@@ -228,10 +228,17 @@ mod tests {
     async fn shutdown_interrupts_a_backoff_pause() {
         let (reg, _) = registry();
         let accept = || async { Err::<tokio::net::TcpStream, _>(std::io::Error::other("no")) };
-        // Virtual time: the loop ends when shutdown comes, not when the pause it is in would.
-        let start = tokio::time::Instant::now();
-        // After a few failures the pause is long; shutdown still ends the loop at once.
-        accept_loop(accept, reg, tokio::time::sleep(Duration::from_millis(50))).await;
-        assert!(start.elapsed() < Duration::from_millis(500));
+        // Virtual time: failures at 0, 10 and 30 ms start pauses of 10, 20 and 40 ms; shutdown at
+        // 50 ms comes during the third, which would end at 70 ms. The loop must end at 50 ms, so
+        // before a deadline halfway between the two.
+        let shutdown_at = MIN_ACCEPT_BACKOFF * 5;
+        let pause_ends = MIN_ACCEPT_BACKOFF * (1 + 2 + 4);
+        tokio::select! {
+            biased;
+            () = accept_loop(accept, reg, tokio::time::sleep(shutdown_at)) => {}
+            () = tokio::time::sleep((shutdown_at + pause_ends) / 2) => {
+                panic!("the loop waited for its back-off pause to end before seeing shutdown");
+            }
+        }
     }
 }
