@@ -68,7 +68,14 @@ impl Point {
     /// # Errors
     /// [`CurveError::Identity`] for the identity.
     pub fn from_projective(p: &ProjectivePoint) -> Result<Self, CurveError> {
-        let a = p.to_affine();
+        Point::from_affine(p.to_affine())
+    }
+
+    /// Wraps an affine point (no inversion, unlike going through projective coordinates).
+    ///
+    /// # Errors
+    /// [`CurveError::Identity`] for the identity.
+    pub fn from_affine(a: AffinePoint) -> Result<Self, CurveError> {
         if bool::from(a.ct_eq(&AffinePoint::IDENTITY)) {
             Err(CurveError::Identity)
         } else {

@@ -241,7 +241,7 @@ fn check_client_id(client_id: &str) -> Result<(), EnrollError> {
 }
 
 fn to_point(a: &AffinePoint) -> Result<Point, EcqvError> {
-    Point::from_projective(&ProjectivePoint::from(*a)).map_err(|_| EcqvError::IdentityPublicKey)
+    Point::from_affine(*a).map_err(|_| EcqvError::IdentityPublicKey)
 }
 
 fn random_nonce(rng: &mut impl CryptoRngCore) -> [u8; NONCE_LEN] {
@@ -316,6 +316,26 @@ mod tests {
                 bad[i] ^= mask;
                 assert!(!accepts(&bad), "byte {i} ^ {mask:#04x} was accepted");
             }
+        }
+    }
+
+    #[test]
+    fn open_in_variable_time_equals_the_constant_time_ecqv_open() {
+        for seed in 0..16 {
+            let mut f = fixture(seed);
+            let cert = f.response().cert;
+            let e = cert.hash().unwrap();
+            let reference = ecqv::open::<Secp256k1>(
+                cert.public_data().as_affine(),
+                &e,
+                f.ca.public().as_affine(),
+            )
+            .unwrap();
+            assert_eq!(
+                cert.open(f.ca.public()).unwrap().0.as_affine(),
+                &reference,
+                "seed {seed}"
+            );
         }
     }
 

@@ -1,6 +1,7 @@
 //! Implicit certificates (PROTOCOL.md §3): the CA key id and the `cert` structure.
 
 use super::*;
+use crate::msm::mul_add_generator_vartime;
 
 /// A CA key identifier: the first 8 bytes of H(pt(Q_CA)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -77,6 +78,9 @@ impl ImplicitCert {
 
     /// Opens the certificate into the device's public key Q_i = e·C + Q_CA.
     ///
+    /// Every input is public (the certificate and the CA's public key), so this computes
+    /// [`ecqv::open`]'s result in variable time, about twice as fast.
+    ///
     /// # Errors
     /// [`EnrollError::WrongCa`] if the certificate names another CA, or an [`EnrollError::Ecqv`].
     pub fn open(&self, ca_public: &Point) -> Result<VerifyingKey, EnrollError> {
@@ -84,8 +88,12 @@ impl ImplicitCert {
             return Err(EnrollError::WrongCa);
         }
         let e = self.hash()?;
-        let q = ecqv::open::<Secp256k1>(self.public_data.as_affine(), &e, ca_public.as_affine())?;
-        Ok(VerifyingKey(to_point(&q)?))
+        // e ≠ 0 (hash) and C ≠ identity (Point): the checks of ecqv::open that remain are Q's.
+        let q = mul_add_generator_vartime(&Scalar::ZERO, &e, &self.public_data.to_projective())
+            + ca_public.to_projective();
+        Point::from_projective(&q)
+            .map(VerifyingKey)
+            .map_err(|_| EnrollError::Ecqv(EcqvError::IdentityPublicKey))
     }
 
     /// Whether `now_ms` lies in [not_before, not_after].
