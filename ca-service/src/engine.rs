@@ -57,6 +57,7 @@ mod core;
 mod enroll;
 mod errors;
 mod handle;
+mod issuer;
 mod load;
 mod membership;
 mod retention;
@@ -76,5 +77,6 @@ pub use config::{
     DEFAULT_NOTICE_EPOCHS, EngineConfig, MAX_CERT_PROOF_LEN, MAX_CERT_REQUEST_LEN, Retention,
 };
 pub use handle::EngineHandle;
+pub use issuer::{Issuer, Prepared};
 pub use retention::{Compacted, REVOKED_EXPIRY_MARGIN_MS};
 pub use stats::Stats;

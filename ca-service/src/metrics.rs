@@ -59,7 +59,7 @@ impl Collector for CaCollector {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         // A store that cannot be read reports zeros rather than failing the whole scrape.
         let meta = self.store.meta().unwrap_or_default();
-        let rows: [(&str, Kind, &str, u64); 20] = [
+        let rows: [(&str, Kind, &str, u64); 21] = [
             (
                 "quva_ca_enrollments",
                 Kind::Counter,
@@ -71,6 +71,12 @@ impl Collector for CaCollector {
                 Kind::Counter,
                 "Certificates issued by renewal since start.",
                 g(&s.renewals),
+            ),
+            (
+                "quva_ca_certificates_prepared",
+                Kind::Counter,
+                "Enrollments and renewals whose certificate was computed off the writer since start.",
+                g(&s.prepared_off_writer),
             ),
             (
                 "quva_ca_group_key_deliveries",
@@ -224,6 +230,7 @@ mod tests {
         let expected = [
             ("quva_ca_enrollments_total", "0"),
             ("quva_ca_renewals_total", "0"),
+            ("quva_ca_certificates_prepared_total", "0"),
             ("quva_ca_group_key_deliveries_total", "0"),
             ("quva_ca_refusals_total", "0"),
             ("quva_ca_refusals_unrecorded_total", "0"),

@@ -64,7 +64,7 @@
 
 use core::fmt;
 
-use k256::{AffinePoint, ProjectivePoint, Scalar, Secp256k1};
+use k256::{AffinePoint, Scalar, Secp256k1};
 use rand_core::CryptoRngCore;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;

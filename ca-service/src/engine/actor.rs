@@ -57,7 +57,9 @@ impl Engine {
         clock: Arc<dyn Clock>,
     ) -> Result<(EngineHandle, JoinHandle<()>), CaError> {
         let stats = Arc::new(Stats::default());
-        let core = CaCore::new(store, ca, cfg, stats.clone(), clock.now_ms())?;
+        let core = CaCore::new(store.clone(), ca, cfg, stats.clone(), clock.now_ms())?;
+        let issuer = core.issuer().clone();
+        let clock_for_handle = clock.clone();
         let (notice_tx, notices) = watch::channel(core.last_notice_seq());
         let (tx, rx) = mpsc::channel(DEFAULT_MAX_GROUP_COMMIT);
         let engine = Engine {
@@ -74,7 +76,8 @@ impl Engine {
             wake: None,
         };
         let task = tokio::spawn(engine.run(rx));
-        Ok((EngineHandle::new(tx, notices, stats), task))
+        let handle = EngineHandle::new(tx, notices, stats, issuer, store, clock_for_handle);
+        Ok((handle, task))
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<Request>) {

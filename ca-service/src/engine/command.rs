@@ -5,6 +5,7 @@ use quva_client::ids::{DeviceId, GroupId, Role};
 use quva_proto::v1::AuditEntry;
 use zeroize::Zeroizing;
 
+use crate::engine::issuer::Prepared;
 use crate::error::CaError;
 use crate::store::{DeviceRecord, GroupRecord};
 
@@ -51,6 +52,9 @@ pub enum Command<T> {
     Enroll(Vec<u8>, T),
     /// Renewal (§3): `req || sig`; answers [`Outcome::Cert`].
     Renew(Vec<u8>, T),
+    /// Enrollment or renewal whose certificate the caller prepared with an
+    /// [`Issuer`](crate::engine::Issuer); answers [`Outcome::Cert`].
+    Issue(Box<Prepared>, T),
     /// A `quva-cert-v1` proof a bridge accepted (§3); answers [`Outcome::Use`].
     ConfirmUse(Vec<u8>, T),
     /// A group-key request (§4); answers [`Outcome::Join`] once its epoch is staged.

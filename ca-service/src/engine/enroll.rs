@@ -1,30 +1,32 @@
-//! Enrollment, renewal and the first use of a certificate (PROTOCOL.md §3 v1.1): verify the
-//! request, issue with ECQV, supersede or revoke the other certificate, spend the secret.
+//! Enrollment, renewal and the first use of a certificate (PROTOCOL.md §3 v1.1): stage a
+//! certificate the [`Issuer`](super::Issuer) prepared, supersede or revoke the other
+//! certificate, spend the secret.
 //!
 //! The rules of a device's certificates are in [`crate::enrollment`]; this module applies them
 //! to the stored rows and stages the writes.
 
 use quva_client::codec::{Decode, Encode};
-use quva_client::enrollment::{
-    CertConnectProof, EnrollRequest, ImplicitCert, RenewRequest, VerifiedRequest,
-};
+use quva_client::enrollment::CertConnectProof;
 use quva_proto::v1::{Notice, NoticeKind};
 use rand_core::CryptoRngCore;
 
 use crate::audit_kind::AuditKind;
 use crate::engine::audit::{Actor, entry};
 use crate::engine::command::CertificateUse;
-use crate::engine::config::{MAX_CERT_PROOF_LEN, MAX_CERT_REQUEST_LEN};
+use crate::engine::config::MAX_CERT_PROOF_LEN;
 use crate::engine::core::CaCore;
 use crate::engine::errors::{decode_err, enroll_err, is_internal};
+use crate::engine::issuer::{self, CertAsk, Prepared};
 use crate::engine::state::Tx;
 use crate::engine::stats::bump;
 use crate::enrollment::{self, CertUse};
 use crate::error::CaError;
-use crate::store::{CertRecord, DeviceRecord, DeviceState, NonceScope, Tables};
-use quva_client::ids::DeviceId;
+use crate::store::{DeviceRecord, DeviceState, NonceScope, Tables};
 
 impl<T> CaCore<T> {
+    /// Enrollment or renewal prepared by the writer itself: a request the caller's precheck
+    /// refused (checked again here, and the refusal recorded), or one from a caller that does no
+    /// precheck.
     pub(crate) fn enroll(
         &mut self,
         data: &[u8],
@@ -32,121 +34,72 @@ impl<T> CaCore<T> {
         now: u64,
         rng: &mut impl CryptoRngCore,
     ) -> Result<Vec<u8>, CaError> {
-        let kind = if renew {
-            AuditKind::DeviceRenew
-        } else {
-            AuditKind::DeviceEnroll
+        let kind = CertAsk::kind(renew);
+        let ask = match CertAsk::decode(data, renew) {
+            Ok(ask) => ask,
+            Err(e) => return self.refuse(kind, "", "", e, now),
         };
-        if data.len() > MAX_CERT_REQUEST_LEN {
-            return self.refuse(kind, "", "", CaError::TooLarge("request"), now);
-        }
-        let parsed = if renew {
-            RenewRequest::from_bytes(data).map(|r| (r.request.id.clone(), Err(r)))
-        } else {
-            EnrollRequest::from_bytes(data).map(|r| (r.request.id.clone(), Ok(r)))
-        };
-        let (id, req) = match parsed {
-            Ok(p) => p,
-            Err(e) => return self.refuse(kind, "", "", decode_err(e), now),
-        };
-        match self.enroll_checked(&id, req, now, rng) {
+        let id = ask.id().clone();
+        let issuer = self.issuer.clone();
+        let staged = issuer
+            .prepare(self.store.as_ref(), ask, now, rng)
+            .and_then(|p| self.issue_checked(p, now));
+        match staged {
             Err(e) if !is_internal(&e) => self.refuse(kind, id.as_str(), "", e, now),
             r => r,
         }
     }
 
-    fn enroll_checked(
-        &mut self,
-        id: &DeviceId,
-        req: Result<EnrollRequest, RenewRequest>,
-        now: u64,
-        rng: &mut impl CryptoRngCore,
-    ) -> Result<Vec<u8>, CaError> {
-        let window = self.cfg.time_window_ms;
-        let dev = self
-            .store
-            .device(id)?
-            .ok_or(CaError::NotAuthorized("unknown device"))?;
-        if dev.is_revoked() {
-            return Err(CaError::NotAuthorized("revoked device"));
+    /// Enrollment or renewal prepared off the writer by [`Issuer::prepare`](super::Issuer).
+    pub(crate) fn issue(&mut self, prepared: Prepared, now: u64) -> Result<Vec<u8>, CaError> {
+        let kind = CertAsk::kind(prepared.ask.is_renewal());
+        let id = prepared.record.device_id.clone();
+        match self.issue_checked(prepared, now) {
+            Err(e) if !is_internal(&e) => self.refuse(kind, &id, "", e, now),
+            r => r,
         }
-        let mut first_use = None;
-        let verified = match &req {
-            Ok(enroll) => {
+    }
+
+    /// Re-checks what may have changed since `p` was prepared, then stages the certificate: the
+    /// device row, a superseded certificate's revocation, the nonce, the audit entry.
+    fn issue_checked(&mut self, p: Prepared, now: u64) -> Result<Vec<u8>, CaError> {
+        let mut dev = issuer::registered(self.store.as_ref(), p.ask.id())?;
+        let first_use = match (&p.ask, p.signer) {
+            (CertAsk::Enroll(enroll), _) => {
+                // The secret may have been re-issued or spent since: check the HMAC again.
                 let secret = enrollment::usable_secret(&dev, now, self.cfg.secret_validity_ms)
                     .map_err(|e| CaError::NotAuthorized(e.reason()))?;
-                enroll.verify(&secret, now, window).map_err(enroll_err)?
+                enroll
+                    .verify(&secret, now, self.cfg.time_window_ms)
+                    .map_err(enroll_err)?;
+                None
             }
-            Err(renew) => {
-                let (serial, verified) = self.verify_renewal(&dev, renew, now)?;
-                if enrollment::classify_use(&dev, serial) == Some(CertUse::First) {
-                    first_use = Some(serial);
+            (CertAsk::Renew(_), Some(signer)) => {
+                // The signature was checked when prepared; its certificate must still be live.
+                let live = enrollment::live_serials(&dev).any(|s| s == signer)
+                    && issuer::unrevoked_cert(self.store.as_ref(), signer)?.is_some();
+                if !live {
+                    return Err(CaError::NotAuthorized("no valid certificate"));
                 }
-                verified
+                (enrollment::classify_use(&dev, signer) == Some(CertUse::First)).then_some(signer)
             }
+            (CertAsk::Renew(_), None) => return Err(CaError::Crypto("renewal without signer")),
         };
-        let nonce = verified.request().nonce;
+        let nonce = p.verified.request().nonce;
         if self.nonce_seen(NonceScope::Certificate, &nonce, now)? {
             return Err(CaError::NotAuthorized("replayed nonce"));
         }
-        self.issue(dev, &verified, req.is_err(), first_use, now, rng)
-    }
-
-    /// Checks a renewal against the device's live certificates, the unused one first (PROTOCOL.md
-    /// §3: either key may sign a repeated renewal); returns the serial whose key signed it.
-    fn verify_renewal(
-        &self,
-        dev: &DeviceRecord,
-        renew: &RenewRequest,
-        now: u64,
-    ) -> Result<(u64, VerifiedRequest), CaError> {
-        let mut refusal = CaError::NotAuthorized("no valid certificate");
-        for serial in enrollment::live_serials(dev) {
-            let Some(current) = self.store.cert(serial)?.filter(|c| c.revoked_ms == 0) else {
-                continue;
-            };
-            let cert = ImplicitCert::from_bytes(&current.cert)
-                .map_err(|_| CaError::Crypto("stored certificate"))?;
-            match renew.verify(&cert, self.ca.public(), now, self.cfg.time_window_ms) {
-                Ok(v) => return Ok((serial, v)),
-                Err(e) => refusal = enroll_err(e),
-            }
+        let serial = p.record.serial;
+        if self.store.cert(serial)?.is_some() {
+            tracing::error!(serial, "a prepared certificate's serial is taken");
+            return Err(CaError::Crypto("certificate serial taken"));
         }
-        Err(refusal)
-    }
-
-    fn issue(
-        &mut self,
-        mut dev: DeviceRecord,
-        verified: &VerifiedRequest,
-        renew: bool,
-        first_use: Option<u64>,
-        now: u64,
-        rng: &mut impl CryptoRngCore,
-    ) -> Result<Vec<u8>, CaError> {
+        let renew = p.ask.is_renewal();
         let mut tx = self.begin(now);
+        tx.meta.next_serial = tx.meta.next_serial.max(serial + 1);
         if let Some(used) = first_use {
             self.record_use(&mut tx, &mut dev, used, "renewal")?;
         }
-        let serial = tx.serial();
-        let not_after = now.saturating_add(self.cfg.cert_validity_ms);
-        let resp = verified
-            .issue(&self.ca, serial, now, not_after, rng)
-            .map_err(|_| CaError::Crypto("certificate issue"))?;
-        let q = resp
-            .cert
-            .open(self.ca.public())
-            .map_err(|_| CaError::Crypto("certificate open"))?;
-        let cert = CertRecord {
-            serial,
-            device_id: dev.id.clone(),
-            cert: resp.cert.to_bytes(),
-            public_key: q.0.to_bytes().to_vec(),
-            share_point: resp.cert.group_base().to_bytes().to_vec(),
-            not_before_ms: now,
-            not_after_ms: not_after,
-            revoked_ms: 0,
-        };
         let mut detail = format!("serial {serial}");
         // The secret (and the certificate in use) stay until the new certificate's first use.
         if let Some(unused) = enrollment::record_issue(&mut dev, serial) {
@@ -155,18 +108,17 @@ impl<T> CaCore<T> {
         }
         dev.set_device_state(DeviceState::Enrolled);
         tx.batch.put_device(&dev)?;
-        tx.batch.put_cert(&cert);
-        tx.batch.put_nonce(
-            NonceScope::Certificate,
-            &verified.request().nonce,
-            self.cfg.nonce_expiry(now),
-        );
-        let kind = if renew {
-            AuditKind::DeviceRenew
-        } else {
-            AuditKind::DeviceEnroll
-        };
-        tx.audit(entry(kind, Actor::Bridge, &dev.id, "", "ok", detail));
+        tx.batch.put_cert(&p.record);
+        tx.batch
+            .put_nonce(NonceScope::Certificate, &nonce, self.cfg.nonce_expiry(now));
+        tx.audit(entry(
+            CertAsk::kind(renew),
+            Actor::Bridge,
+            &dev.id,
+            "",
+            "ok",
+            detail,
+        ));
         self.commit(tx)?;
         bump(if renew {
             &self.stats.renewals
@@ -174,7 +126,7 @@ impl<T> CaCore<T> {
             &self.stats.enrollments
         });
         tracing::info!(device = %dev.id, serial, renew, "certificate issued");
-        Ok(resp.to_bytes())
+        Ok(p.response.to_bytes())
     }
 
     /// Records the first use of `dev`'s pending certificate `serial` in `tx`: it becomes the
@@ -257,13 +209,7 @@ impl<T> CaCore<T> {
         now: u64,
     ) -> Result<CertificateUse, CaError> {
         // The registration first, so that refusals under made-up IDs share one budget.
-        let mut dev = self
-            .store
-            .device(proof.cert.id())?
-            .ok_or(CaError::NotAuthorized("unknown device"))?;
-        if dev.is_revoked() {
-            return Err(CaError::NotAuthorized("revoked device"));
-        }
+        let mut dev = issuer::registered(self.store.as_ref(), proof.cert.id())?;
         proof
             .verify(
                 self.ca.public(),
@@ -374,6 +320,136 @@ mod tests {
             "no enrollment secret"
         );
         assert!(!k.cert_revoked(2));
+    }
+
+    #[test]
+    fn a_certificate_prepared_off_the_writer_is_staged_under_its_serial() {
+        let mut k = Kit::new();
+        let secret = k.register("d1");
+        let (pending, data) = k.enroll_request("d1", &secret);
+        let prepared = k.prepare(&data, false).unwrap();
+        assert_eq!(prepared.serial(), 1);
+        assert_eq!(k.core.issuer().serials().peek(), 2);
+        assert!(k.store.cert(1).unwrap().is_none(), "nothing is written yet");
+        let (bytes, e) = k.issue(prepared);
+        let creds = k.accept_cert(&pending, &bytes.unwrap());
+        assert_eq!(creds.cert().serial(), 1);
+        assert_eq!(kinds(&e), [AuditKind::DeviceEnroll]);
+        let stored = k.store.cert(1).unwrap().unwrap();
+        assert_eq!(stored.cert, quva_client::codec::Encode::to_bytes(creds.cert()));
+        assert_eq!(stored.public_key, creds.key().public().to_bytes());
+        assert_eq!(k.device("d1").pending_serial, 1);
+        assert_eq!(k.core.meta().next_serial, 2);
+    }
+
+    #[test]
+    fn the_writer_refuses_a_prepared_enrollment_whose_secret_was_reissued() {
+        let mut k = Kit::new();
+        let secret = k.register("d1");
+        let (_, data) = k.enroll_request("d1", &secret);
+        let prepared = k.prepare(&data, false).unwrap();
+        // The owner re-issues the secret while the certificate waits for the writer.
+        let t = k.ticket();
+        k.run(crate::engine::Command::Register {
+            id: quva_client::ids::DeviceId::new("d1").unwrap(),
+            note: String::new(),
+            reissue: true,
+            secret_validity_ms: 0,
+            ticket: t,
+        });
+        let (r, e) = k.issue(prepared);
+        assert_eq!(
+            r.unwrap_err(),
+            CaError::NotAuthorized("bad proof of identity")
+        );
+        assert_eq!(
+            audit(&e, AuditKind::DeviceEnroll).outcome,
+            "bad proof of identity"
+        );
+        assert!(k.store.cert(1).unwrap().is_none());
+        assert_eq!(k.device("d1").pending_serial, 0);
+    }
+
+    #[test]
+    fn the_writer_refuses_a_prepared_certificate_of_a_device_revoked_meanwhile() {
+        let mut k = Kit::new();
+        let secret = k.register("d1");
+        let (_, data) = k.enroll_request("d1", &secret);
+        let prepared = k.prepare(&data, false).unwrap();
+        let t = k.ticket();
+        k.run(crate::engine::Command::Revoke {
+            id: quva_client::ids::DeviceId::new("d1").unwrap(),
+            reason: "stolen".into(),
+            ticket: t,
+        });
+        let (r, _) = k.issue(prepared);
+        assert_eq!(r.unwrap_err(), CaError::NotAuthorized("revoked device"));
+        assert!(k.store.cert(1).unwrap().is_none());
+    }
+
+    #[test]
+    fn one_request_prepared_twice_is_issued_once_and_leaves_a_serial_gap() {
+        let mut k = Kit::new();
+        let secret = k.register("d1");
+        let (_, data) = k.enroll_request("d1", &secret);
+        // Both prechecks pass: neither has written the nonce yet.
+        let first = k.prepare(&data, false).unwrap();
+        let replay = k.prepare(&data, false).unwrap();
+        assert_eq!((first.serial(), replay.serial()), (1, 2));
+        assert!(k.issue(first).0.is_ok());
+        let (r, e) = k.issue(replay);
+        assert_eq!(r.unwrap_err(), CaError::NotAuthorized("replayed nonce"));
+        assert_eq!(
+            audit(&e, AuditKind::DeviceEnroll).outcome,
+            "replayed nonce"
+        );
+        assert!(k.store.cert(2).unwrap().is_none());
+        // The next certificate takes serial 3: 2 is a gap, never issued.
+        let (next, _) = k.enroll("d1", &secret);
+        assert_eq!(next.unwrap().cert().serial(), 3);
+        assert_eq!(k.core.meta().next_serial, 4);
+    }
+
+    #[test]
+    fn the_writer_refuses_a_prepared_renewal_whose_signing_certificate_was_revoked() {
+        let mut k = Kit::new();
+        let first = k.enrolled("d1");
+        assert!(k.connect(&first).0.unwrap().first);
+        let (_, data) = quva_client::testkit::steps::renew_request(&first, k.now, &mut k.rng);
+        let prepared = k.prepare(&data, true).unwrap();
+        // Meanwhile another renewal is issued and used, which revokes the signing certificate.
+        let (renewed, _) = k.renew(&first);
+        assert!(k.connect(&renewed.unwrap()).0.unwrap().first);
+        assert!(k.cert_revoked(1));
+        let (r, e) = k.issue(prepared);
+        assert_eq!(
+            r.unwrap_err(),
+            CaError::NotAuthorized("no valid certificate")
+        );
+        assert_eq!(
+            audit(&e, AuditKind::DeviceRenew).outcome,
+            "no valid certificate"
+        );
+    }
+
+    #[test]
+    fn a_prepared_certificate_whose_serial_is_taken_is_not_written() {
+        let mut k = Kit::new();
+        let secret = k.register("d1");
+        let (_, data) = k.enroll_request("d1", &secret);
+        let prepared = k.prepare(&data, false).unwrap();
+        // A store changed behind the CA's back (a restored backup) already holds the serial.
+        let mut b = crate::store::Batch::new();
+        b.put_cert(&crate::store::CertRecord {
+            serial: prepared.serial(),
+            device_id: "other".into(),
+            ..Default::default()
+        });
+        crate::store::CaStore::commit(k.store.as_ref(), b).unwrap();
+        let (r, _) = k.issue(prepared);
+        assert_eq!(r.unwrap_err(), CaError::Crypto("certificate serial taken"));
+        assert_eq!(k.store.cert(1).unwrap().unwrap().device_id, "other");
+        assert_eq!(k.device("d1").pending_serial, 0);
     }
 
     #[test]

@@ -123,11 +123,4 @@ impl Tx {
         self.notices.push(n);
         seq
     }
-
-    /// Takes the next certificate serial.
-    pub fn serial(&mut self) -> u64 {
-        let s = self.meta.next_serial;
-        self.meta.next_serial += 1;
-        s
-    }
 }

@@ -9,6 +9,8 @@ pub struct Stats {
     pub enrollments: AtomicU64,
     /// Certificates issued by renewal.
     pub renewals: AtomicU64,
+    /// Enrollments and renewals whose certificate was computed off the writer.
+    pub prepared_off_writer: AtomicU64,
     /// Group-key requests answered.
     pub joins: AtomicU64,
     /// Device-path requests refused.

@@ -23,6 +23,7 @@ use crate::audit_kind::AuditKind;
 use crate::engine::command::{CertificateUse, Command, JoinReply, Outcome};
 use crate::engine::config::EngineConfig;
 use crate::engine::core::{CaCore, Effects};
+use crate::engine::issuer::{CertAsk, Prepared};
 use crate::engine::stats::Stats;
 use crate::error::CaError;
 use crate::store::{
@@ -178,6 +179,21 @@ impl Kit {
         let e = self.run(Command::Enroll(data, ticket));
         let r = cert_of(&e, ticket).map(|bytes| self.accept_cert(&pending, &bytes));
         (r, e)
+    }
+
+    /// Prepares the certificate for `data` as the engine's handle does, off the writer and
+    /// reading the durable store.
+    pub fn prepare(&mut self, data: &[u8], renew: bool) -> Result<Prepared, CaError> {
+        let ask = CertAsk::decode(data, renew)?;
+        let issuer = self.core.issuer().clone();
+        issuer.prepare(self.store.as_ref(), ask, self.now, &mut self.rng)
+    }
+
+    /// Hands a prepared certificate to the writer.
+    pub fn issue(&mut self, prepared: Prepared) -> (Result<Vec<u8>, CaError>, Effects<Ticket>) {
+        let ticket = self.ticket();
+        let e = self.run(Command::Issue(Box::new(prepared), ticket));
+        (cert_of(&e, ticket), e)
     }
 
     pub fn enrolled(&mut self, id: &str) -> Credentials {
