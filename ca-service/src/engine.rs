@@ -22,6 +22,12 @@
 //! the store. It turns the next deadline into a sleep and runs the sweep on a timer.
 //! [`EngineHandle`] is the async front of the task.
 //!
+//! Enrollments and renewals are prepared before they reach the task: the [`EngineHandle`] runs
+//! [`Issuer`]'s checks on the durable store, takes a serial and computes the certificate on the
+//! caller's task (the curve work, in parallel), and sends the [`Prepared`] certificate; the core
+//! re-checks what may have changed and stages it. A request the precheck refuses goes to the task
+//! as it came, which checks it again and records the refusal.
+//!
 //! Reads (listings, group info, certificates, the notice log) go straight to the store.
 //!
 //! # Usage

@@ -336,7 +336,10 @@ mod tests {
         assert_eq!(creds.cert().serial(), 1);
         assert_eq!(kinds(&e), [AuditKind::DeviceEnroll]);
         let stored = k.store.cert(1).unwrap().unwrap();
-        assert_eq!(stored.cert, quva_client::codec::Encode::to_bytes(creds.cert()));
+        assert_eq!(
+            stored.cert,
+            quva_client::codec::Encode::to_bytes(creds.cert())
+        );
         assert_eq!(stored.public_key, creds.key().public().to_bytes());
         assert_eq!(k.device("d1").pending_serial, 1);
         assert_eq!(k.core.meta().next_serial, 2);
@@ -399,10 +402,7 @@ mod tests {
         assert!(k.issue(first).0.is_ok());
         let (r, e) = k.issue(replay);
         assert_eq!(r.unwrap_err(), CaError::NotAuthorized("replayed nonce"));
-        assert_eq!(
-            audit(&e, AuditKind::DeviceEnroll).outcome,
-            "replayed nonce"
-        );
+        assert_eq!(audit(&e, AuditKind::DeviceEnroll).outcome, "replayed nonce");
         assert!(k.store.cert(2).unwrap().is_none());
         // The next certificate takes serial 3: 2 is a gap, never issued.
         let (next, _) = k.enroll("d1", &secret);

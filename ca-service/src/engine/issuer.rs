@@ -172,7 +172,10 @@ impl Issuer {
             CertAsk::Enroll(enroll) => {
                 let secret = enrollment::usable_secret(&dev, now, self.cfg.secret_validity_ms)
                     .map_err(|e| CaError::NotAuthorized(e.reason()))?;
-                (enroll.verify(&secret, now, window).map_err(enroll_err)?, None)
+                (
+                    enroll.verify(&secret, now, window).map_err(enroll_err)?,
+                    None,
+                )
             }
             CertAsk::Renew(renew) => {
                 let (serial, verified) = self.verify_renewal(store, &dev, renew, now)?;
