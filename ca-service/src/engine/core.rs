@@ -12,14 +12,14 @@ use crate::audit_kind::AuditKind;
 use crate::engine::audit::{Actor, entry};
 use crate::engine::command::{Command, Outcome};
 use crate::engine::config::EngineConfig;
-use crate::engine::issuer::{Issuer, Serials};
+use crate::engine::issuer::{self, Issuer, Serials};
 use crate::engine::load::{Groups, load};
 use crate::engine::retention::{Compacted, Compactor};
 use crate::engine::state::Tx;
 use crate::engine::stats::{Stats, bump};
 use crate::error::CaError;
 use crate::refusals::{Decision, RefusalBudget, RefusalKey};
-use crate::store::{CaStore, MetaRecord, NonceScope, Staged, Tables};
+use crate::store::{CaStore, MetaRecord, NonceScope, Staged};
 
 /// What one command did: the answers to send once the staged writes are durable, and what those
 /// writes contain.
@@ -326,10 +326,7 @@ impl<T> CaCore<T> {
         if scope == NonceScope::GroupKey && self.pending_nonces.contains(nonce) {
             return Ok(true);
         }
-        Ok(self
-            .store
-            .nonce(scope, nonce)?
-            .is_some_and(|n| n.expires_ms >= now))
+        issuer::nonce_stored(self.store.as_ref(), scope, nonce, now)
     }
 }
 

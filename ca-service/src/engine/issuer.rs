@@ -182,7 +182,12 @@ impl Issuer {
                 (verified, Some(serial))
             }
         };
-        if nonce_seen(store, &verified.request().nonce, now)? {
+        if nonce_stored(
+            store,
+            NonceScope::Certificate,
+            &verified.request().nonce,
+            now,
+        )? {
             return Err(CaError::NotAuthorized("replayed nonce"));
         }
         let serial = self.serials.take();
@@ -260,9 +265,14 @@ pub(crate) fn unrevoked_cert(
     Ok(store.cert(serial)?.filter(|c| c.revoked_ms == 0))
 }
 
-/// Whether a certificate request's nonce is remembered and not expired at `now`.
-pub(crate) fn nonce_seen(store: &dyn CaStore, nonce: &[u8; 16], now: u64) -> Result<bool, CaError> {
+/// Whether `store` remembers `nonce` in `scope`, not expired at `now`.
+pub(crate) fn nonce_stored(
+    store: &dyn CaStore,
+    scope: NonceScope,
+    nonce: &[u8; 16],
+    now: u64,
+) -> Result<bool, CaError> {
     Ok(store
-        .nonce(NonceScope::Certificate, nonce)?
+        .nonce(scope, nonce)?
         .is_some_and(|n| n.expires_ms >= now))
 }
